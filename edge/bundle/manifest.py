@@ -1,0 +1,226 @@
+"""The model-bundle manifest: the one contract between workstation and station.
+
+A bundle is a directory holding ``manifest.json`` and the artifacts it lists.
+The manifest is plain JSON (schema below, versioned by ``schema_version``);
+this module validates it into typed records with stdlib + numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edge.errors import BundleError
+
+FORMAT = "hemaedge-bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+LAYOUTS = ("NCHW",)
+COLOUR_ORDERS = ("RGB", "BGR")
+PRECISIONS = ("fp32", "fp16", "int8")
+ARTIFACT_KINDS = ("onnx", "engine", "calibration-cache", "golden", "other")
+OUTPUT_KINDS = ("logits", "probabilities")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model eats: ``N x C x H x W`` float32 after preprocessing.
+
+    ``pixel = (value / 255 - mean) / std`` per channel, channels in ``colour_order``.
+    """
+
+    height: int
+    width: int
+    channels: int = 3
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    colour_order: str = "RGB"
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    resize: str = "area"
+    name: str = "input"
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """How a crop is cut around a detected cell so it matches training crops.
+
+    The crop is a square centred on the detection box whose side is
+    ``max(box_w, box_h) / cell_fraction`` (at least ``min_side_px``), padded with
+    ``pad`` where it leaves the frame, then resized to the model input.
+    ``cell_fraction`` is the share of the crop side the cell spans in training images.
+    """
+
+    cell_fraction: float = 0.45
+    min_side_px: int = 16
+    pad: str = "reflect"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file of the bundle with its checksum."""
+
+    file: str
+    kind: str
+    precision: str | None
+    sha256: str
+    bytes: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated manifest."""
+
+    name: str
+    architecture: str
+    classes: tuple[str, ...]
+    input: InputSpec
+    crop: CropGeometry
+    artifacts: tuple[Artifact, ...]
+    output_kind: str = "logits"
+    output_name: str = "output"
+    class_groups: dict[str, list[str]] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def artifact(self, precision: str | None = None, kind: str = "onnx") -> Artifact:
+        """The artifact of a kind (and precision), or a BundleError naming what exists."""
+        for art in self.artifacts:
+            if art.kind == kind and (precision is None or art.precision == precision):
+                return art
+        have = ", ".join(f"{a.file} ({a.kind}/{a.precision})" for a in self.artifacts)
+        raise BundleError(f"bundle '{self.name}' has no {kind} artifact at precision {precision}: it has {have}")
+
+    def precisions(self, kind: str = "onnx") -> list[str]:
+        """Precisions available for an artifact kind."""
+        return [a.precision for a in self.artifacts if a.kind == kind and a.precision]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the on-disk form)."""
+        d = asdict(self)
+        out: dict[str, Any] = {"format": FORMAT, "schema_version": self.schema_version}
+        for key in ("name", "architecture", "classes", "class_groups", "input", "crop"):
+            out[key] = d[key]
+        out["output"] = {"name": self.output_name, "kind": self.output_kind}
+        out["artifacts"] = d["artifacts"]
+        out["calibration"] = d["calibration"]
+        out["metrics"] = d["metrics"]
+        out["provenance"] = d["provenance"]
+        out.update(self.extra)
+        out["classes"] = list(self.classes)
+        return out
+
+
+def _need(d: dict, key: str, typ: type | tuple, where: str) -> Any:
+    if key not in d:
+        raise BundleError(f"manifest is missing '{where}{key}'")
+    if not isinstance(d[key], typ):
+        raise BundleError(f"manifest field '{where}{key}' has the wrong type ({type(d[key]).__name__})")
+    return d[key]
+
+
+def parse_manifest(d: dict[str, Any]) -> Manifest:
+    """Validate a manifest dict (as read from JSON) into a ``Manifest``.
+
+    Raises:
+        BundleError: with a one-line reason for the first problem found.
+    """
+    if not isinstance(d, dict):
+        raise BundleError("manifest is not a JSON object")
+    if d.get("format") != FORMAT:
+        raise BundleError(f"manifest 'format' is {d.get('format')!r}, expected {FORMAT!r}")
+    version = _need(d, "schema_version", int, "")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle schema_version {version} is newer than this hemaedge understands ({SCHEMA_VERSION}): upgrade hemaedge"
+        )
+    classes = _need(d, "classes", list, "")
+    if not classes or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        raise BundleError("manifest 'classes' must be a non-empty list of distinct names")
+    inp = _need(d, "input", dict, "")
+    try:
+        spec = InputSpec(
+            height=int(_need(inp, "height", int, "input.")),
+            width=int(_need(inp, "width", int, "input.")),
+            channels=int(inp.get("channels", 3)),
+            layout=str(inp.get("layout", "NCHW")),
+            dtype=str(inp.get("dtype", "float32")),
+            colour_order=str(inp.get("colour_order", "RGB")),
+            mean=tuple(float(x) for x in inp.get("mean", (0.0, 0.0, 0.0))),
+            std=tuple(float(x) for x in inp.get("std", (1.0, 1.0, 1.0))),
+            resize=str(inp.get("resize", "area")),
+            name=str(inp.get("name", "input")),
+        )
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"manifest 'input' is malformed: {exc}") from exc
+    if spec.layout not in LAYOUTS:
+        raise BundleError(f"manifest input.layout {spec.layout!r} is not supported ({', '.join(LAYOUTS)})")
+    if spec.colour_order not in COLOUR_ORDERS:
+        raise BundleError(f"manifest input.colour_order {spec.colour_order!r} is not one of {COLOUR_ORDERS}")
+    if len(spec.mean) != spec.channels or len(spec.std) != spec.channels or min(spec.std) <= 0:
+        raise BundleError("manifest input.mean/std must have one positive value per channel")
+    crop_d = d.get("crop") or {}
+    crop = CropGeometry(
+        cell_fraction=float(crop_d.get("cell_fraction", 0.45)),
+        min_side_px=int(crop_d.get("min_side_px", 16)),
+        pad=str(crop_d.get("pad", "reflect")),
+    )
+    if not 0.05 <= crop.cell_fraction <= 1.0:
+        raise BundleError(f"manifest crop.cell_fraction {crop.cell_fraction} is outside 0.05..1")
+    arts = []
+    for i, a in enumerate(_need(d, "artifacts", list, "")):
+        where = f"artifacts[{i}]."
+        file = _need(a, "file", str, where)
+        if "/" in file or "\\" in file or file.startswith("."):
+            raise BundleError(f"manifest artifact name {file!r} must be a plain file name inside the bundle")
+        kind = _need(a, "kind", str, where)
+        if kind not in ARTIFACT_KINDS:
+            raise BundleError(f"manifest artifact {file} has unknown kind {kind!r}")
+        precision = a.get("precision")
+        if precision is not None and precision not in PRECISIONS:
+            raise BundleError(f"manifest artifact {file} has unknown precision {precision!r}")
+        arts.append(
+            Artifact(
+                file=file,
+                kind=kind,
+                precision=precision,
+                sha256=_need(a, "sha256", str, where),
+                bytes=int(_need(a, "bytes", int, where)),
+                details=dict(a.get("details") or {}),
+            )
+        )
+    if not any(a.kind == "onnx" for a in arts):
+        raise BundleError("manifest lists no ONNX model artifact")
+    out = d.get("output") or {}
+    output_kind = out.get("kind", "logits")
+    if output_kind not in OUTPUT_KINDS:
+        raise BundleError(f"manifest output.kind {output_kind!r} is not one of {OUTPUT_KINDS}")
+    groups = d.get("class_groups") or {}
+    for g, members in groups.items():
+        unknown = [m for m in members if m not in classes]
+        if unknown:
+            raise BundleError(f"manifest class group {g!r} names classes the model lacks: {unknown}")
+    known = {
+        "format", "schema_version", "name", "architecture", "classes", "class_groups", "input", "crop",
+        "output", "artifacts", "calibration", "metrics", "provenance",
+    }
+    return Manifest(
+        name=str(d.get("name", "unnamed")),
+        architecture=str(d.get("architecture", "unknown")),
+        classes=tuple(classes),
+        input=spec,
+        crop=crop,
+        artifacts=tuple(arts),
+        output_kind=output_kind,
+        output_name=str(out.get("name", "output")),
+        class_groups={k: list(v) for k, v in groups.items()},
+        calibration=d.get("calibration"),
+        metrics=dict(d.get("metrics") or {}),
+        provenance=dict(d.get("provenance") or {}),
+        extra={k: v for k, v in d.items() if k not in known},
+        schema_version=version,
+    )

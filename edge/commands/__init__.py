@@ -1,0 +1,1 @@
+"""Station subcommands of ``hemaedge`` (each: ``configure(parser)``, ``run(args)``)."""

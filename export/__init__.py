@@ -1,0 +1,1 @@
+"""Workstation half: architectures, training, ONNX export, INT8 quantization, engines."""

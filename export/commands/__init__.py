@@ -1,0 +1,1 @@
+"""Workstation subcommands of ``hemaedge`` (each: ``configure(parser)``, ``run(args)``)."""

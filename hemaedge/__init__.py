@@ -1,0 +1,5 @@
+"""hemaedge: command-line entry points wiring the station runtime (``edge``) and the workstation (``export``)."""
+
+from edge import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,3 @@
+from hemaedge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""``hemaedge`` and ``export-model``: a thin dispatcher.
+
+Each subcommand lives in the package it belongs to and is imported only when
+used, so ``hemaedge count`` runs on a station without torch. A command module
+provides ``configure(parser)`` and ``run(args) -> int``. ``HemaedgeError``s
+print as one red line and exit non-zero; anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edge import __version__
+from edge.errors import HemaedgeError
+
+# name -> (module, one-line help). Workstation commands need the 'export' extra.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "count": ("edge.commands.count", "live differential count from a camera, video, images or --demo"),
+    "detect": ("edge.commands.detect", "find white cells in images and print their boxes"),
+    "collect": ("edge.commands.collect", "save the crops the station cuts (for INT8 calibration)"),
+    "verify": ("edge.commands.verify", "run the bundle's golden inputs and compare with the workstation"),
+    "doctor": ("edge.commands.doctor", "what this machine has and what is missing"),
+    "build-engine": ("edge.commands.build_engine", "build a TensorRT engine for this GPU from a bundle"),
+    "evaluate": ("export.commands.evaluate", "accuracy, F1, AUROC and confusion matrix of a bundle on a data set"),
+    "train": ("export.commands.train", "train a registered architecture (workstation)"),
+    "export": ("export.commands.export", "export a model to a checked ONNX / INT8 bundle (same as export-model)"),
+    "bench": ("export.commands.bench", "throughput: ONNX Runtime FP32/INT8 vs PyTorch eager, whole pipeline"),
+}
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _dispatch(name: str, argv: list[str], prog: str) -> int:
+    module_name, help_text = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if root in ("torch", "onnx", "onnxslim", "onnxscript", "export", "calibration"):
+            _console().print(f"[red]error:[/] '{name}' needs the workstation extra ({exc.name} is missing): "
+                             "pip install 'hemaedge[export]'")
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=prog, description=help_text)
+    module.configure(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except HemaedgeError as exc:
+        _console().print(f"[bold red]error:[/] {_escape(str(exc))}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _console().print("[yellow]interrupted[/]")
+        return 130
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text.splitlines()[0] if text else text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hemaedge``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(len(n) for n in COMMANDS)
+        lines = [f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items()]
+        print("usage: hemaedge COMMAND [options]   (hemaedge COMMAND --help for its options)\n\ncommands:\n"
+              + "\n".join(lines) + "\n\nStart here: hemaedge count --demo")
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"hemaedge {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        _console().print(f"[bold red]error:[/] unknown command {name!r}; try: hemaedge --help")
+        return 2
+    return _dispatch(name, argv[1:], f"hemaedge {name}")
+
+
+def export_model_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``export-model`` (same as ``hemaedge export``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _dispatch("export", argv, "export-model")
