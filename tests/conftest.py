@@ -1,0 +1,36 @@
+"""Shared fixtures. Data tests skip with a clear reason when the shared data is absent."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from edge.config import DATA_ENV, data_root as _data_root  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The shared data directory; skips the test when it is absent."""
+    root = _data_root()
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root} (set {DATA_ENV} to run data tests)")
+    return root
+
+
+def need(path: Path) -> Path:
+    """Skip unless a data file or folder exists."""
+    if not path.exists():
+        pytest.skip(f"data not found: {path} (set {DATA_ENV} to run data tests)")
+    return path
+
+
+@pytest.fixture()
+def tiny_bundle_dir(tmp_path: Path) -> Path:
+    """A valid 28x28, 8-class bundle (random weights, fp32 + int8)."""
+    from helpers import tiny_bundle
+
+    return tiny_bundle(tmp_path / "bundle")

@@ -1,0 +1,76 @@
+"""Small things tests build for themselves: a tiny ONNX classifier bundle, no training data needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest
+
+BLOODMNIST_CLASSES = (
+    "basophil", "eosinophil", "erythroblast", "immature granulocyte",
+    "lymphocyte", "monocyte", "neutrophil", "platelet",
+)
+
+
+def tiny_onnx(path: Path, size: int = 28, classes: int = 8, seed: int = 0) -> Path:
+    """A conv -> relu -> global-average-pool -> gemm classifier with random weights (dynamic batch)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(8, np.float32), "b")
+    fw = numpy_helper.from_array(rng.normal(0, 0.3, (classes, 8)).astype(np.float32), "fw")
+    fb = numpy_helper.from_array(np.zeros(classes, np.float32), "fb")
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", classes])],
+        [w, b, fw, fb],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def tiny_bundle(out: Path, size: int = 28, classes: tuple[str, ...] = BLOODMNIST_CLASSES,
+                int8: bool = True, cell_fraction: float = 0.45) -> Path:
+    """Write a complete, valid bundle with a random tiny model; returns its directory."""
+    work = out.parent / (out.name + ".src")
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = tiny_onnx(work / "model.onnx", size, len(classes))
+    manifest = Manifest(
+        name="tiny-test", architecture="tiny", classes=tuple(classes),
+        input=InputSpec(height=size, width=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        crop=CropGeometry(cell_fraction=cell_fraction), artifacts=(),
+        provenance={"note": "random weights, built by tests/helpers.py"},
+    )
+    with BundleWriter(out, overwrite=True) as w:
+        w.add(fp32, "onnx", "fp32")
+        if int8:
+            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    rng = np.random.default_rng(1)
+                    self.it = iter([{"input": rng.normal(0, 1, (4, 3, size, size)).astype(np.float32)} for _ in range(4)])
+
+                def get_next(self):
+                    return next(self.it, None)
+
+            q = work / "model.int8.onnx"
+            quantize_static(str(fp32), str(q), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+            w.add(q, "onnx", "int8")
+        return w.finish(manifest).path
