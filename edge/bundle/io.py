@@ -150,6 +150,7 @@ class BundleWriter:
             raise BundleError(f"output {self.out} already exists (pass --overwrite to replace it)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         return self
 
     @property

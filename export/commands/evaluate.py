@@ -1,0 +1,78 @@
+"""``hemaedge evaluate``: metrics of a bundle on a data set, through the runtime's own backend."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from edge.errors import UsageError
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Options of ``hemaedge evaluate``."""
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped bundle)")
+    p.add_argument("--data", required=True, help="a MedMNIST .npz or a class-folder tree")
+    p.add_argument("--split", choices=["train", "val", "test"], default="val")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="int8")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def evaluate_bundle(bundle, data, split: str, precision: str, batch: int = 256, limit: int = 0, progress: bool = False):
+    """Run a bundle over a labelled split and return ``classification_report``'s dict."""
+    import numpy as np
+
+    from calibration.datasets import batches, open_dataset
+    from edge.classify.onnxruntime import OrtBackend
+    from export.metrics import classification_report
+
+    classes = bundle.manifest.classes
+    images = open_dataset(data, split)
+    if len(images.classes) != len(classes):
+        raise UsageError(f"data set has {len(images.classes)} classes, bundle has {len(classes)}")
+    idx = np.arange(min(limit, len(images)) if limit else len(images))
+    probs, labels = [], []
+    with OrtBackend(bundle, precision) as be:
+        for x, y in batches(images, bundle.manifest.input, idx, batch):
+            probs.append(be.classify(x))
+            labels.append(y)
+    report = classification_report(np.concatenate(probs), np.concatenate(labels), classes)
+    report.update({"bundle": str(bundle.path), "data": str(data), "split": split, "precision": precision,
+                   "backend": "onnxruntime"})
+    return report
+
+
+def print_report(report: dict) -> None:
+    """Rich tables: headline numbers, per-class metrics, confusion matrix."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    auroc = report["macro_auroc"]
+    con.print(f"[bold]{report['bundle']}[/] on {report['data']} [{report['split']}], {report['precision']}: "
+              f"accuracy [bold]{report['accuracy']:.4f}[/]  macro F1 {report['macro_f1']:.4f}  "
+              f"macro AUROC {'n/a' if auroc is None else f'{auroc:.4f}'}  (n={report['n']})")
+    t = Table("class", "precision", "recall", "F1", "AUROC", "support")
+    for name, m in report["per_class"].items():
+        t.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
+                  "n/a" if m["auroc"] is None else f"{m['auroc']:.4f}", str(m["support"]))
+    con.print(t)
+    cm = Table("true \\ pred", *[c[:6] for c in report["classes"]], title="confusion matrix")
+    for name, row in zip(report["classes"], report["confusion_matrix"]):
+        cm.add_row(name, *[str(v) for v in row])
+    con.print(cm)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print."""
+    from edge.bundle import load_bundle
+    from edge.models import default_bundle_path
+
+    bundle = load_bundle(args.bundle or default_bundle_path())
+    report = evaluate_bundle(bundle, args.data, args.split, args.precision, args.batch, args.limit)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0

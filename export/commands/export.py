@@ -1,0 +1,101 @@
+"""``export-model`` / ``hemaedge export``: a checked, calibrated bundle from a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from edge.errors import UsageError
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _member(text: str) -> tuple[str, float]:
+    path, sep, weight = text.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"ensemble member must be PATH:WEIGHT, got {text!r}")
+    try:
+        return path, float(weight)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad weight in {text!r}") from exc
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Options of ``export-model``."""
+    p.add_argument("model", nargs="?", help="checkpoint (.pt), TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--data", help="data set (.npz or class folders): train split calibrates, val split checks "
+                                  "(default: the one the checkpoint was trained on)")
+    p.add_argument("--int8", action="store_true", help="also build a static INT8 QDQ model and gate its accuracy")
+    p.add_argument("--calib", help="calibrate on this image folder instead of the train split (e.g. 'hemaedge collect' output)")
+    p.add_argument("--calib-size", type=int, default=500, help="calibration images, stratified (default 500)")
+    p.add_argument("--calib-method", default="entropy", help="minmax, entropy or percentile (default entropy)")
+    p.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
+    p.add_argument("--max-drop", type=float, default=1.0, help="accuracy gate: max INT8 loss in points (default 1.0)")
+    p.add_argument("--search", action="store_true", help="if the gate fails, search methods and float fallbacks")
+    p.add_argument("--target", default="onnx", help="onnx (default) or tensorrt (needs TensorRT here)")
+    p.add_argument("--ensemble", nargs="+", type=_member, metavar="PATH:WEIGHT", help="soft-voting ensemble members")
+    p.add_argument("--arch", help="architecture for a bare state dict")
+    p.add_argument("--classes", help="comma-separated class names (default: from the model or data set)")
+    p.add_argument("--mean", type=_floats, help="R,G,B mean for models that do not record it")
+    p.add_argument("--std", type=_floats, help="R,G,B std for models that do not record it")
+    p.add_argument("--cell-fraction", type=float, help="crop geometry: share of the crop side the cell spans")
+    p.add_argument("--name", help="bundle name (default: the output folder name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export and print a summary."""
+    from rich.console import Console
+
+    from export.pipeline import ExportOptions, run_export
+
+    data = args.data
+    if data is None and args.model and not args.ensemble:
+        data = _data_from_checkpoint(args.model)
+    opts = ExportOptions(
+        source=args.model, out=args.out, data=data, int8=args.int8, calib=args.calib, calib_size=args.calib_size,
+        calib_method=args.calib_method, per_channel=not args.no_per_channel, max_drop=args.max_drop, arch=args.arch,
+        classes=args.classes.split(",") if args.classes else None, mean=args.mean, std=args.std,
+        cell_fraction=args.cell_fraction, target=args.target, search=args.search, ensemble=args.ensemble or [],
+        overwrite=args.overwrite, name=args.name, seed=args.seed,
+    )
+    con = Console(stderr=True)
+    summary = run_export(opts, log=(lambda m: con.print(m, highlight=False)) if not args.json else (lambda m: None))
+    if args.target == "tensorrt":
+        from export.to_engine import build_for_bundle  # issue 5
+
+        summary["engine"] = build_for_bundle(summary["bundle"], "int8" if args.int8 else "fp32")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        m = summary["metrics"]
+        line = f"bundle {summary['bundle']}: FP32 val accuracy {m['fp32']['accuracy']:.4f}"
+        if "int8" in m:
+            line += f", INT8 {m['int8']['accuracy']:.4f} (drop {m['drop_points']:.2f} pts, gate {m['max_drop']}: passed)"
+        Console().print(line + f" in {summary['seconds']} s", highlight=False)
+    return 0
+
+
+def _data_from_checkpoint(model: str) -> str | None:
+    from pathlib import Path
+
+    if Path(model).suffix.lower() in (".onnx", ".pt2"):
+        return None
+    try:
+        from export import checkpoint
+
+        ck = checkpoint.load(model)
+    except Exception:  # validated properly later; here we only look for a default
+        return None
+    path = (ck.get("data") or {}).get("path")
+    if path and not Path(path).exists():
+        raise UsageError(f"the checkpoint was trained on {path}, which is not here: pass --data")
+    return path

@@ -1,0 +1,63 @@
+"""``hemaedge train``: train a registered architecture on an .npz or image-folder data set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from edge.config import data_root
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Options of ``hemaedge train``."""
+    p.add_argument("--arch", default="bloodcnn5", help="registered architecture (default bloodcnn5)")
+    p.add_argument("--data", default=None, help="a MedMNIST .npz or a class-folder tree (default $HEMAEDGE_DATA/bloodmnist28.npz)")
+    p.add_argument("--out", default=None, help="run directory (default runs/ARCH); an existing last.pt resumes")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 sgd, 5e-4 adam)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["onecycle", "cosine", "plateau", "none"], default="onecycle")
+    p.add_argument("--aug", default="flip,rot90", help="comma list of flip, rot90, color ('' for none)")
+    p.add_argument("--balanced", action="store_true", help="class-balanced sampling for rare classes")
+    p.add_argument("--early-stop", type=int, default=0, help="stop after N epochs without val improvement")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--width", type=float, default=None, help="channel multiplier (bloodcnn5)")
+    p.add_argument("--arch-arg", action="append", default=[], metavar="K=V", help="extra architecture keyword")
+    p.add_argument("--img-size", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--workers", type=int, default=0, help="data-loader processes (image folders)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes (0 = no limit)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and print a summary."""
+    from export.train import Recipe, train
+
+    kwargs: dict = {}
+    if args.width is not None:
+        kwargs["width"] = args.width
+    for kv in args.arch_arg:
+        k, _, v = kv.partition("=")
+        try:
+            kwargs[k] = json.loads(v)
+        except json.JSONDecodeError:
+            kwargs[k] = v
+    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 5e-4)
+    recipe = Recipe(
+        arch=args.arch, data=args.data or str(data_root() / "bloodmnist28.npz"), out=args.out or f"runs/{args.arch}",
+        epochs=args.epochs, batch=args.batch, optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, aug=tuple(a for a in args.aug.split(",") if a), balanced=args.balanced,
+        early_stop=args.early_stop, label_smoothing=args.label_smoothing, img_size=args.img_size, arch_kwargs=kwargs,
+        seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
+    )
+    summary = train(recipe, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"best val accuracy {summary['val_accuracy']:.4f} at epoch {summary['best_epoch']} "
+              f"({summary['minutes']} min); checkpoint {summary['best_checkpoint']}")
+    return 0

@@ -1,0 +1,327 @@
+"""``export-model``: source model -> checked FP32 ONNX -> (INT8 QDQ, accuracy gate) -> bundle.
+
+Every option is checked before any work (``ExportOptions.validate``). The
+manifest records the precision actually built and the metrics measured here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.datasets import ImageSet, batches, open_dataset, stratified_sample
+from edge import __version__
+from edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
+from edge.errors import AccuracyGateError, InputError, MissingDependencyError, UsageError
+from export.quantize import METHODS, quantize_int8
+from export.to_onnx import Source, adapt_foreign_onnx, check_and_simplify, detect_kind, export_torch, load_source, torch_forward
+
+PARITY_IMAGES = 256
+GOLDEN_IMAGES = 16
+
+
+@dataclass
+class ExportOptions:
+    """What the user asked ``export-model`` for."""
+
+    source: str | None
+    out: str
+    data: str | None = None
+    int8: bool = False
+    calib: str | None = None
+    calib_size: int = 500
+    calib_method: str = "entropy"
+    per_channel: bool = True
+    max_drop: float = 1.0
+    arch: str | None = None
+    classes: list[str] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    cell_fraction: float | None = None
+    target: str = "onnx"
+    search: bool = False
+    ensemble: list[tuple[str, float]] = field(default_factory=list)
+    overwrite: bool = False
+    name: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Refuse contradictory or unsupported options before any work is done."""
+        if self.ensemble and self.source:
+            raise UsageError("give either a model or --ensemble members, not both")
+        if not self.ensemble and not self.source:
+            raise UsageError("no model given: export-model MODEL --out DIR (or --ensemble a.pt:0.4 b.pt:0.6)")
+        for p in [self.source] if self.source else [m for m, _ in self.ensemble]:
+            if not Path(p).is_file():
+                raise InputError(f"model {p} does not exist")
+        if self.max_drop < 0:
+            raise UsageError(f"--max-drop must be >= 0 percentage points, not {self.max_drop}")
+        if self.calib_method not in METHODS:
+            raise UsageError(f"--calib-method must be one of {', '.join(METHODS)}")
+        if self.calib_size < 1:
+            raise UsageError("--calib-size must be at least 1")
+        if not self.int8 and (self.calib or self.search):
+            raise UsageError("--calib and --search only make sense with --int8")
+        if self.target not in ("onnx", "tensorrt"):
+            raise UsageError(f"--target must be onnx or tensorrt, not {self.target!r}")
+        if self.target == "tensorrt":
+            try:
+                import tensorrt  # noqa: F401
+            except ImportError as exc:
+                raise MissingDependencyError(
+                    "--target tensorrt needs TensorRT's Python bindings on this workstation (not installable from "
+                    "PyPI here); export without it and run 'hemaedge build-engine BUNDLE' on the station") from exc
+        if self.data is None:
+            raise UsageError("--data is needed: the data set whose train split calibrates and whose val split checks the model")
+        data = Path(self.data)
+        if not data.exists():
+            raise InputError(f"data set {data} does not exist")
+        if self.calib:
+            calib = Path(self.calib).resolve()
+            if not calib.exists():
+                raise InputError(f"calibration folder {calib} does not exist")
+            if calib.name in ("val", "test") or calib == (data / "val").resolve():
+                raise UsageError(f"--calib {self.calib} is a validation/test split; calibrate on training or station images")
+        if self.mean is not None and self.std is not None and (len(self.mean) != 3 or len(self.std) != 3):
+            raise UsageError("--mean and --std take three comma-separated values")
+        if self.cell_fraction is not None and not 0.05 <= self.cell_fraction <= 1:
+            raise UsageError("--cell-fraction must be between 0.05 and 1")
+        out = Path(self.out)
+        if out.exists() and not self.overwrite:
+            raise UsageError(f"output {out} already exists (pass --overwrite to replace it)")
+
+
+def _git_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"hemaedge {__version__}" + (f" ({rev})" if rev else "")
+
+
+def _ort_probs(path: Path, images: ImageSet, spec: InputSpec, idx: np.ndarray, output_kind: str) -> np.ndarray:
+    import onnxruntime as ort
+
+    from edge.classify.base import softmax
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x})[0] for x, _ in batches(images, spec, idx, 256)]
+    out = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    return out if output_kind == "probabilities" else softmax(out)
+
+
+def _raw(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _spec_from(source: Source, opts: ExportOptions, info: dict[str, Any]) -> InputSpec:
+    meta_in = source.meta.get("input") or {}
+    h = meta_in.get("height") or info.get("height")
+    w = meta_in.get("width") or info.get("width")
+    if not h or not w:
+        raise UsageError(f"cannot tell the input size of {source.path.name}; it must be stored in the model")
+    mean = opts.mean or tuple(meta_in.get("mean") or ())
+    std = opts.std or tuple(meta_in.get("std") or ())
+    if not mean or not std:
+        raise UsageError(f"{source.path.name} does not record its normalisation: pass --mean R,G,B --std R,G,B "
+                         "(pixel = (value/255 - mean) / std; for raw 0..255 input use --mean 0,0,0 --std 0.00392157,...)")
+    return InputSpec(height=int(h), width=int(w), mean=tuple(mean), std=tuple(std),
+                     colour_order=meta_in.get("colour_order", "RGB"), resize=meta_in.get("resize", "area"))
+
+
+def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
+    """Export a model to a bundle; returns the summary (also what ``--json`` prints).
+
+    Raises:
+        AccuracyGateError: INT8 lost more than ``max_drop`` points on the validation split.
+    """
+    opts.validate()
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        fp32 = tmp / "model.onnx"
+        info: dict[str, Any] = {}
+        if opts.ensemble:
+            from export.ensemble import export_ensemble  # issue 6
+
+            source, info = export_ensemble(opts.ensemble, fp32)
+        else:
+            kind = detect_kind(Path(opts.source))
+            val_probe = open_dataset(opts.data, "val") if kind != "checkpoint" or opts.arch else None
+            source = load_source(opts.source, opts.arch, list(val_probe.classes) if val_probe else None)
+            log(f"source: {source.kind} {source.path}")
+            if source.kind == "onnx":
+                info = adapt_foreign_onnx(source.path, fp32)
+        classes = list(opts.classes or source.meta.get("classes") or [])
+        val = open_dataset(opts.data, "val", classes=classes or None)
+        classes = classes or list(val.classes)
+        if len(classes) != len(val.classes):
+            raise UsageError(f"the model has {len(classes)} classes but {opts.data} has {len(val.classes)}")
+        spec = _spec_from(source, opts, info)
+        output_kind = info.get("output_kind", source.meta.get("output_kind", "logits"))
+        if source.kind != "onnx" and not opts.ensemble:
+            t = time.time()
+            export_torch(source, spec.height, spec.width, fp32)
+            timings["onnx_export_s"] = round(time.time() - t, 2)
+        simplify = check_and_simplify(fp32)
+        log(f"ONNX checked and simplified: {simplify['nodes_before']} -> {simplify['nodes_after']} nodes")
+
+        # FP32 parity against the source model on real validation images.
+        pidx = stratified_sample(val.labels, PARITY_IMAGES, opts.seed)
+        px = np.concatenate([x for x, _ in batches(val, spec, pidx, 256)])
+        ref = _raw(source.path, px) if source.kind == "onnx" else (
+            info["reference"](px) if "reference" in info else torch_forward(source, px))
+        got = _raw(fp32, px)
+        parity = {"images": int(len(px)), "max_abs_diff": float(np.abs(ref - got).max()),
+                  "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean())}
+        log(f"FP32 parity vs source on {len(px)} val images: max |diff| {parity['max_abs_diff']:.2e}, "
+            f"top-1 agreement {parity['top1_agreement']:.4f}")
+        if parity["top1_agreement"] < 0.99:
+            raise UsageError(f"exported ONNX disagrees with the source model on {1 - parity['top1_agreement']:.1%} "
+                             "of images; refusing to ship it")
+
+        t = time.time()
+        vidx = np.arange(len(val))
+        p32 = _ort_probs(fp32, val, spec, vidx, output_kind)
+        from export.metrics import classification_report
+
+        m32 = classification_report(p32, val.labels, classes)
+        timings["eval_fp32_s"] = round(time.time() - t, 2)
+        metrics: dict[str, Any] = {"split": "val", "data": str(opts.data), "n": int(len(val)),
+                                   "fp32": {k: m32[k] for k in ("accuracy", "macro_f1", "macro_auroc")}}
+        log(f"FP32 on val: accuracy {m32['accuracy']:.4f}, macro F1 {m32['macro_f1']:.4f}")
+        calibration = None
+        int8_path = None
+        search_info = None
+        outputs = {"fp32": p32}
+        if opts.int8:
+            t = time.time()
+            if opts.calib:
+                cal_set = open_dataset(opts.calib, None)
+                cal_name = f"{opts.calib} (folder)"
+            else:
+                cal_set = open_dataset(opts.data, "train", classes=classes)
+                cal_name = f"{opts.data} [train split]"
+            from calibration.ort import equal_batches, make_reader
+
+            cidx = equal_batches(stratified_sample(cal_set.labels, opts.calib_size, opts.seed))
+
+            int8_path = tmp / "model.int8.onnx"
+            quantize_int8(fp32, int8_path, make_reader(cal_set, spec, cidx), opts.calib_method, opts.per_channel)
+            timings["quantize_s"] = round(time.time() - t, 2)
+            calibration = {"method": opts.calib_method, "num_images": int(len(cidx)), "set": cal_name,
+                           "digest": cal_set.subset(cidx).digest, "per_channel": opts.per_channel, "symmetric": True,
+                           "format": "QDQ", "stratified": True, "seed": opts.seed}
+            t = time.time()
+            p8 = _ort_probs(int8_path, val, spec, vidx, output_kind)
+            m8 = classification_report(p8, val.labels, classes)
+            timings["eval_int8_s"] = round(time.time() - t, 2)
+            drop = (m32["accuracy"] - m8["accuracy"]) * 100
+            log(f"INT8 on val: accuracy {m8['accuracy']:.4f} (drop {drop:+.2f} points, gate {opts.max_drop})")
+            if drop > opts.max_drop and opts.search:
+                from export.quant_search import search_int8  # issue 6
+
+                def eval_fn(path: Path) -> float:
+                    return float((_ort_probs(path, val, spec, vidx, output_kind).argmax(1) == val.labels).mean())
+
+                res = search_int8(fp32, lambda: make_reader(cal_set, spec, cidx), eval_fn, opts.max_drop,
+                                  out=int8_path, baseline=m32["accuracy"], log=log)
+                search_info = {"method": res.method, "per_channel": res.per_channel,
+                               "float_nodes": list(res.excluded_nodes), "drop": res.drop, "log": res.log}
+                calibration.update(method=res.method, per_channel=res.per_channel, float_nodes=list(res.excluded_nodes))
+                p8 = _ort_probs(int8_path, val, spec, vidx, output_kind)
+                m8 = classification_report(p8, val.labels, classes)
+                drop = (m32["accuracy"] - m8["accuracy"]) * 100
+            metrics["int8"] = {k: m8[k] for k in ("accuracy", "macro_f1", "macro_auroc")}
+            metrics["drop_points"] = round(drop, 4)
+            metrics["max_drop"] = opts.max_drop
+            accuracy_gate(m32["accuracy"], m8["accuracy"], opts.max_drop)
+            outputs["int8"] = p8
+
+        crop = source.meta.get("crop") or {}
+        geom = CropGeometry(cell_fraction=opts.cell_fraction or crop.get("cell_fraction", CropGeometry.cell_fraction))
+        try:
+            from edge.bundle.groups import default_class_groups
+            groups = default_class_groups(classes)
+        except ImportError:
+            groups = {}
+        provenance = {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": _git_version(),
+            "source_model": {"file": Path(opts.source).name if opts.source else None, "kind": source.kind,
+                             "sha256": sha256_file(opts.source) if opts.source else None,
+                             "arch": source.meta.get("arch"), "epoch": source.meta.get("epoch")},
+            "data": {"path": str(opts.data), "val_digest": val.digest, "train_digest": (source.meta.get("data") or {}).get("train_digest")},
+            "training_recipe": source.meta.get("recipe"),
+        }
+        extra: dict[str, Any] = {"parity": parity, "onnx": simplify}
+        if info.get("members"):
+            extra["ensemble"] = info["members"]
+        if info.get("original_input"):
+            extra["foreign_onnx"] = {k: v for k, v in info.items() if k not in ("reference",)}
+        if search_info:
+            extra["int8_search"] = search_info
+        manifest = Manifest(
+            name=opts.name or Path(opts.out).name, architecture=str(source.meta.get("arch") or info.get("arch") or source.kind),
+            classes=tuple(classes), input=spec, crop=geom, artifacts=(), output_kind=output_kind,
+            output_name="output", class_groups=groups, calibration=calibration, metrics=metrics,
+            provenance=provenance, extra=extra,
+        )
+        with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
+            w.add(fp32, "onnx", "fp32", opset=_opset(fp32))
+            if int8_path is not None:
+                w.add(int8_path, "onnx", "int8", opset=_opset(int8_path), format="QDQ")
+            golden = _write_golden(w, val, spec, fp32, int8_path, opts.seed)
+            bundle = w.finish(manifest)
+    summary = {
+        "bundle": str(bundle.path), "classes": classes, "input": [spec.height, spec.width], "parity": parity,
+        "metrics": metrics, "calibration": calibration, "artifacts": [a.file for a in bundle.manifest.artifacts],
+        "golden": golden, "seconds": round(time.time() - t0, 1), "timings": timings, "gate": "passed" if opts.int8 else "n/a",
+    }
+    if search_info:
+        summary["int8_search"] = search_info
+    return summary
+
+
+def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop: float) -> float:
+    """Return the drop in points, or raise AccuracyGateError (printing both numbers) when it exceeds ``max_drop``."""
+    drop = (fp32_acc - int8_acc) * 100
+    if drop > max_drop:
+        raise AccuracyGateError(
+            f"INT8 fails the accuracy gate: val accuracy FP32 {fp32_acc:.4f}, INT8 {int8_acc:.4f}, "
+            f"drop {drop:.2f} points > --max-drop {max_drop} (try --calib-method, --search, or more --calib-size)")
+    return drop
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return int(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
+
+
+def _write_golden(writer: BundleWriter, val: ImageSet, spec: InputSpec, fp32: Path, int8: Path | None, seed: int):
+    """Save a few preprocessed inputs and their FP32/INT8 outputs for ``hemaedge verify`` on the station."""
+    try:
+        from edge.bundle.golden import write_golden
+    except ImportError:
+        return None
+    idx = stratified_sample(val.labels, GOLDEN_IMAGES, seed)
+    x = np.concatenate([b for b, _ in batches(val, spec, idx, 256)])
+    outs = {"fp32": _raw(fp32, x)}
+    if int8 is not None:
+        outs["int8"] = _raw(int8, x)
+    return write_golden(writer, x, outs)

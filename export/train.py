@@ -1,0 +1,229 @@
+"""Training recipes for registered architectures (``hemaedge train``).
+
+Images pass through the runtime's own ``preprocess`` before training, so
+training, calibration and the station see identical inputs. Augmentation
+(flips, 90-degree rotations, mild per-channel colour jitter) is applied to
+the preprocessed tensors; all three are valid for single blood cells.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibration.datasets import ImageSet, open_dataset
+from edge.bundle.manifest import InputSpec
+from edge.bundle.preprocess import preprocess
+from edge.errors import UsageError
+from export import checkpoint
+from export.models import DEFAULTS, build
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a training run (saved in the checkpoint and log)."""
+
+    arch: str = "bloodcnn5"
+    data: str = ""
+    out: str = "runs/bloodcnn5"
+    epochs: int = 20
+    batch: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    aug: tuple[str, ...] = ("flip", "rot90")
+    balanced: bool = False
+    early_stop: int = 0
+    label_smoothing: float = 0.0
+    img_size: int = 0
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    threads: int = 0
+    workers: int = 0
+    max_minutes: float = 0.0
+
+
+def _stats(images: ImageSet, n: int = 2000, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(images), size=min(n, len(images)), replace=False)
+    px = np.concatenate([np.asarray(im, np.float32).reshape(-1, 3) for im in images.images(np.sort(idx))]) / 255.0
+    return tuple(float(x) for x in px.mean(0)), tuple(float(x) for x in px.std(0))
+
+
+def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
+    """Random flips, rot90 and per-channel gain/offset on an ``N x C x H x W`` batch."""
+    n = x.shape[0]
+    if "flip" in aug:
+        m = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    if "rot90" in aug and x.shape[2] == x.shape[3]:
+        k = torch.randint(0, 4, (n,), generator=gen)
+        out = x.clone()
+        for r in (1, 2, 3):
+            sel = k == r
+            if sel.any():
+                out[sel] = torch.rot90(x[sel], r, (2, 3))
+        x = out
+    if "color" in aug:
+        gain = 1 + 0.15 * (torch.rand(n, x.shape[1], 1, 1, generator=gen) * 2 - 1)
+        bias = 0.15 * (torch.rand(n, x.shape[1], 1, 1, generator=gen) * 2 - 1)
+        x = x * gain + bias
+    return x
+
+
+class _FolderData(torch.utils.data.Dataset):
+    def __init__(self, images: ImageSet, spec: InputSpec):
+        self.images, self.spec = images, spec
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(preprocess([self.images.image(i)], self.spec)[0]), int(self.images.labels[i])
+
+
+def _loader(images: ImageSet, spec: InputSpec, batch: int, shuffle: bool, balanced: bool, workers: int, seed: int):
+    """Batches of preprocessed tensors: in memory for npz sets, decoded on the fly for folders."""
+    if images.array is not None:
+        data = torch.utils.data.TensorDataset(torch.from_numpy(preprocess(images.array, spec)),
+                                              torch.from_numpy(images.labels))
+    else:
+        data = _FolderData(images, spec)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = None
+    if balanced and shuffle:
+        counts = np.bincount(images.labels, minlength=len(images.classes)).astype(np.float64)
+        w = 1.0 / np.maximum(counts[images.labels], 1)
+        sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(w), len(images), generator=gen)
+    return torch.utils.data.DataLoader(data, batch_size=batch, shuffle=shuffle and sampler is None, sampler=sampler,
+                                       num_workers=workers, generator=gen, drop_last=False,
+                                       persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels over a loader."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in loader:
+        probs.append(torch.softmax(model(x), 1).numpy())
+        labels.append(np.asarray(y))
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+    """Train, checkpoint the best epoch on ``val``, log every epoch; resumable from ``out/last.pt``.
+
+    Returns:
+        A summary dict (best epoch, val accuracy, paths, minutes).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    out = Path(recipe.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tr = open_dataset(recipe.data, "train")
+    va = open_dataset(recipe.data, "val", classes=tr.classes)
+    size = recipe.img_size or DEFAULTS.get(recipe.arch, {}).get("input_size") or tr.image(0).shape[0]
+    mean, std = _stats(tr)
+    spec = InputSpec(height=size, width=size, mean=mean, std=std)
+    model = build(recipe.arch, len(tr.classes), **recipe.arch_kwargs)
+    tl = _loader(tr, spec, recipe.batch, True, recipe.balanced, recipe.workers, recipe.seed)
+    vl = _loader(va, spec, 256, False, False, recipe.workers, recipe.seed)
+    if recipe.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                              weight_decay=recipe.weight_decay, nesterov=True)
+    elif recipe.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        raise UsageError(f"optimizer must be sgd or adam, not {recipe.optimizer!r}")
+    steps = len(tl)
+    if recipe.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps)
+    elif recipe.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs * steps)
+    elif recipe.schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=2)
+    elif recipe.schedule == "none":
+        sched = None
+    else:
+        raise UsageError(f"schedule must be onecycle, cosine, plateau or none, not {recipe.schedule!r}")
+    per_step = recipe.schedule in ("onecycle", "cosine")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    start, best, best_epoch, stale = 0, -1.0, -1, 0
+    last = out / "last.pt"
+    if last.exists():  # resume
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler"):
+            sched.load_state_dict(ck["scheduler"])
+        start, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
+        gen.set_state(ck["gen"])
+    meta = dict(arch=recipe.arch, arch_kwargs=recipe.arch_kwargs, classes=list(tr.classes), input=asdict(spec),
+                data={"path": str(recipe.data), "train_digest": tr.digest, "val_digest": va.digest},
+                recipe=asdict(recipe))
+    log = open(out / "train.log.jsonl", "a", encoding="utf-8")
+    t0 = time.time()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), disable=not progress) as bar:
+        ep_task = bar.add_task("epochs", total=recipe.epochs, completed=start, info="")
+        for epoch in range(start, recipe.epochs):
+            model.train()
+            st = bar.add_task(f"epoch {epoch + 1}", total=steps, info="")
+            tot, correct, seen = 0.0, 0, 0
+            for x, y in tl:
+                x = augment(x, recipe.aug, gen)
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if per_step:
+                    sched.step()
+                tot += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                bar.update(st, advance=1, info=f"loss {tot / seen:.3f} acc {correct / seen:.3f}")
+            bar.remove_task(st)
+            probs, labels = predict(model, vl)
+            val_acc = float((probs.argmax(1) == labels).mean())
+            if sched is not None and not per_step:
+                sched.step(val_acc)
+            improved = val_acc > best
+            if improved:
+                best, best_epoch, stale = val_acc, epoch, 0
+                checkpoint.save(out / "best.pt", **meta, state_dict=model.state_dict(), epoch=epoch,
+                                metrics={"val_accuracy": val_acc})
+            else:
+                stale += 1
+            rec = {"epoch": epoch + 1, "train_loss": tot / seen, "train_acc": correct / seen, "val_acc": val_acc,
+                   "lr": opt.param_groups[0]["lr"], "best": best, "seconds": round(time.time() - t0, 1)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else None, "epoch": epoch, "best": best,
+                        "best_epoch": best_epoch, "stale": stale, "gen": gen.get_state()}, last)
+            bar.update(ep_task, advance=1, info=f"val {val_acc:.4f} best {best:.4f}@{best_epoch + 1}")
+            if recipe.early_stop and stale >= recipe.early_stop:
+                break
+            if recipe.max_minutes and (time.time() - t0) / 60 > recipe.max_minutes:
+                break
+    log.close()
+    return {"best_checkpoint": str(out / "best.pt"), "best_epoch": best_epoch + 1, "val_accuracy": best,
+            "minutes": round((time.time() - t0) / 60, 2), "log": str(out / "train.log.jsonl")}
