@@ -36,22 +36,31 @@ def _console():
     return Console(stderr=True)
 
 
+_WORKSTATION_MODULES = ("torch", "onnx", "onnxslim", "onnxscript", "export", "calibration")
+
+
+def _missing_extra(name: str, exc: ModuleNotFoundError) -> int | None:
+    """One red line naming the extra when a workstation dependency is missing; None if it is something else."""
+    if (exc.name or "").split(".")[0] not in _WORKSTATION_MODULES:
+        return None
+    _console().print(f"[bold red]error:[/] '{name}' needs the workstation extra ({exc.name} is missing): "
+                     "pip install 'hemaedge[export]'")
+    return 2
+
+
 def _dispatch(name: str, argv: list[str], prog: str) -> int:
     module_name, help_text = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        root = (exc.name or "").split(".")[0]
-        if root in ("torch", "onnx", "onnxslim", "onnxscript", "export", "calibration"):
-            _console().print(f"[red]error:[/] '{name}' needs the workstation extra ({exc.name} is missing): "
-                             "pip install 'hemaedge[export]'")
-            return 2
-        raise
-    parser = argparse.ArgumentParser(prog=prog, description=help_text)
-    module.configure(parser)
-    args = parser.parse_args(argv)
-    try:
+        parser = argparse.ArgumentParser(prog=prog, description=help_text)
+        module.configure(parser)
+        args = parser.parse_args(argv)
         return int(module.run(args) or 0)
+    except ModuleNotFoundError as exc:
+        code = _missing_extra(name, exc)
+        if code is None:
+            raise
+        return code
     except HemaedgeError as exc:
         _console().print(f"[bold red]error:[/] {_escape(str(exc))}")
         return exc.exit_code

@@ -1,0 +1,74 @@
+"""Architecture rules: edge/ never imports torch/export/calibration; the runtime imports without heavy deps."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN_IN_EDGE = {"torch", "torchvision", "export", "calibration"}
+HARDWARE = ("tensorrt", "picamera2", "pycuda", "cuda", "torch")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_edge_never_imports_workstation_code_or_torch():
+    offenders = {}
+    for path in (ROOT / "edge").rglob("*.py"):
+        bad = _imports(path) & FORBIDDEN_IN_EDGE
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert offenders == {}
+
+
+def test_bundle_contract_is_stdlib_and_numpy_only():
+    allowed = {"edge", "numpy", "cv2", "__future__"} | set(sys.stdlib_module_names)
+    for path in (ROOT / "edge" / "bundle").rglob("*.py"):
+        extra = _imports(path) - allowed
+        assert not extra, f"{path.name} imports {extra}"
+
+
+def test_runtime_imports_and_runs_with_hardware_and_torch_blocked(tmp_path):
+    """Block torch/tensorrt/picamera2/cuda imports, then import every edge module and classify with ORT."""
+    script = f"""
+import sys, importlib, pkgutil
+for name in {HARDWARE!r}:
+    sys.modules[name] = None  # makes 'import name' raise ImportError
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+import edge
+mods = [m.name for m in pkgutil.walk_packages(edge.__path__, 'edge.')]
+for m in mods:
+    importlib.import_module(m)
+import numpy as np
+from helpers import tiny_bundle
+from edge.bundle import load_bundle
+from edge.classify.onnxruntime import OrtBackend
+b = load_bundle(tiny_bundle(__import__('pathlib').Path({str(tmp_path)!r}) / 'b', int8=False))
+with OrtBackend(b, 'fp32') as be:
+    p = be.classify(np.zeros((2, 3, 28, 28), np.float32))
+assert p.shape == (2, 8)
+print('imported', len(mods))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) > 10
+
+
+def test_station_cli_starts_without_torch():
+    script = "import sys; sys.modules['torch'] = None; from hemaedge.cli import main; raise SystemExit(main(['--help']))"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and "count" in res.stdout
+    script = "import sys; sys.modules['torch'] = None; from hemaedge.cli import main; raise SystemExit(main(['train']))"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and "hemaedge[export]" in res.stderr
