@@ -44,7 +44,7 @@ def _missing_extra(name: str, exc: ModuleNotFoundError) -> int | None:
     if (exc.name or "").split(".")[0] not in _WORKSTATION_MODULES:
         return None
     _console().print(f"[bold red]error:[/] '{name}' needs the workstation extra ({exc.name} is missing): "
-                     "pip install 'hemaedge[export]'")
+                     "pip install 'hemaedge\\[export]'")
     return 2
 
 
