@@ -143,6 +143,11 @@ class CudaRuntime:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         _check(self.rt, self.rt.cudaMemcpyAsync(dst, host.ctypes.data, host.nbytes, kind, stream), "cudaMemcpyAsync(H2D)")
 
+    def htod(self, dst: int, host: np.ndarray) -> None:
+        """Blocking host-to-device copy (calibration batches)."""
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        _check(self.rt, self.rt.cudaMemcpy(dst, host.ctypes.data, host.nbytes, kind), "cudaMemcpy(H2D)")
+
     def dtoh_async(self, host: np.ndarray, src: int, stream: Any) -> None:
         """Copy device memory into a contiguous host array on ``stream``."""
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
