@@ -1,0 +1,101 @@
+"""The differential counter: class buckets, a review bucket, the target, statistics and flags."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from edge.count.groups import ClassGroups, compute_flags
+from edge.count.stats import wilson_interval
+from edge.records import CountSnapshot
+
+REVIEW = "review"
+DEFAULT_TARGET = 100
+DEFAULT_REVIEW_THRESHOLD = 0.6
+
+
+def decide(probabilities: np.ndarray, classes: Sequence[str], threshold: float) -> tuple[int, str, float, bool]:
+    """The bucket for one prediction.
+
+    Returns:
+        ``(class_index, class_name, confidence, review)``; ``review`` is True
+        when the top probability is below ``threshold`` (the cell goes to the
+        review bucket, its top class is kept only as a hint).
+    """
+    i = int(np.argmax(probabilities))
+    conf = float(probabilities[i])
+    return i, classes[i], conf, conf < threshold
+
+
+class DifferentialCounter:
+    """Counts cells per class towards a target.
+
+    The differential (what the target and the percentages refer to) holds the
+    white-cell classes plus the review bucket; non-white classes (platelets,
+    nucleated red cells) are counted alongside but not towards the target.
+
+    Args:
+        classes: Class names in model order.
+        target: White cells to count before the session is complete.
+        review_threshold: Top probability below which a cell goes to review.
+        class_groups: The manifest's ``class_groups`` (empty: derived from names).
+    """
+
+    def __init__(self, classes: Sequence[str], target: int = DEFAULT_TARGET,
+                 review_threshold: float = DEFAULT_REVIEW_THRESHOLD,
+                 class_groups: Mapping[str, Sequence[str]] | None = None):
+        if target < 1:
+            raise ValueError("target must be at least 1")
+        if not 0.0 <= review_threshold <= 1.0:
+            raise ValueError("review threshold must lie in 0..1")
+        self.classes = tuple(classes)
+        self.target = int(target)
+        self.review_threshold = float(review_threshold)
+        self.groups = ClassGroups.build(self.classes, class_groups)
+        self._in_differential = [c for c, d in zip(self.classes, self.groups.differential) if d]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every cell."""
+        self.counts = dict.fromkeys(self.classes, 0)
+        self.review = 0
+
+    @property
+    def total(self) -> int:
+        """White cells counted (differential classes + review)."""
+        return self.review + sum(self.counts[c] for c in self._in_differential)
+
+    @property
+    def done(self) -> bool:
+        """Has the target been reached?"""
+        return self.total >= self.target
+
+    def decide(self, probabilities: np.ndarray) -> tuple[int, str, float, bool]:
+        """See :func:`decide` (with this counter's classes and threshold)."""
+        return decide(probabilities, self.classes, self.review_threshold)
+
+    def add(self, class_index: int, review: bool) -> str:
+        """Count one cell; returns its bucket (a class name or ``"review"``)."""
+        if review:
+            self.review += 1
+            return REVIEW
+        name = self.classes[class_index]
+        self.counts[name] += 1
+        return name
+
+    def snapshot(self) -> CountSnapshot:
+        """Counts, percentages with 95 % Wilson intervals, group counts and flags."""
+        n = self.total
+        percentages: dict[str, float] = {}
+        intervals: dict[str, tuple[float, float]] = {}
+        for i, c in enumerate(self.classes):
+            if self.groups.differential[i]:
+                percentages[c] = 100.0 * self.counts[c] / n if n else 0.0
+                intervals[c] = wilson_interval(self.counts[c], n)
+        percentages[REVIEW] = 100.0 * self.review / n if n else 0.0
+        intervals[REVIEW] = wilson_interval(self.review, n)
+        group_counts = {k: sum(self.counts[c] for c in members) for k, members in self.groups.groups.items()}
+        flags = compute_flags(self.groups, self.counts, n, self.review, wilson_interval)
+        return CountSnapshot(counts=dict(self.counts), total=n, target=self.target, percentages=percentages,
+                             intervals=intervals, review=self.review, flags=tuple(flags), group_counts=group_counts)

@@ -1,0 +1,402 @@
+"""Count each physical cell once: stage-motion registration and cells kept in slide coordinates.
+
+Every frame is registered to a *keyframe* of the slide by phase correlation
+on a small, high-passed grey thumbnail (``cv2.phaseCorrelate``), which gives
+the frame's origin in slide coordinates. A detection's centre plus that
+origin is where the cell lies on the slide; a detection that lands within
+half a cell diameter of a cell already known is the same cell and is not
+counted again. A new keyframe is taken when the view has moved a fifth
+of a frame (or the match weakens), so drift accumulates per keyframe
+rather than per frame.
+
+When a frame cannot be registered to the current keyframe (the slide jumped,
+the camera reconnected, a session was resumed, or a folder of unrelated
+images is being counted) it is matched against *every* keyframe seen so far
+(one batched FFT), so going back to an area already counted, or replaying
+the same frames after a crash, does not count its cells again. A good frame
+that matches no keyframe starts a new *field* with its own coordinates; a
+poor-quality frame that matches nothing is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+THUMB_WIDTH = 160
+MIN_RESPONSE = 0.3  # cv2.phaseCorrelate peak response for a valid match (unrelated frames: ~0.1)
+KEYFRAME_SHIFT = 0.2  # new keyframe after the view moved this share of the frame's smaller side,
+KEYFRAME_RESPONSE = 0.5  # or once the match to the keyframe weakens below this (before it is lost)
+MAX_SHIFT = 0.5  # a phase-correlation shift beyond this share of the thumbnail is aliasing, not motion
+MATCH_FRACTION = 0.5  # same cell when within this share of the cell's diameter
+
+
+def _cv2():
+    import cv2
+
+    return cv2
+
+
+def thumbnail(pixels: np.ndarray, width: int = THUMB_WIDTH) -> tuple[np.ndarray, float]:
+    """Grey uint8 thumbnail of a frame and its scale (thumbnail px per frame px)."""
+    cv2 = _cv2()
+    grey = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+    scale = min(1.0, width / grey.shape[1])
+    if scale < 1.0:
+        size = (max(8, round(grey.shape[1] * scale)), max(8, round(grey.shape[0] * scale)))
+        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+        scale = size[0] / pixels.shape[1]
+    return np.ascontiguousarray(grey), scale
+
+
+def prepare(thumb: np.ndarray) -> np.ndarray:
+    """High-pass a grey thumbnail (removes uneven illumination, which would otherwise correlate at zero shift)."""
+    cv2 = _cv2()
+    f = thumb.astype(np.float32)
+    f -= cv2.GaussianBlur(f, (0, 0), max(2.0, f.shape[1] / 24))
+    f /= float(f.std()) + 1e-6
+    return f
+
+
+@dataclass
+class Keyframe:
+    """A registered view of the slide: its thumbnail and where its origin lies on the slide.
+
+    Attributes:
+        id: Keyframe number (unique within a session epoch).
+        field: The coordinate system (field of view chain) it belongs to.
+        ox, oy: Slide coordinates of the frame's pixel (0, 0).
+        frame_shape: ``(height, width)`` of the full frame.
+        scale: Thumbnail pixels per frame pixel.
+        thumb: Grey uint8 thumbnail (what the store persists).
+    """
+
+    id: int
+    field: int
+    ox: float
+    oy: float
+    frame_shape: tuple[int, int]
+    scale: float
+    thumb: np.ndarray
+    _prepared: np.ndarray | None = None
+    _fft: np.ndarray | None = None
+
+    @property
+    def prepared(self) -> np.ndarray:
+        if self._prepared is None:
+            self._prepared = prepare(self.thumb)
+        return self._prepared
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Where a frame lies on the slide.
+
+    Attributes:
+        field: Coordinate system id.
+        ox, oy: Slide coordinates of the frame's pixel (0, 0).
+        response: Phase-correlation response of the match (1.0 for a new field).
+        how: ``"tracked"`` (vs the current keyframe), ``"relocalised"`` (vs an older
+            keyframe), or ``"new-field"``.
+    """
+
+    field: int
+    ox: float
+    oy: float
+    response: float
+    how: str
+
+
+class SlideRegistrar:
+    """Registers frames to keyframes; see the module docstring.
+
+    Args:
+        thumb_width: Width of the registration thumbnail in pixels.
+        min_response: Smallest phase-correlation response accepted as a match.
+        keyframe_shift: Share of the frame's smaller side the view may move before a new keyframe.
+    """
+
+    def __init__(self, thumb_width: int = THUMB_WIDTH, min_response: float = MIN_RESPONSE,
+                 keyframe_shift: float = KEYFRAME_SHIFT):
+        self.thumb_width = thumb_width
+        self.min_response = min_response
+        self.keyframe_shift = keyframe_shift
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every keyframe and field."""
+        self.keyframes: list[Keyframe] = []
+        self.current: Keyframe | None = None
+        self.next_field = 1
+        self.next_keyframe = 1
+        self.pending: list[Keyframe] = []  # new keyframes not yet handed to the store
+        self._window: dict[tuple[int, int], np.ndarray] = {}
+
+    def load(self, keyframes: Iterable[Keyframe]) -> None:
+        """Restore keyframes (e.g. from a session store); the next frame relocalises against them."""
+        for kf in keyframes:
+            self.keyframes.append(kf)
+            self.next_field = max(self.next_field, kf.field + 1)
+            self.next_keyframe = max(self.next_keyframe, kf.id + 1)
+        self.current = None
+
+    def take_pending(self) -> list[Keyframe]:
+        """Keyframes created since the last call (for the store)."""
+        out, self.pending = self.pending, []
+        return out
+
+    def _win(self, shape: tuple[int, int]) -> np.ndarray:
+        if shape not in self._window:
+            self._window[shape] = _cv2().createHanningWindow((shape[1], shape[0]), _cv2().CV_32F)
+        return self._window[shape]
+
+    def _correlate(self, kf: Keyframe, prepared: np.ndarray) -> tuple[float, float, float]:
+        """Shift (in thumbnail px) of the frame's content relative to ``kf``, and the response."""
+        (dx, dy), resp = _cv2().phaseCorrelate(kf.prepared, prepared, self._win(prepared.shape))
+        h, w = prepared.shape
+        if abs(dx) > MAX_SHIFT * w or abs(dy) > MAX_SHIFT * h:
+            return dx, dy, 0.0
+        return dx, dy, float(resp)
+
+    def _search(self, prepared: np.ndarray, frame_shape: tuple[int, int]) -> tuple[Keyframe, float, float, float] | None:
+        """Best match among all keyframes of the same frame shape (batched FFT), confirmed by phaseCorrelate."""
+        cands = [k for k in self.keyframes if k.frame_shape == frame_shape and k.thumb.shape == prepared.shape]
+        if not cands:
+            return None
+        win = self._win(prepared.shape)
+        f = np.fft.rfft2(prepared * win)
+        best: list[tuple[float, int]] = []
+        chunk = 256
+        for start in range(0, len(cands), chunk):
+            part = cands[start:start + chunk]
+            for k in part:
+                if k._fft is None:
+                    k._fft = np.fft.rfft2(k.prepared * win)
+            stack = np.stack([k._fft for k in part])
+            cross = stack * np.conj(f)[None]
+            cross /= np.abs(cross) + 1e-9
+            peaks = np.fft.irfft2(cross, s=prepared.shape).reshape(len(part), -1).max(axis=1)
+            best += [(float(p), start + i) for i, p in enumerate(peaks)]
+        best.sort(reverse=True)
+        for _, i in best[:3]:  # confirm the strongest few with OpenCV's sub-pixel estimate
+            dx, dy, resp = self._correlate(cands[i], prepared)
+            if resp >= self.min_response:
+                return cands[i], dx, dy, resp
+        return None
+
+    def register(self, pixels: np.ndarray, may_start_field: bool = True) -> Registration | None:
+        """Register one frame (RGB or BGR, or grey).
+
+        Args:
+            pixels: The frame.
+            may_start_field: When the frame matches no keyframe, start a new field
+                (True) or give up and return None (False, for poor-quality frames).
+
+        Returns:
+            The registration, or None when the frame could not be placed.
+        """
+        thumb, scale = thumbnail(pixels, self.thumb_width)
+        prepared = prepare(thumb)
+        shape = (int(pixels.shape[0]), int(pixels.shape[1]))
+        hit = None
+        how = "tracked"
+        if self.current is not None and self.current.frame_shape == shape and self.current.thumb.shape == thumb.shape:
+            dx, dy, resp = self._correlate(self.current, prepared)
+            if resp >= self.min_response:
+                hit = (self.current, dx, dy, resp)
+        if hit is None:
+            hit = self._search(prepared, shape)
+            how = "relocalised"
+        if hit is None:
+            if not may_start_field:
+                return None
+            kf = self._new_keyframe(self.next_field, 0.0, 0.0, shape, scale, thumb, prepared)
+            self.next_field += 1
+            return Registration(kf.field, 0.0, 0.0, 1.0, "new-field")
+        kf, dx, dy, resp = hit
+        self.current = kf
+        ox, oy = kf.ox - dx / kf.scale, kf.oy - dy / kf.scale
+        if resp < KEYFRAME_RESPONSE or max(abs(ox - kf.ox), abs(oy - kf.oy)) > self.keyframe_shift * min(shape):
+            self._new_keyframe(kf.field, ox, oy, shape, scale, thumb, prepared)
+        return Registration(kf.field, ox, oy, resp, how)
+
+    def _new_keyframe(self, fld: int, ox: float, oy: float, shape: tuple[int, int], scale: float,
+                      thumb: np.ndarray, prepared: np.ndarray) -> Keyframe:
+        kf = Keyframe(self.next_keyframe, fld, ox, oy, shape, scale, thumb, _prepared=prepared)
+        self.next_keyframe += 1
+        self.keyframes.append(kf)
+        self.pending.append(kf)
+        self.current = kf
+        return kf
+
+
+@dataclass
+class KnownCell:
+    """A cell already counted (or queued to be), in slide coordinates."""
+
+    id: int
+    field: int
+    x: float
+    y: float
+    size: float
+
+
+@dataclass
+class CellMap:
+    """Known cells, hashed on a grid per field, matched by distance.
+
+    Attributes:
+        grid: Grid cell side in slide pixels (about the size of a white cell).
+    """
+
+    grid: float = 64.0
+    cells: dict[int, KnownCell] = field(default_factory=dict)
+    _buckets: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
+    next_id: int = 1
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def _key(self, fld: int, x: float, y: float) -> tuple[int, int, int]:
+        return fld, int(np.floor(x / self.grid)), int(np.floor(y / self.grid))
+
+    def add(self, fld: int, x: float, y: float, size: float, cell_id: int | None = None) -> int:
+        """Remember a cell; returns its id."""
+        cid = self.next_id if cell_id is None else cell_id
+        self.next_id = max(self.next_id, cid + 1)
+        self.cells[cid] = KnownCell(cid, fld, x, y, size)
+        self._buckets.setdefault(self._key(fld, x, y), []).append(cid)
+        return cid
+
+    def move(self, cid: int, x: float, y: float) -> None:
+        """Update where a known cell was last seen (keeps registration drift local)."""
+        c = self.cells[cid]
+        old, new = self._key(c.field, c.x, c.y), self._key(c.field, x, y)
+        c.x, c.y = x, y
+        if old != new:
+            self._buckets[old].remove(cid)
+            self._buckets.setdefault(new, []).append(cid)
+
+    def near(self, fld: int, x: float, y: float, radius: float) -> list[tuple[float, int]]:
+        """Known cells within ``radius`` of a point: ``(distance, id)`` pairs."""
+        out = []
+        reach = int(np.ceil(radius / self.grid))
+        _, gx, gy = self._key(fld, x, y)
+        for i in range(gx - reach, gx + reach + 1):
+            for j in range(gy - reach, gy + reach + 1):
+                for cid in self._buckets.get((fld, i, j), ()):
+                    c = self.cells[cid]
+                    d = float(np.hypot(c.x - x, c.y - y))
+                    if d <= radius:
+                        out.append((d, cid))
+        return out
+
+    def match(self, fld: int, points: Sequence[tuple[float, float, float]],
+              fraction: float = MATCH_FRACTION) -> list[int | None]:
+        """One-to-one matching of ``(x, y, size)`` points to known cells, nearest pairs first.
+
+        A point matches a known cell within ``fraction * max(size, known size)``.
+        Returns the matched cell id per point, or None for a new cell.
+        """
+        pairs = []
+        for p, (x, y, size) in enumerate(points):
+            for d, cid in self.near(fld, x, y, fraction * max(size, self.grid)):
+                if d <= fraction * max(size, self.cells[cid].size):
+                    pairs.append((d, p, cid))
+        pairs.sort()
+        out: list[int | None] = [None] * len(points)
+        used: set[int] = set()
+        for _d, p, cid in pairs:
+            if out[p] is None and cid not in used:
+                out[p] = cid
+                used.add(cid)
+        return out
+
+
+@dataclass(frozen=True)
+class TrackedDetection:
+    """A detection placed on the slide."""
+
+    index: int  # position in the frame's detection list
+    box: tuple[float, float, float, float]
+    sx: float
+    sy: float
+    size: float
+
+
+@dataclass(frozen=True)
+class TrackResult:
+    """What the tracker made of one frame.
+
+    Attributes:
+        registration: Where the frame lies (None: could not be placed, nothing counted).
+        new: Detections of cells not seen before, to classify and count.
+        seen: Detections matched to known cells.
+        at_edge: Detections skipped because the cell is cut by the frame border.
+    """
+
+    registration: Registration | None
+    new: tuple[TrackedDetection, ...] = ()
+    seen: int = 0
+    at_edge: int = 0
+
+
+class SlideTracker:
+    """Registration + cell map: which detections of a frame are new cells.
+
+    Args:
+        edge_margin: Detections whose box comes within this many pixels of the frame
+            border are cut cells: not counted now (they are counted once fully in view).
+            Negative: count them anyway.
+        registrar: The registrar (default: a fresh :class:`SlideRegistrar`).
+    """
+
+    def __init__(self, edge_margin: int = 2, registrar: SlideRegistrar | None = None):
+        self.edge_margin = edge_margin
+        self.registrar = registrar or SlideRegistrar()
+        self.cells = CellMap()
+
+    def reset(self) -> None:
+        """Forget every known cell and keyframe."""
+        self.registrar.reset()
+        self.cells = CellMap()
+
+    def register(self, pixels: np.ndarray, may_start_field: bool = True) -> Registration | None:
+        """Register a frame without looking at its cells (for frames that are not segmented)."""
+        return self.registrar.register(pixels, may_start_field)
+
+    def place(self, reg: Registration, frame_shape: tuple[int, ...],
+              boxes: Sequence[tuple[float, float, float, float]]) -> TrackResult:
+        """Split a registered frame's detections into new cells, known cells and cut cells.
+
+        New cells are remembered at once, so the next frame will not count them again.
+        """
+        h, w = frame_shape[:2]
+        m = self.edge_margin
+        inside, at_edge = [], 0
+        for i, b in enumerate(boxes):
+            x0, y0, x1, y1 = (float(v) for v in b)
+            if m >= 0 and (x0 <= m or y0 <= m or x1 >= w - 1 - m or y1 >= h - 1 - m):
+                at_edge += 1
+                continue
+            inside.append(TrackedDetection(i, (x0, y0, x1, y1), (x0 + x1) / 2 + reg.ox, (y0 + y1) / 2 + reg.oy,
+                                           max(x1 - x0, y1 - y0)))
+        matches = self.cells.match(reg.field, [(t.sx, t.sy, t.size) for t in inside])
+        new = []
+        for t, cid in zip(inside, matches):
+            if cid is None:
+                self.cells.add(reg.field, t.sx, t.sy, t.size)
+                new.append(t)
+            else:
+                self.cells.move(cid, t.sx, t.sy)
+        return TrackResult(reg, tuple(new), len(inside) - len(new), at_edge)
+
+    def observe(self, pixels: np.ndarray, boxes: Sequence[tuple[float, float, float, float]],
+                may_start_field: bool = True) -> TrackResult:
+        """Register a frame and place its detections (see :meth:`place`)."""
+        reg = self.register(pixels, may_start_field)
+        if reg is None:
+            return TrackResult(None)
+        return self.place(reg, pixels.shape, boxes)
