@@ -1,0 +1,77 @@
+"""``hemaedge verify BUNDLE``: run the bundle's golden inputs here and compare with the workstation.
+
+Exit status: 0 when the selected backend agrees with the workstation within
+the thresholds, 1 when it does not, 2 for errors (no golden outputs, bad options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from edge.classify.select import PRECISIONS, PREFERENCES
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Options of ``hemaedge verify``."""
+    p.add_argument("bundle", help="model bundle directory")
+    p.add_argument("--backend", default="auto", help=f"one of {', '.join(PREFERENCES)} (default auto: the best here)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="precision to run (default auto)")
+    p.add_argument("--min-agreement", type=float, help="pass threshold: top-1 agreement (default by precision)")
+    p.add_argument("--max-diff", type=float, help="pass threshold: max |probability difference| (default by precision)")
+    p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+
+
+def verify(bundle_path: str, backend: str = "auto", precision: str = "auto", min_agreement: float | None = None,
+           max_diff: float | None = None, batch: int = 32) -> dict:
+    """Run the golden inputs through the selected backend; the report as a dict."""
+    from edge.bundle.golden import compare_golden, load_golden
+    from edge.bundle.io import load_bundle
+    from edge.classify.select import select_backend
+
+    bundle = load_bundle(bundle_path)
+    golden = load_golden(bundle)
+    chosen, reason = select_backend(bundle, backend, precision)
+    with chosen:
+        probs = np.concatenate([chosen.classify(golden.inputs[i:i + batch]) for i in range(0, len(golden.inputs), batch)])
+        art = getattr(chosen, "artifact", None)
+        calibrated_here = bool(art is not None and art.details.get("mode") == "implicit-int8")
+        report = compare_golden(golden, probs, chosen.precision, bundle.manifest.output_kind,
+                                station_calibrated=calibrated_here, min_agreement=min_agreement, max_diff=max_diff)
+        name = chosen.name
+    return {"bundle": str(bundle.path), "backend": name, "precision": chosen.precision, "reason": reason,
+            **report.to_dict()}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Verify and print the result; exit 1 when it fails."""
+    r = verify(args.bundle, args.backend, args.precision, args.min_agreement, args.max_diff, args.batch)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0 if r["passed"] else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[dim]{r['reason']}[/]")
+    t = Table(title=f"golden check: {r['samples']} inputs on {r['backend']} vs the workstation's {r['reference']}")
+    t.add_column("reference")
+    t.add_column("top-1 agreement", justify="right")
+    t.add_column("max |Δp|", justify="right")
+    t.add_column("mean |Δp|", justify="right")
+    t.add_row(f"{r['reference']} (checked)", f"{r['top1_agreement']:.1%}", f"{r['max_abs_diff']:.4f}",
+              f"{r['mean_abs_diff']:.5f}")
+    for name, s in r["others"].items():
+        t.add_row(f"[dim]{name}[/]", f"[dim]{s['top1_agreement']:.1%}[/]", f"[dim]{s['max_abs_diff']:.4f}[/]",
+                  f"[dim]{s['mean_abs_diff']:.5f}[/]")
+    con.print(t)
+    limits = f"needs agreement >= {r['min_agreement']:.0%} and max |Δp| <= {r['max_diff']}"
+    if r["passed"]:
+        con.print(f"[bold green]PASS[/] this station computes what the workstation computed ({limits})")
+        return 0
+    con.print(f"[bold red]FAIL[/] outputs differ from the workstation's ({limits}); check the backend, "
+              "rebuild the engine (hemaedge build-engine) or re-export the bundle")
+    return 1
