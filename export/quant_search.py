@@ -1,0 +1,350 @@
+"""Accuracy-aware INT8: search calibration settings, then keep the most sensitive nodes in float.
+
+``export-model --int8 --search`` calls ``search_int8`` when plain INT8 misses
+the accuracy gate. The search, cheapest first:
+
+1. **Calibration settings**: every ``method`` (minmax, entropy, percentile) x
+   per-channel / per-tensor weights (per-channel first), quantized with the
+   pipeline's own ``export.quantize.quantize_int8`` so every candidate uses
+   the same symmetric QDQ format the station gets. The first setting within
+   the gate wins.
+2. **Mixed precision**: with the best setting of step 1, rank the quantized
+   nodes by how much error each one *adds*: run the FP32 graph and the
+   fake-quantized QDQ graph on calibration batches with every intermediate
+   tensor exposed, measure the signal-to-quantization-noise ratio (SQNR, dB)
+   of each tensor against FP32, and score a node by
+   ``SQNR(inputs) - SQNR(outputs)``: the dB lost across it, which includes
+   quantizing its inputs and weights. (A cumulative error would favour late
+   layers; a per-tensor SQNR alone misses outlier channels, whose energy
+   dominates the tensor, so its SQNR looks fine while every other channel is
+   crushed to a few levels.) The top-k nodes are then passed to
+   ``nodes_to_exclude`` with k = 1, 2, 4, 8 ... until the drop is within the
+   gate, then bisected down to the smallest passing k.
+
+Each step is logged (setting, accuracy, drop, seconds) and the result says
+which nodes stayed float. Quantization-aware training is the last resort and
+needs a GPU; it is not attempted here.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.quantize import METHODS, quantize_int8
+
+SQNR_CAP_DB = 80.0  # an exact tensor (graph input, weights-free path) counts as 80 dB
+
+
+@dataclass
+class SearchResult:
+    """What the search settled on.
+
+    Attributes:
+        path: The INT8 (possibly mixed-precision) QDQ model written.
+        method: Calibration method (``minmax`` / ``entropy`` / ``percentile``).
+        per_channel: Per-channel weight scales.
+        excluded_nodes: ONNX node names kept in float (``nodes_to_exclude``).
+        drop: FP32 minus INT8 accuracy, in percentage points.
+        log: One dict per candidate tried (stage, setting, accuracy, drop, seconds).
+        accuracy: INT8 accuracy of ``path`` (same units as ``eval_fn``).
+        baseline: FP32 accuracy.
+        passed: Whether ``drop <= max_drop``.
+        excluded_labels: Human labels of the float nodes (layer names from weights).
+        ranking: The sensitivity ranking ``[(node, label, SQNR dB of the noise it adds), ...]`` (top 20).
+    """
+
+    path: Path
+    method: str
+    per_channel: bool
+    excluded_nodes: list[str]
+    drop: float
+    log: list[dict[str, Any]]
+    accuracy: float = float("nan")
+    baseline: float = float("nan")
+    passed: bool = False
+    excluded_labels: list[str] = field(default_factory=list)
+    ranking: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], eval_fn: Callable[[Path], float],
+                max_drop: float, *, out: str | Path | None = None, baseline: float | None = None,
+                log: Callable[[str], None] = print, settings: Sequence[tuple[str, bool]] | None = None,
+                skip: Sequence[tuple[str, bool]] = (), analysis_batches: int = 4, max_float_fraction: float = 0.5,
+                max_trials: int = 12) -> SearchResult:
+    """Find an INT8 model of ``fp32_onnx`` whose accuracy drop is within ``max_drop`` points.
+
+    Args:
+        fp32_onnx: The FP32 ONNX model (as exported; pre-processing happens inside ``quantize_int8``).
+        calib_reader_factory: Returns a fresh ``CalibrationDataReader`` (each quantization consumes one).
+        eval_fn: ``eval_fn(onnx_path) -> accuracy`` as a fraction (e.g. top-1 on the validation split).
+        max_drop: The gate, in percentage points of accuracy.
+        out: Where to write the chosen model (default: next to ``fp32_onnx`` as ``*.int8.onnx``).
+        baseline: FP32 accuracy if already measured (else ``eval_fn(fp32_onnx)``).
+        log: Progress sink (one line per candidate).
+        settings: ``(method, per_channel)`` candidates for step 1, in order (default: all methods,
+            per-channel first).
+        skip: Settings already known to fail (e.g. the plain export's), not re-run.
+        analysis_batches: Calibration batches used to rank node sensitivity.
+        max_float_fraction: Never keep more than this share of the quantized nodes in float.
+        max_trials: Quantize+evaluate rounds allowed in step 2.
+
+    Returns:
+        A ``SearchResult``; ``passed`` is False (and the best model found is written) when
+        nothing met the gate: the caller's gate then fails the export with the numbers.
+    """
+    fp32 = Path(fp32_onnx)
+    out = Path(out) if out is not None else fp32.with_suffix(".int8.onnx")
+    records: list[dict[str, Any]] = []
+    if baseline is None:
+        baseline = float(eval_fn(fp32))
+    settings = list(settings) if settings is not None else [(m, pc) for pc in (True, False) for m in _ORDER]
+    skip_set = {(m, bool(pc)) for m, pc in skip}
+    with tempfile.TemporaryDirectory(prefix="hemaedge-qsearch-") as tmpdir:
+        tmp = Path(tmpdir)
+        best: tuple[float, str, bool, Path] | None = None
+
+        def trial(stage: str, method: str, per_channel: bool, exclude: Sequence[str], name: str) -> tuple[float, Path]:
+            t = time.time()
+            path = tmp / f"{name}.onnx"
+            quantize_int8(fp32, path, calib_reader_factory(), method, per_channel, exclude=list(exclude))
+            acc = float(eval_fn(path))
+            drop = (baseline - acc) * 100
+            rec = {"stage": stage, "method": method, "per_channel": per_channel, "float_nodes": len(exclude),
+                   "accuracy": round(acc, 5), "drop": round(drop, 3), "seconds": round(time.time() - t, 1)}
+            records.append(rec)
+            log(f"  int8 search [{stage}] {method}, {'per-channel' if per_channel else 'per-tensor'}"
+                f"{f', {len(exclude)} float nodes' if exclude else ''}: accuracy {acc:.4f}, drop {drop:+.2f} pts")
+            return drop, path
+
+        # Step 1: calibration settings.
+        for method, per_channel in settings:
+            if method not in METHODS:
+                raise ValueError(f"unknown calibration method {method!r}")
+            if (method, per_channel) in skip_set:
+                continue
+            drop, path = trial("calibration", method, per_channel, (), f"{method}_{int(per_channel)}")
+            if best is None or drop < best[0]:
+                best = (drop, method, per_channel, path)
+            if drop <= max_drop:
+                shutil.copyfile(path, out)
+                return SearchResult(out, method, per_channel, [], drop, records, baseline - drop / 100, baseline, True)
+        if best is None:  # every setting skipped: re-run the first so there is a model to analyse
+            method, per_channel = settings[0]
+            drop, path = trial("calibration", method, per_channel, (), "base")
+            best = (drop, method, per_channel, path)
+        drop0, method, per_channel, qdq0 = best
+
+        # Step 2: rank nodes by the noise they add, keep the worst in float.
+        t = time.time()
+        ranking = rank_nodes(fp32, qdq0, calib_reader_factory(), max_batches=analysis_batches)
+        log(f"  int8 search: ranked {len(ranking)} quantized nodes by added quantization noise in "
+            f"{time.time() - t:.0f} s; worst: " + ", ".join(f"{lab} ({db:.1f} dB)" for _, lab, db, _ in ranking[:3]))
+        labels = {n: lab for n, lab, _, _ in ranking}
+        top = [(n, lab, round(db, 2)) for n, lab, db, _ in ranking[:20]]
+
+        def excluded_for(k: int) -> list[str]:
+            return list(dict.fromkeys(m for _, _, _, group in ranking[:k] for m in group))
+
+        limit = max(1, int(len(ranking) * max_float_fraction)) if ranking else 0
+        tried: dict[int, tuple[float, Path]] = {0: (drop0, qdq0)}
+        k, passing, failing = 1, None, 0
+        while k <= limit and len(tried) - 1 < max_trials:
+            tried[k] = trial("float-fallback", method, per_channel, excluded_for(k), f"mixed_{k}")
+            if tried[k][0] <= max_drop:
+                passing = k
+                break
+            failing = k
+            k = min(limit, k * 2) if k < limit else limit + 1
+        if passing is not None:
+            lo, hi = failing, passing  # lo fails, hi passes: bisect for the smallest passing k
+            while hi - lo > 1 and len(tried) - 1 < max_trials:
+                mid = (lo + hi) // 2
+                tried[mid] = trial("float-fallback", method, per_channel, excluded_for(mid), f"mixed_{mid}")
+                if tried[mid][0] <= max_drop:
+                    hi = mid
+                else:
+                    lo = mid
+            k_best = hi
+        else:
+            k_best = min(tried, key=lambda kk: tried[kk][0])
+        drop, path = tried[k_best]
+        shutil.copyfile(path, out)
+        excluded = excluded_for(k_best)
+        return SearchResult(out, method, per_channel, excluded, drop, records, baseline - drop / 100, baseline,
+                            drop <= max_drop, [labels.get(n, n) for n in excluded], top)
+
+
+_ORDER = ("entropy", "percentile", "minmax")
+
+
+def _float_tensors(model) -> set[str]:
+    """Names of float tensors produced by nodes (after shape inference)."""
+    from onnx import TensorProto
+
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.value_info) + list(model.graph.output)}
+    return {o for n in model.graph.node for o in n.output if types.get(o) == TensorProto.FLOAT}
+
+
+def _expose(model, names: set[str]):
+    """A copy of ``model`` whose graph outputs include ``names`` (float tensors)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in sorted(names - have):
+        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return m
+
+
+def node_labels(model) -> dict[str, str]:
+    """Readable labels: the layer name from a node's weight (``features.2.0.block.0.0``), else op after nearest layer."""
+    inits = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    labels: dict[str, str] = {}
+
+    def own(n) -> str | None:
+        for i in n.input[1:]:
+            if i in inits and i.endswith(".weight"):
+                return i[: -len(".weight")]
+        return None
+
+    for n in model.graph.node:
+        lab = own(n)
+        if lab is None:
+            seen, frontier, near = set(), [n], None
+            while frontier and near is None and len(seen) < 50:
+                cur = frontier.pop(0)
+                for i in cur.input:
+                    p = producer.get(i)
+                    if p is not None and p.name not in seen:
+                        seen.add(p.name)
+                        near = own(p)
+                        if near:
+                            break
+                        frontier.append(p)
+            lab = f"{n.op_type} after {near}" if near else f"{n.op_type} {n.name}"
+        labels[n.name] = f"{lab} [{n.op_type}]" if own(n) else lab
+    return labels
+
+
+def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches: int = 4,
+               chunk: int = 8) -> list[tuple[str, str, float, list[str]]]:
+    """Rank the QDQ model's quantized nodes by the quantization noise each one adds.
+
+    Both graphs run unoptimised on ONNX Runtime's CPU provider (the QDQ graph then
+    simulates INT8 exactly, tensor names intact) with every float intermediate exposed.
+    For each tensor, the noise-to-signal ratio ``NSR = |q - f|^2 / |f|^2`` against FP32;
+    a node adds ``NSR(output) - NSR(inputs)`` (noise ratios of independent errors add),
+    which is the noise from quantizing its inputs and weights.
+
+    ONNX Runtime's QDQ quantizer puts a Q/DQ pair on a tensor when either its producer
+    or a consumer is quantized, so keeping a node's computation in float means excluding
+    the node *and* the producers of its activation inputs: that set is returned per node.
+
+    Args:
+        fp32_onnx: FP32 model (pre-processed inside, as ``quantize_int8`` does).
+        qdq_onnx: Its QDQ quantization.
+        reader: A ``CalibrationDataReader`` of inputs.
+        max_batches: Reader batches to use.
+        chunk: Images per run (bounds memory: every intermediate is returned).
+
+    Returns:
+        ``[(node name, label, added noise as SQNR dB, nodes to exclude), ...]``, most
+        noise first, only nodes with a quantized (DequantizeLinear-fed) input.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=False)
+        fmodel = onnx.load(str(pre))
+    qmodel = onnx.load(str(qdq_onnx))
+    qprod = {o: n for n in qmodel.graph.node for o in n.output}
+    qnodes = {n.name for n in qmodel.graph.node
+              if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+              and any(i in qprod and qprod[i].op_type == "DequantizeLinear" for i in n.input)}
+    q_tensors = {o for n in qmodel.graph.node for o in n.output}
+    names = _float_tensors(fmodel) & q_tensors
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    fs = ort.InferenceSession(_expose(fmodel, names).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    qs = ort.InferenceSession(_expose(qmodel, names).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    order = [o.name for o in fs.get_outputs()]
+    qorder = [o.name for o in qs.get_outputs()]
+    sig = dict.fromkeys(names, 0.0)
+    err = dict.fromkeys(names, 0.0)
+    inp = fs.get_inputs()[0].name
+    for _ in range(max_batches):
+        feed = reader.get_next()
+        if feed is None:
+            break
+        x = next(iter(feed.values()))
+        for s in range(0, len(x), chunk):
+            part = {inp: x[s:s + chunk]}
+            fo = dict(zip(order, fs.run(None, part)))
+            qo = dict(zip(qorder, qs.run(None, part)))
+            for name in names:
+                a = fo[name].astype(np.float64)
+                sig[name] += float(np.square(a).sum())
+                err[name] += float(np.square(a - qo[name]).sum())
+    nsr = {n: (err[n] / sig[n] if sig[n] > 0 else (0.0 if err[n] == 0 else 1.0)) for n in names}
+    inits = {i.name for i in fmodel.graph.initializer}
+    producer = {o: n for n in fmodel.graph.node for o in n.output}
+    labels = node_labels(fmodel)
+    scored = []
+    for n in fmodel.graph.node:
+        if n.name not in qnodes:
+            continue
+        ins = [i for i in n.input if i and i not in inits]
+        outs = [nsr[o] for o in n.output if o in nsr]
+        if not outs:
+            continue
+        added = max(outs) - max((nsr.get(i, 0.0) for i in ins), default=0.0)
+        group = [n.name] + [producer[i].name for i in ins if i in producer and producer[i].name in qnodes]
+        scored.append((n.name, labels.get(n.name, n.name), _db(1.0, max(added, 0.0)), list(dict.fromkeys(group))))
+    scored.sort(key=lambda t: t[2])  # lowest SQNR of the added noise = most noise first
+    return scored
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return SQNR_CAP_DB
+    if signal <= 0:
+        return -SQNR_CAP_DB
+    return float(min(SQNR_CAP_DB, 10 * math.log10(signal / noise)))
+
+
+def throughput(onnx_path: str | Path, shape: Sequence[int], seconds: float = 5.0, threads: int = 1,
+               warmup: int = 1) -> float:
+    """ONNX Runtime CPU crops/s on random input of ``shape`` (N x C x H x W), timed for about ``seconds``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(0, 1, tuple(shape)).astype(np.float32)
+    name = sess.get_inputs()[0].name
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    n, t0 = 0, time.perf_counter()
+    while True:
+        sess.run(None, {name: x})
+        n += 1
+        if time.perf_counter() - t0 >= seconds:
+            break
+    return n * shape[0] / (time.perf_counter() - t0)

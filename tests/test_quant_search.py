@@ -1,0 +1,123 @@
+"""Accuracy-aware INT8 search on a tiny model built to quantize badly (an outlier channel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from torch import nn  # noqa: E402
+
+from export.quant_search import SearchResult, rank_nodes, search_int8, throughput  # noqa: E402
+from export.quantize import quantize_int8  # noqa: E402
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.proj = nn.Conv2d(16, 16, 1)  # linear output: the outlier channel lives here
+        self.mix = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.head(self.mix(self.proj(self.stem(x))))
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory):
+    """FP32-identical reparameterisation: proj channel 3 x200, mix's weights on it /200.
+
+    Per-tensor activation scales then spend the INT8 range on one channel and
+    crush the other 15 to a few levels; FP32 outputs do not change.
+    """
+    tmp = tmp_path_factory.mktemp("qs")
+    torch.manual_seed(0)
+    net = _Net().eval()
+    x = torch.randn(256, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        net.proj.weight[3] *= 200.0
+        net.proj.bias[3] *= 200.0
+        net.mix.weight[:, 3] /= 200.0
+        assert (net(x) - ref).abs().max() < 1e-3
+    path = tmp / "outlier.onnx"
+    torch.onnx.export(net, (x[:2],), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=17, dynamo=False)
+    top2 = ref.topk(2, 1).values
+    margin = top2[:, 0] - top2[:, 1]
+    keep = (margin > margin.median()).numpy()  # labels = confident FP32 predictions: FP32 accuracy is 1.0
+    return path, x.numpy(), x.numpy()[keep], ref.argmax(1).numpy()[keep], tmp
+
+
+def _factory(xcal):
+    def make():
+        class Reader:
+            def __init__(self) -> None:
+                self.it = iter([{"input": xcal[i:i + 32]} for i in range(0, 128, 32)])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        return Reader()
+
+    return make
+
+
+def _eval(xval, labels):
+    def ev(path: Path) -> float:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return float((sess.run(None, {"input": xval})[0].argmax(1) == labels).mean())
+
+    return ev
+
+
+def test_plain_int8_misses_the_gate_and_search_keeps_the_outlier_path_float(outlier_model):
+    path, xcal, xval, labels, tmp = outlier_model
+    ev = _eval(xval, labels)
+    assert ev(path) == 1.0
+    plain = quantize_int8(path, tmp / "plain.onnx", _factory(xcal)(), "minmax", True)
+    assert (1.0 - ev(plain)) * 100 > 1.0  # the model is built to fail a 1-point gate
+    lines: list[str] = []
+    res = search_int8(path, _factory(xcal), ev, 1.0, out=tmp / "searched.onnx", baseline=1.0, log=lines.append,
+                      settings=[("minmax", True), ("entropy", True)])
+    assert isinstance(res, SearchResult) and res.passed and res.drop <= 1.0
+    assert res.path.is_file() and ev(res.path) == pytest.approx(res.accuracy)
+    assert "/mix/Conv" in res.excluded_nodes and "/proj/Conv" in res.excluded_nodes
+    assert len(res.excluded_nodes) <= 4
+    assert [r["stage"] for r in res.log][:2] == ["calibration", "calibration"] and res.log[-1]["stage"] == "float-fallback"
+    assert any("float nodes" in ln for ln in lines)
+
+
+def test_ranking_puts_the_node_reading_the_outlier_tensor_first(outlier_model):
+    path, xcal, *_rest, tmp = outlier_model
+    q = quantize_int8(path, tmp / "rank.onnx", _factory(xcal)(), "minmax", True)
+    ranking = rank_nodes(path, q, _factory(xcal)(), max_batches=2)
+    name, label, db, group = ranking[0]
+    assert name == "/mix/Conv" and label.startswith("mix") and db < 10
+    assert set(group) == {"/mix/Conv", "/proj/Conv"}
+    assert all(r[2] >= db for r in ranking)
+
+
+def test_search_stops_at_the_first_setting_within_the_gate(outlier_model):
+    path, xcal, xval, labels, tmp = outlier_model
+    res = search_int8(path, _factory(xcal), _eval(xval, labels), 100.0, out=tmp / "easy.onnx", baseline=1.0,
+                      log=lambda m: None)
+    assert res.passed and res.excluded_nodes == [] and len(res.log) == 1 and res.method == "entropy"
+    assert res.per_channel is True
+
+
+def test_skip_avoids_rerunning_the_plain_setting(outlier_model):
+    path, xcal, xval, labels, tmp = outlier_model
+    res = search_int8(path, _factory(xcal), _eval(xval, labels), 100.0, out=tmp / "skip.onnx", baseline=1.0,
+                      log=lambda m: None, skip=[("entropy", True)])
+    assert res.method == "percentile" and len(res.log) == 1
+
+
+def test_throughput_measures_crops_per_second(outlier_model):
+    path, *_ = outlier_model
+    assert throughput(path, (4, 3, 16, 16), seconds=0.2) > 0
