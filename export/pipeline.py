@@ -45,6 +45,7 @@ class ExportOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     cell_fraction: float | None = None
+    input_size: tuple[int, int] | None = None
     target: str = "onnx"
     search: bool = False
     ensemble: list[tuple[str, float]] = field(default_factory=list)
@@ -126,12 +127,28 @@ def _raw(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def _spec_from(source: Source, opts: ExportOptions, info: dict[str, Any]) -> InputSpec:
+def _raw_original_onnx(path: Path, x: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """Run a foreign ONNX as it came (its own layout and batch size) for the parity check."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    if info.get("layout", "").startswith("NHWC"):
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    fixed = info.get("original_shape", [None])[0]
+    if fixed:
+        return np.concatenate([sess.run(None, {name: x[i:i + fixed]})[0] for i in range(0, len(x), fixed)])
+    return sess.run(None, {name: x})[0]
+
+
+def _spec_from(source: Source, opts: ExportOptions, info: dict[str, Any], data: ImageSet) -> InputSpec:
     meta_in = source.meta.get("input") or {}
-    h = meta_in.get("height") or info.get("height")
-    w = meta_in.get("width") or info.get("width")
-    if not h or not w:
-        raise UsageError(f"cannot tell the input size of {source.path.name}; it must be stored in the model")
+    size = opts.input_size or (meta_in.get("height"), meta_in.get("width"))
+    if not all(size):
+        size = (info.get("height"), info.get("width"))
+    if not all(size):  # TorchScript / .pt2 do not record it: the data's image size is what it was trained on
+        size = data.image(0).shape[:2]
+    h, w = size
     mean = opts.mean or tuple(meta_in.get("mean") or ())
     std = opts.std or tuple(meta_in.get("std") or ())
     if not mean or not std:
@@ -170,7 +187,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         classes = classes or list(val.classes)
         if len(classes) != len(val.classes):
             raise UsageError(f"the model has {len(classes)} classes but {opts.data} has {len(val.classes)}")
-        spec = _spec_from(source, opts, info)
+        spec = _spec_from(source, opts, info, val)
         output_kind = info.get("output_kind", source.meta.get("output_kind", "logits"))
         if source.kind != "onnx" and not opts.ensemble:
             t = time.time()
@@ -182,7 +199,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         # FP32 parity against the source model on real validation images.
         pidx = stratified_sample(val.labels, PARITY_IMAGES, opts.seed)
         px = np.concatenate([x for x, _ in batches(val, spec, pidx, 256)])
-        ref = _raw(source.path, px) if source.kind == "onnx" else (
+        ref = _raw_original_onnx(source.path, px, info) if source.kind == "onnx" else (
             info["reference"](px) if "reference" in info else torch_forward(source, px))
         got = _raw(fp32, px)
         parity = {"images": int(len(px)), "max_abs_diff": float(np.abs(ref - got).max()),

@@ -88,13 +88,17 @@ def torch_forward(source: Source, batch: np.ndarray) -> np.ndarray:
     """Run the source model in PyTorch (eager / TorchScript / ExportedProgram) on a batch."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(batch))
-    with torch.no_grad():
-        fn = source.model.module() if source.kind == "pt2" else source.model
-        out = fn(x)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return out.numpy()
+    fn = source.model.module() if source.kind == "pt2" else source.model
+
+    def call(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = fn(torch.from_numpy(np.ascontiguousarray(x)))
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+    try:
+        return call(batch)
+    except (AssertionError, RuntimeError):  # a program exported with a fixed batch: one image at a time
+        return np.concatenate([call(batch[i:i + 1]) for i in range(len(batch))])
 
 
 def export_torch(source: Source, height: int, width: int, out: Path) -> Path:
@@ -125,6 +129,13 @@ def export_torch(source: Source, height: int, width: int, out: Path) -> Path:
             warnings.simplefilter("ignore")
             torch.onnx.export(model, example, str(out), input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, dynamo=False, opset_version=OPSET)
+    import onnx
+
+    dim0 = onnx.load(str(out), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    if not dim0.dim_param:
+        raise UsageError(f"{source.path.name} was exported with a fixed batch of {dim0.dim_value}; the station batches "
+                         "crops, so re-export it with a dynamic batch (torch.export.export(..., dynamic_shapes="
+                         "({0: torch.export.Dim('batch')},)))")
     return out
 
 

@@ -1,0 +1,182 @@
+"""export-model end to end on a small self-made data set: train -> ONNX -> INT8 -> gate -> bundle -> evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from calibration.datasets import load_folder, load_npz, open_dataset, stratified_sample  # noqa: E402
+from edge.bundle import load_bundle  # noqa: E402
+from edge.errors import AccuracyGateError, InputError, UsageError  # noqa: E402
+from export.pipeline import ExportOptions, accuracy_gate, run_export  # noqa: E402
+
+CLASSES = 4
+
+
+def _make_npz(path: Path, n: int = 240, size: int = 28, seed: int = 0) -> Path:
+    """Four easy classes: a dark disc whose colour says the class, on a pale noisy background."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[150, 40, 160], [60, 60, 170], [170, 60, 60], [60, 150, 60]], np.float32)
+    yy, xx = np.mgrid[:size, :size]
+
+    def split(m: int):
+        labels = rng.integers(0, CLASSES, m)
+        imgs = np.empty((m, size, size, 3), np.uint8)
+        for i, c in enumerate(labels):
+            cx, cy, r = rng.uniform(10, 18), rng.uniform(10, 18), rng.uniform(5, 8)
+            mask = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
+            img = np.full((size, size, 3), 225, np.float32) + rng.normal(0, 8, (size, size, 3))
+            img[mask] = colours[c] + rng.normal(0, 12, 3)
+            imgs[i] = np.clip(img, 0, 255)
+        return imgs, labels.reshape(-1, 1)
+
+    tr, trl = split(n)
+    va, val = split(n // 2)
+    np.savez(path, train_images=tr, train_labels=trl, val_images=va, val_labels=val)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from export.train import Recipe, train
+
+    root = tmp_path_factory.mktemp("exp")
+    data = _make_npz(root / "toymnist.npz")
+    summary = train(Recipe(data=str(data), out=str(root / "run"), epochs=3, batch=32, lr=0.05,
+                           arch_kwargs={"width": 0.5, "hidden": 32}, threads=1), progress=False)
+    return root, data, Path(summary["best_checkpoint"]), summary
+
+
+def test_training_writes_best_checkpoint_log_and_learns(trained):
+    root, _, ckpt, summary = trained
+    assert ckpt.is_file()
+    lines = [json.loads(x) for x in (root / "run" / "train.log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert summary["val_accuracy"] > 0.6  # 4 easy classes; chance is 0.25
+
+
+def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
+    _, data, ckpt, _ = trained
+    summary = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True,
+                                       calib_size=64, max_drop=5.0), log=lambda m: None)
+    b = load_bundle(summary["bundle"])
+    m = b.manifest
+    assert m.precisions() == ["fp32", "int8"]
+    assert m.calibration["num_images"] <= 64 and m.calibration["method"] == "entropy"
+    assert "train" in m.calibration["set"]
+    assert summary["parity"]["top1_agreement"] >= 0.99 and summary["parity"]["max_abs_diff"] < 1e-3
+    assert abs(m.metrics["drop_points"] - (m.metrics["fp32"]["accuracy"] - m.metrics["int8"]["accuracy"]) * 100) < 1e-6
+    assert m.provenance["data"]["val_digest"] and m.provenance["created"]
+    # The bundle's ONNX gives the same val accuracy through evaluate (same preprocessing everywhere).
+    from export.commands.evaluate import evaluate_bundle
+
+    rep = evaluate_bundle(b, str(data), "val", "int8")
+    assert rep["accuracy"] == pytest.approx(m.metrics["int8"]["accuracy"], abs=1e-9)
+    assert np.asarray(rep["confusion_matrix"]).sum() == rep["n"]
+
+
+def test_gate_refuses_a_drop_above_max_and_prints_both_numbers():
+    assert accuracy_gate(0.95, 0.945, 1.0) == pytest.approx(0.5)
+    with pytest.raises(AccuracyGateError, match=r"FP32 0\.9500, INT8 0\.9300, drop 2\.00"):
+        accuracy_gate(0.95, 0.93, 1.0)
+
+
+def test_export_from_torchscript_pt2_and_foreign_nhwc_onnx(trained, tmp_path):
+    _, data, ckpt, _ = trained
+    from export import checkpoint
+
+    ck = checkpoint.load(ckpt)
+    model = checkpoint.build_model(ck)
+    x = torch.zeros(1, 3, 28, 28)
+    ts = tmp_path / "m.ts.pt"
+    torch.jit.trace(model, x).save(str(ts))
+    pt2 = tmp_path / "m.pt2"
+    x2 = torch.zeros(2, 3, 28, 28)
+    torch.export.save(torch.export.export(model, (x2,), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(pt2))
+    fixed = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(model, (x,)), str(fixed))
+    mean, std = tuple(ck["input"]["mean"]), tuple(ck["input"]["std"])
+    for src in (ts, pt2):
+        s = run_export(ExportOptions(source=str(src), out=str(tmp_path / src.stem), data=str(data), mean=mean, std=std),
+                       log=lambda m: None)
+        assert s["parity"]["top1_agreement"] >= 0.99
+    with pytest.raises(UsageError, match="fixed batch"):
+        run_export(ExportOptions(source=str(fixed), out=str(tmp_path / "fx"), data=str(data), mean=mean, std=std),
+                   log=lambda m: None)
+    assert not (tmp_path / "fx").exists()
+    # A Keras-style model: NHWC input, softmax inside, fixed batch 1.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.1, (28 * 28 * 3, CLASSES)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 28 * 28 * 3], np.int64), "shape")
+    g = helper.make_graph(
+        [helper.make_node("Reshape", ["img", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["z"]),
+         helper.make_node("Softmax", ["z"], ["probs"], axis=1)],
+        "keras_like", [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 28, 28, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, CLASSES])], [w, shape])
+    foreign = tmp_path / "keras.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), foreign)
+    s = run_export(ExportOptions(source=str(foreign), out=str(tmp_path / "fk"), data=str(data), mean=(0, 0, 0),
+                                 std=(1, 1, 1)), log=lambda m: None)
+    m = load_bundle(s["bundle"]).manifest
+    assert m.output_kind == "probabilities" and "NHWC" in m.extra["foreign_onnx"]["layout"]
+    assert s["parity"]["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_drop=-1), "max-drop"),
+    (dict(calib_method="kl"), "calib-method"),
+    (dict(calib="x"), "only make sense with --int8"),
+    (dict(target="coreml"), "--target"),
+    (dict(target="tensorrt"), "TensorRT"),
+    (dict(ensemble=[("a.pt", 0.5)]), "not both"),
+])
+def test_contradictory_options_are_refused_before_work(trained, tmp_path, kw, match):
+    _, data, ckpt, _ = trained
+    opts = ExportOptions(source=str(ckpt), out=str(tmp_path / "o"), data=str(data), **kw)
+    with pytest.raises((UsageError, InputError, Exception), match=match):
+        opts.validate()
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibrating_on_the_validation_split_is_refused(trained, tmp_path):
+    _, data, ckpt, _ = trained
+    val = tmp_path / "val"
+    val.mkdir()
+    with pytest.raises(UsageError, match="validation"):
+        ExportOptions(source=str(ckpt), out=str(tmp_path / "o"), data=str(data), int8=True, calib=str(val)).validate()
+
+
+def test_readers_npz_folder_and_stratified_sample(tmp_path):
+    import cv2
+
+    data = _make_npz(tmp_path / "bloodmnist_like.npz", n=40)
+    s = load_npz(data, "train")
+    assert s.array.shape[1:] == (28, 28, 3) and len(s) == 40
+    with pytest.raises(InputError, match="no 'test' split"):
+        load_npz(data, "test")
+    grey = tmp_path / "pneumoniamnist.npz"
+    np.savez(grey, train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.array([[0], [1], [0], [1]]))
+    g = load_npz(grey, "train")
+    assert g.array.shape == (4, 28, 28, 3) and g.classes == ("normal", "pneumonia")
+    for c in ("a", "b"):
+        (tmp_path / "tree" / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / "tree" / "train" / c / f"{i}.png"), np.full((5, 6, 3), 40 * i, np.uint8))
+    (tmp_path / "tree" / "train" / "a" / "bad.png").write_bytes(b"not an image")
+    f = load_folder(tmp_path / "tree", "train")
+    assert f.classes == ("a", "b") and len(f) == 7
+    assert f.image(0).shape == (5, 6, 3)
+    with pytest.raises(InputError, match="bad.png"):
+        f.image(int(np.flatnonzero([p.name == "bad.png" for p in f.paths])[0]))
+    flat = open_dataset(tmp_path / "tree" / "train" / "b", None)
+    assert flat.classes == ("unlabelled",) and len(flat) == 3
+    labels = np.array([0] * 90 + [1] * 10)
+    idx = stratified_sample(labels, 20)
+    assert np.bincount(labels[idx]).tolist() == [18, 2]
