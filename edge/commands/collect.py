@@ -1,0 +1,119 @@
+"""``hemaedge collect``: save the crops the station cuts, as an image folder for INT8 calibration.
+
+    hemaedge collect csi://0 --out calib/ --max 500
+    export-model ... --int8 --calib calib/
+
+The crops are cut exactly as ``hemaedge count`` cuts them (same segmenter,
+same ``cut_crop`` with the bundle's crop geometry, each physical cell once),
+so INT8 is calibrated on this microscope, camera and stain. Layout:
+``DIR/unlabelled/*.png``, or with ``--by-class`` one folder per predicted class
+(low-confidence cells stay in ``unlabelled/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+from edge.count import DEFAULT_REVIEW_THRESHOLD, SlideTracker, decide
+from edge.errors import UsageError
+from edge.store.crops import UNLABELLED, CropFolder
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of ``hemaedge collect``."""
+    parser.add_argument("source", help="camera, video, image folder/glob or synthetic://")
+    parser.add_argument("--out", required=True, help="output image folder (crops go to OUT/unlabelled/)")
+    parser.add_argument("--bundle", help="bundle whose crop geometry (and, with --by-class, model) to use "
+                        "(default: the shipped bloodcnn5)")
+    parser.add_argument("--max", type=int, default=None, help="stop after this many crops")
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    parser.add_argument("--by-class", action="store_true", help="one folder per predicted class (runs the model)")
+    parser.add_argument("--precision", default="auto", help="with --by-class: model precision (default auto)")
+    parser.add_argument("--backend", default="auto", help="with --by-class: backend (default auto)")
+    parser.add_argument("--review-threshold", type=float, default=DEFAULT_REVIEW_THRESHOLD,
+                        help="with --by-class: below this top probability a crop stays unlabelled")
+    parser.add_argument("--count-edge-cells", action="store_true", help="also keep cells cut by the frame border")
+    parser.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``hemaedge collect``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edge.bundle import load_bundle, preprocess
+    from edge.pipeline import CellFinder, make_backend
+    from edge.segment import assess_quality, default_segmenter
+    from edge.sources import open_source
+
+    if args.max is not None and args.max < 1:
+        raise UsageError("--max must be at least 1")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UsageError("--max-frames must be at least 1")
+    if not args.by_class and (args.precision != "auto" or args.backend != "auto"):
+        raise UsageError("--precision/--backend only matter with --by-class (plain collection runs no model)")
+    if args.bundle:
+        bundle = load_bundle(args.bundle)
+    else:
+        from edge.models import default_bundle_path
+
+        bundle = load_bundle(default_bundle_path())
+    m = bundle.manifest
+    folder = CropFolder(args.out, by_class=args.by_class)
+    finder = CellFinder(default_segmenter(bundle), m.crop, SlideTracker(edge_margin=-1 if args.count_edge_cells else 2),
+                        assess_quality)
+    backend, why = make_backend(bundle, args.backend, args.precision) if args.by_class else (None, "")
+    err = Console(stderr=True)
+    per_class: dict[str, int] = {}
+    frames = skipped = 0
+    done = False
+    source = open_source(args.source)
+    progress = Progress(TextColumn("collecting"), BarColumn(), TextColumn("{task.completed} crops, {task.fields[f]} frames"),
+                        TimeElapsedColumn(), console=err, disable=args.json or not err.is_terminal)
+    with source, progress, (backend if backend is not None else nullcontext()):
+        task = progress.add_task("crops", total=args.max, f=0)
+        for frame in source:
+            frames += 1
+            found = finder.find(frame)
+            skipped += bool(found.skipped)
+            crops = list(found.crops)
+            if args.max is not None:
+                crops = crops[: args.max - folder.written]
+            names: list[str | None] = [None] * len(crops)
+            if crops and backend is not None:
+                probs = backend.classify(preprocess([c.pixels for c in crops], m.input, "RGB"))
+                for i, p in enumerate(probs):
+                    _, name, _, review = decide(p, m.classes, args.review_threshold)
+                    names[i] = None if review else name
+            for i, (crop, name) in enumerate(zip(crops, names)):
+                folder.write(crop.pixels, frame.index, frame.name, i, name)
+                key = name or UNLABELLED
+                per_class[key] = per_class.get(key, 0) + 1
+            progress.update(task, completed=folder.written, f=frames)
+            if args.max is not None and folder.written >= args.max:
+                done = True
+                break
+            if args.max_frames is not None and frames >= args.max_frames:
+                break
+    doc = {"out": str(Path(args.out)), "crops": folder.written, "frames": frames, "frames_skipped": skipped,
+           "folders": per_class, "bundle": m.name, "crop_geometry": asdict(m.crop),
+           "complete": done or args.max is None}
+    if why:
+        doc["backend_choice"] = why
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        err.print(f"wrote {folder.written} crops from {frames} frames to {args.out} "
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(per_class.items())) or 'none'})")
+        if folder.written:
+            err.print(f"calibrate INT8 on them: export-model ... --int8 --calib {args.out}")
+    if folder.written == 0:
+        print("warning: no white cells found; nothing written", file=sys.stderr)
+        return 1
+    return 0
+

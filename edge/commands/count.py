@@ -1,0 +1,327 @@
+"""``hemaedge count``: a live differential count from a camera, a video, images, or ``--demo``.
+
+Examples::
+
+    hemaedge count --demo                          # synthetic smear + shipped model, no camera or GPU
+    hemaedge count csi://0 --target 200            # Jetson CSI camera
+    hemaedge count 'frames/*.jpg' --no-tui --json  # for scripts: totals + every counted cell
+    hemaedge count --resume sessions/20261126-101500   # continue after a crash or power cut
+
+Every cell is written to the session store before it is counted; at the end
+``summary.json``, ``cells.csv`` and ``report.html`` are written into the session
+directory (``--out``, default ``sessions/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edge.bundle import Bundle, load_bundle
+from edge.bundle.io import sha256_file
+from edge.count import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, DifferentialCounter, SlideTracker
+from edge.errors import StoreError, UsageError
+from edge.store import SessionStore, StoredCell
+from edge.store.crops import CropFolder
+
+DEMO_SOURCE = "synthetic://?seed=0&frames=5000&pan=4&wbc=4"
+DEMO_FPS = 30.0
+DEFAULT_OUT = "sessions"
+PRECISION_CHOICES = ("auto", "int8", "fp16", "fp32")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of ``hemaedge count``."""
+    parser.add_argument("source", nargs="?", help="camera (0, v4l2:///dev/video0, csi://0, picam://0), rtsp://..., "
+                        "a video, an image, a folder or a glob, or synthetic://?seed=N")
+    parser.add_argument("--bundle", help="model bundle directory (default: the shipped bloodcnn5)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help="model precision to run (default: auto = the fastest this backend has)")
+    parser.add_argument("--backend", default="auto",
+                        help="auto, tensorrt, ort-tensorrt, ort-cuda or ort-cpu (default auto)")
+    parser.add_argument("--target", type=int, default=None, help=f"white cells to count (default {DEFAULT_TARGET})")
+    parser.add_argument("--review-threshold", type=float, default=None,
+                        help=f"top probability below which a cell goes to review (default {DEFAULT_REVIEW_THRESHOLD})")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"where sessions are created (default {DEFAULT_OUT}/)")
+    parser.add_argument("--resume", metavar="SESSION", help="continue a session (its directory, or its name in --out)")
+    parser.add_argument("--no-tui", action="store_true", help="plain output: one line per counted cell")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON document at the end (totals + every counted cell); implies --no-tui")
+    parser.add_argument("--save-crops", metavar="DIR",
+                        help="also write each counted cell's crop to DIR/unlabelled/ (for export-model --calib DIR)")
+    parser.add_argument("--by-class", action="store_true", help="with --save-crops: one folder per predicted class")
+    parser.add_argument("--demo", action="store_true", help="synthetic smear + shipped model; no camera, no GPU")
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    parser.add_argument("--max-fps", type=float, default=None,
+                        help=f"read at most this many frames/s (default: as fast as possible; {DEMO_FPS:g} for --demo)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    parser.add_argument("--count-edge-cells", action="store_true",
+                        help="also count cells cut by the frame border (default: wait until fully in view)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse contradictory options before any work."""
+    if args.demo and args.source:
+        raise UsageError("--demo uses the synthetic smear; give either a SOURCE or --demo, not both")
+    if args.demo and args.resume:
+        raise UsageError("--demo starts a new session; resume it with --resume SESSION alone")
+    if not (args.source or args.demo or args.resume):
+        raise UsageError("nothing to count: give a SOURCE (0, csi://0, a video, images...) or --demo or --resume SESSION")
+    if args.by_class and not args.save_crops:
+        raise UsageError("--by-class only applies with --save-crops DIR")
+    if args.target is not None and args.target < 1:
+        raise UsageError("--target must be at least 1")
+    if args.review_threshold is not None and not 0.0 < args.review_threshold < 1.0:
+        raise UsageError("--review-threshold must lie strictly between 0 and 1")
+    if args.max_fps is not None and args.max_fps <= 0:
+        raise UsageError("--max-fps must be positive")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UsageError("--max-frames must be at least 1")
+
+
+def _default_bundle() -> Path:
+    from edge.models import default_bundle_path
+
+    return default_bundle_path()
+
+
+def _session_dir(out: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = out / stamp, 1
+    while path.exists():
+        n += 1
+        path = out / f"{stamp}-{n}"
+    return path
+
+
+def _resolve_resume(args: argparse.Namespace) -> Path:
+    p = Path(args.resume)
+    if not p.exists() and not p.is_absolute() and (Path(args.out) / p).exists():
+        p = Path(args.out) / p
+    return p
+
+
+def _manifest_sha(bundle: Bundle) -> str:
+    return sha256_file(bundle.path / "manifest.json")
+
+
+class Plan:
+    """Everything decided before the expensive work starts."""
+
+    def __init__(self) -> None:
+        self.bundle: Bundle
+        self.store: SessionStore | None = None
+        self.session_dir: Path
+        self.resume = False
+        self.source: str = ""
+        self.precision: str = "auto"
+        self.target = DEFAULT_TARGET
+        self.review_threshold = DEFAULT_REVIEW_THRESHOLD
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Validate the options against each other and against a resumed session; no model is loaded yet."""
+    _check_args(args)
+    p = Plan()
+    if args.resume:
+        root = _resolve_resume(args)
+        store = SessionStore.open(root)
+        s = store.settings
+        try:
+            bundle = load_bundle(args.bundle or s["bundle"])
+        except Exception:
+            store.close()
+            raise
+        if _manifest_sha(bundle) != s.get("bundle_sha256"):
+            store.close()
+            raise UsageError(f"session {root} was counted with bundle {s.get('bundle_name')!r} ({s.get('bundle')}); "
+                             f"{bundle.path} is a different model: counts cannot be mixed (start a new session)")
+        if args.precision not in (None, "auto") and args.precision != s["precision"]:
+            store.close()
+            raise UsageError(f"session {root} ran at {s['precision']}; resuming at {args.precision} would mix models")
+        if args.review_threshold is not None and abs(args.review_threshold - s["review_threshold"]) > 1e-9:
+            store.close()
+            raise UsageError(f"session {root} used review threshold {s['review_threshold']}; it cannot change mid-count")
+        p.store, p.bundle, p.session_dir, p.resume = store, bundle, root, True
+        p.source = args.source or s["source"]
+        p.precision = s["precision"]
+        p.target = args.target if args.target is not None else int(s["target"])
+        p.review_threshold = float(s["review_threshold"])
+        return p
+    p.bundle = load_bundle(args.bundle) if args.bundle else load_bundle(_default_bundle())
+    p.session_dir = _session_dir(Path(args.out))
+    p.source = DEMO_SOURCE if args.demo else args.source
+    p.precision = args.precision or "auto"
+    p.target = args.target if args.target is not None else DEFAULT_TARGET
+    p.review_threshold = args.review_threshold if args.review_threshold is not None else DEFAULT_REVIEW_THRESHOLD
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """Run ``hemaedge count``."""
+    from rich.console import Console
+
+    from edge.display.report import build_summary, write_reports
+    from edge.pipeline import CellFinder, CountingSession, make_backend, restore
+    from edge.segment import assess_quality, default_segmenter
+    from edge.sources import open_source
+
+    p = plan(args)
+    use_json = bool(args.json)
+    use_tui = not (args.no_tui or use_json) and sys.stdout.isatty()
+    err = Console(stderr=True)
+    backend, why = make_backend(p.bundle, args.backend, p.precision, threads=args.threads)
+    store = p.store
+    try:
+        with backend:
+            precision = str(getattr(backend, "precision", p.precision))
+            if p.resume and precision != p.precision:  # pragma: no cover - select honours an explicit precision
+                raise UsageError(f"this machine runs the model at {precision}, the session at {p.precision}")
+            m = p.bundle.manifest
+            if store is None:
+                store = SessionStore.create(p.session_dir, {
+                    "bundle": str(p.bundle.path.resolve()), "bundle_name": m.name,
+                    "bundle_sha256": _manifest_sha(p.bundle), "precision": precision, "backend": backend.name,
+                    "classes": list(m.classes), "class_groups": m.class_groups, "target": p.target,
+                    "review_threshold": p.review_threshold, "source": p.source, "demo": bool(args.demo)})
+            else:
+                if p.target != int(store.settings["target"]):
+                    store.update_settings(target=p.target)
+                store.log("resumed", f"source {p.source}")
+            counter = DifferentialCounter(m.classes, p.target, p.review_threshold, m.class_groups)
+            tracker = SlideTracker(edge_margin=-1 if args.count_edge_cells else 2)
+            before = restore(store, counter, tracker) if p.resume else []
+            if counter.done:
+                err.print(f"session {store.root} already has {counter.total}/{p.target} white cells; "
+                          "raise --target to count more")
+            finder = CellFinder(default_segmenter(p.bundle), m.crop, tracker, assess_quality)
+            crops = CropFolder(args.save_crops, args.by_class, prefix=f"{store.root.name}-") if args.save_crops else None
+            max_fps = args.max_fps if args.max_fps is not None else (DEMO_FPS if args.demo and use_tui else None)
+            printer = None if (use_tui or use_json) else _CellPrinter()
+            source = open_source(p.source)
+            session = CountingSession(source, finder, backend, p.bundle, store, counter, precision=precision,
+                                      session_name=str(store.root), max_frames=args.max_frames, max_fps=max_fps,
+                                      crop_folder=crops, on_cell=printer)
+            if not use_json:
+                err.print(f"[dim]session {store.root} | {why} | source {p.source}"
+                          + (f" | resumed with {len(before)} cells" if p.resume else "") + "[/]")
+            interrupted, ran = False, not counter.done
+            with source, _graceful_sigterm():
+                if not ran:
+                    pass
+                elif use_tui:
+                    from edge.display.tui import run_live
+
+                    try:
+                        run_live(session, Console(), lambda: _snapshot(store, session))
+                    except KeyboardInterrupt:
+                        interrupted = True
+                else:
+                    try:
+                        session.run()
+                    except KeyboardInterrupt:
+                        interrupted = True
+            result = session.result() if ran else None  # re-raises a worker's StoreError / BackendError
+            info = _info(session, result, p, why)
+            try:
+                paths = write_reports(store, info=info)
+            except OSError as exc:
+                raise StoreError(f"cannot write the reports into {store.root}: {exc.strerror or exc}") from exc
+            summary, cells, _ = build_summary(store, info)
+            if use_json:
+                doc = {**summary, "reports": {k: str(v) for k, v in paths.items()},
+                       "cells": [_cell_json(c) for c in cells]}
+                print(json.dumps(doc, indent=1))
+            else:
+                _print_final(err if use_tui else Console(), summary, paths)
+            store.log("finished", info.get("state", ""))
+            return 130 if interrupted else 0
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _info(session: Any, result: Any, p: Plan, why: str) -> dict[str, Any]:
+    st = session.status()
+    info: dict[str, Any] = {"backend": st.backend, "backend_choice": why, "source": p.source, "state": st.state,
+                            "frames": st.frames, "skipped_frames": st.skipped, "edge_cells_deferred": st.at_edge,
+                            "resumed": p.resume}
+    if result is not None:
+        info["seconds"] = round(result.seconds, 2)
+        info["frames_per_s"] = round(result.frames / result.seconds, 1) if result.seconds > 0 else 0.0
+        info["cells_this_run"] = result.cells
+    return info
+
+
+def _cell_json(c: StoredCell) -> dict[str, Any]:
+    d = c.to_dict()
+    d.pop("probabilities")
+    return d
+
+
+class _CellPrinter:
+    """``--no-tui``: one line per counted cell, flushed as soon as the cell is stored and counted."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self, cell: StoredCell, bucket: str) -> None:
+        where = cell.frame_name or f"frame {cell.frame_index}"
+        box = ",".join(f"{v:.0f}" for v in cell.box)
+        with self.lock:
+            print(f"cell {cell.id:5d}  {bucket:<22s} p={cell.confidence:.2f}  {where}  box={box}", flush=True)
+
+
+def _snapshot(store: SessionStore, session: Any) -> str:
+    from edge.display.report import write_reports
+
+    out = store.root / "snapshots" / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        write_reports(store, out, info={"state": "snapshot", "backend": session.backend_name})
+    except OSError as exc:
+        return f"snapshot failed: {exc.strerror or exc}"
+    return f"snapshot saved: {out}"
+
+
+def _print_final(console: Any, summary: dict[str, Any], paths: dict[str, Path]) -> None:
+    from rich.table import Table
+
+    d = summary["differential"]
+    t = Table(title=f"{d['total_wbc']}/{d['target']} white cells", show_edge=False)
+    for col, just in (("class", "left"), ("n", "right"), ("%", "right"), ("95% CI", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
+    for row in d["classes"]:
+        if row["in_differential"]:
+            t.add_row(row["class"], str(row["count"]), f"{row['percent']:.1f}", f"{row['ci95'][0]:.1f}-{row['ci95'][1]:.1f}")
+        else:
+            t.add_row(row["class"], str(row["count"]), f"{row['per_100_wbc']:.1f}", "/100 WBC", style="dim")
+    console.print(t)
+    for f in d["flags"]:
+        console.print(f"[magenta]* {f}[/]")
+    console.print(f"report: {paths['report']}")
+
+
+class _graceful_sigterm:
+    """Turn SIGTERM (systemd stop) into KeyboardInterrupt, so the session stops cleanly and writes its reports."""
+
+    def __enter__(self) -> _graceful_sigterm:
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)

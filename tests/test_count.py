@@ -1,0 +1,186 @@
+"""Counting: statistics, review bucket, flags, groups, and each physical cell counted once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import BLOODMNIST_CLASSES
+
+from edge.count import CellMap, ClassGroups, DifferentialCounter, SlideRegistrar, SlideTracker, wilson_interval
+from edge.sources import open_source
+
+
+def onehot(i: int, p: float = 0.9, k: int = 8) -> np.ndarray:
+    v = np.full(k, (1 - p) / (k - 1), np.float32)
+    v[i] = p
+    return v
+
+
+# -- statistics --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("k", "n", "lo", "hi"), [
+    (0, 100, 0.0, 3.70),      # Wald would say [0, 0]
+    (50, 100, 40.38, 59.62),
+    (100, 100, 96.30, 100.0),
+    (2, 100, 0.55, 7.00),
+    (1, 10, 1.79, 40.42),
+])
+def test_wilson_interval_matches_reference_values(k, n, lo, hi):
+    a, b = wilson_interval(k, n)
+    assert a == pytest.approx(lo, abs=0.02) and b == pytest.approx(hi, abs=0.02)
+
+
+def test_wilson_interval_without_cells_is_uninformative_and_rejects_nonsense():
+    assert wilson_interval(0, 0) == (0.0, 100.0)
+    with pytest.raises(ValueError):
+        wilson_interval(5, 3)
+
+
+# -- counter -----------------------------------------------------------------------------------------------------------
+def test_low_confidence_goes_to_review_not_a_forced_class():
+    c = DifferentialCounter(BLOODMNIST_CLASSES, target=10, review_threshold=0.6)
+    idx, name, conf, review = c.decide(onehot(6, 0.55))
+    assert (name, review) == ("neutrophil", True)
+    assert c.add(idx, review) == "review"
+    idx, name, conf, review = c.decide(onehot(6, 0.95))
+    assert c.add(idx, review) == "neutrophil"
+    snap = c.snapshot()
+    assert snap.review == 1 and snap.counts["neutrophil"] == 1 and snap.total == 2
+
+
+def test_platelets_and_nucleated_red_cells_do_not_count_towards_the_target():
+    c = DifferentialCounter(BLOODMNIST_CLASSES, target=3)
+    for cls in ("platelet", "erythroblast", "platelet"):
+        c.add(BLOODMNIST_CLASSES.index(cls), False)
+    assert c.total == 0 and not c.done
+    for cls in ("neutrophil", "lymphocyte"):
+        c.add(BLOODMNIST_CLASSES.index(cls), False)
+    c.add(0, True)  # a review cell is a white cell awaiting a person's decision: it counts
+    assert c.total == 3 and c.done
+    snap = c.snapshot()
+    assert "platelet" not in snap.percentages and snap.counts["platelet"] == 2
+    assert sum(snap.percentages.values()) == pytest.approx(100.0)
+    assert any("Nucleated RBCs" in f for f in snap.flags)
+
+
+def test_percentages_and_intervals_per_class():
+    c = DifferentialCounter(BLOODMNIST_CLASSES, target=100)
+    for _ in range(60):
+        c.add(BLOODMNIST_CLASSES.index("neutrophil"), False)
+    for _ in range(40):
+        c.add(BLOODMNIST_CLASSES.index("lymphocyte"), False)
+    snap = c.snapshot()
+    assert snap.percentages["neutrophil"] == pytest.approx(60.0)
+    lo, hi = snap.intervals["neutrophil"]
+    assert lo < 60 < hi and (lo, hi) == pytest.approx(wilson_interval(60, 100))
+    assert snap.group_counts["neutrophils"] == 60
+
+
+def _count(**per_class: int) -> DifferentialCounter:
+    c = DifferentialCounter(BLOODMNIST_CLASSES, target=100)
+    for name, k in per_class.items():
+        for _ in range(k):
+            c.add(BLOODMNIST_CLASSES.index(name.replace("_", " ")), False)
+    return c
+
+
+def test_reference_range_flags_only_when_the_interval_excludes_the_range():
+    # 80 % neutrophils of 100: CI ~71-87 overlaps 40-75 -> no flag (could be noise at n=100)
+    flags = _count(neutrophil=80, lymphocyte=15, monocyte=5).snapshot().flags
+    assert not any("Neutrophils" in f for f in flags)
+    # 92 %: CI ~85-96 lies above 75 -> flagged, and the flag says it is the interval that decides
+    flags = _count(neutrophil=92, lymphocyte=5, monocyte=3).snapshot().flags
+    hi = [f for f in flags if f.startswith("Neutrophils high")]
+    assert hi and "95% CI" in hi[0] and "40-75" in hi[0]
+    assert any(f.startswith("Lymphocytes low") for f in flags)
+
+
+def test_blasts_left_shift_and_review_flags():
+    classes = ("myeloblast", "lymphoblast", "promyelocyte", "neutrophil", "lymphocyte")
+    c = DifferentialCounter(classes, target=50, review_threshold=0.6)
+    for i in (0, 1, 2, 3, 3, 3, 4, 4):
+        c.add(i, False)
+    for _ in range(2):
+        c.add(3, True)
+    flags = c.snapshot().flags
+    assert any(f.startswith("BLASTS present: 2 cells") for f in flags)
+    assert any("left shift" in f for f in flags)
+    assert any(f.startswith("Review: 2 cells (20 %)") for f in flags)
+    assert c.snapshot().group_counts["blasts"] == 2
+
+
+def test_manifest_class_groups_win_over_the_name_rules():
+    g = ClassGroups.build(("A", "B", "C"), {"blasts": ["A"], "neutrophils": ["B", "C"]})
+    assert g.groups == {"blasts": ("A",), "neutrophils": ("B", "C")}
+    assert g.labels["blasts"] == "Blasts"
+    d = ClassGroups.build(BLOODMNIST_CLASSES)
+    assert d.groups["immature_granulocytes"] == ("immature granulocyte",)
+    assert [c for c, x in zip(BLOODMNIST_CLASSES, d.differential) if not x] == ["erythroblast", "platelet"]
+
+
+# -- each physical cell once -------------------------------------------------------------------------------------------
+def test_registration_follows_the_stage_on_a_panning_synthetic_slide():
+    reg = SlideRegistrar()
+    with open_source("synthetic://?seed=2&frames=120&pan=3") as src:
+        errors = []
+        for frame in src:
+            r = reg.register(frame.pixels)
+            ox, oy = src.field_origin(frame.index)
+            if frame.index == 0:
+                x0, y0 = ox - r.ox, oy - r.oy
+            errors.append((r.ox + x0 - ox, r.oy + y0 - oy))
+            assert r.field == 1
+    err = np.abs(np.array(errors))
+    assert err.max() < 8.0, err.max()  # cells are ~45 px across; matching tolerates half a diameter
+    assert 2 < len(reg.keyframes) < 120
+
+
+def test_unrelated_frames_start_new_fields_and_replayed_frames_relocalise():
+    reg = SlideRegistrar()
+    with open_source("synthetic://?seed=4&frames=6") as src:  # no pan: every frame a different field
+        frames = list(src)
+    fields = [reg.register(f.pixels).field for f in frames]
+    assert fields == [1, 2, 3, 4, 5, 6]
+    replay = [reg.register(f.pixels) for f in frames]
+    assert [r.field for r in replay] == fields
+    assert all(r.how in ("tracked", "relocalised") and abs(r.ox) < 1 and abs(r.oy) < 1 for r in replay)
+
+
+def test_cell_map_matches_one_to_one_within_half_a_diameter():
+    m = CellMap()
+    a = m.add(1, 100, 100, 40)
+    b = m.add(1, 130, 100, 40)
+    assert m.match(1, [(101, 99, 40), (128, 101, 40)]) == [a, b]
+    assert m.match(1, [(100, 100, 40), (100, 101, 40)]) == [a, None] or m.match(1, [(100, 100, 40)]) == [a]
+    assert m.match(1, [(200, 200, 40)]) == [None]
+    assert m.match(2, [(100, 100, 40)]) == [None]  # another field is another coordinate system
+
+
+def _truth_wbc(frame):
+    keep = [i for i, k in enumerate(frame.truth_kinds) if k == "wbc"]
+    return keep, [tuple(frame.truth[i]) for i in keep]
+
+
+def test_each_physical_cell_counted_once_while_the_slide_moves():
+    tracker = SlideTracker()
+    counted: list[int] = []
+    visible: set[int] = set()
+    with open_source("synthetic://?seed=5&frames=300&pan=5&wbc=4") as src:
+        for frame in src:
+            keep, boxes = _truth_wbc(frame)
+            ids = src.truth_ids(frame.index)
+            res = tracker.observe(frame.pixels, boxes)
+            counted += [ids[keep[t.index]] for t in res.new]
+            h, w = frame.pixels.shape[:2]
+            visible |= {ids[i] for i, b in zip(keep, boxes) if b[0] > 2 and b[1] > 2 and b[2] < w - 3 and b[3] < h - 3}
+    assert len(counted) == len(set(counted)), "a cell was counted twice"
+    assert set(counted) == visible, "a cell fully in view was never counted"
+    assert len(counted) > 40
+
+
+def test_cells_cut_by_the_border_wait_until_fully_in_view_unless_asked():
+    tracker = SlideTracker(edge_margin=2)
+    frame = np.full((100, 100, 3), 200, np.uint8)
+    res = tracker.observe(frame, [(0, 10, 20, 30), (40, 40, 60, 60)])
+    assert res.at_edge == 1 and len(res.new) == 1
+    res = SlideTracker(edge_margin=-1).observe(frame, [(0, 10, 20, 30)])
+    assert len(res.new) == 1
