@@ -293,14 +293,14 @@ class SessionStore:
                           (self.epoch, kf.id, kf.field, kf.ox, kf.oy, kf.frame_shape[0], kf.frame_shape[1], kf.scale,
                            kf.thumb.shape[0], kf.thumb.shape[1], np.ascontiguousarray(kf.thumb, np.uint8).tobytes()))
             for cell in cells:
-                probs = [float(p) for p in np.asarray(cell.probabilities, np.float64)]
+                probs = [round(float(p), 6) for p in np.asarray(cell.probabilities, np.float64)]
                 cur = c.execute(
                     "INSERT INTO cells (epoch, t, source, frame_index, frame_name, x0, y0, x1, y1, field, sx, sy,"
                     " class_index, class_name, confidence, review, probabilities, crop)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'')",
                     (self.epoch, cell.t, cell.source, int(cell.frame_index), cell.frame_name, *map(float, cell.box),
                      int(cell.field), float(cell.sx), float(cell.sy), int(cell.class_index), cell.class_name,
-                     float(cell.confidence), int(cell.review), json.dumps([round(p, 6) for p in probs])))
+                     float(cell.confidence), int(cell.review), json.dumps(probs)))
                 cid = int(cur.lastrowid)
                 rel = f"{CROPS}/{cid:06d}.png"
                 c.execute("UPDATE cells SET crop=? WHERE id=?", (rel, cid))
