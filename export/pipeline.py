@@ -52,6 +52,7 @@ class ExportOptions:
     overwrite: bool = False
     name: str | None = None
     seed: int = 0
+    command: str = ""
 
     def validate(self) -> None:
         """Refuse contradictory or unsupported options before any work is done."""
@@ -283,6 +284,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
                              "arch": source.meta.get("arch"), "epoch": source.meta.get("epoch")},
             "data": {"path": str(opts.data), "val_digest": val.digest, "train_digest": (source.meta.get("data") or {}).get("train_digest")},
             "training_recipe": source.meta.get("recipe"),
+            "export_command": opts.command,
         }
         extra: dict[str, Any] = {"parity": parity, "onnx": simplify}
         if info.get("members"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from edge.errors import UsageError
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         classes=args.classes.split(",") if args.classes else None, mean=args.mean, std=args.std,
         cell_fraction=args.cell_fraction, input_size=tuple(args.input_size) if args.input_size else None, target=args.target, search=args.search, ensemble=args.ensemble or [],
         overwrite=args.overwrite, name=args.name, seed=args.seed,
+        command=" ".join(["export-model", *sys.argv[2 if sys.argv[1:2] == ["export"] else 1:]]),
     )
     con = Console(stderr=True)
     summary = run_export(opts, log=(lambda m: con.print(m, highlight=False)) if not args.json else (lambda m: None))
@@ -97,6 +99,11 @@ def _data_from_checkpoint(model: str) -> str | None:
     except Exception:  # validated properly later; here we only look for a default
         return None
     path = (ck.get("data") or {}).get("path")
-    if path and not Path(path).exists():
-        raise UsageError(f"the checkpoint was trained on {path}, which is not here: pass --data")
-    return path
+    if not path or Path(path).exists():
+        return path
+    from edge.config import data_root
+
+    here = data_root() / Path(path).name  # same data set, another machine's layout
+    if here.exists():
+        return str(here)
+    raise UsageError(f"the checkpoint was trained on {path}, which is not here (nor {here}): pass --data")
