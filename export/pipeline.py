@@ -156,7 +156,8 @@ def _spec_from(source: Source, opts: ExportOptions, info: dict[str, Any], data: 
         raise UsageError(f"{source.path.name} does not record its normalisation: pass --mean R,G,B --std R,G,B "
                          "(pixel = (value/255 - mean) / std; for raw 0..255 input use --mean 0,0,0 --std 0.00392157,...)")
     return InputSpec(height=int(h), width=int(w), mean=tuple(mean), std=tuple(std),
-                     colour_order=meta_in.get("colour_order", "RGB"), resize=meta_in.get("resize", "area"))
+                     colour_order=meta_in.get("colour_order", "RGB"), resize=meta_in.get("resize", "area"),
+                     white_balance=bool(meta_in.get("white_balance", False)))
 
 
 def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:

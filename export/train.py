@@ -52,13 +52,16 @@ class Recipe:
     threads: int = 0
     workers: int = 0
     max_minutes: float = 0.0
+    white_balance: bool = False
 
 
-def _stats(images: ImageSet, n: int = 2000, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _stats(images: ImageSet, size: int, white_balance: bool, n: int = 2000, seed: int = 0):
+    """Per-channel mean/std of training pixels as the model will see them (after resize / white balance)."""
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(images), size=min(n, len(images)), replace=False)
-    px = np.concatenate([np.asarray(im, np.float32).reshape(-1, 3) for im in images.images(np.sort(idx))]) / 255.0
-    return tuple(float(x) for x in px.mean(0)), tuple(float(x) for x in px.std(0))
+    idx = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    raw = InputSpec(height=size, width=size, white_balance=white_balance)
+    x = np.concatenate([preprocess(images.images(idx[s:s + 256]), raw) for s in range(0, len(idx), 256)])
+    return tuple(float(v) for v in x.mean((0, 2, 3))), tuple(float(v) for v in x.std((0, 2, 3)))
 
 
 def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
@@ -139,8 +142,8 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     tr = open_dataset(recipe.data, "train")
     va = open_dataset(recipe.data, "val", classes=tr.classes)
     size = recipe.img_size or DEFAULTS.get(recipe.arch, {}).get("input_size") or tr.image(0).shape[0]
-    mean, std = _stats(tr)
-    spec = InputSpec(height=size, width=size, mean=mean, std=std)
+    mean, std = _stats(tr, size, recipe.white_balance)
+    spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
     model = build(recipe.arch, len(tr.classes), **recipe.arch_kwargs)
     tl = _loader(tr, spec, recipe.batch, True, recipe.balanced, recipe.workers, recipe.seed)
     vl = _loader(va, spec, 256, False, False, recipe.workers, recipe.seed)

@@ -119,3 +119,16 @@ def test_bundle_copy_elsewhere_still_verifies(tiny_bundle_dir, tmp_path):
     dst = tmp_path / "copied"
     shutil.copytree(tiny_bundle_dir, dst)
     assert load_bundle(dst).manifest.name == "tiny-test"
+
+
+def test_white_balance_removes_a_colour_cast_the_same_way_everywhere():
+    rng = np.random.default_rng(0)
+    scene = rng.uniform(0.2, 0.6, (2, 28, 28, 3))
+    scene[:, :14] = 0.95  # glass background
+    neutral = (scene * 240).astype(np.uint8)
+    cast = (scene * np.array([250, 205, 235])).clip(0, 255).astype(np.uint8)  # another lamp / stain
+    spec = InputSpec(height=28, width=28, white_balance=True)
+    a, b = preprocess(neutral, spec), preprocess(cast, spec)
+    assert np.abs(a - b).max() < 0.03
+    plain = InputSpec(height=28, width=28)
+    assert np.abs(preprocess(neutral, plain) - preprocess(cast, plain)).max() > 0.1

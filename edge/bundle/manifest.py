@@ -27,6 +27,9 @@ class InputSpec:
     """What the model eats: ``N x C x H x W`` float32 after preprocessing.
 
     ``pixel = (value / 255 - mean) / std`` per channel, channels in ``colour_order``.
+    With ``white_balance`` each image is first scaled per channel so its bright
+    background becomes neutral (removes the lamp / stain colour cast of one
+    microscope; training and runtime both do it, through ``preprocess``).
     """
 
     height: int
@@ -39,6 +42,7 @@ class InputSpec:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     resize: str = "area"
     name: str = "input"
+    white_balance: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ def parse_manifest(d: dict[str, Any]) -> Manifest:
             std=tuple(float(x) for x in inp.get("std", (1.0, 1.0, 1.0))),
             resize=str(inp.get("resize", "area")),
             name=str(inp.get("name", "input")),
+            white_balance=bool(inp.get("white_balance", False)),
         )
     except (TypeError, ValueError) as exc:
         raise BundleError(f"manifest 'input' is malformed: {exc}") from exc

@@ -31,6 +31,31 @@ def _resize(img: np.ndarray, h: int, w: int, method: str) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=interp)
 
 
+WB_PERCENTILE = 80.0
+WB_TARGET = 235.0
+
+
+def white_balance(images: np.ndarray) -> np.ndarray:
+    """Scale each image's channels so its bright background becomes neutral grey ``WB_TARGET``.
+
+    The background colour is the mean of the pixels brighter than the image's
+    ``WB_PERCENTILE``-th brightness percentile (slide glass between cells).
+
+    Args:
+        images: ``N x H x W x 3`` float32 in 0..255 (modified in place and returned).
+    """
+    n = images.shape[0]
+    flat = images.reshape(n, -1, 3)
+    bright = flat.mean(axis=2)
+    cut = np.percentile(bright, WB_PERCENTILE, axis=1)[:, None]
+    mask = (bright >= cut)[..., None]
+    bg = (flat * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
+    gain = WB_TARGET / np.maximum(bg, 1.0)
+    images *= gain[:, None, None, :]
+    np.clip(images, 0, 255, out=images)
+    return images
+
+
 def to_model_colour(img: np.ndarray, have: str, spec: InputSpec) -> np.ndarray:
     """Reorder channels from ``have`` ("RGB"/"BGR") to the model's colour order."""
     return img if have == spec.colour_order else img[..., ::-1]
@@ -56,6 +81,8 @@ def preprocess(images: Sequence[np.ndarray] | np.ndarray, spec: InputSpec, colou
             img = np.repeat(img[..., None], 3, axis=2)
         img = to_model_colour(img, colour_order, spec)
         out[i] = _resize(img, spec.height, spec.width, spec.resize)
+    if spec.white_balance:
+        white_balance(out)
     mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
     std = np.asarray(spec.std, dtype=np.float32) * 255.0
     out -= mean

@@ -25,6 +25,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--width", type=float, default=None, help="channel multiplier (bloodcnn5)")
     p.add_argument("--arch-arg", action="append", default=[], metavar="K=V", help="extra architecture keyword")
+    p.add_argument("--white-balance", action="store_true",
+                   help="neutralise each image's background colour (training and station alike; helps other microscopes)")
     p.add_argument("--img-size", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch=args.batch, optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay,
         schedule=args.schedule, aug=tuple(a for a in args.aug.split(",") if a), balanced=args.balanced,
         early_stop=args.early_stop, label_smoothing=args.label_smoothing, img_size=args.img_size, arch_kwargs=kwargs,
-        seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
+        white_balance=args.white_balance, seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
     )
     summary = train(recipe, progress=not args.json)
     if args.json:
