@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ DEMO_SOURCE = "synthetic://?seed=0&frames=5000&pan=4&wbc=4"
 DEMO_FPS = 30.0
 DEFAULT_OUT = "sessions"
 PRECISION_CHOICES = ("auto", "int8", "fp16", "fp32")
+DEFAULT_THREADS = max(1, (os.cpu_count() or 2) - 1)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +62,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     parser.add_argument("--max-fps", type=float, default=None,
                         help=f"read at most this many frames/s (default: as fast as possible; {DEMO_FPS:g} for --demo)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help=f"ONNX Runtime intra-op threads (default {DEFAULT_THREADS}: all cores but one, which the "
+                             "capture thread needs; 0 = ONNX Runtime's default)")
     parser.add_argument("--count-edge-cells", action="store_true",
                         help="also count cells cut by the frame border (default: wait until fully in view)")
 
