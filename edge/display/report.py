@@ -28,6 +28,7 @@ SUMMARY = "summary.json"
 CELLS_CSV = "cells.csv"
 REPORT = "report.html"
 GALLERY_LIMIT = 400  # crops embedded per class; the rest are listed in cells.csv
+GALLERY_PX = 160  # embedded crops are at most this many pixels on a side
 
 
 def recount(cells: Sequence[StoredCell], classes: Sequence[str], target: int, review_threshold: float,
@@ -112,17 +113,29 @@ th,td{padding:.25rem .7rem;text-align:right;border-bottom:1px solid #eee} th:fir
 tr.review td{color:#8a6d00} tr.other td{color:#777} .out{color:#b00020;font-weight:600}
 .flags li{margin:.2rem 0} .flag-blast{color:#b00020;font-weight:700} .none{color:#2e7d32}
 .gallery{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;text-align:center;font-size:.7rem;color:#555}
-figure img{width:88px;height:88px;image-rendering:auto;border:1px solid #ccc;display:block}
+figure img{width:96px;height:96px;image-rendering:auto;border:1px solid #ccc;display:block}
 .bar{display:inline-block;height:.7rem;background:#5c6bc0;vertical-align:middle}
 .warn{background:#fff4e5;border-left:4px solid #ff9800;padding:.5rem 1rem}
 """
 
 
-def _img(path: Path) -> str:
+def _img(path: Path, max_side: int = GALLERY_PX) -> str:
+    """The crop as a data URI; crops larger than ``max_side`` are downscaled (keeps the report mailable)."""
     try:
         data = path.read_bytes()
     except OSError:
         return ""
+    import cv2
+    import numpy as np
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is not None and max(img.shape[:2]) > max_side:
+        f = max_side / max(img.shape[:2])
+        img = cv2.resize(img, (max(1, round(img.shape[1] * f)), max(1, round(img.shape[0] * f))),
+                         interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".png", img)
+        if ok:
+            data = buf.tobytes()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
