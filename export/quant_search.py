@@ -9,17 +9,19 @@ the accuracy gate. The search, cheapest first:
    the same symmetric QDQ format the station gets. The first setting within
    the gate wins.
 2. **Mixed precision**: with the best setting of step 1, rank the quantized
-   nodes by how much error each one *adds*: run the FP32 graph and the
-   fake-quantized QDQ graph on calibration batches with every intermediate
-   tensor exposed, measure the signal-to-quantization-noise ratio (SQNR, dB)
-   of each tensor against FP32, and score a node by
-   ``SQNR(inputs) - SQNR(outputs)``: the dB lost across it, which includes
-   quantizing its inputs and weights. (A cumulative error would favour late
-   layers; a per-tensor SQNR alone misses outlier channels, whose energy
-   dominates the tensor, so its SQNR looks fine while every other channel is
-   crushed to a few levels.) The top-k nodes are then passed to
-   ``nodes_to_exclude`` with k = 1, 2, 4, 8 ... until the drop is within the
-   gate, then bisected down to the smallest passing k.
+   nodes by how much quantization noise each one *adds*: run the FP32 graph
+   and the fake-quantized QDQ graph on calibration batches with every
+   intermediate tensor exposed; per tensor, the noise-to-signal ratio against
+   FP32, per channel and averaged over channels; a node's score is
+   ``NSR(outputs) - NSR(inputs)``, the noise from quantizing its inputs and
+   weights. (A cumulative error would favour late layers; a per-tensor ratio
+   misses outlier channels, whose energy dominates the tensor, so it looks
+   fine while every other channel is crushed to a few levels.) ONNX Runtime
+   puts Q/DQ on a tensor when its producer *or* a consumer is quantized, so
+   a node goes to float together with the producers of its inputs. The top-k
+   nodes (with those producers) are passed to ``nodes_to_exclude`` with
+   k = 1, 2, 4, 8 ... until the drop is within the gate, then bisected down
+   to the smallest passing k.
 
 Each step is logged (setting, accuracy, drop, seconds) and the result says
 which nodes stayed float. Quantization-aware training is the last resort and
@@ -194,17 +196,85 @@ def _float_tensors(model) -> set[str]:
     return {o for n in model.graph.node for o in n.output if types.get(o) == TensorProto.FLOAT}
 
 
-def _expose(model, names: set[str]):
-    """A copy of ``model`` whose graph outputs include ``names`` (float tensors)."""
+Q = "q::"
+
+
+def local_error_model(fmodel, qmodel):
+    """One graph holding the FP32 model and a copy of the QDQ model fed from FP32 activations.
+
+    Every QuantizeLinear of the QDQ copy (prefixed ``q::``) reads the FP32 model's
+    tensor, and every quantized node's other activation inputs are FP32 too, so each
+    quantized node computes ``node(DQ(Q(fp32 inputs)), DQ(Q(weights)))``: its *local*
+    quantization error, free of the error piling up upstream (which would otherwise
+    hide every node after the first one that breaks).
+
+    Returns:
+        ``(model, pairs)``: the merged model and ``{node name: [(fp32 output, q:: output), ...]}``
+        for the quantized nodes.
+    """
     import onnx
     from onnx import TensorProto, helper
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for name in sorted(names - have):
-        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    return m
+    fnodes = {n.name: n for n in fmodel.graph.node}
+    ftensors = {o for n in fmodel.graph.node for o in n.output} | {i.name for i in fmodel.graph.input}
+    finits = {i.name for i in fmodel.graph.initializer}
+    qprod = {o: n for n in qmodel.graph.node for o in n.output}
+    qinits = {i.name for i in qmodel.graph.initializer}
+    qgraph_inputs = {i.name for i in qmodel.graph.input}
+    quantized = {n.name for n in qmodel.graph.node
+                 if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.name in fnodes
+                 and any(i in qprod and qprod[i].op_type == "DequantizeLinear" for i in n.input)}
+
+    def rename(name: str) -> str:
+        if not name:
+            return name
+        return name if name in qgraph_inputs and name in ftensors else Q + name
+
+    merged = onnx.ModelProto()
+    merged.CopyFrom(fmodel)
+    g = merged.graph
+    for init in qmodel.graph.initializer:
+        t = onnx.TensorProto()
+        t.CopyFrom(init)
+        t.name = Q + init.name
+        g.initializer.append(t)
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for n in qmodel.graph.node:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.name = Q + n.name
+        ins = []
+        for i in n.input:
+            from_fp32 = i in ftensors and i not in qinits and i not in finits and (
+                n.op_type == "QuantizeLinear" or (n.name in quantized and not (
+                    i in qprod and qprod[i].op_type == "DequantizeLinear")))
+            ins.append(i if from_fp32 else rename(i))
+        m.ClearField("input")
+        m.input.extend(ins)
+        m.ClearField("output")
+        m.output.extend(rename(o) for o in n.output)
+        g.node.append(m)
+        if n.name in quantized:
+            f = fnodes[n.name]
+            pairs[n.name] = [(fo, rename(qo)) for fo, qo in zip(f.output, n.output)]
+    have = {o.name for o in g.output}
+    floats = _float_tensors(fmodel) | {o.name for o in fmodel.graph.output}
+    for node, outs in list(pairs.items()):
+        outs = [(fo, qo) for fo, qo in outs if fo in floats]
+        if not outs:
+            del pairs[node]
+            continue
+        pairs[node] = outs
+        for fo, qo in outs:
+            for name in (fo, qo):
+                if name not in have:
+                    g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+                    have.add(name)
+    domains = {o.domain: o.version for o in merged.opset_import}
+    for o in qmodel.opset_import:
+        if o.domain not in domains:
+            merged.opset_import.append(o)
+    return merged, pairs
 
 
 def node_labels(model) -> dict[str, str]:
@@ -240,28 +310,28 @@ def node_labels(model) -> dict[str, str]:
 
 def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches: int = 4,
                chunk: int = 8) -> list[tuple[str, str, float, list[str]]]:
-    """Rank the QDQ model's quantized nodes by the quantization noise each one adds.
+    """Rank the QDQ model's quantized nodes by their local quantization error.
 
-    Both graphs run unoptimised on ONNX Runtime's CPU provider (the QDQ graph then
-    simulates INT8 exactly, tensor names intact) with every float intermediate exposed.
-    For each tensor, the noise-to-signal ratio ``NSR = |q - f|^2 / |f|^2`` against FP32;
-    a node adds ``NSR(output) - NSR(inputs)`` (noise ratios of independent errors add),
-    which is the noise from quantizing its inputs and weights.
+    ``local_error_model`` runs each quantized node on quantized copies of the *FP32*
+    activations (unoptimised ONNX Runtime CPU, so the QDQ arithmetic is simulated
+    exactly); the error of its output against FP32 is the noise that quantizing this
+    node's inputs and weights causes. It is measured per channel and averaged over
+    channels (``channel_nsr``): an outlier channel holds most of a tensor's energy, so a
+    per-tensor ratio looks fine while every other channel is crushed to a few levels.
 
-    ONNX Runtime's QDQ quantizer puts a Q/DQ pair on a tensor when either its producer
-    or a consumer is quantized, so keeping a node's computation in float means excluding
-    the node *and* the producers of its activation inputs: that set is returned per node.
+    ONNX Runtime's QDQ quantizer puts a Q/DQ pair on a tensor when its producer *or* a
+    consumer is quantized, so keeping a node's computation in float means excluding the
+    node *and* the producers of its activation inputs: that set is returned per node.
 
     Args:
         fp32_onnx: FP32 model (pre-processed inside, as ``quantize_int8`` does).
         qdq_onnx: Its QDQ quantization.
         reader: A ``CalibrationDataReader`` of inputs.
         max_batches: Reader batches to use.
-        chunk: Images per run (bounds memory: every intermediate is returned).
+        chunk: Images per run (bounds memory: every node output is returned).
 
     Returns:
-        ``[(node name, label, added noise as SQNR dB, nodes to exclude), ...]``, most
-        noise first, only nodes with a quantized (DequantizeLinear-fed) input.
+        ``[(node name, label, SQNR dB of its local error, nodes to exclude), ...]``, worst first.
     """
     import onnx
     import onnxruntime as ort
@@ -272,52 +342,59 @@ def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches:
         quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=False)
         fmodel = onnx.load(str(pre))
     qmodel = onnx.load(str(qdq_onnx))
-    qprod = {o: n for n in qmodel.graph.node for o in n.output}
-    qnodes = {n.name for n in qmodel.graph.node
-              if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-              and any(i in qprod and qprod[i].op_type == "DequantizeLinear" for i in n.input)}
-    q_tensors = {o for n in qmodel.graph.node for o in n.output}
-    names = _float_tensors(fmodel) & q_tensors
+    merged, pairs = local_error_model(fmodel, qmodel)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = 1
-    fs = ort.InferenceSession(_expose(fmodel, names).SerializeToString(), so, providers=["CPUExecutionProvider"])
-    qs = ort.InferenceSession(_expose(qmodel, names).SerializeToString(), so, providers=["CPUExecutionProvider"])
-    order = [o.name for o in fs.get_outputs()]
-    qorder = [o.name for o in qs.get_outputs()]
-    sig = dict.fromkeys(names, 0.0)
-    err = dict.fromkeys(names, 0.0)
-    inp = fs.get_inputs()[0].name
+    sess = ort.InferenceSession(merged.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    order = [o.name for o in sess.get_outputs()]
+    inp = sess.get_inputs()[0].name
+    sig: dict[str, np.ndarray] = {}
+    err: dict[str, np.ndarray] = {}
     for _ in range(max_batches):
         feed = reader.get_next()
         if feed is None:
             break
         x = next(iter(feed.values()))
         for s in range(0, len(x), chunk):
-            part = {inp: x[s:s + chunk]}
-            fo = dict(zip(order, fs.run(None, part)))
-            qo = dict(zip(qorder, qs.run(None, part)))
-            for name in names:
-                a = fo[name].astype(np.float64)
-                sig[name] += float(np.square(a).sum())
-                err[name] += float(np.square(a - qo[name]).sum())
-    nsr = {n: (err[n] / sig[n] if sig[n] > 0 else (0.0 if err[n] == 0 else 1.0)) for n in names}
+            outs = dict(zip(order, sess.run(None, {inp: x[s:s + chunk]})))
+            for node, node_pairs in pairs.items():
+                for fo, qo in node_pairs:
+                    a = outs[fo].astype(np.float64)
+                    axes = tuple(i for i in range(a.ndim) if i != 1) if a.ndim >= 2 else None
+                    sa = np.square(a).sum(axis=axes)
+                    se = np.square(a - outs[qo]).sum(axis=axes)
+                    key = f"{node}\0{fo}"
+                    sig[key] = sa if key not in sig else sig[key] + sa
+                    err[key] = se if key not in err else err[key] + se
     inits = {i.name for i in fmodel.graph.initializer}
     producer = {o: n for n in fmodel.graph.node for o in n.output}
     labels = node_labels(fmodel)
     scored = []
     for n in fmodel.graph.node:
-        if n.name not in qnodes:
+        if n.name not in pairs:
             continue
+        nsr = max(channel_nsr(sig[f"{n.name}\0{fo}"], err[f"{n.name}\0{fo}"]) for fo, _ in pairs[n.name]
+                  if f"{n.name}\0{fo}" in sig)
         ins = [i for i in n.input if i and i not in inits]
-        outs = [nsr[o] for o in n.output if o in nsr]
-        if not outs:
-            continue
-        added = max(outs) - max((nsr.get(i, 0.0) for i in ins), default=0.0)
-        group = [n.name] + [producer[i].name for i in ins if i in producer and producer[i].name in qnodes]
-        scored.append((n.name, labels.get(n.name, n.name), _db(1.0, max(added, 0.0)), list(dict.fromkeys(group))))
-    scored.sort(key=lambda t: t[2])  # lowest SQNR of the added noise = most noise first
+        group = [n.name] + [producer[i].name for i in ins if i in producer and producer[i].name in pairs]
+        scored.append((n.name, labels.get(n.name, n.name), _db(1.0, nsr), list(dict.fromkeys(group))))
+    scored.sort(key=lambda t: t[2])  # lowest SQNR first = most damaged
     return scored
+
+
+def channel_nsr(signal: np.ndarray, noise: np.ndarray) -> float:
+    """Mean over channels of the noise-to-signal ratio, each capped at 1 (a destroyed channel).
+
+    Per channel, not per tensor: an outlier channel holds most of a tensor's energy, so
+    a per-tensor ratio looks fine while every other channel is crushed to a few levels.
+    Near-silent channels (below 1e-6 of the mean channel energy) are left out.
+    """
+    signal, noise = np.atleast_1d(signal), np.atleast_1d(noise)
+    live = signal > 1e-6 * max(float(signal.mean()), 1e-30)
+    if not live.any():
+        return 0.0 if float(noise.sum()) == 0 else 1.0
+    return float(np.minimum(noise[live] / signal[live], 1.0).mean())
 
 
 def _db(signal: float, noise: float) -> float:

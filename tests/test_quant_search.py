@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -121,3 +122,54 @@ def test_skip_avoids_rerunning_the_plain_setting(outlier_model):
 def test_throughput_measures_crops_per_second(outlier_model):
     path, *_ = outlier_model
     assert throughput(path, (4, 3, 16, 16), seconds=0.2) > 0
+
+
+def test_export_model_search_through_the_pipeline(tmp_path):
+    """``export-model --int8 --search``: the lead's pipeline calls search_int8 when plain INT8 fails the gate.
+
+    A tiny bloodcnn5 learns a synthetic 8-class task (class = colour tint) in a few seconds; then one
+    channel is scaled x300 and the next conv's weights on it /300 (ReLU and max-pool are positively
+    homogeneous, so FP32 is unchanged) - an outlier channel, as trained networks grow them.
+    """
+    pipeline = pytest.importorskip("export.pipeline")
+    from edge.bundle import InputSpec, load_bundle, preprocess
+    from export import checkpoint
+    from export.models import build
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 1000)
+    tint = np.array([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], np.float32) * 60 - 30
+    imgs = np.clip(rng.normal(128, 40, (1000, 28, 28, 3)) + tint[labels][:, None, None, :], 0, 255).astype(np.uint8)
+    spec = InputSpec(height=28, width=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x, y = torch.from_numpy(preprocess(imgs[:800], spec)), torch.from_numpy(labels[:800])
+    torch.manual_seed(0)
+    kw = {"width": 0.5, "hidden": 16, "in_size": 28}
+    net = build("bloodcnn5", 8, **kw)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(80):
+        i = torch.randint(0, 800, (48,))
+        loss = nn.functional.cross_entropy(net(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        net.features[8].weight[0] *= 300.0
+        net.features[8].bias[0] *= 300.0
+        net.features[10].weight[:, 0] /= 300.0
+    data = tmp_path / "synthetic_bloodmnist.npz"
+    np.savez(data, train_images=imgs[:800], train_labels=labels[:800, None], val_images=imgs[800:],
+             val_labels=labels[800:, None], test_images=imgs[:8], test_labels=labels[:8, None])
+    ck = tmp_path / "outlier.pt"
+    checkpoint.save(ck, arch="bloodcnn5", arch_kwargs=kw, classes=[f"c{i}" for i in range(8)],
+                    state_dict=net.state_dict(), input={"height": 28, "width": 28, "mean": [0.5] * 3, "std": [0.25] * 3})
+    opts = dict(source=str(ck), data=str(data), int8=True, calib_size=256, calib_method="minmax", max_drop=1.0)
+    with pytest.raises(pipeline.AccuracyGateError):
+        pipeline.run_export(pipeline.ExportOptions(out=str(tmp_path / "plain"), **opts), log=lambda m: None)
+    summary = pipeline.run_export(pipeline.ExportOptions(out=str(tmp_path / "searched"), search=True, **opts),
+                                  log=lambda m: None)
+    manifest = load_bundle(summary["bundle"]).manifest
+    assert manifest.metrics["fp32"]["accuracy"] > 0.9
+    assert manifest.metrics["drop_points"] <= 1.0
+    assert manifest.extra["int8_search"]["float_nodes"] == manifest.calibration["float_nodes"]
+    assert len(manifest.calibration["float_nodes"]) == 3  # the outlier channel's producer, its ReLU, its consumer
