@@ -290,3 +290,28 @@ def test_collect_by_class_uses_class_folders(cli, tiny_bundle_dir, tmp_path, cap
     assert rc == 0 and sum(doc["folders"].values()) == 10
     names = load_bundle(tiny_bundle_dir).manifest.classes
     assert all(d.name in names for d in (tmp_path / "c").iterdir())
+
+
+def test_a_camera_that_fails_for_good_still_leaves_a_report(cli, tiny_bundle_dir, tmp_path, monkeypatch, capsys):
+    import edge.sources
+    from edge.errors import SourceError
+    from edge.sources.base import FrameSource
+
+    real = open_source(URI)
+
+    class Dying(FrameSource):
+        live = True
+
+        def _frames(self):
+            for i in range(150):
+                yield real.frame(i)
+            raise SourceError("camera 0 failed for good after 5 reconnect attempts")
+
+    monkeypatch.setattr(edge.sources, "open_source", lambda uri, **kw: Dying("0"))
+    rc = cli(["count", "0", "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "o"), "--no-tui"])
+    captured = capsys.readouterr()
+    assert rc == SourceError.exit_code and "failed for good" in captured.err
+    (session,) = (tmp_path / "o").iterdir()
+    summary = json.loads((session / "summary.json").read_text())
+    assert summary["error"].startswith("camera 0 failed") and summary["differential"]["total_wbc"] > 0
+    assert captured.out.count("\ncell ") + captured.out.startswith("cell ") == summary["differential"]["total_wbc"]

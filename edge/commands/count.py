@@ -15,6 +15,7 @@ directory (``--out``, default ``sessions/``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from typing import Any
 from edge.bundle import Bundle, load_bundle
 from edge.bundle.io import sha256_file
 from edge.count import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, DifferentialCounter, SlideTracker
-from edge.errors import StoreError, UsageError
+from edge.errors import HemaedgeError, StoreError, UsageError
 from edge.store import SessionStore, StoredCell
 from edge.store.crops import CropFolder
 
@@ -233,7 +234,16 @@ def run(args: argparse.Namespace) -> int:
                         session.run()
                     except KeyboardInterrupt:
                         interrupted = True
-            result = session.result() if ran else None  # re-raises a worker's StoreError / BackendError
+                    except HemaedgeError:
+                        pass  # raised again by session.result() below, once the source is closed
+            try:
+                result = session.result() if ran else None  # re-raises a thread's Source/Store/BackendError
+            except HemaedgeError as exc:
+                # the cells counted so far are safe in the store: leave a report of them when the disk allows it
+                if not isinstance(exc, StoreError):
+                    with contextlib.suppress(OSError, HemaedgeError):
+                        write_reports(store, info={**_info(session, None, p, why), "error": str(exc)})
+                raise
             info = _info(session, result, p, why)
             try:
                 paths = write_reports(store, info=info)
