@@ -380,3 +380,13 @@ def test_runtime_modules_import_without_tensorrt_or_cuda(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_backend_refuses_a_wrong_input_shape_without_caching_buffers(bundle_dir):
+    trt, rt = fake_pair()
+    build_for_bundle(bundle_dir, "fp32", trt=trt, cudart=rt)
+    with TensorRTBackend(bundle_dir, trt=trt, cudart=rt) as backend:
+        with pytest.raises(BackendError, match="refused input shape"):
+            backend.classify(np.zeros((2, 3, 32, 32), np.float32))
+        assert backend.buffers == {}
+        assert backend.classify(np.zeros((2, 3, 28, 28), np.float32)).shape == (2, 8)

@@ -269,11 +269,11 @@ class TensorRTBackend:
             n = len(chunk)
             if n < self.io.min_batch:
                 raise BackendError(f"engine profile needs at least {self.io.min_batch} samples per batch, got {n}")
-            buf = self._buffers_for(n, sample_shape)
-            self.io.set_batch((n, *sample_shape))
+            self.io.set_batch((n, *sample_shape))  # TensorRT checks the shape before any buffer is sized for it
             got = self.io.output_shape()
             if got != (n, *self.sample_dims):
                 raise BackendError(f"engine output shape {got} does not match batch {n} x {self.sample_dims}")
+            buf = self._buffers_for(n, sample_shape)
             h_in, h_out = buf.h_in[:n], buf.h_out[:n]
             h_in[...] = chunk  # converts dtype into the pinned buffer
             self.cuda.htod_async(buf.d_in, h_in, self.stream)
