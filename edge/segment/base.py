@@ -1,0 +1,49 @@
+"""The segmenter protocol and the small helpers every segmenter shares."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from edge.records import Detection, Frame
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Finds white cells in a frame.
+
+    ``detect`` returns one ``Detection`` per white cell, with ``box`` the whole
+    cell (nucleus + cytoplasm) in frame pixels ``(x0, y0, x1, y1)``, a ``score``
+    in ``[0, 1]`` and ``kind == "wbc"``.
+    """
+
+    name: str
+
+    def detect(self, frame: Frame) -> list[Detection]: ...
+
+
+def as_frame(image: Frame | np.ndarray, colour_order: str = "BGR") -> Frame:
+    """Wrap a bare HxWx3 uint8 array as a ``Frame`` (``colour_order`` says what it holds)."""
+    if isinstance(image, Frame):
+        return image
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {arr.shape}")
+    if arr.shape[2] > 3:
+        arr = arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Frame(np.ascontiguousarray(arr), colour_order, 0.0, "array", 0)
+
+
+def boxes_of(detections: list[Detection]) -> np.ndarray:
+    """The boxes of ``detections`` as an N x 4 float32 array."""
+    return np.asarray([d.box for d in detections], np.float32).reshape(-1, 4)
+
+
+def scores_of(detections: list[Detection]) -> np.ndarray:
+    """The scores of ``detections`` as an N float32 array."""
+    return np.asarray([d.score for d in detections], np.float32)

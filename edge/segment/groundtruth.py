@@ -1,0 +1,137 @@
+"""Ground-truth readers and box matching for measuring white-cell detection.
+
+Readers for the two labelled detection sets we measure on: BCCD (Pascal VOC
+XML, ``WBC`` objects) and TXL-PBC (YOLO text labels, class 0 = WBC, with a
+``sources.csv`` naming the microscope each image came from).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One labelled image: path, WBC boxes (N x 4, x0 y0 x1 y1 pixels) and where it came from."""
+
+    path: Path
+    boxes: np.ndarray
+    source: str = ""
+    split: str = ""
+
+
+def read_voc(xml_path: str | Path, names: Sequence[str] = ("WBC",)) -> np.ndarray:
+    """Boxes of the named objects in a Pascal VOC annotation (N x 4 float32, x0 y0 x1 y1)."""
+    root = ET.parse(str(xml_path)).getroot()
+    boxes = []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in names:
+            continue
+        bb = obj.find("bndbox")
+        if bb is None:
+            continue
+        boxes.append([float(bb.findtext(k) or 0) for k in ("xmin", "ymin", "xmax", "ymax")])
+    return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def read_yolo(txt_path: str | Path, width: int, height: int, classes: Sequence[int] = (0,)) -> np.ndarray:
+    """Boxes of the given classes in a YOLO label file, in pixels (N x 4 float32)."""
+    boxes = []
+    p = Path(txt_path)
+    if p.exists():
+        for line in p.read_text().splitlines():
+            parts = line.split()
+            if len(parts) < 5 or int(float(parts[0])) not in classes:
+                continue
+            cx, cy, w, h = (float(v) for v in parts[1:5])
+            boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
+    return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def hash_half(name: str) -> str:
+    """A fixed split of file names into halves ``"a"`` / ``"b"`` (md5 of the name; stable everywhere)."""
+    return "a" if hashlib.md5(name.encode()).digest()[0] % 2 == 0 else "b"
+
+
+def bccd_items(root: str | Path, split: str = "val") -> Iterator[Labelled]:
+    """BCCD images of ``split`` (``train``/``val``/``all``) with their WBC boxes."""
+    root = Path(root)
+    if split == "all":
+        names = [p.stem for p in sorted((root / "Annotations").glob("*.xml"))]
+    else:
+        names = [n.strip() for n in (root / f"{split}.txt").read_text().split() if n.strip()]
+    for name in names:
+        img = root / "JPEGImages" / f"{name}.jpg"
+        yield Labelled(img, read_voc(root / "Annotations" / f"{name}.xml"), "BCCD-VOC", split)
+
+
+def txl_items(root: str | Path, split: str = "all", half: str | None = None) -> Iterator[Labelled]:
+    """TXL-PBC images (``split``: its own ``train``/``val`` folders or ``all``; ``half``: ``"a"``/``"b"`` by name hash)."""
+    import cv2
+
+    root = Path(root)
+    sources: dict[str, str] = {}
+    src_csv = root / "sources.csv"
+    if src_csv.exists():
+        with src_csv.open() as fh:
+            for row in csv.reader(fh):
+                if len(row) >= 2:
+                    sources[row[0]] = row[1]
+    splits = ["train", "val"] if split == "all" else [split]
+    for sp in splits:
+        for img in sorted((root / "images" / sp).glob("*")):
+            if half is not None and hash_half(img.name) != half:
+                continue
+            label = root / "labels" / sp / (img.stem + ".txt")
+            h, w = _image_size(img, cv2)
+            yield Labelled(img, read_yolo(label, w, h), sources.get(img.name, "?"), sp)
+
+
+def _image_size(path: Path, cv2) -> tuple[int, int]:  # noqa: ANN001
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    return (0, 0) if img is None else img.shape[:2]
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N x 4) with every box in ``b`` (M x 4)."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def match(pred: np.ndarray, scores: np.ndarray | None, truth: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
+    """Greedy one-to-one matching by score: ``(true positives, false positives, false negatives)``."""
+    pred = np.asarray(pred, np.float64).reshape(-1, 4)
+    truth = np.asarray(truth, np.float64).reshape(-1, 4)
+    if scores is None:
+        scores = np.ones(len(pred))
+    order = np.argsort(-np.asarray(scores, np.float64))
+    m = iou_matrix(pred, truth)
+    used = np.zeros(len(truth), bool)
+    tp = 0
+    for i in order:
+        if not len(truth):
+            break
+        cand = np.where(~used, m[i], -1.0)
+        j = int(np.argmax(cand))
+        if cand[j] >= iou:
+            used[j] = True
+            tp += 1
+    return tp, len(pred) - tp, len(truth) - tp

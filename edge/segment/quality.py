@@ -1,0 +1,140 @@
+"""Is this frame worth segmenting? Focus and exposure checks (cv2 only, about a millisecond).
+
+* **Sharpness** is the variance of the Laplacian of the grey image (at most
+  ``work_px`` on the short side, so the number does not depend on camera
+  resolution), divided by the variance of a slightly smoothed copy: focus
+  relative to the frame's own contrast, so a pale stain is not called blurred.
+* **Brightness** is the median grey level; a frame is too dark when it is low,
+  over-exposed when most of it is clipped white.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.records import Frame
+from edge.segment.base import as_frame
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The verdict on one frame.
+
+    Attributes:
+        ok: Worth segmenting.
+        reason: ``""`` when ok, else one short phrase for the warning line
+            (``"out of focus"``, ``"too dark"``, ``"over-exposed"``, ``"no contrast"``).
+        sharpness: Relative focus measure (higher is sharper; about 0.1 and up is in focus).
+        brightness: Median grey level, 0-255.
+    """
+
+    ok: bool
+    reason: str
+    sharpness: float
+    brightness: float
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Limits of ``assess_quality``."""
+
+    work_px: int = 320
+    min_sharpness: float = 0.012
+    relative_sharpness: float = 0.4
+    min_brightness: float = 40.0
+    max_clipped: float = 0.6
+    min_contrast: float = 4.0
+
+
+def _grey(frame: Frame, work_px: int) -> np.ndarray:
+    import cv2
+
+    px = frame.pixels
+    short = min(px.shape[:2])
+    if short > work_px:
+        k = max(1, int(round(short / work_px)))
+        px = px[::k, ::k]
+    code = cv2.COLOR_BGR2GRAY if frame.colour_order == "BGR" else cv2.COLOR_RGB2GRAY
+    return cv2.cvtColor(np.ascontiguousarray(px), code)
+
+
+def sharpness(grey: np.ndarray) -> float:
+    """Focus measure: Laplacian variance relative to the image's smoothed variance."""
+    import cv2
+
+    g = grey.astype(np.float32)
+    smooth = cv2.GaussianBlur(g, (0, 0), 2.0)
+    lap = cv2.Laplacian(cv2.GaussianBlur(g, (3, 3), 0), cv2.CV_32F, ksize=3)
+    contrast = float(smooth.var())
+    return float(lap.var()) / max(contrast, 1.0)
+
+
+def assess_quality(frame: Frame | np.ndarray, config: QualityConfig | None = None,
+                   reference_sharpness: float | None = None) -> Quality:
+    """Flag frames that are out of focus or badly exposed.
+
+    Native sharpness differs a lot between microscopes (in-focus Raabin frames
+    score like mildly blurred BCCD ones), so the absolute floor only catches
+    badly blurred frames. Give ``reference_sharpness`` (the sharpness of this
+    station's in-focus frames, e.g. from ``QualityMonitor``) to also flag frames
+    below ``relative_sharpness`` of it.
+
+    Args:
+        frame: A ``Frame`` or a BGR array.
+        config: Limits (defaults suit BCCD, TXL-PBC, PBC and the synthetic source).
+        reference_sharpness: Sharpness of in-focus frames from the same camera, if known.
+
+    Returns:
+        ``Quality`` with ``ok`` False and a ``reason`` when the frame should be skipped.
+    """
+    cfg = config or QualityConfig()
+    fr = as_frame(frame)
+    grey = _grey(fr, cfg.work_px)
+    brightness = float(np.median(grey))
+    clipped = float((grey >= 250).mean())
+    spread = float(np.percentile(grey, 95) - np.percentile(grey, 5))
+    sharp = sharpness(grey) if spread >= cfg.min_contrast else 0.0
+    if brightness < cfg.min_brightness:
+        return Quality(False, "too dark", sharp, brightness)
+    if clipped > cfg.max_clipped:
+        return Quality(False, "over-exposed", sharp, brightness)
+    if spread < cfg.min_contrast:
+        return Quality(False, "no contrast", sharp, brightness)
+    if sharp < cfg.min_sharpness:
+        return Quality(False, "out of focus", sharp, brightness)
+    if reference_sharpness and sharp < cfg.relative_sharpness * reference_sharpness:
+        return Quality(False, "out of focus", sharp, brightness)
+    return Quality(True, "", sharp, brightness)
+
+
+class QualityMonitor:
+    """``assess_quality`` that learns this camera's in-focus sharpness as frames go by.
+
+    The reference is a slowly decaying running maximum of the sharpness of
+    frames that passed, so one focus sweep teaches it what "sharp" means here
+    and a frame that falls well below it is flagged as out of focus.
+
+    Args:
+        config: Limits for ``assess_quality``.
+        decay: Per-frame decay of the running maximum (forgets a stale peak slowly).
+        warmup: Frames seen before the relative test starts.
+    """
+
+    def __init__(self, config: QualityConfig | None = None, decay: float = 0.998, warmup: int = 10) -> None:
+        self.config = config or QualityConfig()
+        self.decay = decay
+        self.warmup = warmup
+        self.reference: float | None = None
+        self.seen = 0
+
+    def __call__(self, frame: Frame | np.ndarray) -> Quality:
+        """Assess one frame and update the reference."""
+        ref = self.reference if self.seen >= self.warmup else None
+        q = assess_quality(frame, self.config, ref)
+        self.seen += 1
+        if q.reason in ("", "out of focus"):
+            peak = (self.reference or 0.0) * self.decay
+            self.reference = max(peak, q.sharpness)
+        return q
