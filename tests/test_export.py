@@ -70,7 +70,7 @@ def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
     assert m.calibration["num_images"] <= 64 and m.calibration["method"] == "entropy"
     assert "train" in m.calibration["set"]
     assert summary["parity"]["top1_agreement"] >= 0.99 and summary["parity"]["max_abs_diff"] < 1e-3
-    assert abs(m.metrics["drop_points"] - (m.metrics["fp32"]["accuracy"] - m.metrics["int8"]["accuracy"]) * 100) < 1e-6
+    assert abs(m.metrics["drop_points"] - (m.metrics["fp32"]["accuracy"] - m.metrics["int8"]["accuracy"]) * 100) < 1e-3
     assert m.provenance["data"]["val_digest"] and m.provenance["created"]
     # The bundle's ONNX gives the same val accuracy through evaluate (same preprocessing everywhere).
     from export.commands.evaluate import evaluate_bundle
