@@ -1,0 +1,172 @@
+"""``hemaedge bench``: throughput measured in one run, so ratios compare like with like.
+
+* crops/s of the bundle through ONNX Runtime FP32 and INT8 against the same
+  model in PyTorch eager FP32 (the baseline a user would write), on the same
+  preprocessed crops cut from synthetic 640x480 frames;
+* whole-pipeline frames/s on 640x480 frames (quality check, registration,
+  segmentation, crops, classification on the worker thread, store, count).
+
+Each figure is the median of ``--repeats`` timed runs after a warm-up, with
+min/max. Speed targets are checked here, not in timed unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import UsageError
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Options of ``hemaedge bench``."""
+    p.add_argument("--bundle", help="bundle directory (default: the shipped bundle)")
+    p.add_argument("--checkpoint", help="PyTorch checkpoint of the same model (default: the shipped one); "
+                                        "its sha256 must match the bundle's provenance")
+    p.add_argument("--batch", type=int, default=256, help="crops per inference call (default 256)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=0, help="threads for ORT and torch (0 = all cores)")
+    p.add_argument("--frames", type=int, default=300, help="640x480 frames for the pipeline run")
+    p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "runs": len(samples)}
+
+
+def _time(fn, n_items: int, repeats: int) -> dict[str, float]:
+    fn()  # warm-up (allocations, kernel choice)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        rates.append(n_items / (time.perf_counter() - t))
+    return _stats(rates)
+
+
+def synthetic_frames(n: int, seed: int = 7) -> list:
+    """Pre-rendered 640x480 synthetic smear frames (rendering is not part of what is timed)."""
+    from edge.sources import open_source
+
+    with open_source(f"synthetic://?seed={seed}&frames={n}&width=640&height=480") as src:
+        return list(src)
+
+
+def bench_crops(bundle, checkpoint: Path | None, batch: int, repeats: int, threads: int,
+                skip_torch: bool = False) -> dict[str, Any]:
+    """crops/s for ORT FP32, ORT INT8 and PyTorch eager FP32 on the same crops."""
+    from edge.bundle import cut_crop, preprocess
+    from edge.classify.onnxruntime import OrtBackend
+    from edge.segment import make_segmenter
+
+    seg = make_segmenter()
+    crops = []
+    for f in synthetic_frames(40):
+        for d in seg.detect(f):
+            crops.append(cut_crop(f.rgb(), d.box, bundle.manifest.crop))
+    if not crops:
+        raise UsageError("the segmenter found no cells in the synthetic frames; cannot benchmark")
+    crops = (crops * (batch // len(crops) + 1))[:batch]
+    x = preprocess(crops, bundle.manifest.input)
+    out: dict[str, Any] = {"batch": batch, "crop_source": "cells cut from synthetic 640x480 frames"}
+    for prec in bundle.manifest.precisions():
+        with OrtBackend(bundle, prec, threads=threads) as be:
+            out[f"onnxruntime_{prec}"] = _time(lambda be=be: be.classify(x), batch, repeats)
+    if not skip_torch:
+        import torch
+
+        from edge.bundle import sha256_file
+        from export import checkpoint as ckpt_mod
+
+        if checkpoint is None:
+            checkpoint = Path(ckpt_mod.__file__).parent / "checkpoints" / f"{bundle.manifest.name}.pt"
+        if not checkpoint.is_file():
+            raise UsageError(f"no PyTorch checkpoint for the eager baseline at {checkpoint}: pass --checkpoint or --skip-torch")
+        want = (bundle.manifest.provenance.get("source_model") or {}).get("sha256")
+        if want and sha256_file(checkpoint) != want:
+            raise UsageError(f"{checkpoint} is not the model this bundle was exported from (sha256 differs)")
+        if threads:
+            torch.set_num_threads(threads)
+        model = ckpt_mod.build_model(ckpt_mod.load(checkpoint))
+        xt = torch.from_numpy(x)
+
+        def eager():
+            with torch.no_grad():
+                torch.softmax(model(xt), 1)
+
+        out["pytorch_eager_fp32"] = _time(eager, batch, repeats)
+        base = out["pytorch_eager_fp32"]["median"]
+        out["speedup_vs_pytorch_eager"] = {k: round(v["median"] / base, 2) for k, v in out.items()
+                                           if k.startswith("onnxruntime_")}
+    return out
+
+
+def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: str) -> dict[str, Any]:
+    """Whole-pipeline frames/s on pre-rendered 640x480 frames through ``CountingSession``."""
+    from edge.count import DifferentialCounter, SlideTracker
+    from edge.pipeline import CellFinder, CountingSession
+    from edge.segment import assess_quality, make_segmenter
+    from edge.store import SessionStore
+
+    pool = synthetic_frames(frames, seed=11)
+    rates, counted = [], []
+    from edge.classify.onnxruntime import OrtBackend
+
+    with OrtBackend(bundle, precision, threads=threads) as be:
+        for r in range(repeats + 1):
+            with tempfile.TemporaryDirectory() as tmp:
+                m = bundle.manifest
+                store = SessionStore.create(Path(tmp) / "s", {"bundle": str(bundle.path), "classes": list(m.classes),
+                                                              "target": 10**9, "precision": precision})
+                counter = DifferentialCounter(m.classes, 10**9, 0.6, m.class_groups)
+                finder = CellFinder(make_segmenter(), m.crop, SlideTracker(), assess_quality)
+                session = CountingSession(iter(pool), finder, be, bundle, store, counter, stop_at_target=False)
+                res = session.run(interval=0.05)
+                store.close()
+                if r:  # the first run warms up
+                    rates.append(res.frames / res.seconds)
+                    counted.append(res.cells)
+    return {"frames_per_run": frames, "frame_size": "640x480", "precision": precision,
+            "frames_per_s": _stats(rates), "cells_counted_per_run": counted}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Benchmark and print."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge.bundle import load_bundle
+    from edge.models import default_bundle_path
+
+    bundle = load_bundle(args.bundle or default_bundle_path())
+    res: dict[str, Any] = {"bundle": str(bundle.path), "threads": args.threads or "default"}
+    res["crops"] = bench_crops(bundle, Path(args.checkpoint) if args.checkpoint else None, args.batch, args.repeats,
+                               args.threads, args.skip_torch)
+    if not args.skip_pipeline:
+        prec = "int8" if "int8" in bundle.manifest.precisions() else "fp32"
+        res["pipeline"] = bench_pipeline(bundle, args.frames, max(3, args.repeats // 2), args.threads, prec)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    con = Console()
+    t = Table("path", "crops/s (median)", "min", "max", "x PyTorch eager", title=f"batch {args.batch}")
+    speed = res["crops"].get("speedup_vs_pytorch_eager", {})
+    for k, v in res["crops"].items():
+        if isinstance(v, dict) and "median" in v:
+            t.add_row(k, f"{v['median']:.0f}", f"{v['min']:.0f}", f"{v['max']:.0f}", str(speed.get(k, "1.0" if "pytorch" in k else "")))
+    con.print(t)
+    if "pipeline" in res:
+        f = res["pipeline"]["frames_per_s"]
+        con.print(f"pipeline ({res['pipeline']['precision']}, 640x480): {f['median']:.1f} frames/s "
+                  f"(min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)")
+    return 0
