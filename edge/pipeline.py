@@ -33,12 +33,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge.bundle import Bundle, cut_crop, preprocess
+from edge.bundle import Bundle, preprocess
 from edge.bundle.manifest import CropGeometry
 from edge.count import DifferentialCounter, SlideTracker
 from edge.count.tracking import Keyframe, Registration, TrackedDetection
 from edge.display.status import RecentCell, RunStatus
 from edge.records import Crop, Detection, Frame
+from edge.segment.crops import cut_crops
 from edge.store import NewCell, SessionStore, StoredCell
 from edge.store.crops import CropFolder
 
@@ -71,6 +72,19 @@ def make_backend(bundle: Bundle, preference: str = "auto", precision: str = "aut
         prec = "fp32" if prec == "auto" else prec
         return OrtBackend(bundle, prec, threads=threads), f"ONNX Runtime ({prec})"
     return select_backend(bundle, preference, precision, threads=threads)
+
+
+def make_quality_check(source: Any) -> Callable[[Frame], Any]:
+    """The frame-quality check for a source.
+
+    A stream (camera, video, synthetic slide) gets a ``QualityMonitor``, which learns
+    this camera's in-focus sharpness and flags frames well below it; a set of still
+    images (possibly from several microscopes) gets the absolute ``assess_quality``.
+    """
+    from edge.segment import QualityMonitor, assess_quality
+    from edge.sources import ImageFilesSource
+
+    return assess_quality if isinstance(source, ImageFilesSource) else QualityMonitor()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,9 +146,7 @@ class CellFinder:
             return Found(frame, None, skipped="unplaced")
         dets = [d for d in self.segmenter.detect(frame) if d.kind == "wbc"]
         res = self.tracker.place(reg, frame.pixels.shape, [d.box for d in dets])
-        rgb = frame.rgb()
-        crops = tuple(Crop(cut_crop(rgb, t.box, self.geometry), dets[t.index], frame.index, frame.name)
-                      for t in res.new)
+        crops = tuple(cut_crops(frame, [dets[t.index] for t in res.new], self.geometry))
         return Found(frame, reg, res.new, crops, res.seen, res.at_edge)
 
 

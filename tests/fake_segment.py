@@ -7,17 +7,8 @@ evidence that segmentation works; ``edge.segment`` has its own tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from edge.records import Detection, Frame
-
-
-@dataclass(frozen=True)
-class Quality:
-    ok: bool
-    reason: str = ""
-    sharpness: float = 100.0
-    brightness: float = 128.0
+from edge.segment import Quality
 
 
 class TruthSegmenter:
@@ -31,12 +22,16 @@ class TruthSegmenter:
 
 
 def always_ok(frame: Frame) -> Quality:
-    return Quality(True)
+    return Quality(True, "", 1.0, 128.0)
+
+
+def make(name: str = "stain", **options: float) -> TruthSegmenter:
+    """Stands in for ``edge.segment.make_segmenter``."""
+    return TruthSegmenter()
 
 
 def install() -> None:
-    """Make the station commands use the truth segmenter (call before running a command in-process)."""
+    """Make the station commands use the truth segmenter (for a subprocess; in-process tests use monkeypatch)."""
     import edge.segment as seg
 
-    seg.default_segmenter = lambda bundle=None, **kw: TruthSegmenter()
-    seg.assess_quality = always_ok
+    seg.make_segmenter = make

@@ -37,6 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="with --by-class: backend (default auto)")
     parser.add_argument("--review-threshold", type=float, default=DEFAULT_REVIEW_THRESHOLD,
                         help="with --by-class: below this top probability a crop stays unlabelled")
+    parser.add_argument("--segmenter", default="stain", help="white-cell segmenter (default stain)")
     parser.add_argument("--count-edge-cells", action="store_true", help="also keep cells cut by the frame border")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
 
@@ -47,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edge.bundle import load_bundle, preprocess
-    from edge.pipeline import CellFinder, make_backend
-    from edge.segment import assess_quality, default_segmenter
+    from edge.pipeline import CellFinder, make_backend, make_quality_check
+    from edge.segment import make_segmenter
     from edge.sources import open_source
 
     if args.max is not None and args.max < 1:
@@ -65,14 +66,14 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_bundle(default_bundle_path())
     m = bundle.manifest
     folder = CropFolder(args.out, by_class=args.by_class)
-    finder = CellFinder(default_segmenter(bundle), m.crop, SlideTracker(edge_margin=-1 if args.count_edge_cells else 2),
-                        assess_quality)
+    source = open_source(args.source)
+    finder = CellFinder(make_segmenter(args.segmenter), m.crop,
+                        SlideTracker(edge_margin=-1 if args.count_edge_cells else 2), make_quality_check(source))
     backend, why = make_backend(bundle, args.backend, args.precision) if args.by_class else (None, "")
     err = Console(stderr=True)
     per_class: dict[str, int] = {}
     frames = skipped = 0
     done = False
-    source = open_source(args.source)
     progress = Progress(TextColumn("collecting"), BarColumn(), TextColumn("{task.completed} crops, {task.fields[f]} frames"),
                         TimeElapsedColumn(), console=err, disable=args.json or not err.is_terminal)
     with source, progress, (backend if backend is not None else nullcontext()):

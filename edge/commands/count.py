@@ -66,6 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help=f"ONNX Runtime intra-op threads (default {DEFAULT_THREADS}: all cores but one, which the "
                              "capture thread needs; 0 = ONNX Runtime's default)")
+    parser.add_argument("--segmenter", default="stain", help="white-cell segmenter (default stain)")
     parser.add_argument("--count-edge-cells", action="store_true",
                         help="also count cells cut by the frame border (default: wait until fully in view)")
 
@@ -175,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from edge.display.report import build_summary, write_reports
-    from edge.pipeline import CellFinder, CountingSession, make_backend, restore
-    from edge.segment import assess_quality, default_segmenter
+    from edge.pipeline import CellFinder, CountingSession, make_backend, make_quality_check, restore
+    from edge.segment import make_segmenter
     from edge.sources import open_source
 
     p = plan(args)
@@ -207,11 +208,11 @@ def run(args: argparse.Namespace) -> int:
             if counter.done:
                 err.print(f"session {store.root} already has {counter.total}/{p.target} white cells; "
                           "raise --target to count more")
-            finder = CellFinder(default_segmenter(p.bundle), m.crop, tracker, assess_quality)
+            source = open_source(p.source)
+            finder = CellFinder(make_segmenter(args.segmenter), m.crop, tracker, make_quality_check(source))
             crops = CropFolder(args.save_crops, args.by_class, prefix=f"{store.root.name}-") if args.save_crops else None
             max_fps = args.max_fps if args.max_fps is not None else (DEMO_FPS if args.demo and use_tui else None)
             printer = None if (use_tui or use_json) else _CellPrinter()
-            source = open_source(p.source)
             session = CountingSession(source, finder, backend, p.bundle, store, counter, precision=precision,
                                       session_name=str(store.root), max_frames=args.max_frames, max_fps=max_fps,
                                       crop_folder=crops, on_cell=printer)

@@ -45,7 +45,7 @@ def _key(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name.strip().lower())
 
 
-_BY_LABEL = {_key(label): key for key, label in LABELS.items()} | {_key(k): k for k in LABELS}
+_BY_LABEL = {**{_key(label): key for key, label in LABELS.items()}, **{_key(k): k for k in LABELS}}
 
 
 def canonical_group(name: str) -> str | None:
