@@ -64,9 +64,63 @@ def _stats(images: ImageSet, size: int, white_balance: bool, n: int = 2000, seed
     return tuple(float(v) for v in x.mean((0, 2, 3))), tuple(float(v) for v in x.std((0, 2, 3)))
 
 
-def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
-    """Random flips, rot90 and per-channel gain/offset on an ``N x C x H x W`` batch."""
+def _torch_white_balance(raw: torch.Tensor) -> torch.Tensor:
+    """``edge.bundle.preprocess.white_balance`` for ``N x C x H x W`` tensors in 0..1."""
+    from edge.bundle.preprocess import WB_PERCENTILE, WB_TARGET
+
+    bright = raw.mean(1).flatten(1)
+    cut = torch.quantile(bright, WB_PERCENTILE / 100, dim=1, keepdim=True)
+    mask = (bright >= cut).unsqueeze(1).float()
+    bg = (raw.flatten(2) * mask).sum(2) / mask.sum(2).clamp(min=1)
+    return (raw * (WB_TARGET / 255 / bg.clamp(min=1e-3))[:, :, None, None]).clamp(0, 1)
+
+
+def stain_jitter(x: torch.Tensor, spec: InputSpec, gen: torch.Generator) -> torch.Tensor:
+    """Emulate another microscope / stain on a normalised batch: saturation, gamma, channel gains, brightness.
+
+    Works on the pixels as the model sees them before normalisation, and
+    white-balances again afterwards when the bundle does (as the station would).
+    """
     n = x.shape[0]
+    mean = torch.tensor(spec.mean)[None, :, None, None]
+    std = torch.tensor(spec.std)[None, :, None, None]
+    raw = (x * std + mean).clamp(1e-4, 1)
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
+
+    grey = raw.mean(1, keepdim=True)
+    raw = grey + u(0.35, 1.3, 1, 1, 1) * (raw - grey)
+    raw = raw.clamp(1e-4, 1) ** torch.exp(u(np.log(0.6), np.log(1.5), 1, 1, 1))
+    raw = raw * u(0.85, 1.15, raw.shape[1], 1, 1) * u(0.85, 1.1, 1, 1, 1)
+    raw = _torch_white_balance(raw.clamp(0, 1)) if spec.white_balance else raw.clamp(0, 1)
+    return (raw - mean) / std
+
+
+def zoom(x: torch.Tensor, gen: torch.Generator, lo: float = 0.8, hi: float = 1.25, shift: float = 0.08) -> torch.Tensor:
+    """Random scale (cell size within the crop) and small shifts, borders reflected."""
+    n = x.shape[0]
+    s = lo + (hi - lo) * torch.rand(n, generator=gen)
+    t = shift * (torch.rand(n, 2, generator=gen) * 2 - 1)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = 1 / s
+    theta[:, 1, 1] = 1 / s
+    theta[:, :, 2] = t
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator, spec: InputSpec | None = None) -> torch.Tensor:
+    """Augment a normalised ``N x C x H x W`` batch.
+
+    ``flip`` and ``rot90`` (valid for single cells), ``color`` (per-channel
+    gain/offset), ``stain`` (see ``stain_jitter``; needs ``spec``) and ``zoom``.
+    """
+    n = x.shape[0]
+    if "stain" in aug and spec is not None:
+        x = stain_jitter(x, spec, gen)
+    if "zoom" in aug:
+        x = zoom(x, gen)
     if "flip" in aug:
         m = torch.rand(n, generator=gen) < 0.5
         x = torch.where(m[:, None, None, None], x.flip(3), x)
@@ -191,7 +245,7 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             st = bar.add_task(f"epoch {epoch + 1}", total=steps, info="")
             tot, correct, seen = 0.0, 0, 0
             for x, y in tl:
-                x = augment(x, recipe.aug, gen)
+                x = augment(x, recipe.aug, gen, spec)
                 logits = model(x)
                 loss = loss_fn(logits, y)
                 opt.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 sgd, 5e-4 adam)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", choices=["onecycle", "cosine", "plateau", "none"], default="onecycle")
-    p.add_argument("--aug", default="flip,rot90", help="comma list of flip, rot90, color ('' for none)")
+    p.add_argument("--aug", default="flip,rot90", help="comma list of flip, rot90, color, stain, zoom ('' for none)")
     p.add_argument("--balanced", action="store_true", help="class-balanced sampling for rare classes")
     p.add_argument("--early-stop", type=int, default=0, help="stop after N epochs without val improvement")
     p.add_argument("--label-smoothing", type=float, default=0.0)
