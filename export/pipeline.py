@@ -304,7 +304,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             w.add(fp32, "onnx", "fp32", opset=_opset(fp32))
             if int8_path is not None:
                 w.add(int8_path, "onnx", "int8", opset=_opset(int8_path), format="QDQ")
-            golden = _write_golden(w, val, spec, fp32, int8_path, opts.seed)
+            golden = _write_golden(w, val, spec, fp32, int8_path, opts.seed, output_kind)
             bundle = w.finish(manifest)
     summary = {
         "bundle": str(bundle.path), "classes": classes, "input": [spec.height, spec.width], "parity": parity,
@@ -333,7 +333,8 @@ def _opset(path: Path) -> int:
     return int(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
-def _write_golden(writer: BundleWriter, val: ImageSet, spec: InputSpec, fp32: Path, int8: Path | None, seed: int):
+def _write_golden(writer: BundleWriter, val: ImageSet, spec: InputSpec, fp32: Path, int8: Path | None, seed: int,
+                  output_kind: str = "logits"):
     """Save a few preprocessed inputs and their FP32/INT8 outputs for ``hemaedge verify`` on the station."""
     try:
         from edge.bundle.golden import write_golden
@@ -344,4 +345,4 @@ def _write_golden(writer: BundleWriter, val: ImageSet, spec: InputSpec, fp32: Pa
     outs = {"fp32": _raw(fp32, x)}
     if int8 is not None:
         outs["int8"] = _raw(int8, x)
-    return write_golden(writer, x, outs)
+    return write_golden(writer, x, outs, output_kind=output_kind)
