@@ -41,7 +41,7 @@ class QualityConfig:
     """Limits of ``assess_quality``."""
 
     work_px: int = 320
-    min_sharpness: float = 0.012
+    min_sharpness: float = 0.015
     relative_sharpness: float = 0.4
     min_brightness: float = 40.0
     max_clipped: float = 0.6
@@ -64,11 +64,11 @@ def sharpness(grey: np.ndarray) -> float:
     """Focus measure: Laplacian variance relative to the image's smoothed variance."""
     import cv2
 
-    g = grey.astype(np.float32)
-    smooth = cv2.GaussianBlur(g, (0, 0), 2.0)
-    lap = cv2.Laplacian(cv2.GaussianBlur(g, (3, 3), 0), cv2.CV_32F, ksize=3)
-    contrast = float(smooth.var())
-    return float(lap.var()) / max(contrast, 1.0)
+    smooth = cv2.GaussianBlur(grey, (0, 0), 2.0)
+    lap = cv2.Laplacian(cv2.GaussianBlur(grey, (3, 3), 0), cv2.CV_16S, ksize=3)
+    lap_sd = cv2.meanStdDev(lap)[1][0, 0]
+    contrast = cv2.meanStdDev(smooth)[1][0, 0] ** 2
+    return float(lap_sd * lap_sd) / max(float(contrast), 1.0)
 
 
 def assess_quality(frame: Frame | np.ndarray, config: QualityConfig | None = None,
@@ -92,9 +92,11 @@ def assess_quality(frame: Frame | np.ndarray, config: QualityConfig | None = Non
     cfg = config or QualityConfig()
     fr = as_frame(frame)
     grey = _grey(fr, cfg.work_px)
-    brightness = float(np.median(grey))
-    clipped = float((grey >= 250).mean())
-    spread = float(np.percentile(grey, 95) - np.percentile(grey, 5))
+    hist = np.bincount(grey.ravel(), minlength=256)
+    cum = np.cumsum(hist) / grey.size
+    brightness = float(np.searchsorted(cum, 0.5))
+    clipped = float(1.0 - cum[249])
+    spread = float(np.searchsorted(cum, 0.95) - np.searchsorted(cum, 0.05))
     sharp = sharpness(grey) if spread >= cfg.min_contrast else 0.0
     if brightness < cfg.min_brightness:
         return Quality(False, "too dark", sharp, brightness)

@@ -1,100 +1,134 @@
-"""Stain-aware thresholding segmenter for white cells (cv2 only, a few ms per frame).
+"""Stain-aware thresholding segmenter for white cells (cv2 + numpy, a few ms per frame).
 
-How it works, on a copy of the frame shrunk to ``work_px`` pixels on its short side:
+On a copy of the frame shrunk to ``work_px`` pixels on its short side:
 
-1. **Nucleus stain.** Romanowsky-type stains (Wright, Giemsa, May-Gruenwald-Giemsa,
-   Leishman) colour white-cell nuclei blue-violet, red cells pink to grey-violet
-   and the background pale. The "blueness" ``-b*`` of CIE L*a*b* separates nuclei
-   from everything else on every microscope we measured (BCCD, the four
-   TXL-PBC sources, PBC), better than saturation or any single RGB channel.
-2. **Per-image adaptive threshold.** A three-class Otsu on the blueness histogram
-   (background / red cells + cytoplasm / nuclei) gives the nucleus threshold of
-   *this* image, so exposure, white balance and stain strength do not matter.
-   A frame whose upper class is not clearly bluer than its median has no nucleus.
-3. **Morphology and filters.** Opening removes specks; blobs must be darker than
-   the frame (nuclei absorb strongly, blue-grey red cells and stain debris do not)
-   and big enough relative to the largest nucleus in view and to the frame.
-4. **Lobes to cells.** The lobes of a segmented nucleus are separate blobs. A
-   distance transform with nearest-blob labels (a watershed of the background by
-   distance) gives every pair of blobs the width of the gap between them; blobs
-   closer than a fraction of their size join one cell (union-find).
-5. **Whole cell.** The cell box is the nucleus group's box grown to take in the
-   cytoplasm rim (see ``SegmenterConfig.expand``), clipped to the frame.
+1. **White balance.** Each channel is scaled so the background (the brightest
+   fifth of the frame) is neutral grey: lamp colour, camera white balance and
+   the smear's tint go away (BCCD is grey, BCDD mint, PBC cream, Raabin pink).
+2. **Nucleus stain.** Romanowsky-type stains (Wright, Giemsa, May-Gruenwald-
+   Giemsa, Leishman) colour white-cell nuclei blue-violet, red cells pink to
+   grey-violet. The blueness ``-b*`` of CIE L*a*b* separates nuclei from the
+   rest on every microscope we measured (BCCD, the four TXL-PBC sources, PBC)
+   better than saturation or any RGB channel.
+3. **Per-image adaptive threshold.** A three-class Otsu on the blueness
+   histogram (background / red cells and cytoplasm / nuclei) gives this frame's
+   nucleus threshold, so exposure and stain strength do not matter. A frame
+   whose upper class is not clearly bluer than its median holds no nucleus.
+4. **Morphology and filters.** Opening removes specks; a blob must be clearly
+   bluer than the threshold on average (``min_excess``: the dark rims of
+   blue-grey red cells only just cross it), and a cell's nucleus must be big
+   enough against the frame and against the largest nucleus in view.
+5. **Lobes to cells.** A distance transform of the background labelled by the
+   nearest blob (the watershed of the background by distance) gives the gap
+   between every pair of blobs; blobs closer than a fraction of their size are
+   lobes of one nucleus (union-find).
+6. **Whole cell.** Each nucleus grows into its cytoplasm: a pixel near the
+   nucleus joins the cell when its colour is nearer this cell's cytoplasm (a
+   thin ring around the nucleus) than the background or the red cells, and it is
+   nearer this nucleus than any other (a distance-transform watershed between
+   nuclei splits touching cells). The cell box averages that region's box,
+   clamped to plausible sizes, with the nucleus box grown by ``expand``; the
+   region alone is too easily fooled by red cells of cytoplasm colour.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Tuple
 
 import numpy as np
 
 from edge.records import Detection, Frame
 from edge.segment.base import as_frame
 
+Box = Tuple[float, float, float, float]
+
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    """Tunables of ``StainSegmenter`` (defaults measured on BCCD / TXL-PBC training halves).
+    """Tunables of ``StainSegmenter`` (defaults tuned on the BCCD train split and half "a" of TXL-PBC).
 
     Attributes:
         work_px: Short side of the working copy in pixels.
+        white_balance: Neutralise the background colour first.
+        bg_quantile: Brightness quantile above which pixels count as background for white balance.
         min_contrast: The nucleus threshold must exceed the median blueness by this much (8-bit units).
-        min_dark: A nucleus's mean L* must be this much below the frame's median L*.
-        min_area: Smallest nucleus group as a fraction of the working image area.
-        rel_area: Smallest nucleus group as a fraction of the largest one in the frame.
-        max_area: Largest nucleus group as a fraction of the working image area.
-        join_gap: Blobs whose gap is below ``join_gap * sqrt(area of the larger)`` are one cell.
-        join_min: A blob joins a bigger one only if at least this fraction of its area.
-        expand: The cell box side is the nucleus box side times this (cytoplasm rim).
-        expand_min_px: ... and at least this many working pixels wider on each side.
+        open_px: Opening kernel (working pixels) that removes specks and thin red-cell rims.
+        min_excess: A blob's mean blueness must exceed the threshold by this much.
+        min_area: Smallest nucleus (all lobes) as a fraction of the working image area.
+        rel_area: Smallest nucleus as a fraction of the largest one in the frame.
+        max_area: Largest nucleus as a fraction of the working image area.
+        join_gap: Blobs whose gap is below ``join_gap * sqrt(area of the larger)`` are lobes of one cell.
+        join_min: A blob joins a bigger one only if it has at least this fraction of its area.
+        expand: The nucleus box grown by this factor approximates the cell box.
+        extent: ``"cyto"`` (grow into the cytoplasm, fused with ``expand``) or ``"expand"`` (nucleus box only).
+        reach: A cell reaches at most ``reach`` times its nucleus extent from the nucleus centre.
+        ring_px: Width of the ring around the nucleus that samples the cytoplasm colour.
+        cyto_min_de: Cytoplasm closer than this (Delta E) to the background is not used.
+        cyto_open_px: Opening of the cytoplasm region (cuts bridges into touching red cells).
+        region_min, region_max: The region box is clamped between these multiples of the nucleus box.
+        region_weight: Weight of the (clamped) region box against the expanded nucleus box.
         edge_keep: Keep cells cut by the frame edge (their box is clipped).
     """
 
     work_px: int = 160
+    white_balance: bool = True
+    bg_quantile: float = 0.8
     min_contrast: float = 8.0
-    min_dark: float = 30.0
+    open_px: int = 3
+    min_excess: float = 7.0
     min_area: float = 0.0012
     rel_area: float = 0.12
     max_area: float = 0.5
-    join_gap: float = 0.8
-    join_min: float = 0.04
+    join_gap: float = 0.4
+    join_min: float = 0.1
     expand: float = 1.3
-    expand_min_px: float = 1.0
+    extent: str = "cyto"
+    reach: float = 1.0
+    ring_px: int = 3
+    cyto_min_de: float = 6.0
+    cyto_open_px: int = 3
+    region_min: float = 1.05
+    region_max: float = 1.7
+    region_weight: float = 0.5
     edge_keep: bool = True
-    open_px: int = 3
-    violet_k: float = 0.0
-    dark_k: float = 0.0
-    dark_ref: float = 200.0
-    white_balance: bool = True
-    bg_quantile: float = 0.8
 
 
 def otsu3(hist: np.ndarray) -> tuple[int, int]:
-    """Two thresholds ``t1 < t2`` splitting a 256-bin histogram into three classes (multi-level Otsu).
+    """Two thresholds ``t1 < t2`` splitting a histogram into three classes (multi-level Otsu).
 
-    Class 0 is ``<= t1``, class 1 is ``(t1, t2]``, class 2 is ``> t2``.
+    Class 0 is ``<= t1``, class 1 is ``(t1, t2]``, class 2 is ``> t2``. Only the
+    occupied range of the histogram is searched (fast on 8-bit images).
     """
-    p = hist.astype(np.float64)
-    total = p.sum()
-    if total <= 0:
-        return 0, 255
-    p /= total
-    i = np.arange(p.size, dtype=np.float64)
+    hist = np.asarray(hist, np.float64)
+    nz = np.flatnonzero(hist)
+    if len(nz) < 3:
+        lo = int(nz[0]) if len(nz) else 0
+        return lo, lo + 1
+    lo, hi = int(nz[0]), int(nz[-1])
+    p = hist[lo:hi + 1] / hist.sum()
+    i = np.arange(lo, hi + 1, dtype=np.float64)
     w = np.cumsum(p)
     mu = np.cumsum(p * i)
     mt = mu[-1]
-    # class 0 = [0, a], class 1 = (a, b], class 2 = (b, 255]
+    # class 0 = [lo, a], class 1 = (a, b], class 2 = (b, hi]
     wa, ma = w[:, None], mu[:, None]
     wb, mb = w[None, :], mu[None, :]
-    w0, w1, w2 = wa, wb - wa, 1.0 - wb
-    m0, m1, m2 = ma, mb - ma, mt - mb
+    w1, w2 = wb - wa, 1.0 - wb
+    m1, m2 = mb - ma, mt - mb
     with np.errstate(divide="ignore", invalid="ignore"):
-        var = m0 * m0 / w0 + m1 * m1 / w1 + m2 * m2 / w2
-    valid = (w0 > 1e-12) & (w1 > 1e-12) & (w2 > 1e-12)
-    valid &= np.triu(np.ones_like(valid), 1).astype(bool)
+        var = ma * ma / wa + m1 * m1 / w1 + m2 * m2 / w2
+    n = len(p)
+    valid = (wa > 1e-12) & (w1 > 1e-12) & (w2 > 1e-12) & (np.arange(n)[:, None] < np.arange(n)[None, :])
     var = np.where(valid, var, -1.0)
     a, b = np.unravel_index(int(np.argmax(var)), var.shape)
-    return int(a), int(b)
+    return lo + int(a), lo + int(b)
+
+
+def hist_quantile(hist: np.ndarray, q: float) -> int:
+    """The ``q`` quantile (0..1) of 8-bit data given its 256-bin histogram."""
+    c = np.cumsum(hist)
+    return int(np.searchsorted(c, q * c[-1]))
 
 
 def shrink(pixels: np.ndarray, work_px: int) -> tuple[np.ndarray, float]:
@@ -129,17 +163,15 @@ def white_balance(img: np.ndarray, quantile: float = 0.8, target: float = 235.0)
     import cv2
 
     grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    thr = np.percentile(grey, quantile * 100.0)
-    sel = grey >= thr
-    if sel.sum() < 16:
+    hist = np.bincount(grey.ravel(), minlength=256)
+    thr = hist_quantile(hist, quantile)
+    sel = (grey >= thr).astype(np.uint8)
+    bg = np.asarray(cv2.mean(img, mask=sel)[:3])
+    if not sel.any() or bg.min() <= 0:
         return img
-    bg = img[sel].mean(axis=0)
     gains = target / np.maximum(bg, 1.0)
     lut = np.clip(np.arange(256, dtype=np.float32)[:, None] * gains[None, :], 0, 255).astype(np.uint8)
-    out = np.empty_like(img)
-    for c in range(3):
-        out[:, :, c] = lut[:, c][img[:, :, c]]
-    return out
+    return cv2.LUT(img, lut.reshape(256, 1, 3))
 
 
 class _Union:
@@ -160,13 +192,14 @@ class _Union:
 
 @dataclass
 class Analysis:
-    """What the segmenter saw in one frame (for debugging, ``detect_verbose``)."""
+    """What the segmenter saw in one frame (``detect_verbose``; for debugging and tests)."""
 
     scale: float
     t1: int
     t2: int
     median: float
     nucleus_mask: np.ndarray | None = None
+    cell_mask: np.ndarray | None = None
     groups: list[list[int]] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
 
@@ -180,9 +213,11 @@ class StainSegmenter:
 
     name = "stain"
 
-    def __init__(self, config: SegmenterConfig | None = None, **overrides: float) -> None:
+    def __init__(self, config: SegmenterConfig | None = None, **overrides: object) -> None:
         cfg = config or SegmenterConfig()
         self.config = replace(cfg, **overrides) if overrides else cfg
+        if self.config.extent not in ("cyto", "expand"):
+            raise ValueError(f"extent must be 'cyto' or 'expand', not {self.config.extent!r}")
 
     def detect(self, frame: Frame | np.ndarray) -> list[Detection]:
         """White cells in ``frame`` (a ``Frame`` or a BGR array), best score first."""
@@ -195,101 +230,155 @@ class StainSegmenter:
         fr = as_frame(frame)
         cfg = self.config
         small, s = shrink(fr.pixels, cfg.work_px)
-        code = cv2.COLOR_BGR2LAB if fr.colour_order == "BGR" else cv2.COLOR_RGB2LAB
+        if fr.colour_order != "BGR":
+            small = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
         if cfg.white_balance:
             small = white_balance(small, cfg.bg_quantile)
-        lab = cv2.cvtColor(small, code)
+        lab = cv2.cvtColor(small, cv2.COLOR_BGR2LAB)
         h, w = small.shape[:2]
         area_img = float(h * w)
-        if cfg.violet_k or cfg.dark_k:
-            v = (255.0 - lab[:, :, 2]) + cfg.violet_k * (lab[:, :, 1].astype(np.float32) - 128.0)
-            if cfg.dark_k:
-                v += cfg.dark_k * (cfg.dark_ref - lab[:, :, 0].astype(np.float32))
-            blue = np.clip(v, 0, 255).astype(np.uint8)
-        else:
-            blue = 255 - lab[:, :, 2]
-        blue = cv2.GaussianBlur(blue, (3, 3), 0)
-        light = lab[:, :, 0]
+        blue = cv2.GaussianBlur(255 - lab[:, :, 2], (3, 3), 0)
         hist = np.bincount(blue.ravel(), minlength=256)
         t1, t2 = otsu3(hist)
-        med = float(np.searchsorted(np.cumsum(hist), blue.size / 2))
+        med = float(hist_quantile(hist, 0.5))
         info = Analysis(scale=s, t1=t1, t2=t2, median=med)
         if t2 - med < cfg.min_contrast:
             return [], info
         mask = (blue > t2).astype(np.uint8)
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(cfg.open_px))
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         info.nucleus_mask = mask
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         if n <= 1:
             return [], info
         count = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
-        flat = labels.ravel()
-        l_mean = np.bincount(flat, weights=light.ravel().astype(np.float64), minlength=n) / np.maximum(count, 1)
-        l_med = float(np.median(light))
-        dark = l_med - l_mean
-        speck = 0.0002 * area_img
-        ok = (count >= speck) & (dark >= cfg.min_dark)
+        f_mean = np.bincount(labels.ravel(), weights=blue.ravel(), minlength=n) / np.maximum(count, 1)
+        excess = f_mean - t2
+        ok = (count >= 0.0002 * area_img) & (excess >= cfg.min_excess)
         ok[0] = False
         idx = np.flatnonzero(ok)
         if not len(idx):
             return [], info
-        groups = self._group(labels, idx, count, cfg)
-        areas = [float(count[g].sum()) for g in groups]
-        biggest = max(areas)
-        dets: list[Detection] = []
-        for g, a in zip(groups, areas):
-            if a < cfg.min_area * area_img:
-                info.rejected.append((g[0], "small"))
-                continue
-            if a < cfg.rel_area * biggest:
-                info.rejected.append((g[0], "small vs others"))
-                continue
-            if a > cfg.max_area * area_img:
-                info.rejected.append((g[0], "too big"))
-                continue
+        groups = self._group(labels, stats, idx, count, cfg)
+        biggest = max(float(count[g].sum()) for g in groups)
+        accepted: list[tuple[list[int], float, Box]] = []
+        for g in groups:
+            a = float(count[g].sum())
+            why = ("small" if a < cfg.min_area * area_img else "small vs others" if a < cfg.rel_area * biggest
+                   else "too big" if a > cfg.max_area * area_img else "")
             x0 = float(stats[g, cv2.CC_STAT_LEFT].min())
             y0 = float(stats[g, cv2.CC_STAT_TOP].min())
             x1 = float((stats[g, cv2.CC_STAT_LEFT] + stats[g, cv2.CC_STAT_WIDTH]).max())
             y1 = float((stats[g, cv2.CC_STAT_TOP] + stats[g, cv2.CC_STAT_HEIGHT]).max())
-            touches = x0 <= 0 or y0 <= 0 or x1 >= w or y1 >= h
-            if touches and not cfg.edge_keep:
-                info.rejected.append((g[0], "edge"))
+            if not why and not cfg.edge_keep and (x0 <= 0 or y0 <= 0 or x1 >= w or y1 >= h):
+                why = "edge"
+            if why:
+                info.rejected.append((g[0], why))
                 continue
-            box = self._cell_box(x0, y0, x1, y1, w, h, cfg)
-            d = float(np.average(dark[g], weights=count[g]))
-            score = float(1.0 / (1.0 + np.exp(-(d - cfg.min_dark) / 10.0)))
-            score *= float(min(1.0, a / (3 * cfg.min_area * area_img)) ** 0.5)
-            full = tuple(float(v / s) for v in box)
-            dets.append(Detection(full, round(score, 4), "wbc"))
+            accepted.append((g, a, (x0, y0, x1, y1)))
+        if not accepted:
+            return [], info
+        regions: list[Box | None] = [None] * len(accepted)
+        if cfg.extent == "cyto":
+            regions = self._cyto_regions(lab, blue > t2, labels, stats, accepted, cfg, info)
+        dets: list[Detection] = []
+        for (g, a, nbox), region in zip(accepted, regions):
+            box = _scaled(nbox, cfg.expand, w, h)
+            if region is not None:
+                box = self._fuse(box, region, nbox, w, h, cfg)
+            ex = float(np.average(excess[g], weights=count[g]))
+            score = 1.0 / (1.0 + np.exp(-(ex - cfg.min_excess) / 3.0))
+            score *= min(1.0, a / (3 * cfg.min_area * area_img)) ** 0.5
+            full = (box[0] / s, box[1] / s, box[2] / s, box[3] / s)
+            dets.append(Detection(full, round(float(score), 4), "wbc"))
             info.groups.append(g)
         dets.sort(key=lambda d: -d.score)
         return dets, info
 
     @staticmethod
-    def _cell_box(x0: float, y0: float, x1: float, y1: float, w: int, h: int,
-                  cfg: SegmenterConfig) -> tuple[float, float, float, float]:
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        hw = max((x1 - x0) * cfg.expand, (x1 - x0) + 2 * cfg.expand_min_px) / 2
-        hh = max((y1 - y0) * cfg.expand, (y1 - y0) + 2 * cfg.expand_min_px) / 2
-        return max(0.0, cx - hw), max(0.0, cy - hh), min(float(w), cx + hw), min(float(h), cy + hh)
+    def _cyto_regions(lab: np.ndarray, nuc_all: np.ndarray, labels: np.ndarray, stats: np.ndarray, accepted: list,
+                      cfg: SegmenterConfig, info: Analysis) -> list[Box | None]:
+        """Grow each nucleus into its cytoplasm by nearest-colour classification (see step 6)."""
+        import cv2
+
+        h, w = labels.shape
+        labb = cv2.GaussianBlur(lab, (3, 3), 0)
+        light = labb[:, :, 0]
+        lhist = np.bincount(light.ravel(), minlength=256)
+        bright = (light >= hist_quantile(lhist, 0.9)).astype(np.uint8)
+        bg = np.asarray(cv2.mean(labb, mask=bright)[:3], np.float32)
+        rest = ((bright == 0) & ~nuc_all & (light < bg[0] - 10)).astype(np.uint8)
+        rbc = np.asarray(cv2.mean(labb, mask=rest)[:3], np.float32) if int(rest.sum()) > 20 else None
+        # which nucleus is nearest each pixel: a distance-transform watershed between nuclei
+        owner = None
+        if len(accepted) > 1:
+            lut = np.zeros(int(labels.max()) + 1, np.int32)
+            for k, (g, _a, _b) in enumerate(accepted):
+                lut[g] = k + 1
+            owner = _nearest_owner(labels, stats, lut)[1]
+        cell_mask = np.zeros((h, w), np.uint8)
+        out: list[Box | None] = []
+        for k, (g, _a, (x0, y0, x1, y1)) in enumerate(accepted):
+            r = cfg.reach * max(x1 - x0, y1 - y0)
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            bx0, by0 = max(0, int(cx - r) - 1), max(0, int(cy - r) - 1)
+            bx1, by1 = min(w, int(cx + r) + 2), min(h, int(cy + r) + 2)
+            nuc = np.isin(labels[by0:by1, bx0:bx1], g).astype(np.uint8)
+            ring = cv2.dilate(nuc, _kernel(2 * cfg.ring_px + 1)) & (1 - cv2.dilate(nuc, _kernel(3)))
+            ring = ring.astype(bool) & ~nuc_all[by0:by1, bx0:bx1]
+            sub = labb[by0:by1, bx0:bx1].astype(np.float32)
+            if ring.sum() < 8:
+                out.append(None)
+                continue
+            cyto = np.median(sub[ring], axis=0)
+            if float(np.linalg.norm(cyto - bg)) < cfg.cyto_min_de:
+                out.append(None)  # cytoplasm looks like background: no usable boundary
+                continue
+            d_c = _dist2(sub, cyto)
+            near = d_c < _dist2(sub, bg)
+            if rbc is not None:
+                near &= d_c < _dist2(sub, rbc)
+            disc = np.zeros_like(nuc)
+            cv2.circle(disc, (int(round(cx - bx0)), int(round(cy - by0))), int(round(r)), 1, -1)
+            cell = (near & (disc > 0)).astype(np.uint8)
+            if owner is not None:
+                cell &= (owner[by0:by1, bx0:bx1] == k + 1).astype(np.uint8)
+            if cfg.cyto_open_px > 1:
+                cell = cv2.morphologyEx(cell, cv2.MORPH_OPEN, _kernel(cfg.cyto_open_px))
+            cell |= nuc
+            n, lab_c, st, _ = cv2.connectedComponentsWithStats(cell)
+            votes = np.bincount(lab_c[nuc > 0], minlength=n)
+            votes[0] = 0
+            j = int(np.argmax(votes))
+            if j == 0:
+                out.append(None)
+                continue
+            rx0, ry0 = float(st[j, 0] + bx0), float(st[j, 1] + by0)
+            out.append((rx0, ry0, rx0 + float(st[j, 2]), ry0 + float(st[j, 3])))
+            cell_mask[by0:by1, bx0:bx1][lab_c == j] = k + 1
+        info.cell_mask = cell_mask
+        return out
 
     @staticmethod
-    def _group(labels: np.ndarray, idx: np.ndarray, count: np.ndarray, cfg: SegmenterConfig) -> list[list[int]]:
+    def _fuse(expanded: Box, region: Box, nbox: Box, w: int, h: int, cfg: SegmenterConfig) -> Box:
+        """Average the expanded nucleus box with the cytoplasm region's box clamped to plausible sizes."""
+        lo = _scaled(nbox, cfg.region_min, w, h)
+        hi = _scaled(nbox, cfg.region_max, w, h)
+        clamped = (min(max(region[0], hi[0]), lo[0]), min(max(region[1], hi[1]), lo[1]),
+                   max(min(region[2], hi[2]), lo[2]), max(min(region[3], hi[3]), lo[3]))
+        k = cfg.region_weight
+        return ((1 - k) * expanded[0] + k * clamped[0], (1 - k) * expanded[1] + k * clamped[1],
+                (1 - k) * expanded[2] + k * clamped[2], (1 - k) * expanded[3] + k * clamped[3])
+
+    @staticmethod
+    def _group(labels: np.ndarray, stats: np.ndarray, idx: np.ndarray, count: np.ndarray,
+               cfg: SegmenterConfig) -> list[list[int]]:
         """Join blobs (labels ``idx``) that are lobes of one nucleus."""
-        import cv2
 
         if len(idx) == 1:
             return [[int(idx[0])]]
         keep = np.zeros(int(labels.max()) + 1, np.int32)
         keep[idx] = np.arange(1, len(idx) + 1, dtype=np.int32)
-        sel = keep[labels]  # 0 = background, k = k-th kept blob
-        src = (sel == 0).astype(np.uint8)
-        dist, near = cv2.distanceTransformWithLabels(src, cv2.DIST_L2, 3, labelType=cv2.DIST_LABEL_CCOMP)
-        # map distance-transform labels (one per zero-component) back to our blob numbers
-        lut = np.zeros(int(near.max()) + 1, np.int32)
-        ys, xs = np.nonzero(sel)
-        lut[near[ys, xs]] = sel[ys, xs]
-        owner = lut[near]
+        dist, owner = _nearest_owner(labels, stats, keep)
         gaps: dict[tuple[int, int], float] = {}
         for a, b, da, db in (
             (owner[:, :-1], owner[:, 1:], dist[:, :-1], dist[:, 1:]),
@@ -321,3 +410,37 @@ class StainSegmenter:
         for k in range(1, len(idx) + 1):
             out.setdefault(uf.find(k), []).append(int(idx[k - 1]))
         return list(out.values())
+
+
+def _nearest_owner(labels: np.ndarray, stats: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance to, and number of, the nearest marked blob for every pixel.
+
+    ``lut`` maps component labels to blob numbers (0 = not a marker). This is a
+    watershed of the background by distance: each pixel goes to the blob it is
+    nearest, and ``dist`` is how far that is.
+    """
+    import cv2
+
+    seeds = lut[labels]
+    dist, near = cv2.distanceTransformWithLabels((seeds == 0).astype(np.uint8), cv2.DIST_L2, 3,
+                                                 labelType=cv2.DIST_LABEL_CCOMP)
+    back = np.zeros(int(near.max()) + 1, np.int32)
+    for comp in np.flatnonzero(lut):
+        x, y, bw, bh = (int(v) for v in stats[comp, :4])
+        win = labels[y:y + bh, x:x + bw] == comp
+        j = int(np.argmax(win))  # first pixel of the blob inside its box
+        back[near[y + j // bw, x + j % bw]] = lut[comp]
+    return dist, back[near]
+
+
+def _scaled(b: Box, f: float, w: int, h: int) -> Box:
+    """Box ``b`` scaled by ``f`` about its centre, clipped to ``w`` x ``h``."""
+    cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+    hw, hh = (b[2] - b[0]) * f / 2, (b[3] - b[1]) * f / 2
+    return max(0.0, cx - hw), max(0.0, cy - hh), min(float(w), cx + hw), min(float(h), cy + hh)
+
+
+def _dist2(img: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """Squared colour distance of every pixel of ``img`` (H x W x 3 float32) to ``colour``."""
+    d = img - colour.reshape(1, 1, 3)
+    return np.einsum("ijk,ijk->ij", d, d)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Callable  # typing's: EventCallback below is evaluated at run time (Python 3.8)
 
 from edge.records import Frame
 

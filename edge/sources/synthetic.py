@@ -232,9 +232,9 @@ class SmearModel:
         ell(c.cx, c.cy, c.rx, c.ry, c.angle, self._colour((206, 190, 218)))  # pale lilac granular cytoplasm
         n_lobes = rng.choice((2, 3, 3, 4, 4, 5))
         a0 = rng.uniform(0, 2 * math.pi)
-        span = rng.uniform(1.4, 3.0)
-        arc_r = r * rng.uniform(0.36, 0.5)
-        lobe = r * rng.uniform(0.22, 0.28)
+        span = rng.uniform(2.0, 3.4)
+        arc_r = r * rng.uniform(0.46, 0.58)
+        lobe = r * rng.uniform(0.21, 0.27)
         pts = []
         for k in range(n_lobes):
             a = a0 + span * (k / max(1, n_lobes - 1) - 0.5)
