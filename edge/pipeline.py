@@ -164,7 +164,7 @@ def restore(store: SessionStore, counter: DifferentialCounter, tracker: SlideTra
     tracker.reset()
     for c in cells:
         counter.add(c.class_index, c.review)
-        tracker.cells.add(c.field, c.sx, c.sy, c.size)
+        tracker.cells.add(c.field, c.sx, c.sy, c.box[2] - c.box[0], c.box[3] - c.box[1])
     tracker.registrar.load(store.read_keyframes())
     return cells
 

@@ -145,14 +145,26 @@ def test_unrelated_frames_start_new_fields_and_replayed_frames_relocalise():
     assert all(r.how in ("tracked", "relocalised") and abs(r.ox) < 1 and abs(r.oy) < 1 for r in replay)
 
 
-def test_cell_map_matches_one_to_one_within_half_a_diameter():
+def test_cell_map_keeps_touching_cells_apart_and_matches_within_half_a_diameter():
     m = CellMap()
-    a = m.add(1, 100, 100, 40)
-    b = m.add(1, 130, 100, 40)
-    assert m.match(1, [(101, 99, 40), (128, 101, 40)]) == [a, b]
-    assert m.match(1, [(100, 100, 40), (100, 101, 40)]) == [a, None] or m.match(1, [(100, 100, 40)]) == [a]
-    assert m.match(1, [(200, 200, 40)]) == [None]
-    assert m.match(2, [(100, 100, 40)]) == [None]  # another field is another coordinate system
+    a = m.add(1, 100, 100, 40, 40)
+    b = m.add(1, 140, 100, 40, 40)  # touching neighbour
+    assert m.match(1, [(102, 99, 40, 40), (138, 101, 40, 40)]) == [a, b]
+    assert m.match(1, [(200, 200, 40, 40)]) == [None]
+    assert m.match(1, [(120, 160, 40, 40)]) == [None]  # nearby but a different cell
+    assert m.match(2, [(100, 100, 40, 40)]) == [None]  # another field is another coordinate system
+
+
+def test_pieces_of_a_known_cell_are_not_new_cells_and_a_whole_cell_is_not_its_piece_again():
+    m = CellMap()
+    whole = m.add(1, 100, 100, 60, 60)
+    # the segmenter splits the cell into two lobes in a later frame: both are the known cell
+    assert m.match(1, [(85, 100, 24, 40), (115, 100, 24, 40)]) == [whole, whole]
+    m2 = CellMap()
+    piece = m2.add(1, 120, 100, 24, 40)  # only a piece was seen while the cell entered the view
+    assert m2.match(1, [(100, 100, 60, 60)]) == [piece]
+    m2.update(piece, 100, 100, 60, 60)  # from now on the whole cell is what is known
+    assert m2.match(1, [(80, 100, 20, 40)]) == [piece]
 
 
 def _truth_wbc(frame):

@@ -4,7 +4,8 @@ Every frame is registered to a *keyframe* of the slide by phase correlation
 on a small, high-passed grey thumbnail (``cv2.phaseCorrelate``), which gives
 the frame's origin in slide coordinates. A detection's centre plus that
 origin is where the cell lies on the slide; a detection that lands within
-half a cell diameter of a cell already known is the same cell and is not
+half a cell diameter of a cell already known, or that is mostly a piece of
+one (a lobe, a cell half cut off by the border), is the same cell and is not
 counted again. A new keyframe is taken when the view has moved a fifth
 of a frame (or the match weakens), so drift accumulates per keyframe
 rather than per frame.
@@ -30,7 +31,8 @@ MIN_RESPONSE = 0.3  # cv2.phaseCorrelate peak response for a valid match (unrela
 KEYFRAME_SHIFT = 0.2  # new keyframe after the view moved this share of the frame's smaller side,
 KEYFRAME_RESPONSE = 0.5  # or once the match to the keyframe weakens below this (before it is lost)
 MAX_SHIFT = 0.5  # a phase-correlation shift beyond this share of the thumbnail is aliasing, not motion
-MATCH_FRACTION = 0.5  # same cell when within this share of the cell's diameter
+MATCH_FRACTION = 0.5  # same cell when the centres are within this share of the cell's diameter,
+CONTAINED = 0.6  # or when this share of the smaller box lies inside the other (a piece of a known cell)
 
 
 def _cv2():
@@ -267,18 +269,31 @@ class SlideRegistrar:
 
 @dataclass
 class KnownCell:
-    """A cell already counted (or queued to be), in slide coordinates."""
+    """A cell already counted (or queued to be), in slide coordinates: centre and box size."""
 
     id: int
     field: int
     x: float
     y: float
-    size: float
+    w: float
+    h: float
+
+    @property
+    def size(self) -> float:
+        """Diameter (larger box side)."""
+        return max(self.w, self.h)
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection area of two ``(x, y, w, h)`` centre boxes."""
+    ix = min(a[0] + a[2] / 2, b[0] + b[2] / 2) - max(a[0] - a[2] / 2, b[0] - b[2] / 2)
+    iy = min(a[1] + a[3] / 2, b[1] + b[3] / 2) - max(a[1] - a[3] / 2, b[1] - b[3] / 2)
+    return max(0.0, ix) * max(0.0, iy)
 
 
 @dataclass
 class CellMap:
-    """Known cells, hashed on a grid per field, matched by distance.
+    """Known cells, hashed on a grid per field, matched by distance and overlap.
 
     Attributes:
         grid: Grid cell side in slide pixels (about the size of a white cell).
@@ -288,6 +303,7 @@ class CellMap:
     cells: dict[int, KnownCell] = field(default_factory=dict)
     _buckets: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
     next_id: int = 1
+    _largest: float = 0.0
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -295,25 +311,30 @@ class CellMap:
     def _key(self, fld: int, x: float, y: float) -> tuple[int, int, int]:
         return fld, int(np.floor(x / self.grid)), int(np.floor(y / self.grid))
 
-    def add(self, fld: int, x: float, y: float, size: float, cell_id: int | None = None) -> int:
-        """Remember a cell; returns its id."""
-        cid = self.next_id if cell_id is None else cell_id
-        self.next_id = max(self.next_id, cid + 1)
-        self.cells[cid] = KnownCell(cid, fld, x, y, size)
+    def add(self, fld: int, x: float, y: float, w: float, h: float | None = None) -> int:
+        """Remember a cell (centre ``x, y``, box ``w x h``); returns its id."""
+        h = w if h is None else h
+        cid = self.next_id
+        self.next_id += 1
+        self.cells[cid] = KnownCell(cid, fld, x, y, w, h)
         self._buckets.setdefault(self._key(fld, x, y), []).append(cid)
+        self._largest = max(self._largest, w, h)
         return cid
 
-    def move(self, cid: int, x: float, y: float) -> None:
-        """Update where a known cell was last seen (keeps registration drift local)."""
+    def update(self, cid: int, x: float, y: float, w: float, h: float) -> None:
+        """Where a known cell was last seen (keeps registration drift local), and its box when seen whole."""
         c = self.cells[cid]
+        if w * h < 0.7 * c.w * c.h:  # a part of the cell (a lobe, a cut-off piece): keep the whole cell's box
+            return
         old, new = self._key(c.field, c.x, c.y), self._key(c.field, x, y)
-        c.x, c.y = x, y
+        c.x, c.y, c.w, c.h = x, y, w, h
+        self._largest = max(self._largest, w, h)
         if old != new:
             self._buckets[old].remove(cid)
             self._buckets.setdefault(new, []).append(cid)
 
     def near(self, fld: int, x: float, y: float, radius: float) -> list[tuple[float, int]]:
-        """Known cells within ``radius`` of a point: ``(distance, id)`` pairs."""
+        """Known cells whose centre lies within ``radius`` of a point: ``(distance, id)`` pairs."""
         out = []
         reach = int(np.ceil(radius / self.grid))
         _, gx, gy = self._key(fld, x, y)
@@ -326,25 +347,44 @@ class CellMap:
                         out.append((d, cid))
         return out
 
-    def match(self, fld: int, points: Sequence[tuple[float, float, float]],
-              fraction: float = MATCH_FRACTION) -> list[int | None]:
-        """One-to-one matching of ``(x, y, size)`` points to known cells, nearest pairs first.
+    def match(self, fld: int, boxes: Sequence[tuple[float, float, float, float]],
+              fraction: float = MATCH_FRACTION, contained: float = CONTAINED) -> list[int | None]:
+        """Which known cell each ``(x, y, w, h)`` detection is, or None for a new cell.
 
-        A point matches a known cell within ``fraction * max(size, known size)``.
-        Returns the matched cell id per point, or None for a new cell.
+        First one-to-one, nearest pairs first: a detection is a known cell when their
+        centres are within ``fraction`` of the larger diameter (so two touching cells
+        stay two). Then a detection left over is still a known cell when most of one
+        of them (``contained`` of the smaller box's area) overlaps: a lobe or a cut-off
+        piece of a cell counted whole, or a whole cell whose piece was counted while it
+        entered the view. Such matches may share a known cell.
         """
         pairs = []
-        for p, (x, y, size) in enumerate(points):
-            for d, cid in self.near(fld, x, y, fraction * max(size, self.grid)):
+        cands: list[list[int]] = []
+        for p, (x, y, w, h) in enumerate(boxes):
+            size = max(w, h)
+            near = self.near(fld, x, y, (size + self._largest) / 2)
+            cands.append([cid for _, cid in near])
+            for d, cid in near:
                 if d <= fraction * max(size, self.cells[cid].size):
                     pairs.append((d, p, cid))
         pairs.sort()
-        out: list[int | None] = [None] * len(points)
+        out: list[int | None] = [None] * len(boxes)
         used: set[int] = set()
         for _d, p, cid in pairs:
             if out[p] is None and cid not in used:
                 out[p] = cid
                 used.add(cid)
+        for p, b in enumerate(boxes):
+            if out[p] is not None:
+                continue
+            best, share = None, contained
+            for cid in cands[p]:
+                c = self.cells[cid]
+                inter = _overlap(b, (c.x, c.y, c.w, c.h))
+                s_ = inter / max(1e-6, min(b[2] * b[3], c.w * c.h))
+                if s_ >= share:
+                    best, share = cid, s_
+            out[p] = best
         return out
 
 
@@ -416,14 +456,15 @@ class SlideTracker:
                 continue
             inside.append(TrackedDetection(i, (x0, y0, x1, y1), (x0 + x1) / 2 + reg.ox, (y0 + y1) / 2 + reg.oy,
                                            max(x1 - x0, y1 - y0)))
-        matches = self.cells.match(reg.field, [(t.sx, t.sy, t.size) for t in inside])
+        dims = [(t.box[2] - t.box[0], t.box[3] - t.box[1]) for t in inside]
+        matches = self.cells.match(reg.field, [(t.sx, t.sy, w_, h_) for t, (w_, h_) in zip(inside, dims)])
         new = []
-        for t, cid in zip(inside, matches):
+        for t, (w_, h_), cid in zip(inside, dims, matches):
             if cid is None:
-                self.cells.add(reg.field, t.sx, t.sy, t.size)
+                self.cells.add(reg.field, t.sx, t.sy, w_, h_)
                 new.append(t)
             else:
-                self.cells.move(cid, t.sx, t.sy)
+                self.cells.update(cid, t.sx, t.sy, w_, h_)
         return TrackResult(reg, tuple(new), len(inside) - len(new), at_edge)
 
     def observe(self, pixels: np.ndarray, boxes: Sequence[tuple[float, float, float, float]],
