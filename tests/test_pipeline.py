@@ -333,3 +333,18 @@ def test_end_to_end_with_the_real_segmenter_counts_physical_cells_once(tiny_bund
         physical.append(src.truth_ids(c["frame"])[int(inside.argmax())])
     assert len(physical) == 60
     assert len(physical) - len(set(physical)) <= 1, "physical cells counted more than once"
+
+
+def test_demo_runs_on_a_fresh_machine_with_the_shipped_bundle(tmp_path, capsys):
+    """``hemaedge count --demo``: synthetic smear + shipped bundle, CPU only, ends with a report."""
+    from edge.models import default_bundle_path
+    from hemaedge.cli import main
+
+    try:
+        default_bundle_path()
+    except BundleError as exc:
+        pytest.skip(f"no shipped bundle in this checkout: {exc}")
+    assert main(["count", "--demo", "--no-tui", "--json", "--target", "25", "--out", str(tmp_path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["differential"]["complete"] and doc["differential"]["total_wbc"] == 25
+    assert Path(doc["reports"]["report"]).is_file()
