@@ -43,8 +43,10 @@ def _missing_extra(name: str, exc: ModuleNotFoundError) -> int | None:
     """One red line naming the extra when a workstation dependency is missing; None if it is something else."""
     if (exc.name or "").split(".")[0] not in _WORKSTATION_MODULES:
         return None
+    # The station runtime runs on Python 3.8 (JetPack 5); the workstation extra needs >= 3.9 (torch 2.x).
+    where = "" if sys.version_info >= (3, 9) else f" on Python >= 3.9 (this is {sys.version_info[0]}.{sys.version_info[1]})"
     _console().print(f"[bold red]error:[/] '{name}' needs the workstation extra ({exc.name} is missing): "
-                     "pip install 'hemaedge\\[export]'")
+                     f"pip install 'hemaedge\\[export]'{where}")
     return 2
 
 

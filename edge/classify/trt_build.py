@@ -26,10 +26,10 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable  # typing's: Log below is evaluated at run time (3.8 has no Callable[...] in abc)
 
 import numpy as np
 
