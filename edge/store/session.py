@@ -145,16 +145,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_png(path: Path, rgb: np.ndarray, sync: bool = True) -> None:
-    """Write an RGB uint8 image as PNG, fsynced when ``sync``; raises OSError on failure."""
+def _encode_png(rgb: np.ndarray) -> bytes:
     import cv2
 
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]) if rgb.ndim == 3 else rgb)
     if not ok:
-        raise OSError(f"cannot encode {path.name} as PNG")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        raise OSError("cannot encode a crop as PNG")
+    return buf.tobytes()
+
+
+def _fill(fd: int, rgb: np.ndarray, sync: bool = True) -> None:
+    """Encode ``rgb`` as PNG into an open file, fsync when ``sync``, and close it."""
     try:
-        view = memoryview(buf.tobytes())
+        view = memoryview(_encode_png(rgb))
         while view:
             n = os.write(fd, view)
             view = view[n:]
@@ -162,6 +165,11 @@ def write_png(path: Path, rgb: np.ndarray, sync: bool = True) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_png(path: Path, rgb: np.ndarray, sync: bool = True) -> None:
+    """Write an RGB uint8 image as PNG, fsynced when ``sync``; raises OSError on failure."""
+    _fill(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), rgb, sync)
 
 
 class SessionStore:
@@ -318,19 +326,28 @@ class SessionStore:
                                       float(cell.confidence), bool(cell.review), tuple(probs), rel))
             if writes:
                 self._write_crops(writes)
-                _fsync_dir(self.crops)
         return out
 
     def _write_crops(self, writes: Sequence[tuple[Path, np.ndarray]]) -> None:
-        """Encode, write and fsync the crops of a batch in parallel (fsyncs issued together share one journal
-        commit: ~4 ms for five crops here instead of ~20 ms one after another)."""
-        if len(writes) == 1:
-            write_png(*writes[0])
-            return
+        """Create the crop files, then encode, write and fsync them and fsync the folder, all in parallel.
+
+        fsyncs issued together share the file system's journal commit: about 4 ms for a
+        frame's five crops and their names here, instead of about 25 ms one after another.
+        """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hemaedge-crops")
-        for f in [self._pool.submit(write_png, path, crop) for path, crop in writes]:
-            f.result()  # re-raises the first OSError
+        fds: list[int] = []
+        try:
+            for path, _ in writes:  # the names exist before the folder is fsynced
+                fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        jobs = [self._pool.submit(_fill, fd, crop) for fd, (_, crop) in zip(fds, writes)]
+        jobs.append(self._pool.submit(_fsync_dir, self.crops))
+        for job in jobs:
+            job.result()  # re-raises the first OSError (every job runs, so every fd is closed)
 
     def read_cells(self, epoch: int | None = None) -> list[StoredCell]:
         """Committed cells of an epoch (default: the current one), in the order they were counted."""
