@@ -4,7 +4,8 @@
 #   sudo deploy/jetson/install.sh [--bundle DIR] [--source URI] [--build-engine] [--no-service]
 #
 # What it does (each step says what it is doing; safe to run again):
-#   1. checks this is a Jetson on JetPack 5 (L4T R35) or 6 (L4T R36);
+#   1. checks this is a Jetson on JetPack 5 (L4T R35: Python 3.8, TensorRT 8.4/8.5, CUDA 11.4)
+#      or 6 (L4T R36: Python 3.10, TensorRT 8.6/10.x, CUDA 12.x);
 #   2. apt: Python venv, TensorRT's Python bindings, GStreamer-enabled OpenCV, camera tools;
 #   3. a 'hemaedge' system user in the video group, with /var/lib/hemaedge as its home;
 #   4. a virtualenv in /opt/hemaedge/venv created with --system-site-packages, so JetPack's
@@ -35,8 +36,8 @@ usage: sudo deploy/jetson/install.sh [options]
   --package SPEC      what pip installs (default: this checkout)
   --ort-wheel FILE    an onnxruntime-gpu wheel for this JetPack (optional; see README.md)
   --build-engine      build this board's TensorRT engine into the bundle (minutes)
-  --python PY         interpreter for the venv (default python3; on JetPack 5 see README.md:
-                      its python3 is 3.8, too old for hemaedge, and TensorRT is built only for it)
+  --python PY         interpreter for the venv (default python3, JetPack's: 3.8 on JetPack 5, 3.10 on
+                      JetPack 6; TensorRT's Python bindings exist only for it, so keep the default)
   --no-service        do not install or start the systemd unit
 EOF
 }
@@ -77,9 +78,12 @@ PY
 # --- 1. which JetPack -----------------------------------------------------------------------
 L4T_MAJOR=$(sed -n 's/^# R\([0-9]*\) (release).*/\1/p' /etc/nv_tegra_release | head -n 1)
 case "$L4T_MAJOR" in
-  35) JETPACK=5; CUDA_PYTHON='cuda-python>=11.4,<12' ;;
+  # cuda-python's major version must match JetPack's CUDA (11.4 on JetPack 5, 12.x on JetPack 6). On
+  # JetPack 5 (Python 3.8, aarch64) the newest that installs is 11.8.2: 11.8.6 and 11.8.7 are shells around
+  # cuda-bindings, which has no Python 3.8 wheels; '<11.8.3' spares pip that backtracking.
+  35) JETPACK=5; CUDA_PYTHON='cuda-python>=11.4,<11.8.3' ;;
   36) JETPACK=6; CUDA_PYTHON='cuda-python>=12.2,<13' ;;
-  32) die "L4T R32 is JetPack 4 (Python 3.6, TensorRT 8.2): hemaedge needs Python >= 3.9. Jetson Nano/TX2 cannot move to JetPack 5; run ONNX Runtime CPU on another machine, or see README.md" ;;
+  32) die "L4T R32 is JetPack 4 (Python 3.6, TensorRT 8.2): hemaedge needs Python >= 3.8. Jetson Nano/TX2 cannot move to JetPack 5; run ONNX Runtime CPU on another machine, or see README.md" ;;
   *) die "unsupported L4T release R${L4T_MAJOR:-?} (need R35 = JetPack 5 or R36 = JetPack 6)" ;;
 esac
 say "Jetson: $(tr -d '\0' </proc/device-tree/model 2>/dev/null || echo unknown), L4T R$L4T_MAJOR (JetPack $JETPACK)"
@@ -93,12 +97,17 @@ apt-get install -y --no-install-recommends python3-venv python3-pip python3-libn
 if [ "$PY" != python3 ]; then
   apt-get install -y --no-install-recommends "$PY" "$PY-venv"
 fi
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "$("$PY" -V 2>&1) is too old: hemaedge needs Python >= 3.9. \
-JetPack $JETPACK's python3 is 3.8 and its TensorRT bindings exist only for 3.8; see deploy/jetson/README.md \
-('JetPack 5') for the choices (JetPack 6, or --python python3.9 running ONNX Runtime without TensorRT)"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 8))' || die "$("$PY" -V 2>&1) is too old: hemaedge needs Python >= 3.8"
+say "Python: $("$PY" -V 2>&1) (JetPack $JETPACK)"
 if ! cv2_has_gstreamer python3; then
-  say "apt: OpenCV with GStreamer (python3-opencv)"
-  apt-get install -y --no-install-recommends python3-opencv
+  if [ "$JETPACK" -eq 5 ]; then
+    # JetPack 5's own OpenCV (4.5.4, GStreamer on; part of nvidia-jetpack) rather than Ubuntu 20.04's 4.2.
+    say "apt: OpenCV with GStreamer (JetPack's nvidia-opencv)"
+    apt-get install -y --no-install-recommends nvidia-opencv || apt-get install -y --no-install-recommends python3-opencv
+  else
+    say "apt: OpenCV with GStreamer (python3-opencv)"
+    apt-get install -y --no-install-recommends python3-opencv
+  fi
 fi
 if ! "$PY" -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'; then
   if [ "$PY" = python3 ]; then
@@ -123,6 +132,8 @@ install -d "$PREFIX"
 PIP=("$PREFIX/venv/bin/python" -m pip)
 "${PIP[@]}" install --upgrade pip
 # JetPack's cv2 and TensorRT bindings are built against numpy 1.x: keep numpy below 2 in the venv.
+# (On JetPack 5 pip puts numpy 1.24 in the venv over Ubuntu 20.04's 1.17, which is older than hemaedge needs;
+# modules built against an older numpy 1.x run with a newer 1.x.)
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo 'numpy<2' >"$CONSTRAINTS"

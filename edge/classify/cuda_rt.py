@@ -20,7 +20,8 @@ import numpy as np
 from edge.errors import BackendError, MissingDependencyError
 
 _MODULES = ("cuda.bindings.runtime", "cuda.cudart")
-INSTALL_HINT = "pip install 'hemaedge[jetson]' (cuda-python; on a Jetson match it to JetPack's CUDA, e.g. 'cuda-python==12.*' on JetPack 6)"
+INSTALL_HINT = ("pip install 'hemaedge[jetson]' (cuda-python; on a Jetson match it to JetPack's CUDA: "
+                "'cuda-python>=11.4,<12' on JetPack 5, 'cuda-python>=12.2,<13' on JetPack 6)")
 
 
 def load_cudart() -> Any:

@@ -86,7 +86,7 @@ def check_board(root: str = "/") -> tuple[list[Check], dict]:
         rows.append(Check("JetPack / L4T", OK if l4t else WARN, f"{jp}, L4T {l4t or 'unknown'}",
                           "" if pkg else "optional: sudo apt-get install nvidia-jetpack (TensorRT, cuDNN, VPI, samples)"))
         if facts["jetpack"] == "4":
-            rows.append(Check("JetPack / L4T", WARN, "JetPack 4 ships Python 3.6 and TensorRT 8.2; hemaedge needs Python >= 3.9",
+            rows.append(Check("JetPack / L4T", WARN, "JetPack 4 ships Python 3.6 and TensorRT 8.2; hemaedge needs Python >= 3.8",
                               "use the container (deploy/jetson/Dockerfile) or ONNX Runtime CPU; JetPack 4 boards "
                               "(Nano, TX2) cannot be upgraded to JetPack 5"))
     elif facts["pi"]:
@@ -103,8 +103,9 @@ def check_python(facts: dict) -> list[Check]:
     from edge import __version__
 
     ver = platform.python_version()
-    rows = [Check("python", OK if sys.version_info >= (3, 9) else MISSING, f"Python {ver}, hemaedge {__version__}",
-                  "" if sys.version_info >= (3, 9) else "hemaedge needs Python >= 3.9")]
+    # 3.8 is JetPack 5's Python: the station runtime supports it (the workstation extra needs >= 3.9).
+    rows = [Check("python", OK if sys.version_info >= (3, 8) else MISSING, f"Python {ver}, hemaedge {__version__}",
+                  "" if sys.version_info >= (3, 8) else "hemaedge needs Python >= 3.8")]
     if sys.prefix != sys.base_prefix:
         cfg = _read(os.path.join(sys.prefix, "pyvenv.cfg"))
         system = bool(re.search(r"include-system-site-packages\s*=\s*true", cfg))
