@@ -390,3 +390,28 @@ def test_backend_refuses_a_wrong_input_shape_without_caching_buffers(bundle_dir)
             backend.classify(np.zeros((2, 3, 32, 32), np.float32))
         assert backend.buffers == {}
         assert backend.classify(np.zeros((2, 3, 28, 28), np.float32)).shape == (2, 8)
+
+
+class _NoDriverCudart:
+    """cuda-python 11.x (JetPack 5's) without a loadable libcuda.so.1: its calls raise instead of returning an error.
+
+    Observed with cuda-python 11.8.2 on a machine without an NVIDIA driver; 12.x returns an error code.
+    """
+
+    def cudaGetDeviceCount(self):
+        raise RuntimeError("Failed to dlopen libcuda.so.1")
+
+    def cudaGetDeviceProperties(self, device):
+        raise RuntimeError("Failed to dlopen libcuda.so.1")
+
+
+def test_no_loadable_cuda_driver_falls_back_instead_of_crashing(bundle_dir):
+    from edge.classify.cuda_rt import CudaRuntime
+
+    cuda = CudaRuntime(_NoDriverCudart())
+    assert cuda.device_count() == 0
+    with pytest.raises(BackendError, match="CUDA driver not usable"):
+        cuda.gpu(0)
+    trt, _ = fake_pair()
+    backend, reason = select_backend(bundle_dir, "auto", trt=trt, cudart=_NoDriverCudart())
+    assert isinstance(backend, OrtBackend) and "no usable CUDA GPU" in reason

@@ -99,15 +99,22 @@ class CudaRuntime:
         self.rt = rt if rt is not None else load_cudart()
 
     def device_count(self) -> int:
-        """Number of CUDA devices (0 when the driver reports none)."""
-        res = self.rt.cudaGetDeviceCount()
+        """Number of CUDA devices (0 when the driver reports none or cannot be loaded)."""
+        try:
+            res = self.rt.cudaGetDeviceCount()
+        except RuntimeError:  # cuda-python 11.x (JetPack 5) raises "Failed to dlopen libcuda.so.1" without a driver
+            return 0
         if int(res[0]) != int(self.rt.cudaError_t.cudaSuccess):
             return 0
         return int(res[1])
 
     def gpu(self, device: int = 0) -> GpuInfo:
         """Name and compute capability of a device."""
-        props = _check(self.rt, self.rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+        try:
+            res = self.rt.cudaGetDeviceProperties(device)
+        except RuntimeError as exc:  # no loadable CUDA driver (see device_count)
+            raise BackendError(f"CUDA driver not usable: {exc}") from exc
+        props = _check(self.rt, res, "cudaGetDeviceProperties")
         name = props.name
         if isinstance(name, (bytes, bytearray)):
             name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
