@@ -1,0 +1,111 @@
+"""End-to-end accuracy on BCCD frames: detect -> crop (bundle geometry) -> classify vs the labelled WBC type.
+
+BCCD is a different microscope and stain from the PBC cells the shipped model
+was trained on, so this measures how well the station transfers. Each BCCD
+frame has one labelled WBC type (``wbc_types.csv``); frames whose type is one
+of the four common ones (neutrophil, eosinophil, lymphocyte, monocyte) are
+scored. The WBC is the detection that best overlaps the annotated WBC box
+(``--boxes detected``, the station's path) or the annotated box itself
+(``--boxes truth``, isolating classification from detection).
+
+    python tools/eval_bccd.py --bundle edge/models/bloodcnn5 --split val [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from calibration.datasets import read_rgb  # noqa: E402
+from edge.bundle import cut_crop, load_bundle, preprocess  # noqa: E402
+from edge.classify.onnxruntime import OrtBackend  # noqa: E402
+from edge.config import data_root  # noqa: E402
+from edge.models import default_bundle_path  # noqa: E402
+from edge.records import Frame  # noqa: E402
+from edge.segment import make_segmenter  # noqa: E402
+from edge.segment.groundtruth import iou_matrix, read_voc  # noqa: E402
+
+COMMON = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte"}
+
+
+def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Path) -> dict:
+    """Score the four common types; returns accuracy, confusion and counts."""
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    names = [ln.strip() for ln in (root / f"{split}.txt").read_text().split() if ln.strip()]
+    types = {}
+    with open(root / "wbc_types.csv", newline="") as f:
+        for row in csv.reader(f):
+            if len(row) >= 2 and row[1].strip().upper() in COMMON:
+                types[row[0].strip()] = COMMON[row[1].strip().upper()]
+    seg = make_segmenter()
+    crops, truth, missed = [], [], 0
+    for name in names:
+        if name not in types:
+            continue
+        img = read_rgb(root / "JPEGImages" / f"{name}.jpg")
+        gt = read_voc(root / "Annotations" / f"{name}.xml")
+        if len(gt) == 0:
+            continue
+        gt_box = gt[np.argmax((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]))]
+        box = gt_box
+        if boxes == "detected":
+            dets = seg.detect(Frame(img, "RGB", 0.0, "bccd", 0, name))
+            if not dets:
+                missed += 1
+                continue
+            ious = iou_matrix(np.array([d.box for d in dets], np.float32), gt_box[None])[:, 0]
+            if ious.max() < 0.5:
+                missed += 1
+                continue
+            box = dets[int(np.argmax(ious))].box
+        crops.append(cut_crop(img, box, m.crop))
+        truth.append(types[name])
+    with OrtBackend(bundle, precision) as be:
+        probs = be.classify(preprocess(crops, m.input)) if crops else np.zeros((0, len(m.classes)))
+    pred = [m.classes[i] for i in probs.argmax(1)]
+    correct = sum(p == t for p, t in zip(pred, truth))
+    scored = len(truth) + missed
+    return {
+        "bundle": str(bundle_dir), "split": split, "boxes": boxes, "precision": precision,
+        "frames_scored": scored, "cells_classified": len(truth), "wbc_not_detected": missed,
+        "accuracy": correct / scored if scored else 0.0,
+        "accuracy_of_classified": correct / len(truth) if truth else 0.0,
+        "per_type": {t: {"n": sum(1 for x in truth if x == t),
+                         "correct": sum(1 for p, x in zip(pred, truth) if x == t and p == t)} for t in COMMON.values()},
+        "confusion": {t: dict(Counter(p for p, x in zip(pred, truth) if x == t)) for t in COMMON.values()},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", default=None)
+    ap.add_argument("--split", default="val", choices=["train", "val"])
+    ap.add_argument("--boxes", default="detected", choices=["detected", "truth"])
+    ap.add_argument("--precision", default="int8")
+    ap.add_argument("--data", default=None, help="BCCD folder (default $HEMAEDGE_DATA/bccd)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    res = evaluate(Path(a.bundle or default_bundle_path()), a.split, a.boxes, a.precision,
+                   Path(a.data) if a.data else data_root() / "bccd")
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"BCCD {a.split} ({a.boxes} boxes, {a.precision}): accuracy {res['accuracy']:.3f} on "
+              f"{res['frames_scored']} frames ({res['wbc_not_detected']} WBC not detected)")
+        for t, c in res["confusion"].items():
+            print(f"  {t:11s} n={res['per_type'][t]['n']:3d} predicted as {c}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
