@@ -60,14 +60,20 @@ class SegmenterConfig:
         max_area: Largest nucleus as a fraction of the working image area.
         join_gap: Blobs whose gap is below ``join_gap * sqrt(area of the larger)`` are lobes of one cell.
         join_min: A blob joins a bigger one only if it has at least this fraction of its area.
+        join_px: ... and gaps up to this many working pixels always join (small cells, low magnification).
         expand: The nucleus box grown by this factor approximates the cell box.
+        expand_round, round_solidity: ... by ``expand_round`` when the nucleus is one compact blob
+            (solidity at least ``round_solidity``): a round nucleus fills most of its cell. 0 disables.
         extent: ``"cyto"`` (grow into the cytoplasm, fused with ``expand``) or ``"expand"`` (nucleus box only).
         reach: A cell reaches at most ``reach`` times its nucleus extent from the nucleus centre.
         ring_px: Width of the ring around the nucleus that samples the cytoplasm colour.
+        halo_px: The nucleus grown by this much always belongs to the cell (its blurred rim).
         cyto_min_de: Cytoplasm closer than this (Delta E) to the background is not used.
         cyto_open_px: Opening of the cytoplasm region (cuts bridges into touching red cells).
         region_min, region_max: The region box is clamped between these multiples of the nucleus box.
         region_weight: Weight of the (clamped) region box against the expanded nucleus box.
+        trust_fill, trust_max, trust_weight: A region filling at least ``trust_fill`` of its box's
+            ellipse that stayed within reach is trusted: clamped to ``trust_max`` and weighted ``trust_weight``.
         edge_keep: Keep cells cut by the frame edge (their box is clipped).
     """
 
@@ -78,19 +84,26 @@ class SegmenterConfig:
     open_px: int = 3
     min_excess: float = 7.0
     min_area: float = 0.0012
-    rel_area: float = 0.12
+    rel_area: float = 0.2
     max_area: float = 0.5
     join_gap: float = 0.4
     join_min: float = 0.1
+    join_px: float = 3.0
     expand: float = 1.3
+    expand_round: float = 1.18
+    round_solidity: float = 0.92
     extent: str = "cyto"
     reach: float = 1.0
     ring_px: int = 3
+    halo_px: int = 2
     cyto_min_de: float = 6.0
     cyto_open_px: int = 3
     region_min: float = 1.05
     region_max: float = 1.7
     region_weight: float = 0.5
+    trust_fill: float = 0.75
+    trust_max: float = 1.9
+    trust_weight: float = 0.75
     edge_keep: bool = True
 
 
@@ -202,6 +215,7 @@ class Analysis:
     cell_mask: np.ndarray | None = None
     groups: list[list[int]] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    region_quality: list[dict] = field(default_factory=list)
 
 
 class StainSegmenter:
@@ -246,8 +260,8 @@ class StainSegmenter:
             return [], info
         mask = (blue > t2).astype(np.uint8)
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(cfg.open_px))
-        info.nucleus_mask = mask
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        info.nucleus_mask = mask
         if n <= 1:
             return [], info
         count = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
@@ -281,10 +295,13 @@ class StainSegmenter:
         if cfg.extent == "cyto":
             regions = self._cyto_regions(lab, blue > t2, labels, stats, accepted, cfg, info)
         dets: list[Detection] = []
-        for (g, a, nbox), region in zip(accepted, regions):
-            box = _scaled(nbox, cfg.expand, w, h)
+        for k, ((g, a, nbox), region) in enumerate(zip(accepted, regions)):
+            expand = cfg.expand
+            if cfg.expand_round and _solidity(labels, g, nbox) >= cfg.round_solidity:
+                expand = cfg.expand_round  # a round, compact nucleus fills most of its cell (lymphocyte-like)
+            box = _scaled(nbox, expand, w, h)
             if region is not None:
-                box = self._fuse(box, region, nbox, w, h, cfg)
+                box = self._fuse(box, region, info.region_quality[k], nbox, w, h, cfg)
             ex = float(np.average(excess[g], weights=count[g]))
             score = 1.0 / (1.0 + np.exp(-(ex - cfg.min_excess) / 3.0))
             score *= min(1.0, a / (3 * cfg.min_area * area_img)) ** 0.5
@@ -306,7 +323,11 @@ class StainSegmenter:
         lhist = np.bincount(light.ravel(), minlength=256)
         bright = (light >= hist_quantile(lhist, 0.9)).astype(np.uint8)
         bg = np.asarray(cv2.mean(labb, mask=bright)[:3], np.float32)
+        # red cells: what is neither background nor nucleus, away from the white cells (not their cytoplasm)
         rest = ((bright == 0) & ~nuc_all & (light < bg[0] - 10)).astype(np.uint8)
+        for _g, _a, (x0, y0, x1, y1) in accepted:
+            cv2.circle(rest, (int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2))),
+                       int(round(cfg.reach * max(x1 - x0, y1 - y0))), 0, -1)
         rbc = np.asarray(cv2.mean(labb, mask=rest)[:3], np.float32) if int(rest.sum()) > 20 else None
         # which nucleus is nearest each pixel: a distance-transform watershed between nuclei
         owner = None
@@ -317,6 +338,7 @@ class StainSegmenter:
             owner = _nearest_owner(labels, stats, lut)[1]
         cell_mask = np.zeros((h, w), np.uint8)
         out: list[Box | None] = []
+        qualities: list[dict] = [{} for _ in accepted]
         for k, (g, _a, (x0, y0, x1, y1)) in enumerate(accepted):
             r = cfg.reach * max(x1 - x0, y1 - y0)
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -344,7 +366,7 @@ class StainSegmenter:
                 cell &= (owner[by0:by1, bx0:bx1] == k + 1).astype(np.uint8)
             if cfg.cyto_open_px > 1:
                 cell = cv2.morphologyEx(cell, cv2.MORPH_OPEN, _kernel(cfg.cyto_open_px))
-            cell |= nuc
+            cell |= cv2.dilate(nuc, _kernel(2 * cfg.halo_px + 1)) & disc  # the nucleus rim joins its cytoplasm
             n, lab_c, st, _ = cv2.connectedComponentsWithStats(cell)
             votes = np.bincount(lab_c[nuc > 0], minlength=n)
             votes[0] = 0
@@ -355,25 +377,45 @@ class StainSegmenter:
             rx0, ry0 = float(st[j, 0] + bx0), float(st[j, 1] + by0)
             out.append((rx0, ry0, rx0 + float(st[j, 2]), ry0 + float(st[j, 3])))
             cell_mask[by0:by1, bx0:bx1][lab_c == j] = k + 1
+            rw, rh = float(st[j, 2]), float(st[j, 3])
+            qualities[k] = {"fill": float(st[j, 4]) / (np.pi / 4 * rw * rh),
+                            "touches_reach": bool(max(rw, rh) >= 2 * r - 2)}
         info.cell_mask = cell_mask
+        info.region_quality = qualities
         return out
 
     @staticmethod
-    def _fuse(expanded: Box, region: Box, nbox: Box, w: int, h: int, cfg: SegmenterConfig) -> Box:
-        """Average the expanded nucleus box with the cytoplasm region's box clamped to plausible sizes."""
-        lo = _scaled(nbox, cfg.region_min, w, h)
-        hi = _scaled(nbox, cfg.region_max, w, h)
+    def _fuse(expanded: Box, region: Box, quality: dict, nbox: Box, w: int, h: int, cfg: SegmenterConfig) -> Box:
+        """Combine the expanded nucleus box with the cytoplasm region's box.
+
+        A round region that stayed inside its reach is a clean cell outline and
+        leads (``trust_weight``); otherwise it was probably fooled by touching red
+        cells of cytoplasm colour or a faint membrane, so it is clamped to
+        plausible sizes and only averaged in (``region_weight``).
+        """
+        if quality.get("fill", 0.0) >= cfg.trust_fill and not quality.get("touches_reach", True):
+            lo_f, hi_f, k = 1.0, cfg.trust_max, cfg.trust_weight
+        else:
+            lo_f, hi_f, k = cfg.region_min, cfg.region_max, cfg.region_weight
+        lo = _scaled(nbox, lo_f, w, h)
+        hi = _scaled(nbox, hi_f, w, h)
         clamped = (min(max(region[0], hi[0]), lo[0]), min(max(region[1], hi[1]), lo[1]),
                    max(min(region[2], hi[2]), lo[2]), max(min(region[3], hi[3]), lo[3]))
-        k = cfg.region_weight
         return ((1 - k) * expanded[0] + k * clamped[0], (1 - k) * expanded[1] + k * clamped[1],
                 (1 - k) * expanded[2] + k * clamped[2], (1 - k) * expanded[3] + k * clamped[3])
 
     @staticmethod
     def _group(labels: np.ndarray, stats: np.ndarray, idx: np.ndarray, count: np.ndarray,
                cfg: SegmenterConfig) -> list[list[int]]:
-        """Join blobs (labels ``idx``) that are lobes of one nucleus."""
+        """Join blobs (component labels ``idx``) that are lobes of one nucleus.
 
+        The background is split among the blobs by a distance-transform watershed
+        (each pixel to its nearest blob); where two blobs' territories meet, the
+        two distances add up to the gap between them. Blobs whose narrowest gap is
+        below ``join_gap * sqrt(area of the larger)`` are joined (union-find),
+        unless the smaller is under ``join_min`` of the larger (a platelet or a
+        red-cell rim beside a nucleus).
+        """
         if len(idx) == 1:
             return [[int(idx[0])]]
         keep = np.zeros(int(labels.max()) + 1, np.int32)
@@ -400,11 +442,8 @@ class StainSegmenter:
         uf = _Union(len(idx) + 1)
         areas = count[idx]
         for (i, j), gap in sorted(gaps.items(), key=lambda kv: kv[1]):
-            ai, aj = areas[i - 1], areas[j - 1]
-            big, small = max(ai, aj), min(ai, aj)
-            if small < cfg.join_min * big:
-                continue
-            if gap <= cfg.join_gap * np.sqrt(big):
+            big, small = max(areas[i - 1], areas[j - 1]), min(areas[i - 1], areas[j - 1])
+            if small >= cfg.join_min * big and gap <= max(cfg.join_gap * np.sqrt(big), cfg.join_px):
                 uf.union(i, j)
         out: dict[int, list[int]] = {}
         for k in range(1, len(idx) + 1):
@@ -431,6 +470,19 @@ def _nearest_owner(labels: np.ndarray, stats: np.ndarray, lut: np.ndarray) -> tu
         j = int(np.argmax(win))  # first pixel of the blob inside its box
         back[near[y + j // bw, x + j % bw]] = lut[comp]
     return dist, back[near]
+
+
+def _solidity(labels: np.ndarray, group: list[int], box: Box) -> float:
+    """Area of the nucleus group over the area of its convex hull."""
+    import cv2
+
+    x0, y0, x1, y1 = (int(v) for v in box)
+    m = np.isin(labels[y0:y1, x0:x1], group).astype(np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return 0.0
+    hull = cv2.convexHull(np.concatenate(contours))
+    return float(m.sum()) / max(float(cv2.contourArea(hull)), 1.0)
 
 
 def _scaled(b: Box, f: float, w: int, h: int) -> Box:
