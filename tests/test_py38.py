@@ -13,8 +13,9 @@ Two tiers:
   constructs, so it can miss one it does not know; the second tier is the real proof;
 * a real run under a ``python3.8`` found on this machine (PATH or pyenv), when that interpreter has
   the runtime dependencies (numpy, onnxruntime, cv2, rich): import every runtime module and classify
-  with the shipped ONNX Runtime backend. Skipped, with the reason, when there is none.
-  ``tools/py38_check.sh`` makes such an interpreter's venv and runs the runtime test files under it.
+  a batch of a tiny test bundle with ONNX Runtime. Skipped, with the reason, when there is none.
+  ``tools/py38_check.sh`` makes such a venv and runs the whole suite in it (workstation tests skip
+  there: no torch).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ RUNTIME_FILES = sorted(p for pkg in RUNTIME_PACKAGES for p in (ROOT / pkg).rglob
 GENERIC_BUILTINS = {"list", "dict", "tuple", "set", "frozenset", "type"}
 GENERIC_MODULES = {"collections", "collections.abc", "re", "queue", "contextlib", "os", "weakref",
                    "concurrent.futures", "asyncio", "itertools", "functools", "subprocess"}
+GENERIC_LOWERCASE = {"defaultdict", "deque"}  # other generic classes there are capitalised (os.environ[...] is not one)
 NUMPY_GENERICS = {"ndarray", "dtype"}  # np.ndarray[...] / np.dtype[...] need 3.9 (npt.NDArray is fine)
 # (module, name) that exist only from 3.9 or later.
 NEW_NAMES = {
@@ -151,7 +153,7 @@ class _Checker(ast.NodeVisitor):
         full = self._resolve(node.value)
         if full:
             mod, _, name = full.rpartition(".")
-            if (not mod and full in GENERIC_BUILTINS) or mod in GENERIC_MODULES or (
+            if (not mod and full in GENERIC_BUILTINS) or self._is_generic(node.value) or (
                     mod in ("numpy", "np") and name in NUMPY_GENERICS):
                 self.flag(node, f"{full}[...] evaluated at run time (Python 3.9; use typing.{name.capitalize()} "
                                 "or a string / an annotation)")
@@ -164,8 +166,14 @@ class _Checker(ast.NodeVisitor):
         if full and (full in GENERIC_BUILTINS | {"int", "float", "str", "bytes", "bool", "complex", "object"}
                      or full.startswith("typing.")):
             return True
-        return isinstance(node, ast.Subscript) or (isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr)
-                                                   and self._is_type_expr(node.left))
+        if isinstance(node, ast.Subscript):  # list[int] | None, but not mask[1:] | mask[:-1]
+            return self._is_type_expr(node.value) or self._is_generic(node.value)
+        return isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr) and self._is_type_expr(node.left)
+
+    def _is_generic(self, node: ast.AST) -> bool:
+        """A stdlib class that became subscriptable in 3.9 (``collections.abc.Callable``, ``queue.Queue``, ...)."""
+        mod, _, name = (self._resolve(node) or "").rpartition(".")
+        return mod in GENERIC_MODULES and (name[:1].isupper() or name in GENERIC_LOWERCASE)
 
     def visit_BinOp(self, node: ast.BinOp) -> None:
         if isinstance(node.op, ast.BitOr):
@@ -213,7 +221,9 @@ def test_checker_catches_what_it_claims():
     src = textwrap.dedent('''
         from __future__ import annotations
         import functools
-        from collections.abc import Callable
+        import os
+        import queue
+        from collections.abc import Callable, Sequence
         import numpy as np
         Log = Callable[[str], None]
         Pair = tuple[int, int]
@@ -229,12 +239,16 @@ def test_checker_catches_what_it_claims():
         def g(): ...
         mask = np.ones(2, bool) | np.zeros(2, bool)
         flags = 1 | 2
+        edges = mask[1:] | mask[:-1]
+        home = os.environ["HOME"]
+        Seq = Sequence[int] | None
+        q = queue.Queue[int]()
     ''')
     tree = ast.parse(src, feature_version=(3, 8))
     checker = _Checker(tree)
     checker.visit(tree)
     lines = sorted({line for line, _ in checker.problems})
-    assert lines == [6, 7, 8, 9, 10, 11, 12, 16], checker.problems  # annotations and array/int '|' are fine
+    assert lines == [8, 9, 10, 11, 12, 13, 14, 18, 24, 25], checker.problems  # annotations and array/int '|' are fine
     with pytest.raises(SyntaxError):
         ast.parse("with (open('a') as a, open('b') as b):\n    pass\n", feature_version=(3, 8))
 
