@@ -12,13 +12,15 @@ Two threads do the work, so capture never waits on inference::
     cut crops (bundle's crop geometry)
     queue.put_nowait(frame's new cells)
 
-Skip policy (explicit and counted in ``skipped["busy"]``): when the bounded
-queue is full the capture thread still registers the frame's stage motion, so
+Skip policy for live sources (explicit and counted in ``skipped["busy"]``):
+when the bounded queue is full the capture thread still registers the frame's stage motion, so
 slide coordinates stay right, but does not segment it and remembers none of
 its cells. Nothing that was queued is ever dropped, so no cell is lost: a cell
 in a skipped frame is still in view in the next frames (a camera gives 30 per
-second) and is found there. A cell is counted and shown only after its row and
-crop are durably stored.
+second) and is found there. Sources that can wait (image files, videos, the
+synthetic slide) are not skipped: capture waits for room in the queue, so every
+frame is segmented and the count does not depend on timing. A cell is counted
+and shown only after its row and crop are durably stored.
 """
 
 from __future__ import annotations
@@ -74,6 +76,13 @@ def make_backend(bundle: Bundle, preference: str = "auto", precision: str = "aut
     return select_backend(bundle, preference, precision, threads=threads)
 
 
+def is_stills(source: Any) -> bool:
+    """Is the source a set of still images (no later view of a cell cut by the border)?"""
+    from edge.sources import ImageFilesSource
+
+    return isinstance(source, ImageFilesSource)
+
+
 def make_quality_check(source: Any) -> Callable[[Frame], Any]:
     """The frame-quality check for a source.
 
@@ -82,9 +91,8 @@ def make_quality_check(source: Any) -> Callable[[Frame], Any]:
     images (possibly from several microscopes) gets the absolute ``assess_quality``.
     """
     from edge.segment import QualityMonitor, assess_quality
-    from edge.sources import ImageFilesSource
 
-    return assess_quality if isinstance(source, ImageFilesSource) else QualityMonitor()
+    return assess_quality if is_stills(source) else QualityMonitor()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,13 +222,17 @@ class CountingSession:
         stop_at_target: Stop when the counter reaches its target.
         crop_folder: Also write every counted cell's crop here (``--save-crops``).
         on_cell: Called (in the worker thread) with each cell after it is stored and counted.
+        skip_when_busy: Apply the skip policy (True) or make capture wait for the worker (False).
+            Default: skip for live sources (cameras, streams: frames keep coming and a
+            frame not taken now is gone), wait for files, videos and synthetic frames
+            (nothing is lost by waiting, and the count does not depend on timing).
     """
 
     def __init__(self, source: Any, finder: CellFinder, backend: Any, bundle: Bundle, store: SessionStore,
                  counter: DifferentialCounter, *, backend_name: str | None = None, precision: str | None = None,
                  session_name: str = "", max_frames: int | None = None, max_fps: float | None = None,
                  queue_frames: int = QUEUE_FRAMES, stop_at_target: bool = True, crop_folder: CropFolder | None = None,
-                 on_cell: Callable[[StoredCell, str], None] | None = None):
+                 on_cell: Callable[[StoredCell, str], None] | None = None, skip_when_busy: bool | None = None):
         self.source = source
         self.finder = finder
         self.backend = backend
@@ -235,6 +247,7 @@ class CountingSession:
         self.stop_at_target = stop_at_target
         self.crop_folder = crop_folder
         self.on_cell = on_cell
+        self.skip_when_busy = bool(getattr(source, "live", False)) if skip_when_busy is None else skip_when_busy
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, queue_frames))
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -393,6 +406,11 @@ class CountingSession:
                 if worker is not None and not worker.is_alive():
                     return
 
+    def _wait_for_room(self) -> None:
+        """Back-pressure for sources that can wait (files, videos, synthetic): no frame is skipped."""
+        while self.queue.full() and not self._stop.is_set():
+            time.sleep(0.002)
+
     def _capture(self) -> None:
         pending: list[Keyframe] = []
         period = 1.0 / self.max_fps if self.max_fps else 0.0
@@ -415,6 +433,8 @@ class CountingSession:
                     if delay > 0:
                         time.sleep(delay)
                     next_at = max(next_at + period, time.monotonic() - period)
+                if not self.skip_when_busy:
+                    self._wait_for_room()
                 busy = self.queue.full()
                 found = self.finder.find(frame, segment=not busy)
                 pending += self.finder.tracker.registrar.take_pending()

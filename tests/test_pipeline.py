@@ -76,9 +76,9 @@ def test_counts_to_target_each_cell_once_one_batch_per_frame(tiny_bundle_dir, tm
     assert st.frames == res.frames and st.snapshot.total == 40 and st.state == "done"
 
 
-def test_a_slow_classifier_makes_capture_skip_frames_not_lose_cells(tiny_bundle_dir, tmp_path):
+def test_a_slow_classifier_makes_live_capture_skip_frames_not_lose_cells(tiny_bundle_dir, tmp_path):
     bundle = load_bundle(tiny_bundle_dir)
-    s, rec, store, src = session(bundle, tmp_path, target=30, delay=0.05, queue_frames=1)
+    s, rec, store, src = session(bundle, tmp_path, target=30, delay=0.05, queue_frames=1, skip_when_busy=True)
     t0 = time.monotonic()
     with src:
         res = s.run()
@@ -88,6 +88,15 @@ def test_a_slow_classifier_makes_capture_skip_frames_not_lose_cells(tiny_bundle_
     physical = [truth_id(src, c) for c in cells]
     assert len(set(physical)) == len(physical)
     assert res.frames / (time.monotonic() - t0) > 2 / 0.05  # capture ran faster than inference
+
+
+def test_sources_that_can_wait_are_never_skipped(tiny_bundle_dir, tmp_path):
+    bundle = load_bundle(tiny_bundle_dir)
+    s, rec, store, src = session(bundle, tmp_path, target=1000, delay=0.02, queue_frames=1, max_frames=60)
+    assert not s.skip_when_busy  # synthetic frames, like files and videos, are not live
+    with src:
+        res = s.run()
+    assert res.frames == 60 and not res.skipped
 
 
 def test_store_failure_stops_the_session_with_one_line_and_counts_nothing_unstored(tiny_bundle_dir, tmp_path):

@@ -38,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--review-threshold", type=float, default=DEFAULT_REVIEW_THRESHOLD,
                         help="with --by-class: below this top probability a crop stays unlabelled")
     parser.add_argument("--segmenter", default="stain", help="white-cell segmenter (default stain)")
-    parser.add_argument("--count-edge-cells", action="store_true", help="also keep cells cut by the frame border")
+    parser.add_argument("--count-edge-cells", action="store_true",
+                        help="also keep cells cut by the frame border (always on for still images)")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
 
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edge.bundle import load_bundle, preprocess
-    from edge.pipeline import CellFinder, make_backend, make_quality_check
+    from edge.pipeline import CellFinder, is_stills, make_backend, make_quality_check
     from edge.segment import make_segmenter
     from edge.sources import open_source
 
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     folder = CropFolder(args.out, by_class=args.by_class)
     source = open_source(args.source)
     finder = CellFinder(make_segmenter(args.segmenter), m.crop,
-                        SlideTracker(edge_margin=-1 if args.count_edge_cells else 2), make_quality_check(source))
+                        SlideTracker(edge_margin=-1 if args.count_edge_cells or is_stills(source) else 2),
+                        make_quality_check(source))
     backend, why = make_backend(bundle, args.backend, args.precision) if args.by_class else (None, "")
     err = Console(stderr=True)
     per_class: dict[str, int] = {}

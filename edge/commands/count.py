@@ -68,7 +68,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "capture thread needs; 0 = ONNX Runtime's default)")
     parser.add_argument("--segmenter", default="stain", help="white-cell segmenter (default stain)")
     parser.add_argument("--count-edge-cells", action="store_true",
-                        help="also count cells cut by the frame border (default: wait until fully in view)")
+                        help="also count cells cut by the frame border (default: on a moving view, wait until the "
+                             "cell is fully in view; still images always count them, there is no later view)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from edge.display.report import build_summary, write_reports
-    from edge.pipeline import CellFinder, CountingSession, make_backend, make_quality_check, restore
+    from edge.pipeline import CellFinder, CountingSession, is_stills, make_backend, make_quality_check, restore
     from edge.segment import make_segmenter
     from edge.sources import open_source
 
@@ -203,12 +204,12 @@ def run(args: argparse.Namespace) -> int:
                     store.update_settings(target=p.target)
                 store.log("resumed", f"source {p.source}")
             counter = DifferentialCounter(m.classes, p.target, p.review_threshold, m.class_groups)
-            tracker = SlideTracker(edge_margin=-1 if args.count_edge_cells else 2)
+            source = open_source(p.source)
+            tracker = SlideTracker(edge_margin=-1 if args.count_edge_cells or is_stills(source) else 2)
             before = restore(store, counter, tracker) if p.resume else []
             if counter.done:
                 err.print(f"session {store.root} already has {counter.total}/{p.target} white cells; "
                           "raise --target to count more")
-            source = open_source(p.source)
             finder = CellFinder(make_segmenter(args.segmenter), m.crop, tracker, make_quality_check(source))
             crops = CropFolder(args.save_crops, args.by_class, prefix=f"{store.root.name}-") if args.save_crops else None
             max_fps = args.max_fps if args.max_fps is not None else (DEMO_FPS if args.demo and use_tui else None)
