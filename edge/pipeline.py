@@ -226,13 +226,15 @@ class CountingSession:
             Default: skip for live sources (cameras, streams: frames keep coming and a
             frame not taken now is gone), wait for files, videos and synthetic frames
             (nothing is lost by waiting, and the count does not depend on timing).
+        note: A standing remark for the display (e.g. that a demo counts drawn cells).
     """
 
     def __init__(self, source: Any, finder: CellFinder, backend: Any, bundle: Bundle, store: SessionStore,
                  counter: DifferentialCounter, *, backend_name: str | None = None, precision: str | None = None,
                  session_name: str = "", max_frames: int | None = None, max_fps: float | None = None,
                  queue_frames: int = QUEUE_FRAMES, stop_at_target: bool = True, crop_folder: CropFolder | None = None,
-                 on_cell: Callable[[StoredCell, str], None] | None = None, skip_when_busy: bool | None = None):
+                 on_cell: Callable[[StoredCell, str], None] | None = None, skip_when_busy: bool | None = None,
+                 note: str = ""):
         self.source = source
         self.finder = finder
         self.backend = backend
@@ -247,6 +249,7 @@ class CountingSession:
         self.stop_at_target = stop_at_target
         self.crop_folder = crop_folder
         self.on_cell = on_cell
+        self.note = note
         self.skip_when_busy = bool(getattr(source, "live", False)) if skip_when_busy is None else skip_when_busy
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, queue_frames))
         self._lock = threading.Lock()
@@ -379,7 +382,7 @@ class CountingSession:
                 source=str(getattr(self.source, "uri", "")), backend=self.backend_name, precision=self.precision,
                 frames=self._frames, fps=self._rate(self._frame_times, now), cells_per_s=self._rate(self._cell_times, now),
                 skipped=dict(self._skipped), at_edge=self._at_edge, warnings=warnings, recent=tuple(self._recent),
-                review_threshold=self.counter.review_threshold, message=message)
+                review_threshold=self.counter.review_threshold, message=message, note=self.note)
 
     # -- threads -------------------------------------------------------------------------------------------------------
     def _guard(self, fn: Callable[[], None]) -> None:

@@ -215,3 +215,14 @@ def test_report_says_when_the_target_was_not_reached(tmp_path):
     assert not summary["differential"]["complete"]
     assert "Target not reached" in render_html(summary, cells, store.root)
     store.close()
+
+
+def test_a_standing_note_is_shown_when_it_fits_and_never_pushes_a_class_out():
+    from dataclasses import replace
+
+    note = "demo: the cells are drawn by the synthetic smear, not photographed; not a blood count"
+    st = replace(status(warnings=("camera reconnecting...",)), note=note)
+    for w, h in ((80, 24), (160, 50)):
+        lines = rendered(st, w, h)
+        assert_complete(lines, st, w, h)
+    assert "not photographed" in "\n".join(rendered(st, 160, 50))

@@ -32,7 +32,9 @@ from edge.errors import HemaedgeError, StoreError, UsageError
 from edge.store import SessionStore, StoredCell
 from edge.store.crops import CropFolder
 
-DEMO_SOURCE = "synthetic://?seed=0&frames=5000&pan=4&wbc=4"
+DEMO_SOURCE = "synthetic://?seed=0&frames=8000&pan=6&wbc=4"
+DEMO_NOTE = ("demo: the cells are drawn by the synthetic smear, not photographed; the differential shows what the "
+             "model makes of drawn cells and is not a blood count")
 DEMO_FPS = 30.0
 DEFAULT_OUT = "sessions"
 PRECISION_CHOICES = ("auto", "int8", "fp16", "fp32")
@@ -216,7 +218,10 @@ def run(args: argparse.Namespace) -> int:
             printer = None if (use_tui or use_json) else _CellPrinter()
             session = CountingSession(source, finder, backend, p.bundle, store, counter, precision=precision,
                                       session_name=str(store.root), max_frames=args.max_frames, max_fps=max_fps,
-                                      crop_folder=crops, on_cell=printer)
+                                      crop_folder=crops, on_cell=printer,
+                                      note=DEMO_NOTE if p.source == DEMO_SOURCE else "")
+            if args.demo and not use_json:
+                err.print(f"[yellow]{DEMO_NOTE}[/]")
             if not use_json:
                 err.print(f"[dim]session {store.root} | {why} | source {p.source}"
                           + (f" | resumed with {len(before)} cells" if p.resume else "") + "[/]")
@@ -258,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(doc, indent=1))
             else:
                 _print_final(err if use_tui else Console(), summary, paths)
+                if "note" in info:
+                    err.print(f"[yellow]{info['note']}[/]")
             store.log("finished", info.get("state", ""))
             return 130 if interrupted else 0
     finally:
@@ -270,6 +277,8 @@ def _info(session: Any, result: Any, p: Plan, why: str) -> dict[str, Any]:
     info: dict[str, Any] = {"backend": st.backend, "backend_choice": why, "source": p.source, "state": st.state,
                             "frames": st.frames, "skipped_frames": st.skipped, "edge_cells_deferred": st.at_edge,
                             "resumed": p.resume}
+    if p.source == DEMO_SOURCE:
+        info["note"] = DEMO_NOTE
     if result is not None:
         info["seconds"] = round(result.seconds, 2)
         info["frames_per_s"] = round(result.frames / result.seconds, 1) if result.seconds > 0 else 0.0

@@ -142,7 +142,7 @@ def compute_flags(groups: ClassGroups, counts: Mapping[str, int], total: int, re
         elif high < lo:
             flags.append(f"{label} low: {100 * k / total:.0f} % (95% CI {low:.0f}-{high:.0f}) below adult {lo:g}-{hi:g} %")
     if review and 100 * review / total > REVIEW_FLAG_SHARE:
-        flags.append(f"Review: {review} cells ({100 * review / total:.0f} %) below the confidence threshold "
+        flags.append(f"Review: {review} cell{'s' * (review != 1)} ({100 * review / total:.0f} %) below the confidence threshold "
                      f"(> {REVIEW_FLAG_SHARE:g} %) - check the gallery")
     nrbc = gcount.get("nrbc", 0)
     if nrbc:

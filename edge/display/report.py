@@ -150,6 +150,8 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
             f"{e(str(summary.get('backend', '')))} {e(str(summary.get('precision', '')))}",
             f"source {e(str(summary.get('source', '')))}", f"written {e(str(summary.get('written', '')))}"]
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
+    if summary.get("note"):
+        parts.append(f"<p class=warn>{e(str(summary['note']))}</p>")
     if not d["complete"]:
         parts.append(f"<p class=warn>Target not reached: {d['total_wbc']} of {d['target']} white cells counted. "
                      "Intervals are wide; interpret with care.</p>")

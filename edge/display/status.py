@@ -41,6 +41,7 @@ class RunStatus:
         recent: The last counted cells, newest last.
         review_threshold: Top probability below which a cell goes to review.
         message: One line (e.g. "press y to confirm reset").
+        note: A standing remark about the session (e.g. that a demo counts drawn cells).
     """
 
     snapshot: CountSnapshot
@@ -61,3 +62,4 @@ class RunStatus:
     recent: tuple[RecentCell, ...] = ()
     review_threshold: float = 0.6
     message: str = ""
+    note: str = ""

@@ -169,6 +169,9 @@ def render_status(st: RunStatus, width: int = 80, height: int = 24, confirm_rese
         shown.append(Text(text, style=style))
         used += need
     budget -= used
+    if st.note and budget >= _lines(st.note, width):
+        extra.append(Text(st.note, style="yellow"))
+        budget -= _lines(st.note, width)
     if st.source and budget >= _lines(f"source: {st.source}", width):
         extra.append(Text(f"source: {st.source}", style="dim"))
         budget -= _lines(f"source: {st.source}", width)
