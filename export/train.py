@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibration.datasets import ImageSet, open_dataset
+from calibration.datasets import ImageSet, load_folder, open_dataset
 from edge.bundle.manifest import InputSpec
 from edge.bundle.preprocess import preprocess
 from edge.errors import UsageError
@@ -53,6 +53,8 @@ class Recipe:
     workers: int = 0
     max_minutes: float = 0.0
     white_balance: bool = False
+    extra_data: tuple[str, ...] = ()
+    extra_repeat: int = 1
 
 
 def _stats(images: ImageSet, size: int, white_balance: bool, n: int = 2000, seed: int = 0):
@@ -200,6 +202,21 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
     model = build(recipe.arch, len(tr.classes), **recipe.arch_kwargs)
     tl = _loader(tr, spec, recipe.batch, True, recipe.balanced, recipe.workers, recipe.seed)
+    extra_digests = []
+    if recipe.extra_data:
+        if tr.array is None:
+            raise UsageError("--extra-data is supported with in-memory (.npz) training sets")
+        xs, ys = [torch.from_numpy(preprocess(tr.array, spec))], [torch.from_numpy(tr.labels)]
+        for path in recipe.extra_data:
+            ex = load_folder(path, None, classes=tr.classes)
+            extra_digests.append({"path": str(path), "images": len(ex), "digest": ex.digest, "repeat": recipe.extra_repeat})
+            xe = torch.from_numpy(np.concatenate([preprocess(ex.images(np.arange(s, min(s + 256, len(ex)))), spec)
+                                                  for s in range(0, len(ex), 256)]))
+            xs += [xe] * recipe.extra_repeat
+            ys += [torch.from_numpy(ex.labels)] * recipe.extra_repeat
+        data = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+        tl = torch.utils.data.DataLoader(data, batch_size=recipe.batch, shuffle=True,
+                                         generator=torch.Generator().manual_seed(recipe.seed))
     vl = _loader(va, spec, 256, False, False, recipe.workers, recipe.seed)
     if recipe.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
@@ -233,7 +250,8 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         start, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
         gen.set_state(ck["gen"])
     meta = dict(arch=recipe.arch, arch_kwargs=recipe.arch_kwargs, classes=list(tr.classes), input=asdict(spec),
-                data={"path": str(recipe.data), "train_digest": tr.digest, "val_digest": va.digest},
+                data={"path": str(recipe.data), "train_digest": tr.digest, "val_digest": va.digest,
+                      "extra": extra_digests},
                 recipe=asdict(recipe))
     log = open(out / "train.log.jsonl", "a", encoding="utf-8")
     t0 = time.time()

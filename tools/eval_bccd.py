@@ -18,6 +18,7 @@ import csv
 import json
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,12 @@ from edge.segment.groundtruth import iou_matrix, read_voc  # noqa: E402
 COMMON = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte"}
 
 
-def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Path) -> dict:
+def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Path, cell_fraction: float | None = None,
+             pad: str | None = None) -> dict:
     """Score the four common types; returns accuracy, confusion and counts."""
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
+    geom = replace(m.crop, **{k: v for k, v in (('cell_fraction', cell_fraction), ('pad', pad)) if v is not None})
     names = [ln.strip() for ln in (root / f"{split}.txt").read_text().split() if ln.strip()]
     types = {}
     with open(root / "wbc_types.csv", newline="") as f:
@@ -68,7 +71,7 @@ def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Pat
                 missed += 1
                 continue
             box = dets[int(np.argmax(ious))].box
-        crops.append(cut_crop(img, box, m.crop))
+        crops.append(cut_crop(img, box, geom))
         truth.append(types[name])
     with OrtBackend(bundle, precision) as be:
         probs = be.classify(preprocess(crops, m.input)) if crops else np.zeros((0, len(m.classes)))
@@ -76,7 +79,7 @@ def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Pat
     correct = sum(p == t for p, t in zip(pred, truth))
     scored = len(truth) + missed
     return {
-        "bundle": str(bundle_dir), "split": split, "boxes": boxes, "precision": precision,
+        "bundle": str(bundle_dir), "split": split, "cell_fraction": geom.cell_fraction, "pad": geom.pad, "boxes": boxes, "precision": precision,
         "frames_scored": scored, "cells_classified": len(truth), "wbc_not_detected": missed,
         "accuracy": correct / scored if scored else 0.0,
         "accuracy_of_classified": correct / len(truth) if truth else 0.0,
@@ -93,10 +96,12 @@ def main() -> int:
     ap.add_argument("--boxes", default="detected", choices=["detected", "truth"])
     ap.add_argument("--precision", default="int8")
     ap.add_argument("--data", default=None, help="BCCD folder (default $HEMAEDGE_DATA/bccd)")
+    ap.add_argument("--cell-fraction", type=float, default=None, help="override the bundle's crop geometry (exploration)")
+    ap.add_argument("--pad", default=None, choices=["reflect", "constant"], help="override the crop padding")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     res = evaluate(Path(a.bundle or default_bundle_path()), a.split, a.boxes, a.precision,
-                   Path(a.data) if a.data else data_root() / "bccd")
+                   Path(a.data) if a.data else data_root() / "bccd", a.cell_fraction, a.pad)
     if a.json:
         print(json.dumps(res, indent=2))
     else:

@@ -27,6 +27,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-arg", action="append", default=[], metavar="K=V", help="extra architecture keyword")
     p.add_argument("--white-balance", action="store_true",
                    help="neutralise each image's background colour (training and station alike; helps other microscopes)")
+    p.add_argument("--extra-data", action="append", default=[], metavar="DIR",
+                   help="extra labelled crops (class folders named like the data set's classes), e.g. sorted "
+                        "'hemaedge collect' output from the station's own microscope; may repeat")
+    p.add_argument("--extra-repeat", type=int, default=1, help="times each extra image is seen per epoch")
     p.add_argument("--img-size", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch=args.batch, optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay,
         schedule=args.schedule, aug=tuple(a for a in args.aug.split(",") if a), balanced=args.balanced,
         early_stop=args.early_stop, label_smoothing=args.label_smoothing, img_size=args.img_size, arch_kwargs=kwargs,
-        white_balance=args.white_balance, seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
+        white_balance=args.white_balance, extra_data=tuple(args.extra_data),
+        extra_repeat=args.extra_repeat, seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
     )
     summary = train(recipe, progress=not args.json)
     if args.json:
