@@ -154,7 +154,7 @@ class CellFinder:
             return Found(frame, None, skipped="unplaced")
         dets = [d for d in self.segmenter.detect(frame) if d.kind == "wbc"]
         res = self.tracker.place(reg, frame.pixels.shape, [d.box for d in dets])
-        crops = tuple(cut_crops(frame, [dets[t.index] for t in res.new], self.geometry))
+        crops = tuple(cut_crops(frame, [dets[t.index] for t in res.new], self.geometry)) if res.new else ()
         return Found(frame, reg, res.new, crops, res.seen, res.at_edge)
 
 
