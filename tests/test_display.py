@@ -226,3 +226,18 @@ def test_a_standing_note_is_shown_when_it_fits_and_never_pushes_a_class_out():
         lines = rendered(st, w, h)
         assert_complete(lines, st, w, h)
     assert "not photographed" in "\n".join(rendered(st, 160, 50))
+
+
+def test_only_the_tui_module_imports_rich_live():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    users = []
+    for path in [*(root / "edge").rglob("*.py"), *(root / "hemaedge").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "rich.live" or n.startswith("rich.live.") for n in names):
+                users.append(path.relative_to(root).as_posix())
+    assert users == ["edge/display/tui.py"]
