@@ -357,3 +357,34 @@ def test_demo_runs_on_a_fresh_machine_with_the_shipped_bundle(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["differential"]["complete"] and doc["differential"]["total_wbc"] == 25
     assert Path(doc["reports"]["report"]).is_file()
+
+
+def test_camera_events_and_blurred_frames_become_warnings(tiny_bundle_dir, tmp_path):
+    from edge.segment import Quality
+    from edge.sources.base import FrameSource
+
+    real = open_source(URI)
+    seen = {}
+
+    class Flaky(FrameSource):
+        live = True
+
+        def _frames(self):
+            for i in range(40):
+                if i == 20:
+                    self.status = "reconnecting"
+                    self.emit("reconnecting", "camera 0 lost; reconnecting (attempt 1 of 5)", attempt=1)
+                    seen["warnings"] = session_.status().warnings
+                    self.status = "ok"
+                yield real.frame(i)
+
+    bundle = load_bundle(tiny_bundle_dir)
+    session_, rec, store, _ = session(bundle, tmp_path, target=1000)
+    session_.source = Flaky("0")
+    session_.source.on_event = session_._on_source_event
+    session_.finder.quality = lambda f: Quality(f.index % 10 != 3, "out of focus" if f.index % 10 == 3 else "", 0.1, 128)
+    with session_.source:
+        res = session_.run()
+    assert any("reconnecting" in w for w in seen["warnings"])
+    assert res.skipped.get("quality") == 4
+    assert any("out of focus" in w for w in session_.status().warnings)
