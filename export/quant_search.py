@@ -123,7 +123,7 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
             rec = {"stage": stage, "method": method, "per_channel": per_channel, "float_nodes": len(exclude),
                    "accuracy": round(acc, 5), "drop": round(drop, 3), "seconds": round(time.time() - t, 1)}
             records.append(rec)
-            log(f"  int8 search [{stage}] {method}, {'per-channel' if per_channel else 'per-tensor'}"
+            log(f"  int8 search ({stage}) {method}, {'per-channel' if per_channel else 'per-tensor'}"
                 f"{f', {len(exclude)} float nodes' if exclude else ''}: accuracy {acc:.4f}, drop {drop:+.2f} pts")
             return drop, path
 
@@ -304,7 +304,7 @@ def node_labels(model) -> dict[str, str]:
                             break
                         frontier.append(p)
             lab = f"{n.op_type} after {near}" if near else f"{n.op_type} {n.name}"
-        labels[n.name] = f"{lab} [{n.op_type}]" if own(n) else lab
+        labels[n.name] = f"{lab} ({n.op_type})" if own(n) else lab
     return labels
 
 
