@@ -54,6 +54,8 @@ class SegmenterConfig:
         bg_quantile: Brightness quantile above which pixels count as background for white balance.
         min_contrast: The nucleus threshold must exceed the median blueness by this much (8-bit units).
         open_px: Opening kernel (working pixels) that removes specks and thin red-cell rims.
+        open_rel: A second opening with a disc of this fraction of the thickest blob's inscribed radius
+            (removes thin red-cell rims; 0 disables).
         min_excess: A blob's mean blueness must exceed the threshold by this much.
         min_area: Smallest nucleus (all lobes) as a fraction of the working image area.
         rel_area: Smallest nucleus as a fraction of the largest one in the frame.
@@ -61,6 +63,13 @@ class SegmenterConfig:
         join_gap: Blobs whose gap is below ``join_gap * sqrt(area of the larger)`` are lobes of one cell.
         join_min: A blob joins a bigger one only if it has at least this fraction of its area.
         join_px: ... and gaps up to this many working pixels always join (small cells, low magnification).
+        join_round_gap, join_round_thick, join_round_ratio: Two compact blobs (inscribed radius at least
+            ``join_round_thick * sqrt(area)``) of similar size (``join_round_ratio``) join up to
+            ``join_round_gap * sqrt(area of the larger)`` apart: round lobes of eosinophils sit far apart.
+            Discs (above ``join_round_max``) are whole round nuclei, not lobes.
+        split_ratio, split_round, split_lobed: A compact blob (inscribed radius at least ``split_round *
+            sqrt(area)``) never joins a thin, lobed one (at most ``split_lobed``) of at least ``split_ratio``
+            of its size: a lymphocyte touching a neutrophil.
         expand: The nucleus box grown by this factor approximates the cell box.
         expand_round, round_solidity: ... by ``expand_round`` when the nucleus is one compact blob
             (solidity at least ``round_solidity``): a round nucleus fills most of its cell. 0 disables.
@@ -82,6 +91,8 @@ class SegmenterConfig:
     bg_quantile: float = 0.8
     min_contrast: float = 8.0
     open_px: int = 3
+    open_rel: float = 0.25
+    open_floor: float = 0.7
     min_excess: float = 7.0
     min_area: float = 0.0012
     rel_area: float = 0.2
@@ -89,6 +100,13 @@ class SegmenterConfig:
     join_gap: float = 0.4
     join_min: float = 0.1
     join_px: float = 3.0
+    join_round_gap: float = 1.0
+    join_round_thick: float = 0.35
+    join_round_ratio: float = 0.3
+    join_round_max: float = 0.48
+    split_ratio: float = 0.6
+    split_round: float = 0.43
+    split_lobed: float = 0.3
     expand: float = 1.3
     expand_round: float = 1.18
     round_solidity: float = 0.92
@@ -260,6 +278,8 @@ class StainSegmenter:
             return [], info
         mask = (blue > t2).astype(np.uint8)
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(cfg.open_px))
+        if cfg.open_rel > 0:
+            mask = _open_relative(mask, cfg.open_rel, cfg.open_px, cfg.open_floor)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         info.nucleus_mask = mask
         if n <= 1:
@@ -272,7 +292,8 @@ class StainSegmenter:
         idx = np.flatnonzero(ok)
         if not len(idx):
             return [], info
-        groups = self._group(labels, stats, idx, count, cfg)
+        thick = _thickness(mask, labels, stats, idx)
+        groups = self._group(labels, stats, idx, count, cfg, thick)
         biggest = max(float(count[g].sum()) for g in groups)
         accepted: list[tuple[list[int], float, Box]] = []
         for g in groups:
@@ -379,7 +400,9 @@ class StainSegmenter:
             cell_mask[by0:by1, bx0:bx1][lab_c == j] = k + 1
             rw, rh = float(st[j, 2]), float(st[j, 3])
             qualities[k] = {"fill": float(st[j, 4]) / (np.pi / 4 * rw * rh),
-                            "touches_reach": bool(max(rw, rh) >= 2 * r - 2)}
+                            "touches_reach": bool(max(rw, rh) >= 2 * r - 2),
+                            "de_bg": float(np.linalg.norm(cyto - bg)),
+                            "de_rbc": float(np.linalg.norm(cyto - rbc)) if rbc is not None else -1.0}
         info.cell_mask = cell_mask
         info.region_quality = qualities
         return out
@@ -406,7 +429,7 @@ class StainSegmenter:
 
     @staticmethod
     def _group(labels: np.ndarray, stats: np.ndarray, idx: np.ndarray, count: np.ndarray,
-               cfg: SegmenterConfig) -> list[list[int]]:
+               cfg: SegmenterConfig, thick: np.ndarray | None = None) -> list[list[int]]:
         """Join blobs (component labels ``idx``) that are lobes of one nucleus.
 
         The background is split among the blobs by a distance-transform watershed
@@ -441,9 +464,22 @@ class StainSegmenter:
                     gaps[pair] = gval
         uf = _Union(len(idx) + 1)
         areas = count[idx]
+        # compactness: inscribed radius over sqrt(area); a disc is 0.56, a bent neutrophil lobe about 0.3
+        tA = thick[idx] / np.sqrt(np.maximum(areas, 1.0)) if thick is not None else None
         for (i, j), gap in sorted(gaps.items(), key=lambda kv: kv[1]):
             big, small = max(areas[i - 1], areas[j - 1]), min(areas[i - 1], areas[j - 1])
-            if small >= cfg.join_min * big and gap <= max(cfg.join_gap * np.sqrt(big), cfg.join_px):
+            if small < cfg.join_min * big:
+                continue
+            limit = max(cfg.join_gap * np.sqrt(big), cfg.join_px)
+            if tA is not None:
+                lo_t, hi_t = min(tA[i - 1], tA[j - 1]), max(tA[i - 1], tA[j - 1])
+                if small >= cfg.join_round_ratio * big and cfg.join_round_thick <= lo_t <= hi_t <= cfg.join_round_max:
+                    # two compact lobes of similar size (eosinophil, bilobed Raabin cells) sit further apart;
+                    # separate whole nuclei that close are lobed (thin) ones
+                    limit = max(limit, cfg.join_round_gap * np.sqrt(big))
+                elif small >= cfg.split_ratio * big and hi_t >= cfg.split_round and lo_t <= cfg.split_lobed:
+                    continue  # a round compact nucleus beside a comparable lobed one: two cells
+            if gap <= limit:
                 uf.union(i, j)
         out: dict[int, list[int]] = {}
         for k in range(1, len(idx) + 1):
@@ -470,6 +506,48 @@ def _nearest_owner(labels: np.ndarray, stats: np.ndarray, lut: np.ndarray) -> tu
         j = int(np.argmax(win))  # first pixel of the blob inside its box
         back[near[y + j // bw, x + j % bw]] = lut[comp]
     return dist, back[near]
+
+
+def _open_relative(mask: np.ndarray, rel: float, min_px: int, floor: float = 0.0) -> np.ndarray:
+    """Open each blob with a disc of ``rel`` times its own inscribed radius.
+
+    Thin dark red-cell rims that cross the nucleus threshold (Raabin) touch the
+    nucleus and each other in a web; they are much thinner than the nucleus they
+    touch, so they go, while a thin-lobed neutrophil on its own keeps its lobes.
+    """
+    import cv2
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return mask
+    dt = cv2.distanceTransform(np.pad(mask, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    ks = np.zeros(n, np.int32)
+    least = floor * float(dt.max())
+    for comp in range(1, n):
+        x, y, bw, bh = (int(v) for v in stats[comp, :4])
+        core = float(dt[y:y + bh, x:x + bw][labels[y:y + bh, x:x + bw] == comp].max())
+        ks[comp] = 2 * int(round(rel * max(core, least))) + 1
+    sizes = sorted(set(int(k) for k in ks[1:] if k > min_px))
+    if not sizes:
+        return mask
+    kmap = ks[labels]
+    out = mask & (kmap <= min_px).astype(np.uint8)
+    for k in sizes:
+        out |= cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(k)) & (kmap == k).astype(np.uint8)
+    return out
+
+
+def _thickness(mask: np.ndarray, labels: np.ndarray, stats: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Inscribed radius (largest distance to the blob's outside) of each blob in ``idx``, indexed by label."""
+    import cv2
+
+    dt = cv2.distanceTransform(np.pad(mask, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    out = np.zeros(len(stats), np.float64)
+    for comp in idx:
+        x, y, bw, bh = (int(v) for v in stats[comp, :4])
+        win = labels[y:y + bh, x:x + bw] == comp
+        out[comp] = float(dt[y:y + bh, x:x + bw][win].max())
+    return out
 
 
 def _solidity(labels: np.ndarray, group: list[int], box: Box) -> float:
