@@ -135,6 +135,19 @@ class Plan:
         self.review_threshold = DEFAULT_REVIEW_THRESHOLD
 
 
+def _check_resume(root: Path, s: dict[str, Any], args: argparse.Namespace) -> Bundle:
+    """The session's bundle, after refusing options that would mix two ways of counting in one session."""
+    bundle = load_bundle(args.bundle or s["bundle"])
+    if _manifest_sha(bundle) != s.get("bundle_sha256"):
+        raise UsageError(f"session {root} was counted with bundle {s.get('bundle_name')!r} ({s.get('bundle')}); "
+                         f"{bundle.path} is a different model: counts cannot be mixed (start a new session)")
+    if args.precision not in (None, "auto") and args.precision != s["precision"]:
+        raise UsageError(f"session {root} ran at {s['precision']}; resuming at {args.precision} would mix models")
+    if args.review_threshold is not None and abs(args.review_threshold - s["review_threshold"]) > 1e-9:
+        raise UsageError(f"session {root} used review threshold {s['review_threshold']}; it cannot change mid-count")
+    return bundle
+
+
 def plan(args: argparse.Namespace) -> Plan:
     """Validate the options against each other and against a resumed session; no model is loaded yet."""
     _check_args(args)
@@ -142,22 +155,12 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.resume:
         root = _resolve_resume(args)
         store = SessionStore.open(root)
-        s = store.settings
         try:
-            bundle = load_bundle(args.bundle or s["bundle"])
-        except Exception:
+            bundle = _check_resume(root, store.settings, args)
+        except BaseException:
             store.close()
             raise
-        if _manifest_sha(bundle) != s.get("bundle_sha256"):
-            store.close()
-            raise UsageError(f"session {root} was counted with bundle {s.get('bundle_name')!r} ({s.get('bundle')}); "
-                             f"{bundle.path} is a different model: counts cannot be mixed (start a new session)")
-        if args.precision not in (None, "auto") and args.precision != s["precision"]:
-            store.close()
-            raise UsageError(f"session {root} ran at {s['precision']}; resuming at {args.precision} would mix models")
-        if args.review_threshold is not None and abs(args.review_threshold - s["review_threshold"]) > 1e-9:
-            store.close()
-            raise UsageError(f"session {root} used review threshold {s['review_threshold']}; it cannot change mid-count")
+        s = store.settings
         p.store, p.bundle, p.session_dir, p.resume = store, bundle, root, True
         p.source = args.source or s["source"]
         p.precision = s["precision"]
@@ -252,11 +255,11 @@ def run(args: argparse.Namespace) -> int:
                         write_reports(store, info={**_info(session, None, p, why), "error": str(exc)})
                 raise
             info = _info(session, result, p, why)
+            summary, cells, _ = build_summary(store, info)
             try:
-                paths = write_reports(store, info=info)
+                paths = write_reports(store, info=info, built=(summary, cells))
             except OSError as exc:
                 raise StoreError(f"cannot write the reports into {store.root}: {exc.strerror or exc}") from exc
-            summary, cells, _ = build_summary(store, info)
             if use_json:
                 doc = {**summary, "reports": {k: str(v) for k, v in paths.items()},
                        "cells": [_cell_json(c) for c in cells]}

@@ -210,15 +210,22 @@ def _members(d: Mapping[str, Any], group: str | None) -> list[str]:
 
 
 def write_reports(store: SessionStore, out: str | os.PathLike | None = None,
-                  info: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                  info: Mapping[str, Any] | None = None,
+                  built: tuple[dict[str, Any], Sequence[StoredCell]] | None = None) -> dict[str, Path]:
     """Write ``summary.json``, ``cells.csv`` and ``report.html`` (default: into the session directory).
+
+    Args:
+        store: The session.
+        out: Output directory (default: the session directory).
+        info: Run facts for the summary (backend, frames, ...).
+        built: ``(summary, cells)`` from :func:`build_summary`, when the caller has them already.
 
     Returns:
         ``{"summary": path, "cells": path, "report": path}``.
     """
     out = Path(out) if out is not None else store.root
     out.mkdir(parents=True, exist_ok=True)
-    summary, cells, _ = build_summary(store, info)
+    summary, cells = built if built is not None else build_summary(store, info)[:2]
     paths = {"summary": out / SUMMARY, "cells": out / CELLS_CSV, "report": out / REPORT}
     _atomic_text(paths["summary"], json.dumps(summary, indent=2) + "\n")
     write_cells_csv(paths["cells"], cells, store.settings["classes"])
