@@ -425,3 +425,33 @@ def throughput(onnx_path: str | Path, shape: Sequence[int], seconds: float = 5.0
         if time.perf_counter() - t0 >= seconds:
             break
     return n * shape[0] / (time.perf_counter() - t0)
+
+
+def speed_table(models: dict[str, str | Path], shape: Sequence[int], repeats: int = 5,
+                threads: int = 1) -> dict[str, dict[str, float]]:
+    """Crops/s of several ONNX models on the same random batch, runs interleaved (ORT CPU).
+
+    For the speed cost of mixed precision: ``{"fp32": ..., "int8": ..., "mixed": ...}``.
+    Reports the median over ``repeats`` by wall clock and by this process's CPU time
+    (steadier on a shared machine).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in models.items()}
+    x = np.random.default_rng(0).normal(0, 1, tuple(shape)).astype(np.float32)
+    wall: dict[str, list[float]] = {k: [] for k in sessions}
+    cpu: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, {s.get_inputs()[0].name: x})
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t, c = time.perf_counter(), time.process_time()
+            s.run(None, {s.get_inputs()[0].name: x})
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    n = shape[0]
+    return {k: {"crops_per_s": round(n / float(np.median(wall[k])), 2),
+                "crops_per_cpu_s": round(n / float(np.median(cpu[k])), 2)} for k in sessions}
