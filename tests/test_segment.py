@@ -25,7 +25,7 @@ from edge.segment import (
     measure_cell_fraction,
 )
 from edge.segment.groundtruth import Labelled, evaluate, hash_half, iou_matrix, match, read_voc, read_yolo
-from edge.segment.stain import otsu3, white_balance
+from edge.segment.stain import _open_relative, otsu3, white_balance
 from edge.sources import SyntheticSource
 
 
@@ -113,6 +113,39 @@ def test_touching_white_cells_are_split():
     assert len(dets) == 2
     centres = sorted((d.box[0] + d.box[2]) / 2 for d in dets)
     assert abs(centres[0] - 270) < 12 and abs(centres[1] - 352) < 12
+
+
+def test_thin_rims_webbed_onto_a_nucleus_are_opened_away():
+    import cv2
+
+    mask = np.zeros((160, 200), np.uint8)
+    cv2.circle(mask, (60, 80), 20, 1, -1)  # a nucleus
+    for cx in (95, 130, 165):  # a web of thin red-cell rims touching it and each other
+        cv2.circle(mask, (cx, 80), 16, 1, 2)
+    cv2.circle(mask, (165, 30), 10, 1, 2)  # a rim on its own
+    out = _open_relative(mask, 0.25, 3, 0.7)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(out)
+    assert n == 2 and stats[1, cv2.CC_STAT_WIDTH] <= 43  # the nucleus, alone
+    # a thin-lobed nucleus alone in view keeps its lobes
+    lobed = np.zeros((160, 200), np.uint8)
+    for cx in (80, 100, 120):
+        cv2.circle(lobed, (cx, 80), 7, 1, -1)
+    cv2.line(lobed, (80, 80), (120, 80), 1, 2)
+    assert _open_relative(lobed, 0.25, 3, 0.7).sum() >= 0.9 * lobed.sum()
+
+
+def test_round_nucleus_touching_a_lobed_one_is_two_cells():
+    import cv2
+
+    src = SyntheticSource(seed=32, frames=1, wbc=0, noise=0)
+    img = src.frame(0).pixels.copy()
+    cv2.circle(img, (260, 240), 42, (206, 190, 218), -1)
+    cv2.circle(img, (345, 240), 42, (206, 190, 218), -1)
+    cv2.circle(img, (265, 240), 32, (150, 58, 100), -1)  # lymphocyte: round nucleus filling its cell
+    cv2.ellipse(img, (345, 240), (26, 26), 0, 40, 320, (150, 58, 100), 16)  # band neutrophil: thin horseshoe
+    dets = StainSegmenter().detect(cv2.GaussianBlur(img, (0, 0), 1.0))
+    centres = sorted((d.box[0] + d.box[2]) / 2 for d in dets)
+    assert len(dets) == 2 and abs(centres[0] - 262) < 15 and abs(centres[1] - 345) < 15, centres
 
 
 def test_segmenter_is_fast_at_640x480():
@@ -322,4 +355,4 @@ def test_txl_pbc_detection(data_root, half):
 
 #: What the segmenter reaches on each half of TXL-PBC (half "a" was used for tuning);
 #: the product bar is 0.97 / 0.95.
-TXL_BAR = {"a": (0.97, 0.95), "b": (0.94, 0.94)}
+TXL_BAR = {"a": (0.98, 0.98), "b": (0.96, 0.96)}

@@ -14,14 +14,19 @@ On a copy of the frame shrunk to ``work_px`` pixels on its short side:
    histogram (background / red cells and cytoplasm / nuclei) gives this frame's
    nucleus threshold, so exposure and stain strength do not matter. A frame
    whose upper class is not clearly bluer than its median holds no nucleus.
-4. **Morphology and filters.** Opening removes specks; a blob must be clearly
+4. **Morphology and filters.** Opening removes specks; a second opening, with a
+   disc scaled to each blob's own inscribed radius (and at least a share of the
+   thickest nucleus in view), removes the thin dark red-cell rims that cross the
+   threshold in some smears (Raabin) and web themselves onto a nucleus. A blob must be clearly
    bluer than the threshold on average (``min_excess``: the dark rims of
    blue-grey red cells only just cross it), and a cell's nucleus must be big
    enough against the frame and against the largest nucleus in view.
 5. **Lobes to cells.** A distance transform of the background labelled by the
    nearest blob (the watershed of the background by distance) gives the gap
    between every pair of blobs; blobs closer than a fraction of their size are
-   lobes of one nucleus (union-find).
+   lobes of one nucleus (union-find). Two compact blobs of similar size may sit
+   further apart (the round lobes of an eosinophil), but a round, compact nucleus
+   never joins a comparable thin, lobed one (a lymphocyte touching a neutrophil).
 6. **Whole cell.** Each nucleus grows into its cytoplasm: a pixel near the
    nucleus joins the cell when its colour is nearer this cell's cytoplasm (a
    thin ring around the nucleus) than the background or the red cells, and it is
@@ -54,8 +59,8 @@ class SegmenterConfig:
         bg_quantile: Brightness quantile above which pixels count as background for white balance.
         min_contrast: The nucleus threshold must exceed the median blueness by this much (8-bit units).
         open_px: Opening kernel (working pixels) that removes specks and thin red-cell rims.
-        open_rel: A second opening with a disc of this fraction of the thickest blob's inscribed radius
-            (removes thin red-cell rims; 0 disables).
+        open_rel, open_floor: A second opening with a disc of ``open_rel`` times the blob's inscribed radius,
+            taken at least ``open_floor`` times the thickest blob's (thin red-cell rims go; 0 disables).
         min_excess: A blob's mean blueness must exceed the threshold by this much.
         min_area: Smallest nucleus (all lobes) as a fraction of the working image area.
         rel_area: Smallest nucleus as a fraction of the largest one in the frame.
@@ -269,6 +274,7 @@ class StainSegmenter:
         lab = cv2.cvtColor(small, cv2.COLOR_BGR2LAB)
         h, w = small.shape[:2]
         area_img = float(h * w)
+        speck = 0.0002 * area_img  # blobs smaller than this are never nuclei
         blue = cv2.GaussianBlur(255 - lab[:, :, 2], (3, 3), 0)
         hist = np.bincount(blue.ravel(), minlength=256)
         t1, t2 = otsu3(hist)
@@ -279,7 +285,7 @@ class StainSegmenter:
         mask = (blue > t2).astype(np.uint8)
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(cfg.open_px))
         if cfg.open_rel > 0:
-            mask = _open_relative(mask, cfg.open_rel, cfg.open_px, cfg.open_floor)
+            mask = _open_relative(mask, cfg.open_rel, cfg.open_px, cfg.open_floor, speck)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         info.nucleus_mask = mask
         if n <= 1:
@@ -287,7 +293,7 @@ class StainSegmenter:
         count = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
         f_mean = np.bincount(labels.ravel(), weights=blue.ravel(), minlength=n) / np.maximum(count, 1)
         excess = f_mean - t2
-        ok = (count >= 0.0002 * area_img) & (excess >= cfg.min_excess)
+        ok = (count >= speck) & (excess >= cfg.min_excess)
         ok[0] = False
         idx = np.flatnonzero(ok)
         if not len(idx):
@@ -508,7 +514,7 @@ def _nearest_owner(labels: np.ndarray, stats: np.ndarray, lut: np.ndarray) -> tu
     return dist, back[near]
 
 
-def _open_relative(mask: np.ndarray, rel: float, min_px: int, floor: float = 0.0) -> np.ndarray:
+def _open_relative(mask: np.ndarray, rel: float, min_px: int, floor: float = 0.0, min_blob: float = 0.0) -> np.ndarray:
     """Open each blob with a disc of ``rel`` times its own inscribed radius.
 
     Thin dark red-cell rims that cross the nucleus threshold (Raabin) touch the
@@ -523,7 +529,9 @@ def _open_relative(mask: np.ndarray, rel: float, min_px: int, floor: float = 0.0
     dt = cv2.distanceTransform(np.pad(mask, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
     ks = np.zeros(n, np.int32)
     least = floor * float(dt.max())
-    for comp in range(1, n):
+    for comp in np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_blob):
+        if comp == 0:
+            continue  # background; specks below min_blob are dropped later anyway
         x, y, bw, bh = (int(v) for v in stats[comp, :4])
         core = float(dt[y:y + bh, x:x + bw][labels[y:y + bh, x:x + bw] == comp].max())
         ks[comp] = 2 * int(round(rel * max(core, least))) + 1
