@@ -103,10 +103,10 @@ class SegmenterConfig:
     rel_area: float = 0.2
     max_area: float = 0.5
     join_gap: float = 0.4
-    join_min: float = 0.05
+    join_min: float = 0.1
     join_px: float = 3.0
     join_round_gap: float = 1.0
-    join_round_thick: float = 0.32
+    join_round_thick: float = 0.35
     join_round_ratio: float = 0.3
     join_round_max: float = 0.48
     split_ratio: float = 0.6
