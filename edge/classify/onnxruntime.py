@@ -33,14 +33,19 @@ class OrtBackend:
         providers: Provider short names (``cpu``, ``cuda``, ``tensorrt``) in
             preference order; default: the best this machine has.
         threads: Intra-op threads (0 = ONNX Runtime's default).
+        spin: Let idle ONNX Runtime threads spin-wait (faster for back-to-back
+            batches on an otherwise idle machine; on a station the capture thread
+            needs those cycles, so it is off by default).
     """
 
-    def __init__(self, bundle: Bundle, precision: str = "int8", providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, bundle: Bundle, precision: str = "int8", providers: list[str] | None = None, threads: int = 0,
+                 spin: bool = False):
         self.bundle = bundle
         self.precision = precision
         self.model_path: Path = bundle.onnx_path(precision)
         self.want = [_SHORT.get(p, p) for p in providers] if providers else None
         self.threads = threads
+        self.spin = spin
         self.session = None
         self.provider = ""
         self.output_kind = bundle.manifest.output_kind
@@ -66,6 +71,7 @@ class OrtBackend:
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         try:
             self.session = ort.InferenceSession(os.fspath(self.model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own hierarchy; report it in one line

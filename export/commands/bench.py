@@ -54,11 +54,16 @@ def _time(fn, n_items: int, repeats: int) -> dict[str, float]:
     return _stats(rates)
 
 
-def synthetic_frames(n: int, seed: int = 7) -> list:
-    """Pre-rendered 640x480 synthetic smear frames (rendering is not part of what is timed)."""
+def synthetic_frames(n: int, seed: int = 7, pan: float = 0.0) -> list:
+    """Pre-rendered 640x480 synthetic smear frames (rendering is not part of what is timed).
+
+    ``pan=0`` gives a new, unrelated field every frame (worst case: every cell is
+    new); ``pan>0`` moves the slide a few pixels per frame, as under a camera.
+    """
     from edge.sources import open_source
 
-    with open_source(f"synthetic://?seed={seed}&frames={n}&width=640&height=480") as src:
+    uri = f"synthetic://?seed={seed}&frames={n}&width=640&height=480" + (f"&pan={pan}" if pan else "")
+    with open_source(uri) as src:
         return list(src)
 
 
@@ -112,32 +117,41 @@ def bench_crops(bundle, checkpoint: Path | None, batch: int, repeats: int, threa
 
 
 def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: str) -> dict[str, Any]:
-    """Whole-pipeline frames/s on pre-rendered 640x480 frames through ``CountingSession``."""
+    """Whole-pipeline frames/s on pre-rendered 640x480 frames through ``CountingSession``.
+
+    The backend comes from the same seam as ``hemaedge count`` (``make_backend``)
+    with the same default threads. Two runs: a panning slide (what a camera
+    gives) and a new field every frame (worst case).
+    """
+    from edge.commands.count import DEFAULT_THREADS
     from edge.count import DifferentialCounter, SlideTracker
-    from edge.pipeline import CellFinder, CountingSession
-    from edge.segment import assess_quality, make_segmenter
+    from edge.pipeline import CellFinder, CountingSession, make_backend, make_quality_check
+    from edge.segment import make_segmenter
     from edge.store import SessionStore
 
-    pool = synthetic_frames(frames, seed=11)
-    rates, counted = [], []
-    from edge.classify.onnxruntime import OrtBackend
-
-    with OrtBackend(bundle, precision, threads=threads) as be:
-        for r in range(repeats + 1):
-            with tempfile.TemporaryDirectory() as tmp:
-                m = bundle.manifest
-                store = SessionStore.create(Path(tmp) / "s", {"bundle": str(bundle.path), "classes": list(m.classes),
-                                                              "target": 10**9, "precision": precision})
-                counter = DifferentialCounter(m.classes, 10**9, 0.6, m.class_groups)
-                finder = CellFinder(make_segmenter(), m.crop, SlideTracker(), assess_quality)
-                session = CountingSession(iter(pool), finder, be, bundle, store, counter, stop_at_target=False)
-                res = session.run(interval=0.05)
-                store.close()
-                if r:  # the first run warms up
-                    rates.append(res.frames / res.seconds)
-                    counted.append(res.cells)
-    return {"frames_per_run": frames, "frame_size": "640x480", "precision": precision,
-            "frames_per_s": _stats(rates), "cells_counted_per_run": counted}
+    threads = threads or DEFAULT_THREADS
+    backend, why = make_backend(bundle, "auto", precision, threads=threads)
+    out: dict[str, Any] = {"frame_size": "640x480", "precision": precision, "backend": why, "threads": threads,
+                           "frames_per_run": frames}
+    m = bundle.manifest
+    with backend as be:
+        for name, pan in (("panning_slide", 4.0), ("new_field_every_frame", 0.0)):
+            pool = synthetic_frames(frames, seed=11, pan=pan)
+            rates, counted = [], []
+            for r in range(repeats + 1):
+                with tempfile.TemporaryDirectory() as tmp:
+                    store = SessionStore.create(Path(tmp) / "s", {"bundle": str(bundle.path), "classes": list(m.classes),
+                                                                  "target": 10**9, "precision": precision})
+                    counter = DifferentialCounter(m.classes, 10**9, 0.6, m.class_groups)
+                    finder = CellFinder(make_segmenter(), m.crop, SlideTracker(), make_quality_check(pool))
+                    session = CountingSession(iter(pool), finder, be, bundle, store, counter, stop_at_target=False)
+                    res = session.run(interval=0.05)
+                    store.close()
+                    if r:  # the first run warms up
+                        rates.append(res.frames / res.seconds)
+                        counted.append(res.cells)
+            out[name] = {"frames_per_s": _stats(rates), "cells_counted_per_run": counted}
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
             t.add_row(k, f"{v['median']:.0f}", f"{v['min']:.0f}", f"{v['max']:.0f}", str(speed.get(k, "1.0" if "pytorch" in k else "")))
     con.print(t)
     if "pipeline" in res:
-        f = res["pipeline"]["frames_per_s"]
-        con.print(f"pipeline ({res['pipeline']['precision']}, 640x480): {f['median']:.1f} frames/s "
-                  f"(min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)")
+        p = res["pipeline"]
+        for name in ("panning_slide", "new_field_every_frame"):
+            f = p[name]["frames_per_s"]
+            con.print(f"pipeline {name} ({p['precision']}, 640x480, {p['backend']}): {f['median']:.1f} frames/s "
+                      f"(min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)", highlight=False)
     return 0
