@@ -180,3 +180,16 @@ def test_readers_npz_folder_and_stratified_sample(tmp_path):
     labels = np.array([0] * 90 + [1] * 10)
     idx = stratified_sample(labels, 20)
     assert np.bincount(labels[idx]).tolist() == [18, 2]
+
+
+def test_evaluate_cli_json_has_every_metric(trained, tmp_path, capsys):
+    _, data, ckpt, _ = trained
+    from hemaedge.cli import main
+
+    s = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "b"), data=str(data)), log=lambda m: None)
+    assert main(["evaluate", "--bundle", s["bundle"], "--data", str(data), "--precision", "fp32", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep) >= {"accuracy", "macro_f1", "macro_auroc", "per_class", "confusion_matrix"}
+    assert set(next(iter(rep["per_class"].values()))) == {"precision", "recall", "f1", "support", "auroc"}
+    assert rep["accuracy"] == pytest.approx(load_bundle(s["bundle"]).manifest.metrics["fp32"]["accuracy"])
+    assert main(["evaluate", "--bundle", s["bundle"], "--data", str(data), "--precision", "int8"]) == 2  # no INT8 here
