@@ -55,6 +55,7 @@ class Recipe:
     white_balance: bool = False
     extra_data: tuple[str, ...] = ()
     extra_repeat: int = 1
+    init: str = ""
 
 
 def _stats(images: ImageSet, size: int, white_balance: bool, n: int = 2000, seed: int = 0):
@@ -201,6 +202,14 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     mean, std = _stats(tr, size, recipe.white_balance)
     spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
     model = build(recipe.arch, len(tr.classes), **recipe.arch_kwargs)
+    if recipe.init:  # fine-tune: start from another run's weights (same architecture, same classes)
+        init = checkpoint.load(recipe.init)
+        if init.get("classes") not in (None, list(tr.classes)):
+            raise UsageError(f"--init {recipe.init} was trained on classes {init['classes']}, not {list(tr.classes)}")
+        model.load_state_dict(init["state_dict"])
+        if init.get("input"):  # keep the normalisation the weights were trained with
+            mean, std = tuple(init["input"]["mean"]), tuple(init["input"]["std"])
+            spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
     tl = _loader(tr, spec, recipe.batch, True, recipe.balanced, recipe.workers, recipe.seed)
     extra_digests = []
     if recipe.extra_data:

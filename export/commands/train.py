@@ -31,6 +31,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="extra labelled crops (class folders named like the data set's classes), e.g. sorted "
                         "'hemaedge collect' output from the station's own microscope; may repeat")
     p.add_argument("--extra-repeat", type=int, default=1, help="times each extra image is seen per epoch")
+    p.add_argument("--init", default="", metavar="CHECKPOINT", help="start from these weights (fine-tuning)")
     p.add_argument("--img-size", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule, aug=tuple(a for a in args.aug.split(",") if a), balanced=args.balanced,
         early_stop=args.early_stop, label_smoothing=args.label_smoothing, img_size=args.img_size, arch_kwargs=kwargs,
         white_balance=args.white_balance, extra_data=tuple(args.extra_data),
-        extra_repeat=args.extra_repeat, seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
+        extra_repeat=args.extra_repeat, init=args.init, seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
     )
     summary = train(recipe, progress=not args.json)
     if args.json:
