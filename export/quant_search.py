@@ -21,7 +21,11 @@ the accuracy gate. The search, cheapest first:
    a node goes to float together with the producers of its inputs. The top-k
    nodes (with those producers) are passed to ``nodes_to_exclude`` with
    k = 1, 2, 4, 8 ... until the drop is within the gate, then bisected down
-   to the smallest passing k.
+   to the smallest passing k. The first time a float set more than halves
+   the drop without passing, the other calibration settings are re-tried with
+   it (the least bad setting with everything quantized - often per-tensor
+   when an outlier breaks all of them - is rarely the best once the outlier
+   path is float).
 
 Each step is logged (setting, accuracy, drop, seconds) and the result says
 which nodes stayed float. Quantization-aware training is the last resort and
@@ -157,32 +161,51 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
             return list(dict.fromkeys(m for _, _, _, group in ranking[:k] for m in group))
 
         limit = max(1, int(len(ranking) * max_float_fraction)) if ranking else 0
-        tried: dict[int, tuple[float, Path]] = {0: (drop0, qdq0)}
-        k, passing, failing = 1, None, 0
+        current = (method, per_channel)
+        tried: dict[int, tuple[float, Path, tuple[str, bool]]] = {0: (drop0, qdq0, current)}
+        k, prev_k, passing, failing, reselected = 1, 0, None, 0, False
         while k <= limit and len(tried) - 1 < max_trials:
-            tried[k] = trial("float-fallback", method, per_channel, excluded_for(k), f"mixed_{k}")
-            if tried[k][0] <= max_drop:
+            d, p = trial("float-fallback", *current, excluded_for(k), f"mixed_{k}")
+            if d > max_drop and not reselected and d < 0.5 * tried[prev_k][0]:
+                # Keeping these nodes in float changed the picture (e.g. an outlier path is gone): the
+                # calibration setting that was least bad with everything quantized may not be best now.
+                reselected = True
+                for m, pc in settings:
+                    if (m, pc) == current:
+                        continue
+                    d2, p2 = trial("re-select setting", m, pc, excluded_for(k), f"mixed_{k}_{m}_{int(pc)}")
+                    if d2 < d:
+                        d, p, current = d2, p2, (m, pc)
+                    if d <= max_drop:
+                        break
+            tried[k] = (d, p, current)
+            if d <= max_drop:
                 passing = k
                 break
-            failing = k
+            failing, prev_k = k, k
             k = min(limit, k * 2) if k < limit else limit + 1
         if passing is not None:
             lo, hi = failing, passing  # lo fails, hi passes: bisect for the smallest passing k
             while hi - lo > 1 and len(tried) - 1 < max_trials:
                 mid = (lo + hi) // 2
-                tried[mid] = trial("float-fallback", method, per_channel, excluded_for(mid), f"mixed_{mid}")
-                if tried[mid][0] <= max_drop:
+                d, p = trial("float-fallback", *current, excluded_for(mid), f"mixed_{mid}")
+                tried[mid] = (d, p, current)
+                if d <= max_drop:
                     hi = mid
                 else:
                     lo = mid
             k_best = hi
         else:
             k_best = min(tried, key=lambda kk: tried[kk][0])
-        drop, path = tried[k_best]
+        drop, path, (method, per_channel) = tried[k_best]
         shutil.copyfile(path, out)
         excluded = excluded_for(k_best)
+        excluded_labels = [labels.get(n, n) for n in excluded]
+        records.append({"stage": "result", "method": method, "per_channel": per_channel,
+                        "float_nodes": len(excluded), "float_node_labels": excluded_labels, "drop": round(drop, 3),
+                        "passed": drop <= max_drop, "ranking_top10": [list(r) for r in top[:10]]})
         return SearchResult(out, method, per_channel, excluded, drop, records, baseline - drop / 100, baseline,
-                            drop <= max_drop, [labels.get(n, n) for n in excluded], top)
+                            drop <= max_drop, excluded_labels, top)
 
 
 _ORDER = ("entropy", "percentile", "minmax")

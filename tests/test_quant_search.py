@@ -90,7 +90,7 @@ def test_plain_int8_misses_the_gate_and_search_keeps_the_outlier_path_float(outl
     assert res.path.is_file() and ev(res.path) == pytest.approx(res.accuracy)
     assert "/mix/Conv" in res.excluded_nodes and "/proj/Conv" in res.excluded_nodes
     assert len(res.excluded_nodes) <= 4
-    assert [r["stage"] for r in res.log][:2] == ["calibration", "calibration"] and res.log[-1]["stage"] == "float-fallback"
+    assert [r["stage"] for r in res.log][:2] == ["calibration", "calibration"] and res.log[-2]["stage"] == "float-fallback" and res.log[-1]["stage"] == "result"
     assert any("float nodes" in ln for ln in lines)
 
 
