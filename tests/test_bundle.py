@@ -132,3 +132,15 @@ def test_white_balance_removes_a_colour_cast_the_same_way_everywhere():
     assert np.abs(a - b).max() < 0.03
     plain = InputSpec(height=28, width=28)
     assert np.abs(preprocess(neutral, plain) - preprocess(cast, plain)).max() > 0.1
+
+
+def test_a_bare_name_finds_a_shipped_bundle_but_a_real_folder_wins(tmp_path, monkeypatch, tiny_bundle_dir):
+    from edge.models import DEFAULT_BUNDLE
+
+    monkeypatch.chdir(tmp_path)
+    assert load_bundle(DEFAULT_BUNDLE).path.name == DEFAULT_BUNDLE
+    assert load_bundle(DEFAULT_BUNDLE).path.parent.name == "models"
+    shutil.copytree(tiny_bundle_dir, tmp_path / DEFAULT_BUNDLE)
+    assert load_bundle(DEFAULT_BUNDLE).manifest.name == "tiny-test"
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle("no-such-bundle")

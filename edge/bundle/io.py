@@ -68,9 +68,19 @@ def verify_artifact(root: Path, art: Artifact) -> None:
         raise BundleError(f"bundle {root}: artifact {art.file} fails its sha256 check (corrupted or tampered)")
 
 
-def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Read and validate ``manifest.json`` without checking artifacts."""
+def resolve(path: str | os.PathLike) -> Path:
+    """A bundle directory; a bare name that is not a directory here means a bundle shipped in ``edge/models``."""
     root = Path(path)
+    if not root.exists() and len(root.parts) == 1:
+        shipped = Path(__file__).resolve().parents[1] / "models" / root.name
+        if (shipped / MANIFEST).is_file():
+            return shipped
+    return root
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate ``manifest.json`` without checking artifacts (``path`` may name a shipped bundle)."""
+    root = resolve(path)
     mf = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"bundle {root} does not exist or is not a directory")
@@ -93,7 +103,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     Raises:
         BundleError: one line naming the bundle and the file at fault.
     """
-    root = Path(path)
+    root = resolve(path)
     manifest = read_manifest(root)
     if verify:
         for art in manifest.artifacts:
