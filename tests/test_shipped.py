@@ -40,13 +40,21 @@ def test_readme_records_the_commands_that_rebuilt_the_shipped_model(shipped):
     assert f"--epochs {recipe['epochs']}" in readme
 
 
-def test_shipped_checkpoint_is_the_bundles_source(shipped):
-    if not CHECKPOINT.is_file():
-        pytest.skip(f"checkpoint not in this installation: {CHECKPOINT}")
-    assert sha256_file(CHECKPOINT) == shipped.manifest.provenance["source_model"]["sha256"]
+@pytest.mark.parametrize("name", ["bloodcnn5", "bloodcnn5-transfer"])
+def test_shipped_checkpoint_is_the_bundles_source(name):
+    ckpt = CHECKPOINT.with_name(f"{name}.pt")
+    if not ckpt.is_file():
+        pytest.skip(f"checkpoint not in this installation: {ckpt}")
+    bundle = load_bundle(default_bundle_path(name))
+    assert sha256_file(ckpt) == bundle.manifest.provenance["source_model"]["sha256"]
+    assert bundle.manifest.provenance["export_command"] in (ROOT / "README.md").read_text()
+    m = bundle.manifest.metrics
+    assert m["fp32"]["accuracy"] - m["int8"]["accuracy"] <= 0.003
 
 
-def test_golden_outputs_reproduce_on_this_machine(shipped):
+@pytest.mark.parametrize("name", ["bloodcnn5", "bloodcnn5-transfer"])
+def test_golden_outputs_reproduce_on_this_machine(name):
+    shipped = load_bundle(default_bundle_path(name))
     res = subprocess.run([sys.executable, "-m", "hemaedge", "verify", str(shipped.path), "--json"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-1500:]
