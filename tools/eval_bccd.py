@@ -38,41 +38,50 @@ from edge.segment.groundtruth import iou_matrix, read_voc  # noqa: E402
 COMMON = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte"}
 
 
+def bccd_cells(root: Path, split: str, types_map: dict[str, str]):
+    """Yield ``(name, RGB image, annotated WBC box, type)`` for BCCD frames whose WBC type is in ``types_map``."""
+    names = [ln.strip() for ln in (root / f"{split}.txt").read_text().split() if ln.strip()]
+    types = {}
+    with open(root / "wbc_types.csv", newline="") as f:
+        for row in csv.reader(f):
+            if len(row) >= 2 and row[1].strip().upper() in types_map:
+                types[row[0].strip()] = types_map[row[1].strip().upper()]
+    for name in names:
+        if name not in types:
+            continue
+        gt = read_voc(root / "Annotations" / f"{name}.xml")
+        if len(gt) == 0:
+            continue
+        gt_box = gt[np.argmax((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]))]
+        yield name, read_rgb(root / "JPEGImages" / f"{name}.jpg"), gt_box, types[name]
+
+
+def matched_detection(seg, img: np.ndarray, name: str, gt_box: np.ndarray):
+    """The segmenter's box that overlaps the annotated WBC box with IoU >= 0.5 (best one), else None."""
+    dets = seg.detect(Frame(img, "RGB", 0.0, "bccd", 0, name))
+    if not dets:
+        return None
+    ious = iou_matrix(np.array([d.box for d in dets], np.float32), gt_box[None])[:, 0]
+    return dets[int(np.argmax(ious))].box if ious.max() >= 0.5 else None
+
+
 def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Path, cell_fraction: float | None = None,
              pad: str | None = None) -> dict:
     """Score the four common types; returns accuracy, confusion and counts."""
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
     geom = replace(m.crop, **{k: v for k, v in (('cell_fraction', cell_fraction), ('pad', pad)) if v is not None})
-    names = [ln.strip() for ln in (root / f"{split}.txt").read_text().split() if ln.strip()]
-    types = {}
-    with open(root / "wbc_types.csv", newline="") as f:
-        for row in csv.reader(f):
-            if len(row) >= 2 and row[1].strip().upper() in COMMON:
-                types[row[0].strip()] = COMMON[row[1].strip().upper()]
     seg = make_segmenter()
     crops, truth, missed = [], [], 0
-    for name in names:
-        if name not in types:
-            continue
-        img = read_rgb(root / "JPEGImages" / f"{name}.jpg")
-        gt = read_voc(root / "Annotations" / f"{name}.xml")
-        if len(gt) == 0:
-            continue
-        gt_box = gt[np.argmax((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]))]
+    for name, img, gt_box, kind in bccd_cells(root, split, COMMON):
         box = gt_box
         if boxes == "detected":
-            dets = seg.detect(Frame(img, "RGB", 0.0, "bccd", 0, name))
-            if not dets:
+            box = matched_detection(seg, img, name, gt_box)
+            if box is None:
                 missed += 1
                 continue
-            ious = iou_matrix(np.array([d.box for d in dets], np.float32), gt_box[None])[:, 0]
-            if ious.max() < 0.5:
-                missed += 1
-                continue
-            box = dets[int(np.argmax(ious))].box
         crops.append(cut_crop(img, box, geom))
-        truth.append(types[name])
+        truth.append(kind)
     with OrtBackend(bundle, precision) as be:
         probs = be.classify(preprocess(crops, m.input)) if crops else np.zeros((0, len(m.classes)))
     pred = [m.classes[i] for i in probs.argmax(1)]

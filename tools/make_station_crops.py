@@ -13,21 +13,19 @@ as ``OUT/<class>/<frame>.png`` (class names as in BloodMNIST). The BCCD
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibration.datasets import read_rgb  # noqa: E402
+sys.path.insert(0, str(ROOT / "tools"))
+
+from eval_bccd import bccd_cells, matched_detection  # noqa: E402
+
 from edge.bundle import CropGeometry, cut_crop  # noqa: E402
 from edge.config import data_root  # noqa: E402
-from edge.records import Frame  # noqa: E402
 from edge.segment import make_segmenter  # noqa: E402
-from edge.segment.groundtruth import iou_matrix, read_voc  # noqa: E402
 
 TYPES = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte",
          "BASOPHIL": "basophil"}
@@ -42,29 +40,12 @@ def main() -> int:
     root = Path(a.data) if a.data else data_root() / "bccd"
     import cv2
 
-    types = {}
-    with open(root / "wbc_types.csv", newline="") as f:
-        for row in csv.reader(f):
-            if len(row) >= 2 and row[1].strip().upper() in TYPES:
-                types[row[0].strip()] = TYPES[row[1].strip().upper()]
     seg, geom, out, n = make_segmenter(), CropGeometry(cell_fraction=a.cell_fraction), Path(a.out), 0
-    for name in (root / "train.txt").read_text().split():
-        if name not in types:
-            continue
-        img = read_rgb(root / "JPEGImages" / f"{name}.jpg")
-        gt = read_voc(root / "Annotations" / f"{name}.xml")
-        if len(gt) == 0:
-            continue
-        gt_box = gt[np.argmax((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]))]
-        dets = seg.detect(Frame(img, "RGB", 0.0, "bccd", 0, name))
-        box = gt_box
-        if dets:
-            ious = iou_matrix(np.array([d.box for d in dets], np.float32), gt_box[None])[:, 0]
-            if ious.max() >= 0.5:
-                box = dets[int(np.argmax(ious))].box
-        crop = cut_crop(img, box, geom)
-        (out / types[name]).mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out / types[name] / f"{name}.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    for name, img, gt_box, kind in bccd_cells(root, "train", TYPES):
+        box = matched_detection(seg, img, name, gt_box)
+        crop = cut_crop(img, gt_box if box is None else box, geom)
+        (out / kind).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out / kind / f"{name}.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
         n += 1
     print(f"wrote {n} crops to {out}")
     return 0
