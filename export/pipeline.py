@@ -21,7 +21,15 @@ from edge import __version__
 from edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
 from edge.errors import AccuracyGateError, InputError, MissingDependencyError, UsageError
 from export.quantize import METHODS, quantize_int8
-from export.to_onnx import Source, adapt_foreign_onnx, check_and_simplify, detect_kind, export_torch, load_source, torch_forward
+from export.to_onnx import (
+    Source,
+    adapt_foreign_onnx,
+    check_and_simplify,
+    detect_kind,
+    export_torch,
+    load_source,
+    torch_forward,
+)
 
 PARITY_IMAGES = 256
 GOLDEN_IMAGES = 16

@@ -9,7 +9,6 @@ the preprocessed tensors; all three are valid for single blood cells.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
