@@ -3,11 +3,13 @@
 ``export-model --int8 --search`` calls ``search_int8`` when plain INT8 misses
 the accuracy gate. The search, cheapest first:
 
-1. **Calibration settings**: every ``method`` (minmax, entropy, percentile) x
+1. **Calibration settings**: every ``method`` (entropy, percentile, minmax) x
    per-channel / per-tensor weights (per-channel first), quantized with the
    pipeline's own ``export.quantize.quantize_int8`` so every candidate uses
    the same symmetric QDQ format the station gets. The first setting within
-   the gate wins.
+   the gate wins. ``entropy`` here is a real KL threshold search
+   (``entropy_bins``): ONNX Runtime's stock entropy calibration with
+   ``quantize_static`` has a single candidate threshold and equals min-max.
 2. **Mixed precision**: with the best setting of step 1, rank the quantized
    nodes by how much quantization noise each one *adds*: run the FP32 graph
    and the fake-quantized QDQ graph on calibration batches with every
@@ -34,6 +36,7 @@ needs a GPU; it is not attempted here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -121,7 +124,8 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
         def trial(stage: str, method: str, per_channel: bool, exclude: Sequence[str], name: str) -> tuple[float, Path]:
             t = time.time()
             path = tmp / f"{name}.onnx"
-            quantize_int8(fp32, path, calib_reader_factory(), method, per_channel, exclude=list(exclude))
+            with entropy_bins() if method == "entropy" else contextlib.nullcontext():
+                quantize_int8(fp32, path, calib_reader_factory(), method, per_channel, exclude=list(exclude))
             acc = float(eval_fn(path))
             drop = (baseline - acc) * 100
             rec = {"stage": stage, "method": method, "per_channel": per_channel, "float_nodes": len(exclude),
@@ -209,6 +213,38 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
 
 
 _ORDER = ("entropy", "percentile", "minmax")
+
+
+@contextlib.contextmanager
+def entropy_bins(num_bins: int = 2048, num_quantized_bins: int = 128):
+    """Give ONNX Runtime's entropy calibrator a real threshold search (2048 bins, as TensorRT / PyTorch).
+
+    ``quantize_static`` does not forward ``num_bins``, and the calibrator's default of
+    128 bins for 128 quantized bins leaves one candidate threshold, the full range: ORT's
+    "entropy" is then exactly min-max (same scales, measured; onnxruntime issue #9597,
+    PR #10261). Inside this context the bins are injected where ``quantize_static``
+    creates its calibrator. The search uses it for its ``entropy`` setting.
+    """
+    import importlib
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
+    create = getattr(ort_quantize, "create_calibrator", None)
+    if create is None:  # pragma: no cover - a future ORT that moved it: leave ORT's behaviour
+        yield
+        return
+
+    def create_with_bins(*args, **kwargs):
+        opts = dict(kwargs.get("extra_options") or {})
+        opts.setdefault("num_bins", num_bins)
+        opts.setdefault("num_quantized_bins", num_quantized_bins)
+        kwargs["extra_options"] = opts
+        return create(*args, **kwargs)
+
+    ort_quantize.create_calibrator = create_with_bins
+    try:
+        yield
+    finally:
+        ort_quantize.create_calibrator = create
 
 
 def _float_tensors(model) -> set[str]:

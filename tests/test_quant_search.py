@@ -124,11 +124,12 @@ def test_throughput_measures_crops_per_second(outlier_model):
     assert throughput(path, (4, 3, 16, 16), seconds=0.2) > 0
 
 
+@pytest.mark.slow
 def test_export_model_search_through_the_pipeline(tmp_path):
     """``export-model --int8 --search``: the lead's pipeline calls search_int8 when plain INT8 fails the gate.
 
-    A tiny bloodcnn5 learns a synthetic 8-class task (class = colour tint) in a few seconds; then one
-    channel is scaled x300 and the next conv's weights on it /300 (ReLU and max-pool are positively
+    A tiny bloodcnn5 learns a synthetic 8-class task (class = colour tint) in a few seconds; then four
+    channels are scaled x300 and the next conv's weights on them /300 (ReLU and max-pool are positively
     homogeneous, so FP32 is unchanged) - an outlier channel, as trained networks grow them.
     """
     pipeline = pytest.importorskip("export.pipeline")
@@ -153,10 +154,10 @@ def test_export_model_search_through_the_pipeline(tmp_path):
         loss.backward()
         opt.step()
     net.eval()
-    with torch.no_grad():
-        net.features[8].weight[0] *= 300.0
-        net.features[8].bias[0] *= 300.0
-        net.features[10].weight[:, 0] /= 300.0
+    with torch.no_grad():  # a quarter of the channels: too much mass for a clipping calibrator to cut off
+        net.features[8].weight[:4] *= 300.0
+        net.features[8].bias[:4] *= 300.0
+        net.features[10].weight[:, :4] /= 300.0
     data = tmp_path / "synthetic_bloodmnist.npz"
     np.savez(data, train_images=imgs[:800], train_labels=labels[:800, None], val_images=imgs[800:],
              val_labels=labels[800:, None], test_images=imgs[:8], test_labels=labels[:8, None])
@@ -173,3 +174,37 @@ def test_export_model_search_through_the_pipeline(tmp_path):
     assert manifest.metrics["drop_points"] <= 1.0
     assert manifest.extra["int8_search"]["float_nodes"] == manifest.calibration["float_nodes"]
     assert len(manifest.calibration["float_nodes"]) == 3  # the outlier channel's producer, its ReLU, its consumer
+
+
+def test_entropy_bins_make_entropy_differ_from_minmax(tmp_path):
+    """ORT's stock entropy calibration equals min-max (one candidate threshold); ours searches 2048 bins."""
+    import onnx
+    from helpers import tiny_onnx
+    from onnx import numpy_helper
+
+    from export.quant_search import entropy_bins
+
+    src = tiny_onnx(tmp_path / "tiny.onnx")
+    rng = np.random.default_rng(0)
+    data = [rng.standard_t(3, (32, 3, 28, 28)).astype(np.float32) for _ in range(4)]
+
+    def reader():
+        class R:
+            def __init__(self) -> None:
+                self.it = iter([{"input": d} for d in data])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        return R()
+
+    def input_scale(path) -> float:
+        inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+        return float(numpy_helper.to_array(inits["input_scale"]))
+
+    mm = input_scale(quantize_int8(src, tmp_path / "mm.onnx", reader(), "minmax", True))
+    stock = input_scale(quantize_int8(src, tmp_path / "stock.onnx", reader(), "entropy", True))
+    with entropy_bins():
+        kl = input_scale(quantize_int8(src, tmp_path / "kl.onnx", reader(), "entropy", True))
+    assert stock == pytest.approx(mm)  # the ORT behaviour entropy_bins works around
+    assert kl < 0.5 * mm  # heavy-tailed input: KL clips the tails
