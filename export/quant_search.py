@@ -174,8 +174,9 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
                 # Keeping these nodes in float changed the picture (e.g. an outlier path is gone): the
                 # calibration setting that was least bad with everything quantized may not be best now.
                 reselected = True
+                tried_here = current
                 for m, pc in settings:
-                    if (m, pc) == current:
+                    if (m, pc) == tried_here:
                         continue
                     d2, p2 = trial("re-select setting", m, pc, excluded_for(k), f"mixed_{k}_{m}_{int(pc)}")
                     if d2 < d:
