@@ -121,7 +121,12 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
         tmp = Path(tmpdir)
         best: tuple[float, str, bool, Path] | None = None
 
+        seen: dict[tuple, tuple[float, Path]] = {}
+
         def trial(stage: str, method: str, per_channel: bool, exclude: Sequence[str], name: str) -> tuple[float, Path]:
+            key = (method, per_channel, tuple(sorted(exclude)))
+            if key in seen:  # overlapping groups can give the same float set for two k
+                return seen[key]
             t = time.time()
             path = tmp / f"{name}.onnx"
             with entropy_bins() if method == "entropy" else contextlib.nullcontext():
@@ -133,6 +138,7 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
             records.append(rec)
             log(f"  int8 search ({stage}) {method}, {'per-channel' if per_channel else 'per-tensor'}"
                 f"{f', {len(exclude)} float nodes' if exclude else ''}: accuracy {acc:.4f}, drop {drop:+.2f} pts")
+            seen[key] = (drop, path)
             return drop, path
 
         # Step 1: calibration settings.
