@@ -375,7 +375,7 @@ def node_labels(model) -> dict[str, str]:
 
 
 def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches: int = 4,
-               chunk: int = 8) -> list[tuple[str, str, float, list[str]]]:
+               chunk: int | None = None, memory_mb: int = 512) -> list[tuple[str, str, float, list[str]]]:
     """Rank the QDQ model's quantized nodes by their local quantization error.
 
     ``local_error_model`` runs each quantized node on quantized copies of the *FP32*
@@ -394,7 +394,9 @@ def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches:
         qdq_onnx: Its QDQ quantization.
         reader: A ``CalibrationDataReader`` of inputs.
         max_batches: Reader batches to use.
-        chunk: Images per run (bounds memory: every node output is returned).
+        chunk: Images per run; default: as many as keep one run's outputs (every node's output,
+            FP32 and quantized) under ``memory_mb``, between 1 and 16.
+        memory_mb: Memory budget for one run's outputs when ``chunk`` is not given.
 
     Returns:
         ``[(node name, label, SQNR dB of its local error, nodes to exclude), ...]``, worst first.
@@ -415,6 +417,8 @@ def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches:
     sess = ort.InferenceSession(merged.SerializeToString(), so, providers=["CPUExecutionProvider"])
     order = [o.name for o in sess.get_outputs()]
     inp = sess.get_inputs()[0].name
+    if chunk is None:
+        chunk = max(1, min(16, int(memory_mb * 2**20 // max(_bytes_per_image(fmodel, pairs), 1))))
     sig: dict[str, np.ndarray] = {}
     err: dict[str, np.ndarray] = {}
     for _ in range(max_batches):
@@ -447,6 +451,21 @@ def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches:
         scored.append((n.name, labels.get(n.name, n.name), _db(1.0, nsr), list(dict.fromkeys(group))))
     scored.sort(key=lambda t: t[2])  # lowest SQNR first = most damaged
     return scored
+
+
+def _bytes_per_image(fmodel, pairs: dict[str, list[tuple[str, str]]]) -> int:
+    """Bytes of the FP32 + quantized node outputs ``rank_nodes`` fetches for one image (unknown dims: 256 KiB)."""
+    shapes = {}
+    for vi in list(fmodel.graph.value_info) + list(fmodel.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    total = 0
+    for node_pairs in pairs.values():
+        for fo, _ in node_pairs:
+            dims = shapes.get(fo)
+            per = int(np.prod(dims[1:])) * 4 if dims and len(dims) > 1 and all(dims[1:]) else 1 << 18
+            total += 2 * per
+    return total
 
 
 def channel_nsr(signal: np.ndarray, noise: np.ndarray) -> float:
