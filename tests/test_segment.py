@@ -203,6 +203,9 @@ def test_label_readers(tmp_path):
     assert read_voc(tmp_path / "a.xml").tolist() == [[1, 2, 30, 40]]
     (tmp_path / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.1 0.1 0.1 0.1\n")
     assert np.allclose(read_yolo(tmp_path / "a.txt", 100, 50), [[40, 15, 60, 35]])
+    # one cell written three times is one cell; an overlapping different box is another
+    (tmp_path / "d.txt").write_text("0 0.5 0.5 0.2 0.4\n" * 3 + "0 0.52 0.5 0.2 0.4\n")
+    assert np.allclose(read_yolo(tmp_path / "d.txt", 100, 50), [[40, 15, 60, 35], [42, 15, 62, 35]])
 
 
 def test_evaluate_counts_per_source(tmp_path):

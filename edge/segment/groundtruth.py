@@ -39,7 +39,7 @@ def read_voc(xml_path: str | Path, names: Sequence[str] = ("WBC",)) -> np.ndarra
         if bb is None:
             continue
         boxes.append([float(bb.findtext(k) or 0) for k in ("xmin", "ymin", "xmax", "ymax")])
-    return np.asarray(boxes, np.float32).reshape(-1, 4)
+    return distinct_boxes(np.asarray(boxes, np.float32))
 
 
 def read_yolo(txt_path: str | Path, width: int, height: int, classes: Sequence[int] = (0,)) -> np.ndarray:
@@ -53,7 +53,21 @@ def read_yolo(txt_path: str | Path, width: int, height: int, classes: Sequence[i
                 continue
             cx, cy, w, h = (float(v) for v in parts[1:5])
             boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
-    return np.asarray(boxes, np.float32).reshape(-1, 4)
+    return distinct_boxes(np.asarray(boxes, np.float32))
+
+
+def distinct_boxes(boxes: np.ndarray) -> np.ndarray:
+    """``boxes`` without exact repeats, in their first order.
+
+    A label file that lists the same box twice is one cell labelled twice (TXL-PBC half "b" holds
+    one image with a single white cell written six times): counting each copy would charge the
+    detector with misses no detector could avoid. Overlapping but *different* boxes are kept.
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if len(boxes) < 2:
+        return boxes
+    _, first = np.unique(boxes, axis=0, return_index=True)
+    return boxes[np.sort(first)]
 
 
 def hash_half(name: str) -> str:
