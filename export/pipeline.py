@@ -7,6 +7,7 @@ manifest records the precision actually built and the metrics measured here.
 from __future__ import annotations
 
 import datetime as _dt
+import shutil
 import subprocess
 import tempfile
 import time
@@ -264,10 +265,14 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
                 def eval_fn(path: Path) -> float:
                     return float((_ort_probs(path, val, spec, vidx, output_kind).argmax(1) == val.labels).mean())
 
+                plain_path = tmp / "plain.int8.onnx"
+                shutil.copyfile(int8_path, plain_path)
                 res = search_int8(fp32, lambda: make_reader(cal_set, spec, cidx), eval_fn, opts.max_drop,
                                   out=int8_path, baseline=m32["accuracy"], log=log)
                 search_info = {"method": res.method, "per_channel": res.per_channel,
-                               "float_nodes": list(res.excluded_nodes), "drop": res.drop, "log": res.log}
+                               "float_nodes": list(res.excluded_nodes), "float_node_labels": res.excluded_labels,
+                               "drop": res.drop, "passed": res.passed, "log": res.log,
+                               "speed": search_speed_cost(fp32, plain_path, int8_path, spec, log)}
                 calibration.update(method=res.method, per_channel=res.per_channel, float_nodes=list(res.excluded_nodes))
                 p8 = _ort_probs(int8_path, val, spec, vidx, output_kind)
                 m8 = classification_report(p8, val.labels, classes)
@@ -322,6 +327,26 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
     if search_info:
         summary["int8_search"] = search_info
     return summary
+
+
+def search_speed_cost(fp32: Path, plain: Path, searched: Path, spec, log) -> dict:  # noqa: ANN001
+    """What the search's float nodes cost: crops/s of FP32, plain INT8 and the searched model (ORT CPU, 1 thread).
+
+    One batch of 16 random crops, runs interleaved, medians of 5; a rough guide on this CPU, not
+    a benchmark (``hemaedge bench`` measures a bundle properly).
+    """
+    from export.quant_search import speed_table
+
+    table = speed_table({"fp32": fp32, "int8_plain": plain, "int8_searched": searched},
+                        (16, 3, spec.height, spec.width), repeats=5)
+    plain_rate = table["int8_plain"]["crops_per_cpu_s"]
+    searched_rate = table["int8_searched"]["crops_per_cpu_s"]
+    table["searched_vs_plain"] = round(searched_rate / plain_rate, 3) if plain_rate else None
+    table["searched_vs_fp32"] = round(searched_rate / table["fp32"]["crops_per_cpu_s"], 3)
+    log(f"  int8 search speed (CPU, 1 thread, batch 16): FP32 {table['fp32']['crops_per_cpu_s']:.1f}, "
+        f"plain INT8 {plain_rate:.1f}, searched {searched_rate:.1f} crops per CPU-second "
+        f"({table['searched_vs_plain']:.2f}x plain INT8)")
+    return table
 
 
 def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop: float) -> float:

@@ -174,6 +174,9 @@ def test_export_model_search_through_the_pipeline(tmp_path):
     assert manifest.metrics["drop_points"] <= 1.0
     assert manifest.extra["int8_search"]["float_nodes"] == manifest.calibration["float_nodes"]
     assert len(manifest.calibration["float_nodes"]) == 3  # the outlier channel's producer, its ReLU, its consumer
+    speed = manifest.extra["int8_search"]["speed"]  # the speed cost is reported, for all three models
+    assert set(speed) >= {"fp32", "int8_plain", "int8_searched", "searched_vs_plain"}
+    assert all(speed[k]["crops_per_cpu_s"] > 0 for k in ("fp32", "int8_plain", "int8_searched"))
 
 
 def test_entropy_bins_make_entropy_differ_from_minmax(tmp_path):

@@ -84,6 +84,16 @@ def run(args: argparse.Namespace) -> int:
         if "int8" in m:
             line += f", INT8 {m['int8']['accuracy']:.4f} (drop {m['drop_points']:.2f} pts, gate {m['max_drop']}: passed)"
         Console().print(line + f" in {summary['seconds']} s", highlight=False)
+        found = summary.get("int8_search")
+        if found:
+            labels = found.get("float_node_labels") or found["float_nodes"]
+            speed = found.get("speed") or {}
+            Console().print(
+                f"int8 search: {found['method']}, {'per-channel' if found['per_channel'] else 'per-tensor'} weights, "
+                f"{len(found['float_nodes'])} nodes kept in float"
+                + (f" ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})" if labels else "")
+                + (f"; {speed['searched_vs_plain']:.2f}x the speed of plain INT8" if speed.get("searched_vs_plain") else ""),
+                highlight=False)
     return 0
 
 
