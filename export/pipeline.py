@@ -298,6 +298,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
                              "arch": source.meta.get("arch"), "epoch": source.meta.get("epoch")},
             "data": {"path": str(opts.data), "val_digest": val.digest, "train_digest": (source.meta.get("data") or {}).get("train_digest")},
             "training_recipe": source.meta.get("recipe"),
+            "training_lineage": source.meta.get("lineage") or [],
             "export_command": opts.command,
         }
         extra: dict[str, Any] = {"parity": parity, "onnx": simplify}

@@ -112,6 +112,19 @@ def zoom(x: torch.Tensor, gen: torch.Generator, lo: float = 0.8, hi: float = 1.2
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def stage_lineage(path: str | Path, ck: dict) -> list[dict]:
+    """The training stages behind checkpoint ``ck`` (read from ``path``), oldest first, itself last.
+
+    A fine-tuned model (``--init``) records this, so its bundle says every recipe that made it,
+    not only the last one.
+    """
+    from edge.bundle import sha256_file
+
+    own = {"checkpoint": str(path), "sha256": sha256_file(path), "recipe": ck.get("recipe"),
+           "epoch": ck.get("epoch"), "metrics": ck.get("metrics")}
+    return [*(ck.get("lineage") or []), own]
+
+
 def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator, spec: InputSpec | None = None) -> torch.Tensor:
     """Augment a normalised ``N x C x H x W`` batch.
 
@@ -201,8 +214,10 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     mean, std = _stats(tr, size, recipe.white_balance)
     spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
     model = build(recipe.arch, len(tr.classes), **recipe.arch_kwargs)
+    lineage: list[dict] = []
     if recipe.init:  # fine-tune: start from another run's weights (same architecture, same classes)
         init = checkpoint.load(recipe.init)
+        lineage = stage_lineage(recipe.init, init)
         if init.get("classes") not in (None, list(tr.classes)):
             raise UsageError(f"--init {recipe.init} was trained on classes {init['classes']}, not {list(tr.classes)}")
         model.load_state_dict(init["state_dict"])
@@ -260,7 +275,7 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     meta = dict(arch=recipe.arch, arch_kwargs=recipe.arch_kwargs, classes=list(tr.classes), input=asdict(spec),
                 data={"path": str(recipe.data), "train_digest": tr.digest, "val_digest": va.digest,
                       "extra": extra_digests},
-                recipe=asdict(recipe))
+                recipe=asdict(recipe), lineage=lineage)
     log = open(out / "train.log.jsonl", "a", encoding="utf-8")
     t0 = time.time()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

@@ -60,6 +60,23 @@ def test_training_writes_best_checkpoint_log_and_learns(trained):
     assert summary["val_accuracy"] > 0.6  # 4 easy classes; chance is 0.25
 
 
+def test_fine_tuning_records_every_stage_and_the_bundle_carries_them(trained, tmp_path):
+    """A model fine-tuned twice (``--init``) names all three recipes, oldest first, with each file's sha256."""
+    from edge.bundle import sha256_file
+    from export.train import Recipe, train
+
+    root, data, ckpt, _ = trained
+    stage2 = train(Recipe(data=str(data), out=str(tmp_path / "s2"), epochs=1, batch=32, lr=0.01, init=str(ckpt),
+                          arch_kwargs={"width": 0.5, "hidden": 32}, threads=1), progress=False)["best_checkpoint"]
+    stage3 = train(Recipe(data=str(data), out=str(tmp_path / "s3"), epochs=1, batch=32, lr=0.005, init=str(stage2),
+                          arch_kwargs={"width": 0.5, "hidden": 32}, threads=1), progress=False)["best_checkpoint"]
+    summary = run_export(ExportOptions(source=str(stage3), out=str(tmp_path / "b"), data=str(data)), log=lambda m: None)
+    lineage = load_bundle(summary["bundle"]).manifest.provenance["training_lineage"]
+    assert [st["recipe"]["lr"] for st in lineage] == [0.05, 0.01]  # the last stage is training_recipe itself
+    assert [st["sha256"] for st in lineage] == [sha256_file(ckpt), sha256_file(stage2)]
+    assert lineage[1]["recipe"]["init"] == str(ckpt)
+
+
 def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
     _, data, ckpt, _ = trained
     summary = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True,
