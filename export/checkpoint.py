@@ -10,10 +10,11 @@ from edge.errors import InputError
 FORMAT = "hemaedge-checkpoint"
 
 
-def save(path: Path, **fields: Any) -> None:
+def save(path: str | Path, **fields: Any) -> None:
     """Write a checkpoint atomically (``arch``, ``arch_kwargs``, ``state_dict``, ``classes``, ``input`` ...)."""
     import torch
 
+    path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"format": FORMAT, **fields}, tmp)
     tmp.replace(path)

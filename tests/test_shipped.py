@@ -34,32 +34,44 @@ def test_shipped_bundle_verifies_and_meets_its_own_int8_bar(shipped):
 
 
 def test_readme_records_the_commands_that_rebuilt_the_shipped_model(shipped):
+    """Every training stage (the model is fine-tuned in stages) and the export command are in the README."""
     readme = (ROOT / "README.md").read_text()
-    assert shipped.manifest.provenance["export_command"] in readme
-    recipe = shipped.manifest.provenance["training_recipe"]
-    assert f"--epochs {recipe['epochs']}" in readme
+    prov = shipped.manifest.provenance
+    assert prov["export_command"] in readme
+    stages = [st["recipe"] for st in prov.get("training_lineage", [])] + [prov["training_recipe"]]
+    for recipe in stages:
+        assert f"--out {recipe['out']}" in readme and f"--epochs {recipe['epochs']}" in readme
+        if recipe.get("init"):
+            assert f"--init {recipe['init']}" in readme
 
 
-@pytest.mark.parametrize("name", ["bloodcnn5", "bloodcnn5-transfer"])
-def test_shipped_checkpoint_is_the_bundles_source(name):
-    ckpt = CHECKPOINT.with_name(f"{name}.pt")
-    if not ckpt.is_file():
-        pytest.skip(f"checkpoint not in this installation: {ckpt}")
-    bundle = load_bundle(default_bundle_path(name))
-    assert sha256_file(ckpt) == bundle.manifest.provenance["source_model"]["sha256"]
-    assert bundle.manifest.provenance["export_command"] in (ROOT / "README.md").read_text()
-    m = bundle.manifest.metrics
-    assert m["fp32"]["accuracy"] - m["int8"]["accuracy"] <= 0.003
+def test_shipped_checkpoint_is_the_bundles_source(shipped):
+    if not CHECKPOINT.is_file():
+        pytest.skip(f"checkpoint not in this installation: {CHECKPOINT}")
+    assert sha256_file(CHECKPOINT) == shipped.manifest.provenance["source_model"]["sha256"]
 
 
-@pytest.mark.parametrize("name", ["bloodcnn5", "bloodcnn5-transfer"])
-def test_golden_outputs_reproduce_on_this_machine(name):
-    shipped = load_bundle(default_bundle_path(name))
+def test_golden_outputs_reproduce_on_this_machine(shipped):
     res = subprocess.run([sys.executable, "-m", "hemaedge", "verify", str(shipped.path), "--json"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-1500:]
     doc = json.loads(res.stdout)
     assert doc["passed"] is True
+
+
+@pytest.mark.data
+def test_shipped_bundle_transfers_to_another_microscope(shipped, data_root):
+    """Detect + crop + classify on BCCD's held-out val frames (another microscope and stain): >= 0.85."""
+    pytest.importorskip("onnxruntime")
+    bccd = data_root / "bccd"
+    if not (bccd / "wbc_types.csv").is_file():
+        pytest.skip(f"data not found: {bccd}")
+    sys.path.insert(0, str(ROOT / "tools"))
+    from eval_bccd import evaluate
+
+    rep = evaluate(shipped.path, "val", "detected", "int8", bccd)
+    assert rep["frames_scored"] >= 80
+    assert rep["accuracy"] >= 0.85, rep
 
 
 @pytest.mark.data
