@@ -232,7 +232,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
                                    "fp32": {k: m32[k] for k in ("accuracy", "macro_f1", "macro_auroc")}}
         log(f"FP32 on val: accuracy {m32['accuracy']:.4f}, macro F1 {m32['macro_f1']:.4f}")
         calibration = None
-        int8_path = None
+        int8_path = cpu_path = None
         search_info = None
         outputs = {"fp32": p32}
         if opts.int8:
@@ -282,6 +282,11 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             metrics["max_drop"] = opts.max_drop
             accuracy_gate(m32["accuracy"], m8["accuracy"], opts.max_drop)
             outputs["int8"] = p8
+            t = time.time()
+            cpu_path = _cpu_variant(fp32, tmp / "model.int8.cpu.onnx", lambda: make_reader(cal_set, spec, cidx),
+                                    calibration, lambda p: _ort_probs(p, val, spec, vidx, output_kind), val.labels,
+                                    classes, m32["accuracy"], opts.max_drop, metrics, log)
+            timings["cpu_variant_s"] = round(time.time() - t, 2)
 
         crop = source.meta.get("crop") or {}
         geom = CropGeometry(cell_fraction=opts.cell_fraction or crop.get("cell_fraction", CropGeometry.cell_fraction))
@@ -317,8 +322,11 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
             w.add(fp32, "onnx", "fp32", opset=_opset(fp32))
             if int8_path is not None:
-                w.add(int8_path, "onnx", "int8", opset=_opset(int8_path), format="QDQ")
-            golden = _write_golden(w, val, spec, fp32, int8_path, opts.seed, output_kind)
+                w.add(int8_path, "onnx", "int8", opset=_opset(int8_path), format="QDQ", activations="symmetric")
+            if cpu_path is not None:
+                w.add(cpu_path, "onnx", "int8", opset=_opset(cpu_path), format="QDQ", activations="asymmetric",
+                      target="cpu")
+            golden = _write_golden(w, val, spec, fp32, int8_path, opts.seed, output_kind, cpu_path)
             bundle = w.finish(manifest)
     summary = {
         "bundle": str(bundle.path), "classes": classes, "input": [spec.height, spec.width], "parity": parity,
@@ -328,6 +336,41 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
     if search_info:
         summary["int8_search"] = search_info
     return summary
+
+
+def _cpu_variant(fp32: Path, out: Path, reader_factory, calibration: dict, probs_of, labels: np.ndarray,  # noqa: ANN001
+                 classes: list[str], fp32_accuracy: float, max_drop: float, metrics: dict, log) -> Path | None:  # noqa: ANN001
+    """The INT8 model for ONNX Runtime on CPU: the same calibration, activations asymmetric.
+
+    The portable INT8 model is symmetric (zero points 0), which TensorRT requires; but then a ReLU
+    cannot be folded into the quantization that follows it, so ONNX Runtime's CPU kernels run
+    every ReLU (and the max-pool after it) in float between a dequantize and a quantize. With
+    asymmetric activations a ReLU's output range starts at the zero point and ONNX Runtime drops
+    it. Same calibration set, method, weights and float nodes; gated like the portable model,
+    and left out of the bundle (the station then runs the portable model) if it misses the gate.
+    """
+    import contextlib
+
+    from export.metrics import classification_report
+    from export.quant_search import entropy_bins
+
+    method = calibration["method"]
+    searched = "float_nodes" in calibration
+    with entropy_bins() if method == "entropy" and searched else contextlib.nullcontext():
+        quantize_int8(fp32, out, reader_factory(), method, calibration["per_channel"], symmetric=False,
+                      exclude=calibration.get("float_nodes") or ())
+    m = classification_report(probs_of(out), labels, classes)
+    drop = (fp32_accuracy - m["accuracy"]) * 100
+    metrics["int8_cpu"] = {**{k: m[k] for k in ("accuracy", "macro_f1", "macro_auroc")}, "drop_points": round(drop, 4),
+                           "activations": "asymmetric"}
+    if drop > max_drop:
+        log(f"INT8 CPU variant on val: accuracy {m['accuracy']:.4f} (drop {drop:+.2f} points) misses the gate: "
+            "not shipped, the station's CPU runs the portable INT8 model")
+        metrics["int8_cpu"]["shipped"] = False
+        return None
+    log(f"INT8 CPU variant (asymmetric activations) on val: accuracy {m['accuracy']:.4f} (drop {drop:+.2f} points)")
+    metrics["int8_cpu"]["shipped"] = True
+    return out
 
 
 def search_speed_cost(fp32: Path, plain: Path, searched: Path, spec, log) -> dict:  # noqa: ANN001
@@ -368,7 +411,7 @@ def _opset(path: Path) -> int:
 
 
 def _write_golden(writer: BundleWriter, val: ImageSet, spec: InputSpec, fp32: Path, int8: Path | None, seed: int,
-                  output_kind: str = "logits"):
+                  output_kind: str = "logits", int8_cpu: Path | None = None):
     """Save a few preprocessed inputs and their FP32/INT8 outputs for ``hemaedge verify`` on the station."""
     try:
         from edge.bundle.golden import write_golden
@@ -379,4 +422,6 @@ def _write_golden(writer: BundleWriter, val: ImageSet, spec: InputSpec, fp32: Pa
     outs = {"fp32": _raw(fp32, x)}
     if int8 is not None:
         outs["int8"] = _raw(int8, x)
+    if int8_cpu is not None:
+        outs["int8_cpu"] = _raw(int8_cpu, x)
     return write_golden(writer, x, outs, output_kind=output_kind)

@@ -77,6 +77,41 @@ def test_fine_tuning_records_every_stage_and_the_bundle_carries_them(trained, tm
     assert lineage[1]["recipe"]["init"] == str(ckpt)
 
 
+def test_int8_cpu_variant_folds_relus_and_is_what_a_cpu_station_runs(trained, tmp_path):
+    """The bundle's second INT8 model (asymmetric activations) lets ONNX Runtime drop every ReLU on CPU."""
+    import onnxruntime as ort
+
+    from edge.classify.onnxruntime import OrtBackend
+    from edge.commands.verify import verify
+
+    _, data, ckpt, _ = trained
+    summary = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True,
+                                       calib_size=64, max_drop=5.0), log=lambda m: None)
+    b = load_bundle(summary["bundle"])
+    int8 = [a for a in b.manifest.artifacts if a.kind == "onnx" and a.precision == "int8"]
+    assert [(a.file, a.details.get("target"), a.details["activations"]) for a in int8] == \
+        [("model.int8.onnx", None, "symmetric"), ("model.int8.cpu.onnx", "cpu", "asymmetric")]
+    assert b.manifest.precisions() == ["fp32", "int8"]
+
+    def float_relus(path) -> int:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"opt_{Path(path).name}")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        import onnx
+        return sum(n.op_type == "Relu" for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+    assert float_relus(b.onnx_path("int8")) > 0  # symmetric: every ReLU runs in float
+    assert float_relus(b.onnx_path("int8", target="cpu")) == 0
+    with OrtBackend(b, "int8", providers=["cpu"]) as be:
+        assert be.model_path.name == "model.int8.cpu.onnx" and be.golden_key == "int8_cpu"
+    with OrtBackend(b, "int8", providers=["cpu"], variant="portable") as be:
+        assert be.model_path.name == "model.int8.onnx" and be.golden_key == "int8"
+    report = verify(str(b.path), "onnxruntime", "int8")
+    assert report["reference"] == "int8_cpu" and report["passed"]
+    assert report["max_abs_diff"] < 1e-5  # the same model on the same CPU
+
+
 def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
     _, data, ckpt, _ = trained
     summary = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True,
@@ -92,8 +127,14 @@ def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
     # The bundle's ONNX gives the same val accuracy through evaluate (same preprocessing everywhere).
     from export.commands.evaluate import evaluate_bundle
 
-    rep = evaluate_bundle(b, str(data), "val", "int8")
+    rep = evaluate_bundle(b, str(data), "val", "int8", variant="portable")
     assert rep["accuracy"] == pytest.approx(m.metrics["int8"]["accuracy"], abs=1e-9)
+    assert rep["model_file"] == "model.int8.onnx"
+    # The CPU variant (asymmetric activations) is what ONNX Runtime runs on a CPU-only station.
+    if m.metrics["int8_cpu"]["shipped"]:
+        rep = evaluate_bundle(b, str(data), "val", "int8")
+        assert rep["model_file"] == "model.int8.cpu.onnx"
+        assert rep["accuracy"] == pytest.approx(m.metrics["int8_cpu"]["accuracy"], abs=1e-9)
     assert np.asarray(rep["confusion_matrix"]).sum() == rep["n"]
 
 

@@ -30,7 +30,7 @@ GOLDEN_KIND = "golden"
 
 # Per precision the station runs: (min top-1 agreement, max |probability difference|).
 # FP32 allows TF32 (TensorRT's default on Ampere and later, Jetson Orin included).
-THRESHOLDS = {"fp32": (0.99, 0.01), "fp16": (0.98, 0.05), "int8": (0.95, 0.15)}
+THRESHOLDS = {"fp32": (0.99, 0.01), "fp16": (0.98, 0.05), "int8": (0.95, 0.15), "int8_cpu": (0.95, 0.15)}
 
 
 def _probabilities(raw: np.ndarray, output_kind: str) -> np.ndarray:
@@ -142,8 +142,9 @@ class GoldenReport:
 
 def reference_precision(golden: Golden, backend_precision: str, station_calibrated: bool = False) -> str:
     """Which workstation output to compare with (see module docstring)."""
-    if backend_precision in golden.outputs and not (backend_precision == "int8" and station_calibrated):
-        return backend_precision
+    for key in dict.fromkeys((backend_precision, backend_precision.split("_")[0])):  # int8_cpu, then int8
+        if key in golden.outputs and not (key.startswith("int8") and station_calibrated):
+            return key
     return "fp32"
 
 
@@ -155,7 +156,8 @@ def compare_golden(golden: Golden, probabilities: np.ndarray, backend_precision:
     Args:
         golden: From ``load_golden``.
         probabilities: The station backend's ``classify`` output for ``golden.inputs``.
-        backend_precision: The precision the station ran (``int8``/``fp16``/``fp32``).
+        backend_precision: The precision the station ran (``int8``/``fp16``/``fp32``), or the model
+            variant (``int8_cpu``: the bundle's CPU INT8 model) when the backend says so (``golden_key``).
         output_kind: The manifest's ``output.kind``.
         station_calibrated: The station's INT8 was calibrated there (implicit INT8),
             so the workstation's INT8 outputs are not its reference.

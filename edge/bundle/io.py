@@ -50,9 +50,9 @@ class Bundle:
         """Absolute path of an artifact."""
         return self.path / artifact.file
 
-    def onnx_path(self, precision: str) -> Path:
-        """Path of the ONNX model at a precision (``fp32`` or ``int8``)."""
-        return self.file(self.manifest.artifact(precision, "onnx"))
+    def onnx_path(self, precision: str, target: str | None = None) -> Path:
+        """Path of the ONNX model at a precision (``fp32`` or ``int8``); ``target="cpu"`` prefers the CPU variant."""
+        return self.file(self.manifest.artifact(precision, "onnx", target))
 
 
 def verify_artifact(root: Path, art: Artifact) -> None:

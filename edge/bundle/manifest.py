@@ -91,17 +91,27 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    def artifact(self, precision: str | None = None, kind: str = "onnx") -> Artifact:
-        """The artifact of a kind (and precision), or a BundleError naming what exists."""
-        for art in self.artifacts:
-            if art.kind == kind and (precision is None or art.precision == precision):
-                return art
+    def artifact(self, precision: str | None = None, kind: str = "onnx", target: str | None = None) -> Artifact:
+        """The artifact of a kind (and precision), or a BundleError naming what exists.
+
+        A precision may come in variants for different runtimes (``details["target"]``): the
+        portable one (no target; symmetric INT8 that TensorRT accepts) and e.g. ``"cpu"`` (INT8
+        with asymmetric activations, which ONNX Runtime's CPU kernels run faster). ``target``
+        picks that variant when the bundle has it, else the portable one; without ``target``
+        the portable one is returned.
+        """
+        found = [a for a in self.artifacts if a.kind == kind and (precision is None or a.precision == precision)]
+        if found:
+            for art in found:
+                if art.details.get("target") == target:
+                    return art
+            return found[0]
         have = ", ".join(f"{a.file} ({a.kind}/{a.precision})" for a in self.artifacts)
         raise BundleError(f"bundle '{self.name}' has no {kind} artifact at precision {precision}: it has {have}")
 
     def precisions(self, kind: str = "onnx") -> list[str]:
-        """Precisions available for an artifact kind."""
-        return [a.precision for a in self.artifacts if a.kind == kind and a.precision]
+        """Precisions available for an artifact kind (each once, variants included)."""
+        return list(dict.fromkeys(a.precision for a in self.artifacts if a.kind == kind and a.precision))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the on-disk form)."""

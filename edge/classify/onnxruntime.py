@@ -36,10 +36,13 @@ class OrtBackend:
         spin: Let idle ONNX Runtime threads spin-wait (faster for back-to-back
             batches on an otherwise idle machine; on a station the capture thread
             needs those cycles, so it is off by default).
+        variant: ``auto`` runs the bundle's CPU variant of the model (if it has one) when only the
+            CPU provider is in use; ``portable`` always runs the portable model; ``cpu`` prefers the
+            CPU variant whatever the provider.
     """
 
     def __init__(self, bundle: Bundle, precision: str = "int8", providers: list[str] | None = None, threads: int = 0,
-                 spin: bool = False):
+                 spin: bool = False, variant: str = "auto"):
         self.bundle = bundle
         self.precision = precision
         self.model_path: Path = bundle.onnx_path(precision)
@@ -49,6 +52,13 @@ class OrtBackend:
         self.session = None
         self.provider = ""
         self.output_kind = bundle.manifest.output_kind
+        self.want_variant = variant
+        self.variant = ""  # "cpu" when the CPU variant of the model runs (see __enter__)
+
+    @property
+    def golden_key(self) -> str:
+        """Which of the workstation's golden outputs this backend must reproduce (``int8``, ``int8_cpu``...)."""
+        return f"{self.precision}_{self.variant}" if self.variant else self.precision
 
     @property
     def name(self) -> str:
@@ -66,6 +76,14 @@ class OrtBackend:
             providers = [p for p in self.want if p in have]
         else:
             providers = [p for p in PROVIDER_ORDER if p in have]
+        if self.want_variant not in ("auto", "portable", "cpu"):
+            raise BackendError(f"model variant must be auto, portable or cpu, not {self.want_variant!r}")
+        if self.want_variant == "cpu" or (self.want_variant == "auto" and providers == ["CPUExecutionProvider"]):
+            # CPU only: the bundle's CPU variant when it has one (asymmetric INT8: ReLU folds into the
+            # quantized conv; TensorRT cannot take it, so GPU providers keep the portable model).
+            art = self.bundle.manifest.artifact(self.precision, "onnx", target="cpu")
+            self.model_path = self.bundle.file(art)
+            self.variant = art.details.get("target") or ""
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:

@@ -39,7 +39,7 @@ def verify(bundle_path: str, backend: str = "auto", precision: str = "auto", min
         probs = np.concatenate([chosen.classify(golden.inputs[i:i + batch]) for i in range(0, len(golden.inputs), batch)])
         art = getattr(chosen, "artifact", None)
         calibrated_here = bool(art is not None and art.details.get("mode") == "implicit-int8")
-        report = compare_golden(golden, probs, chosen.precision, bundle.manifest.output_kind,
+        report = compare_golden(golden, probs, getattr(chosen, "golden_key", chosen.precision), bundle.manifest.output_kind,
                                 station_calibrated=calibrated_here, min_agreement=min_agreement, max_diff=max_diff)
         name = chosen.name
     return {"bundle": str(bundle.path), "backend": name, "precision": chosen.precision, "reason": reason,

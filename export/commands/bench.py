@@ -84,7 +84,13 @@ def bench_crops(bundle, checkpoint: Path | None, batch: int, repeats: int, threa
     out: dict[str, Any] = {"batch": batch, "crop_source": "cells cut from synthetic 640x480 frames"}
     for prec in bundle.manifest.precisions():
         with OrtBackend(bundle, prec, threads=threads) as be:
-            out[f"onnxruntime_{prec}"] = _time(lambda be=be: be.classify(x), batch, repeats)
+            out[f"onnxruntime_{prec}"] = {**_time(lambda be=be: be.classify(x), batch, repeats),
+                                          "model_file": be.model_path.name}
+            runs_variant = bool(be.variant)
+        if runs_variant:  # the station runs the CPU variant here; show the portable (TensorRT) model too
+            with OrtBackend(bundle, prec, threads=threads, variant="portable") as be:
+                out[f"onnxruntime_{prec}_portable"] = {**_time(lambda be=be: be.classify(x), batch, repeats),
+                                                       "model_file": be.model_path.name}
     if not skip_torch:
         import torch
 

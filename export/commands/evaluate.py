@@ -14,13 +14,20 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a MedMNIST .npz or a class-folder tree")
     p.add_argument("--split", choices=["train", "val", "test"], default="val")
     p.add_argument("--precision", choices=["fp32", "int8"], default="int8")
+    p.add_argument("--variant", choices=["auto", "portable", "cpu"], default="auto",
+                   help="INT8 model: auto = what the station runs here (the CPU variant on a CPU-only machine)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
-def evaluate_bundle(bundle, data, split: str, precision: str, batch: int = 256, limit: int = 0, progress: bool = False):
-    """Run a bundle over a labelled split and return ``classification_report``'s dict."""
+def evaluate_bundle(bundle, data, split: str, precision: str, batch: int = 256, limit: int = 0, progress: bool = False,
+                    variant: str = "auto"):
+    """Run a bundle over a labelled split and return ``classification_report``'s dict.
+
+    ``variant``: ``auto`` evaluates the model the station runs here (the CPU variant on a CPU-only
+    machine, when the bundle has one), ``portable`` the TensorRT-compatible one.
+    """
     import numpy as np
 
     from calibration.datasets import batches, open_dataset
@@ -33,13 +40,14 @@ def evaluate_bundle(bundle, data, split: str, precision: str, batch: int = 256, 
         raise UsageError(f"data set has {len(images.classes)} classes, bundle has {len(classes)}")
     idx = np.arange(min(limit, len(images)) if limit else len(images))
     probs, labels = [], []
-    with OrtBackend(bundle, precision) as be:
+    with OrtBackend(bundle, precision, variant=variant) as be:
         for x, y in batches(images, bundle.manifest.input, idx, batch):
             probs.append(be.classify(x))
             labels.append(y)
+        model_file = be.model_path.name
     report = classification_report(np.concatenate(probs), np.concatenate(labels), classes)
     report.update({"bundle": str(bundle.path), "data": str(data), "split": split, "precision": precision,
-                   "backend": "onnxruntime"})
+                   "backend": "onnxruntime", "model_file": model_file})
     return report
 
 
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from edge.models import default_bundle_path
 
     bundle = load_bundle(args.bundle or default_bundle_path())
-    report = evaluate_bundle(bundle, args.data, args.split, args.precision, args.batch, args.limit)
+    report = evaluate_bundle(bundle, args.data, args.split, args.precision, args.batch, args.limit, variant=args.variant)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         line = f"bundle {summary['bundle']}: FP32 val accuracy {m['fp32']['accuracy']:.4f}"
         if "int8" in m:
             line += f", INT8 {m['int8']['accuracy']:.4f} (drop {m['drop_points']:.2f} pts, gate {m['max_drop']}: passed)"
+        cpu = m.get("int8_cpu")
+        if cpu and cpu.get("shipped"):
+            line += f"; CPU INT8 variant {cpu['accuracy']:.4f} (drop {cpu['drop_points']:.2f} pts)"
         Console().print(line + f" in {summary['seconds']} s", highlight=False)
         found = summary.get("int8_search")
         if found:
