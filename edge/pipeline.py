@@ -36,7 +36,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge.bundle import Bundle, preprocess
+from edge.bundle.groups import default_class_groups
 from edge.bundle.manifest import CropGeometry
+from edge.bundle.preprocess import cut_crop
 from edge.count import DifferentialCounter, SlideTracker
 from edge.count.tracking import Keyframe, Registration, TrackedDetection
 from edge.display.status import RecentCell, RunStatus
@@ -46,6 +48,13 @@ from edge.store import NewCell, SessionStore, StoredCell
 from edge.store.crops import CropFolder
 
 QUEUE_FRAMES = 4  # frames with new cells that may wait for classification before capture skips frames
+# A platelet crop is cut as large as a white cell's crop would be in that frame (the training images of platelets,
+# PBC / BloodMNIST, are taken at the white cells' magnification, so a platelet is small in its crop). The white-cell
+# box side is the median of those seen recently; before any has been seen, it is the platelet box side times this
+# ratio: the median over frames of (median white-cell box side / platelet box side) of StainSegmenter's own
+# detections on BCCD train + TXL-PBC half "a" was 4.28 (IQR 3.5-5.3; per source BCCD 4.2-4.7, PBC 4.2, Raabin 4.9).
+PLATELET_TO_WBC = 4.3
+WBC_SIDES_KEPT = 50  # recent white-cell box sides the platelet crop size is the median of
 RATE_WINDOW_S = 3.0
 WARNING_HOLD_S = 4.0
 
@@ -123,22 +132,63 @@ class Found:
     reason: str = ""
 
 
+def platelet_classes(bundle: Bundle) -> tuple[str, ...]:
+    """The bundle's platelet classes (its ``class_groups["platelets"]``, else the default grouping of its classes)."""
+    m = bundle.manifest
+    groups = m.class_groups or default_class_groups(m.classes)
+    return tuple(groups.get("platelets", ()))
+
+
 class CellFinder:
-    """Finds the new white cells of a frame and cuts their crops.
+    """Finds the new white cells (and, when asked, platelets) of a frame and cuts their crops.
 
     Args:
-        segmenter: Has ``detect(frame) -> list[Detection]``; only ``kind == "wbc"`` detections are used.
+        segmenter: Has ``detect(frame) -> list[Detection]``; ``kind == "wbc"`` detections are used, and
+            ``kind == "platelet"`` ones with ``platelets``.
         geometry: The bundle's crop geometry.
         tracker: De-duplicates cells across frames (default: a fresh :class:`SlideTracker`).
         quality: ``f(frame) -> Quality`` with ``ok`` and ``reason``; None accepts every frame.
+        platelets: Also find platelets (see :meth:`use_platelets`).
     """
 
     def __init__(self, segmenter: SegmenterLike, geometry: CropGeometry, tracker: SlideTracker | None = None,
-                 quality: Callable[[Frame], Any] | None = None):
+                 quality: Callable[[Frame], Any] | None = None, platelets: bool = False):
         self.segmenter = segmenter
         self.geometry = geometry
         self.tracker = tracker or SlideTracker()
         self.quality = quality
+        self.platelets = False
+        self._wbc_sides: collections.deque = collections.deque(maxlen=WBC_SIDES_KEPT)
+        if platelets:
+            self.use_platelets(True)
+
+    def use_platelets(self, on: bool = True) -> None:
+        """Find platelets too (or not): a segmenter with ``with_platelets`` (``StainSegmenter``) is switched
+        over; any other segmenter's ``kind == "platelet"`` detections are simply kept."""
+        switch = getattr(self.segmenter, "with_platelets", None)
+        if switch is not None:
+            self.segmenter = switch(on)
+        self.platelets = on
+
+    def platelet_side(self, box: tuple[float, float, float, float]) -> float:
+        """The white-cell box side that sizes a platelet's crop (see ``PLATELET_TO_WBC``)."""
+        if self._wbc_sides:
+            return float(np.median(self._wbc_sides))
+        return PLATELET_TO_WBC * max(box[2] - box[0], box[3] - box[1])
+
+    def cut(self, frame: Frame, detections: list[Detection]) -> tuple[Crop, ...]:
+        """Crops of ``detections``: white cells with the bundle's geometry, platelets as large as a white cell's."""
+        if all(d.kind != "platelet" for d in detections):
+            return tuple(cut_crops(frame, detections, self.geometry))
+        rgb = frame.rgb()
+        out = []
+        for d in detections:
+            box = d.box
+            if d.kind == "platelet":
+                cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, self.platelet_side(box) / 2
+                box = (cx - half, cy - half, cx + half, cy + half)
+            out.append(Crop(cut_crop(rgb, box, self.geometry), d, frame.index, frame.name))
+        return tuple(out)
 
     def find(self, frame: Frame, segment: bool = True) -> Found:
         """Process one frame; with ``segment=False`` only register its motion (skip policy)."""
@@ -152,9 +202,12 @@ class CellFinder:
             return Found(frame, reg, skipped="busy")
         if reg is None:  # pragma: no cover - a good frame always gets a field
             return Found(frame, None, skipped="unplaced")
-        dets = [d for d in self.segmenter.detect(frame) if d.kind == "wbc"]
+        kinds = ("wbc", "platelet") if self.platelets else ("wbc",)
+        dets = [d for d in self.segmenter.detect(frame) if d.kind in kinds]
+        if self.platelets:
+            self._wbc_sides.extend(max(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in dets if d.kind == "wbc")
         res = self.tracker.place(reg, frame.pixels.shape, [d.box for d in dets])
-        crops = tuple(cut_crops(frame, [dets[t.index] for t in res.new], self.geometry)) if res.new else ()
+        crops = self.cut(frame, [dets[t.index] for t in res.new]) if res.new else ()
         return Found(frame, reg, res.new, crops, res.seen, res.at_edge)
 
 
@@ -227,6 +280,13 @@ class CountingSession:
             frame not taken now is gone), wait for files, videos and synthetic frames
             (nothing is lost by waiting, and the count does not depend on timing).
         note: A standing remark for the display (e.g. that a demo counts drawn cells).
+        platelets: Find, classify and count platelets too. Default: when the bundle has a platelet class
+            (``class_groups["platelets"]``, else the default grouping of its class names). A platelet
+            detection is counted only when the classifier calls it a platelet class with at least the
+            review confidence; otherwise it is dropped (neither stored nor counted, tallied in
+            ``dropped_platelets``): it must not land in a white-cell class or in the review bucket, which
+            both count towards the white-cell target, and a stained speck the classifier does not
+            recognise is not evidence of a white cell missed by the segmenter.
     """
 
     def __init__(self, source: Any, finder: CellFinder, backend: Any, bundle: Bundle, store: SessionStore,
@@ -234,7 +294,7 @@ class CountingSession:
                  session_name: str = "", max_frames: int | None = None, max_fps: float | None = None,
                  queue_frames: int = QUEUE_FRAMES, stop_at_target: bool = True, crop_folder: CropFolder | None = None,
                  on_cell: Callable[[StoredCell, str], None] | None = None, skip_when_busy: bool | None = None,
-                 note: str = ""):
+                 note: str = "", platelets: bool | None = None):
         self.source = source
         self.finder = finder
         self.backend = backend
@@ -250,6 +310,14 @@ class CountingSession:
         self.crop_folder = crop_folder
         self.on_cell = on_cell
         self.note = note
+        self.platelet_classes = platelet_classes(bundle)
+        if platelets is None:
+            platelets = bool(self.platelet_classes)
+        if platelets and not self.platelet_classes:
+            raise ValueError("platelets asked for, but the bundle has no platelet class")
+        if platelets != finder.platelets:
+            finder.use_platelets(platelets)
+        self.dropped_platelets = 0
         self.skip_when_busy = bool(getattr(source, "live", False)) if skip_when_busy is None else skip_when_busy
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, queue_frames))
         self._lock = threading.Lock()
@@ -492,6 +560,10 @@ class CountingSession:
             if self.stop_at_target and would >= self.counter.target:
                 break
             idx, name, conf, review = self.counter.decide(p)
+            if crop.detection.kind == "platelet" and (review or name not in self.platelet_classes):
+                with self._lock:
+                    self.dropped_platelets += 1  # see the class docstring: never a white cell, never review
+                continue
             if review or self.counter.groups.differential[idx]:
                 would += 1
             decisions.append((idx, review))
@@ -518,4 +590,4 @@ class CountingSession:
 
 
 
-__all__ = ["CellFinder", "CountingSession", "Found", "SessionResult", "make_backend", "restore"]
+__all__ = ["CellFinder", "CountingSession", "Found", "SessionResult", "make_backend", "platelet_classes", "restore"]

@@ -1,8 +1,8 @@
 """Ground-truth readers and box matching for measuring white-cell detection.
 
 Readers for the two labelled detection sets we measure on: BCCD (Pascal VOC
-XML, ``WBC`` objects) and TXL-PBC (YOLO text labels, class 0 = WBC, with a
-``sources.csv`` naming the microscope each image came from).
+XML, ``WBC`` and ``Platelets`` objects) and TXL-PBC (YOLO text labels, class 0 =
+WBC, 2 = platelet, with a ``sources.csv`` naming the microscope each image came from).
 """
 
 from __future__ import annotations
@@ -75,20 +75,24 @@ def hash_half(name: str) -> str:
     return "a" if hashlib.md5(name.encode()).digest()[0] % 2 == 0 else "b"
 
 
-def bccd_items(root: str | Path, split: str = "val") -> Iterator[Labelled]:
-    """BCCD images of ``split`` (``train``/``val``/``all``) with their WBC boxes."""
+def bccd_items(root: str | Path, split: str = "val", names: Sequence[str] = ("WBC",)) -> Iterator[Labelled]:
+    """BCCD images of ``split`` (``train``/``val``/``all``) with the boxes of objects ``names`` (``"Platelets"``)."""
     root = Path(root)
     if split == "all":
-        names = [p.stem for p in sorted((root / "Annotations").glob("*.xml"))]
+        stems = [p.stem for p in sorted((root / "Annotations").glob("*.xml"))]
     else:
-        names = [n.strip() for n in (root / f"{split}.txt").read_text().split() if n.strip()]
-    for name in names:
-        img = root / "JPEGImages" / f"{name}.jpg"
-        yield Labelled(img, read_voc(root / "Annotations" / f"{name}.xml"), "BCCD-VOC", split)
+        stems = [n.strip() for n in (root / f"{split}.txt").read_text().split() if n.strip()]
+    for stem in stems:
+        img = root / "JPEGImages" / f"{stem}.jpg"
+        yield Labelled(img, read_voc(root / "Annotations" / f"{stem}.xml", names), "BCCD-VOC", split)
 
 
-def txl_items(root: str | Path, split: str = "all", half: str | None = None) -> Iterator[Labelled]:
-    """TXL-PBC images (``split``: its own ``train``/``val`` folders or ``all``; ``half``: ``"a"``/``"b"`` by name hash)."""
+def txl_items(root: str | Path, split: str = "all", half: str | None = None,
+              classes: Sequence[int] = (0,)) -> Iterator[Labelled]:
+    """TXL-PBC images (``split``: its own ``train``/``val`` folders or ``all``; ``half``: ``"a"``/``"b"`` by name hash).
+
+    ``classes`` are the YOLO classes whose boxes are the truth: 0 white cells (default), 2 platelets.
+    """
     import cv2
 
     root = Path(root)
@@ -106,7 +110,7 @@ def txl_items(root: str | Path, split: str = "all", half: str | None = None) -> 
                 continue
             label = root / "labels" / sp / (img.stem + ".txt")
             h, w = _image_size(img, cv2)
-            yield Labelled(img, read_yolo(label, w, h), sources.get(img.name, "?"), sp)
+            yield Labelled(img, read_yolo(label, w, h, classes), sources.get(img.name, "?"), sp)
 
 
 def _image_size(path: Path, cv2) -> tuple[int, int]:  # noqa: ANN001
@@ -130,14 +134,41 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def match(pred: np.ndarray, scores: np.ndarray | None, truth: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
-    """Greedy one-to-one matching by score: ``(true positives, false positives, false negatives)``."""
+def centre_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Where the centre of ``pred[i]`` lies inside ``truth[j]``: ``1 - distance / half-diagonal`` of the truth box
+    (in ``(0, 1]``, higher nearer its centre), else 0."""
+    pred = np.asarray(pred, np.float64).reshape(-1, 4)
+    truth = np.asarray(truth, np.float64).reshape(-1, 4)
+    if not len(pred) or not len(truth):
+        return np.zeros((len(pred), len(truth)))
+    cx, cy = (pred[:, 0] + pred[:, 2]) / 2, (pred[:, 1] + pred[:, 3]) / 2
+    inside = ((cx[:, None] >= truth[None, :, 0]) & (cx[:, None] <= truth[None, :, 2])
+              & (cy[:, None] >= truth[None, :, 1]) & (cy[:, None] <= truth[None, :, 3]))
+    tx, ty = (truth[:, 0] + truth[:, 2]) / 2, (truth[:, 1] + truth[:, 3]) / 2
+    half = np.hypot(truth[:, 2] - truth[:, 0], truth[:, 3] - truth[:, 1]) / 2
+    d = np.hypot(cx[:, None] - tx[None, :], cy[:, None] - ty[None, :]) / np.maximum(half[None, :], 1e-9)
+    return np.where(inside, np.clip(1.0 - d, 1e-6, 1.0), 0.0)
+
+
+def match(pred: np.ndarray, scores: np.ndarray | None, truth: np.ndarray, iou: float = 0.5,
+          rule: str = "iou") -> tuple[int, int, int]:
+    """Greedy one-to-one matching by score: ``(true positives, false positives, false negatives)``.
+
+    ``rule="iou"``: a prediction matches a truth box at IoU >= ``iou``. ``rule="centre"``: it matches
+    when its centre lies inside the truth box (looser, for tiny objects such as platelets, whose
+    boxes are a few pixels across and drawn loosely); ``iou`` is then ignored.
+    """
     pred = np.asarray(pred, np.float64).reshape(-1, 4)
     truth = np.asarray(truth, np.float64).reshape(-1, 4)
     if scores is None:
         scores = np.ones(len(pred))
     order = np.argsort(-np.asarray(scores, np.float64))
-    m = iou_matrix(pred, truth)
+    if rule == "centre":
+        m, iou = centre_matrix(pred, truth), 1e-9
+    elif rule == "iou":
+        m = iou_matrix(pred, truth)
+    else:
+        raise ValueError(f"rule must be 'iou' or 'centre', not {rule!r}")
     used = np.zeros(len(truth), bool)
     tp = 0
     for i in order:
@@ -189,14 +220,19 @@ class Tally:
 
 
 def evaluate(segmenter, items: Iterator[Labelled] | Sequence[Labelled], iou: float = 0.5,  # noqa: ANN001
-             on_image=None) -> dict[str, Tally]:  # noqa: ANN001
-    """Recall and precision of ``segmenter``'s WBC boxes at ``iou``, per source and in total (key ``"all"``).
+             on_image=None, kind: str | None = None, rule: str = "iou",  # noqa: ANN001
+             rules: Sequence[str] = ()) -> dict[str, Tally]:
+    """Recall and precision of ``segmenter``'s boxes at ``iou``, per source and in total (key ``"all"``).
 
     Args:
         segmenter: Anything with ``detect(image) -> list[Detection]``.
         items: Labelled images (``bccd_items``, ``txl_items``).
         iou: Match threshold (one-to-one, greedy by score).
         on_image: Optional callback ``(item, detections, (tp, fp, fn))`` per image (progress, failure lists).
+        kind: Score only detections of this kind (``"wbc"``, ``"platelet"``); None: all of them.
+        rule: ``"iou"`` or ``"centre"`` (see :func:`match`).
+        rules: More rules scored on the same detections (one detection pass), under keys
+            ``"<source>|<rule>"`` (e.g. ``"all|centre"``).
 
     Returns:
         ``{source: Tally, ..., "all": Tally}``; unreadable images are skipped.
@@ -213,11 +249,17 @@ def evaluate(segmenter, items: Iterator[Labelled] | Sequence[Labelled], iou: flo
         t0 = time.process_time()
         dets = segmenter.detect(img)
         dt = time.process_time() - t0
+        if kind is not None:
+            dets = [d for d in dets if d.kind == kind]
         boxes = np.asarray([d.box for d in dets], np.float32).reshape(-1, 4)
         scores = np.asarray([d.score for d in dets], np.float32)
-        tp, fp, fn = match(boxes, scores, item.boxes, iou)
+        tp, fp, fn = match(boxes, scores, item.boxes, iou, rule)
         out.setdefault(item.source, Tally()).add(tp, fp, fn, dt)
         out["all"].add(tp, fp, fn, dt)
+        for extra in rules:
+            counts = match(boxes, scores, item.boxes, iou, extra)
+            out.setdefault(f"{item.source}|{extra}", Tally()).add(*counts, dt)
+            out.setdefault(f"all|{extra}", Tally()).add(*counts, dt)
         if on_image is not None:
             on_image(item, dets, (tp, fp, fn))
     return out

@@ -34,6 +34,13 @@ On a copy of the frame shrunk to ``work_px`` pixels on its short side:
    nuclei splits touching cells). The cell box averages that region's box,
    clamped to plausible sizes, with the nucleus box grown by ``expand``; the
    region alone is too easily fooled by red cells of cytoplasm colour.
+7. **Platelets** (only with ``platelets=True``; off by default, and the white
+   cells are the same either way). Small blobs above a stain level a little
+   below the nucleus threshold, strongly stained at their core, compact (not a
+   red-cell rim) and sized to the frame scale (the working image and, with white
+   cells in view, their nuclei), that neither lie in nor touch a white cell's box,
+   are ``Detection(box, score, "platelet")``; the box is the blob's grown by
+   ``plt_grow``. Tuned on BCCD train and TXL-PBC half "a" (``tools/eval_platelets.py``).
 """
 
 from __future__ import annotations
@@ -89,6 +96,19 @@ class SegmenterConfig:
         trust_fill, trust_max, trust_weight: A region filling at least ``trust_fill`` of its box's
             ellipse that stayed within reach is trusted: clamped to ``trust_max`` and weighted ``trust_weight``.
         edge_keep: Keep cells cut by the frame edge (their box is clipped).
+        platelets: Also return platelets (``kind == "platelet"``); off, the white cells are exactly as without it.
+        plt_level: Platelet stain threshold between the frame's two Otsu thresholds: ``t1 + plt_level * (t2 - t1)``
+            (1.0 = the nucleus threshold; platelets stain paler than nuclei in some smears).
+        plt_mean: A platelet's mean stain, as a share of the way from ``t1`` to ``t2``, is at least this.
+        plt_peak: A platelet's most stained pixel must exceed the nucleus threshold ``t2`` by this much.
+        plt_thick: Smallest inscribed radius over ``sqrt(area)`` (a disc is 0.56; thin red-cell rims are below 0.35).
+        plt_open_px: Opening of the platelet mask (working pixels).
+        plt_min_area, plt_max_area: Blob area limits as fractions of the working image area (the frame scale).
+        plt_rel_min, plt_rel_max: With white cells in view, ``sqrt(blob area / median nucleus area)`` must lie
+            between these (a platelet is a fifth to a half of a nucleus across; clumps are bigger).
+        plt_fill: Smallest share of its box a blob fills (thin red-cell rims and arcs fill little).
+        plt_margin: A blob meeting a white cell's box grown by this fraction of its size belongs to that cell.
+        plt_grow: The platelet box is the blob box grown by this factor (the pale rim of the platelet).
     """
 
     work_px: int = 160
@@ -128,6 +148,19 @@ class SegmenterConfig:
     trust_max: float = 1.9
     trust_weight: float = 0.75
     edge_keep: bool = True
+    platelets: bool = False
+    plt_level: float = 0.6
+    plt_mean: float = 0.8
+    plt_peak: float = 4.0
+    plt_thick: float = 0.4
+    plt_open_px: int = 3
+    plt_min_area: float = 0.0006
+    plt_max_area: float = 0.012
+    plt_rel_min: float = 0.1
+    plt_rel_max: float = 0.6
+    plt_fill: float = 0.5
+    plt_margin: float = 0.0
+    plt_grow: float = 1.6
 
 
 def otsu3(hist: np.ndarray) -> tuple[int, int]:
@@ -239,6 +272,7 @@ class Analysis:
     groups: list[list[int]] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     region_quality: list[dict] = field(default_factory=list)
+    platelet_rejected: list[tuple[Box, str]] = field(default_factory=list)
 
 
 class StainSegmenter:
@@ -256,8 +290,12 @@ class StainSegmenter:
         if self.config.extent not in ("cyto", "expand"):
             raise ValueError(f"extent must be 'cyto' or 'expand', not {self.config.extent!r}")
 
+    def with_platelets(self, on: bool = True) -> StainSegmenter:
+        """This segmenter with platelet detection switched on (or off); the white cells do not change."""
+        return self if self.config.platelets == on else StainSegmenter(self.config, platelets=on)
+
     def detect(self, frame: Frame | np.ndarray) -> list[Detection]:
-        """White cells in ``frame`` (a ``Frame`` or a BGR array), best score first."""
+        """White cells in ``frame`` (a ``Frame`` or a BGR array), best score first; then platelets if asked."""
         return self.detect_verbose(frame)[0]
 
     def detect_verbose(self, frame: Frame | np.ndarray) -> tuple[list[Detection], Analysis]:
@@ -288,8 +326,16 @@ class StainSegmenter:
             mask = _open_relative(mask, cfg.open_rel, cfg.open_px, cfg.open_floor, speck)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         info.nucleus_mask = mask
+        work_boxes: list[Box] = []  # accepted white cells, working pixels
+        nuc_areas: list[float] = []
+
+        def finish(dets: list[Detection]) -> tuple[list[Detection], Analysis]:
+            if cfg.platelets:
+                dets = dets + self._platelets(blue, t1, t2, work_boxes, nuc_areas, s, cfg, info)
+            return dets, info
+
         if n <= 1:
-            return [], info
+            return finish([])
         count = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
         f_mean = np.bincount(labels.ravel(), weights=blue.ravel(), minlength=n) / np.maximum(count, 1)
         excess = f_mean - t2
@@ -297,7 +343,7 @@ class StainSegmenter:
         ok[0] = False
         idx = np.flatnonzero(ok)
         if not len(idx):
-            return [], info
+            return finish([])
         thick = _thickness(mask, labels, stats, idx)
         groups = self._group(labels, stats, idx, count, cfg, thick)
         biggest = max(float(count[g].sum()) for g in groups)
@@ -316,8 +362,9 @@ class StainSegmenter:
                 info.rejected.append((g[0], why))
                 continue
             accepted.append((g, a, (x0, y0, x1, y1)))
+            nuc_areas.append(a)
         if not accepted:
-            return [], info
+            return finish([])
         regions: list[Box | None] = [None] * len(accepted)
         if cfg.extent == "cyto":
             regions = self._cyto_regions(lab, blue > t2, labels, stats, accepted, cfg, info)
@@ -335,8 +382,68 @@ class StainSegmenter:
             full = (box[0] / s, box[1] / s, box[2] / s, box[3] / s)
             dets.append(Detection(full, round(float(score), 4), "wbc"))
             info.groups.append(g)
+            work_boxes.append(box)
         dets.sort(key=lambda d: -d.score)
-        return dets, info
+        return finish(dets)
+
+    @staticmethod
+    def _platelets(blue: np.ndarray, t1: int, t2: int, wbc_boxes: list[Box], nuc_areas: list[float], s: float,
+                   cfg: SegmenterConfig, info: Analysis) -> list[Detection]:
+        """Small, strongly stained blobs that belong to no white cell (step 7, only with ``platelets``).
+
+        Platelets stain purple like nuclei but are much smaller: 2-3 um against a
+        neutrophil's 12-15 um, so a fifth to a third of a nucleus across (clumps are
+        bigger). Blobs above a stain level a little below the nucleus threshold are
+        kept when their size fits the frame scale (the working image and, with white
+        cells in view, the median nucleus), they fill their box (not a red-cell rim)
+        and they neither lie in nor touch a white cell's box (its granules and lobes).
+        The white cells are not changed.
+        """
+        import cv2
+
+        h, w = blue.shape
+        area_img = float(h * w)
+        level = t1 + cfg.plt_level * (t2 - t1)
+        mask = (blue > level).astype(np.uint8)
+        if cfg.plt_open_px > 1:
+            mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(cfg.plt_open_px))
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        if n <= 1:
+            return []
+        count = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
+        lo, hi = cfg.plt_min_area * area_img, cfg.plt_max_area * area_img
+        if nuc_areas:
+            ref = float(np.median(nuc_areas))
+            lo, hi = max(lo, cfg.plt_rel_min ** 2 * ref), min(hi, cfg.plt_rel_max ** 2 * ref)
+        cand = np.flatnonzero((count >= lo) & (count <= hi))
+        cand = cand[cand > 0]
+        if not len(cand):
+            return []
+        flat = labels.ravel()
+        peak = np.zeros(n, np.float64)
+        np.maximum.at(peak, flat, blue.ravel().astype(np.float64))
+        mean = np.bincount(flat, weights=blue.ravel(), minlength=n) / np.maximum(count, 1)
+        mean = (mean - t1) / max(t2 - t1, 1)
+        dt = cv2.distanceTransform(np.pad(mask, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        thick = np.zeros(n, np.float64)
+        np.maximum.at(thick, flat, dt.ravel().astype(np.float64))
+        thick /= np.sqrt(np.maximum(count, 1))
+        grown = [_scaled(b, 1 + 2 * cfg.plt_margin, w, h) for b in wbc_boxes]
+        out: list[Detection] = []
+        for c in cand.tolist():
+            x0, y0, bw, bh = (float(v) for v in stats[c, :4])
+            box = (x0, y0, x0 + bw, y0 + bh)
+            why = ("pale" if peak[c] - t2 < cfg.plt_peak or mean[c] < cfg.plt_mean
+                   else "thin" if count[c] < cfg.plt_fill * bw * bh or thick[c] < cfg.plt_thick
+                   else "in white cell" if any(_meets(box, g) for g in grown) else "")
+            if why:
+                info.platelet_rejected.append((box, why))
+                continue
+            big = _scaled(box, cfg.plt_grow, w, h)
+            score = 1.0 / (1.0 + np.exp(-(mean[c] - cfg.plt_mean) * 8.0))
+            out.append(Detection((big[0] / s, big[1] / s, big[2] / s, big[3] / s), round(float(score), 4), "platelet"))
+        out.sort(key=lambda d: -d.score)
+        return out
 
     @staticmethod
     def _cyto_regions(lab: np.ndarray, nuc_all: np.ndarray, labels: np.ndarray, stats: np.ndarray, accepted: list,
@@ -576,6 +683,11 @@ def _scaled(b: Box, f: float, w: int, h: int) -> Box:
     cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
     hw, hh = (b[2] - b[0]) * f / 2, (b[3] - b[1]) * f / 2
     return max(0.0, cx - hw), max(0.0, cy - hh), min(float(w), cx + hw), min(float(h), cy + hh)
+
+
+def _meets(a: Box, b: Box) -> bool:
+    """Do boxes ``a`` and ``b`` overlap or touch?"""
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
 def _dist2(img: np.ndarray, colour: np.ndarray) -> np.ndarray:
