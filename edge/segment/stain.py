@@ -439,7 +439,7 @@ class StainSegmenter:
             if why:
                 info.platelet_rejected.append((box, why))
                 continue
-            big = _scaled(box, cfg.plt_grow, w, h)
+            big = _scaled(box, cfg.plt_grow, w, h)  # may reach a little over a white cell's box; the blob does not
             score = 1.0 / (1.0 + np.exp(-(mean[c] - cfg.plt_mean) * 8.0))
             out.append(Detection((big[0] / s, big[1] / s, big[2] / s, big[3] / s), round(float(score), 4), "platelet"))
         out.sort(key=lambda d: -d.score)
