@@ -16,7 +16,10 @@ Two match rules: one-to-one at IoU >= ``--iou`` (a platelet box is 10-20
 working pixels, so a few pixels of box slack cost a lot of IoU), and the looser
 "centre": a detection whose centre lies inside a truth box. Note that BCCD and
 TXL-PBC do not label every platelet (clumps are one box or none), so precision
-is a lower bound.
+is a lower bound. Blobs cut by the image border are rejected by default
+(``plt_edge``): these sets are single stills, where that costs the platelets cut
+by the border (``--set plt_edge=true`` scores them); a stream sees them whole
+in a later frame.
 """
 
 from __future__ import annotations

@@ -38,9 +38,11 @@ On a copy of the frame shrunk to ``work_px`` pixels on its short side:
    cells are the same either way). Small blobs above a stain level a little
    below the nucleus threshold, strongly stained at their core, compact (not a
    red-cell rim) and sized to the frame scale (the working image and, with white
-   cells in view, their nuclei), that neither lie in nor touch a white cell's box,
-   are ``Detection(box, score, "platelet")``; the box is the blob's grown by
-   ``plt_grow``. Tuned on BCCD train and TXL-PBC half "a" (``tools/eval_platelets.py``).
+   cells in view, their nuclei), that neither lie in nor touch a white cell's box
+   nor the frame border (a white cell cut by the border shows a platelet-sized piece
+   of nucleus), are ``Detection(box, score, "platelet")``; the box is the blob's
+   grown by ``plt_grow``. Tuned on BCCD train and TXL-PBC half "a"
+   (``tools/eval_platelets.py``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class SegmenterConfig:
         plt_fill: Smallest share of its box a blob fills (thin red-cell rims and arcs fill little).
         plt_margin: A blob meeting a white cell's box grown by this fraction of its size belongs to that cell.
         plt_grow: The platelet box is the blob box grown by this factor (the pale rim of the platelet).
+        plt_edge: Keep blobs cut by the frame edge (off: a white cell cut by the border shows a platelet-sized
+            piece of nucleus; a platelet cut there is found in a later frame of a stream).
     """
 
     work_px: int = 160
@@ -161,6 +165,7 @@ class SegmenterConfig:
     plt_fill: float = 0.5
     plt_margin: float = 0.0
     plt_grow: float = 1.6
+    plt_edge: bool = False
 
 
 def otsu3(hist: np.ndarray) -> tuple[int, int]:
@@ -433,7 +438,9 @@ class StainSegmenter:
         for c in cand.tolist():
             x0, y0, bw, bh = (float(v) for v in stats[c, :4])
             box = (x0, y0, x0 + bw, y0 + bh)
-            why = ("pale" if peak[c] - t2 < cfg.plt_peak or mean[c] < cfg.plt_mean
+            cut = x0 <= 0 or y0 <= 0 or x0 + bw >= w or y0 + bh >= h
+            why = ("edge" if cut and not cfg.plt_edge
+                   else "pale" if peak[c] - t2 < cfg.plt_peak or mean[c] < cfg.plt_mean
                    else "thin" if count[c] < cfg.plt_fill * bw * bh or thick[c] < cfg.plt_thick
                    else "in white cell" if any(_meets(box, g) for g in grown) else "")
             if why:
