@@ -21,6 +21,12 @@ second) and is found there. Sources that can wait (image files, videos, the
 synthetic slide) are not skipped: capture waits for room in the queue, so every
 frame is segmented and the count does not depend on timing. A cell is counted
 and shown only after its row and crop are durably stored.
+
+Platelets: when the bundle has a platelet class, the segmenter is asked for
+platelets too; they are tracked, cut (as large as a white cell's crop, see
+``PLATELET_TO_WBC``), classified and stored like white cells, and counted only
+when the classifier calls them platelets (``CountingSession``). The counter
+keeps them out of the white-cell target (platelets per 100 white cells).
 """
 
 from __future__ import annotations
