@@ -211,3 +211,44 @@ def test_entropy_bins_make_entropy_differ_from_minmax(tmp_path):
         kl = input_scale(quantize_int8(src, tmp_path / "kl.onnx", reader(), "entropy", True))
     assert stock == pytest.approx(mm)  # the ORT behaviour entropy_bins works around
     assert kl < 0.5 * mm  # heavy-tailed input: KL clips the tails
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "entropy-2048", "percentile"])
+def test_chunked_calibration_matches_one_pass(tmp_path, method, monkeypatch):
+    """Min-max calibrated a chunk at a time (bounded memory) gives the one-pass ranges exactly; the
+    histogram methods are not chunked (merged histograms are re-binned and move the scales)."""
+    import contextlib
+
+    import onnx
+    from helpers import tiny_onnx
+    from onnx import numpy_helper
+
+    import export.quantize as q
+    from export.quant_search import entropy_bins
+
+    fp32 = tiny_onnx(tmp_path / "m.onnx")
+    rng = np.random.default_rng(3)
+    data = [rng.normal(0, 1 + i / 4, (8, 3, 28, 28)).astype(np.float32) for i in range(12)]  # widening range
+
+    class Reader:
+        def __init__(self):
+            self.it = iter({"input": x} for x in data)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    def scales(chunk: int) -> dict[str, float]:
+        monkeypatch.setattr(q, "CALIB_CHUNK_BATCHES", chunk)
+        q.calibration_chunks.clear()
+        with entropy_bins() if method == "entropy-2048" else contextlib.nullcontext():
+            out = q.quantize_int8(fp32, tmp_path / f"{method}_{chunk}.onnx", Reader(), method.split("-")[0])
+        chunked = method == "minmax"
+        assert q.calibration_chunks == ([chunk] * (len(data) // chunk) if chunked else [])
+        m = onnx.load(str(out))
+        inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        return {n.input[0]: float(inits[n.input[1]]) for n in m.graph.node if n.op_type == "QuantizeLinear"}
+
+    one_pass, chunked = scales(len(data)), scales(2)
+    assert one_pass.keys() == chunked.keys() and one_pass
+    for name in one_pass:
+        assert chunked[name] == pytest.approx(one_pass[name], rel=1e-6), name
