@@ -287,6 +287,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
                                     calibration, lambda p: _ort_probs(p, val, spec, vidx, output_kind), val.labels,
                                     classes, m32["accuracy"], opts.max_drop, metrics, log)
             timings["cpu_variant_s"] = round(time.time() - t, 2)
+            metrics["cpu_speed"] = _cpu_speed(fp32, cpu_path or int8_path, spec, log)
 
         crop = source.meta.get("crop") or {}
         geom = CropGeometry(cell_fraction=opts.cell_fraction or crop.get("cell_fraction", CropGeometry.cell_fraction))
@@ -370,6 +371,24 @@ def _cpu_variant(fp32: Path, out: Path, reader_factory, calibration: dict, probs
         return None
     log(f"INT8 CPU variant (asymmetric activations) on val: accuracy {m['accuracy']:.4f} (drop {drop:+.2f} points)")
     metrics["int8_cpu"]["shipped"] = True
+    return out
+
+
+def _cpu_speed(fp32: Path, int8: Path, spec: InputSpec, log) -> dict:  # noqa: ANN001
+    """FP32 vs INT8 crops per CPU-second on this workstation's CPU (ONNX Runtime, 1 thread, batch 16).
+
+    A station's ``--precision auto`` on ONNX Runtime CPU reads this: INT8 is not always faster
+    on CPU (EfficientNet's SiLU / sigmoid / SE run in float between DQ and Q there), and
+    the station then runs FP32.
+    """
+    import platform
+
+    from export.quant_search import speed_table
+
+    table = speed_table({"fp32": fp32, "int8": int8}, (16, 3, spec.height, spec.width), repeats=5)
+    out = {"fp32": table["fp32"]["crops_per_cpu_s"], "int8": table["int8"]["crops_per_cpu_s"],
+           "int8_model": int8.name, "batch": 16, "threads": 1, "cpu": platform.machine()}
+    log(f"CPU speed (ONNX Runtime, 1 thread, batch 16): FP32 {out['fp32']:.0f}, INT8 {out['int8']:.0f} crops per CPU-second")
     return out
 
 

@@ -330,6 +330,24 @@ def test_select_without_tensorrt_uses_onnxruntime_and_says_so(bundle_dir, monkey
     assert reason.endswith("ONNX Runtime CPU (fp32 ONNX)")
 
 
+def test_select_auto_runs_fp32_on_cpu_when_int8_measured_slower_at_export(bundle_dir, monkeypatch):
+    """EfficientNet's INT8 is slower than its FP32 on ONNX Runtime CPU: ``auto`` follows the export's measurement."""
+    import dataclasses
+
+    from edge.bundle import load_bundle
+    from edge.bundle.io import write_manifest
+
+    _block(monkeypatch, "tensorrt")
+    bundle = load_bundle(bundle_dir)
+    for int8_speed, want in ((74.0, "fp32"), (900.0, "int8")):
+        metrics = {**bundle.manifest.metrics, "cpu_speed": {"fp32": 220.0, "int8": int8_speed}}
+        write_manifest(bundle_dir, dataclasses.replace(bundle.manifest, metrics=metrics))
+        backend, reason = select_backend(bundle_dir)
+        assert backend.precision == want, reason
+        assert ("INT8 ran slower than FP32 on CPU at export (74 vs 220 crops/s)" in reason) == (want == "fp32")
+        assert select_backend(bundle_dir, precision="int8")[0].precision == "int8"  # an explicit request wins
+
+
 def test_select_without_cuda_python(bundle_dir, monkeypatch):
     _block(monkeypatch, "cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart")
     trt, _ = fake_pair("10.3.0")

@@ -61,9 +61,13 @@ def _ort_precision(bundle: Bundle, choice: str, precision: str) -> tuple[str, st
         return "fp32", "fp16 is a TensorRT engine precision; ONNX Runtime runs the fp32 model"
     if precision == "fp32":
         return "fp32", ""
-    # auto: INT8 pays off on the CPU; ONNX Runtime's GPU providers run the fp32 model
+    # auto: INT8 pays off on the CPU for most models; ONNX Runtime's GPU providers run the fp32 model
     # (QDQ INT8 on the CUDA EP is fake-quantised and no faster).
     if choice == "ort-cpu" and "int8" in have:
+        speed = (bundle.manifest.metrics or {}).get("cpu_speed") or {}
+        if speed.get("int8") and speed.get("fp32") and speed["int8"] < speed["fp32"]:
+            return "fp32", (f"INT8 ran slower than FP32 on CPU at export ({speed['int8']:.0f} vs {speed['fp32']:.0f} "
+                            "crops/s): ONNX Runtime's CPU kernels do not fuse this model's INT8; --precision int8 forces it")
         return "int8", ""
     return "fp32", ""
 
