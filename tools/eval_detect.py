@@ -38,14 +38,20 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(description: str) -> argparse.ArgumentParser:
+    """The options every detection scorer takes (data, which splits, IoU, config overrides, --json)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", type=Path, default=None, help="shared data root (default $HEMAEDGE_DATA or ../shared/data)")
     ap.add_argument("--bccd-split", default="val", choices=["train", "val", "all", "none"])
     ap.add_argument("--txl-half", default="both", choices=["a", "b", "both", "all", "none"])
     ap.add_argument("--iou", type=float, default=0.5)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a SegmenterConfig field")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = common_args(__doc__.splitlines()[0])
     ap.add_argument("--failures", type=Path, default=None, help="write the names of images with errors here")
     args = ap.parse_args(argv)
 

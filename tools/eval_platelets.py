@@ -24,7 +24,6 @@ in a later frame.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,20 +35,14 @@ from edge.segment import StainSegmenter  # noqa: E402
 from edge.segment.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_detect import _overrides  # noqa: E402
+from eval_detect import _overrides, common_args  # noqa: E402
 
 TXL_PLATELET = 2
 BCCD_PLATELET = ("Platelets",)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=None, help="shared data root (default $HEMAEDGE_DATA or ../shared/data)")
-    ap.add_argument("--bccd-split", default="val", choices=["train", "val", "all", "none"])
-    ap.add_argument("--txl-half", default="both", choices=["a", "b", "both", "all", "none"])
-    ap.add_argument("--iou", type=float, default=0.5)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a SegmenterConfig field")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap = common_args(__doc__.splitlines()[0])
     args = ap.parse_args(argv)
 
     root = args.data or data_root()
