@@ -290,7 +290,18 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             metrics["cpu_speed"] = _cpu_speed(fp32, cpu_path or int8_path, spec, log)
 
         crop = source.meta.get("crop") or {}
-        geom = CropGeometry(cell_fraction=opts.cell_fraction or crop.get("cell_fraction", CropGeometry.cell_fraction))
+        fraction, crop_source = opts.cell_fraction, "--cell-fraction"
+        if fraction is None and crop.get("cell_fraction"):
+            fraction, crop_source = crop["cell_fraction"], "the checkpoint"
+        crop_measure = None
+        if fraction is None:
+            crop_measure = measure_training_framing(opts.data, classes, opts.seed)
+            if crop_measure:
+                fraction, crop_source = crop_measure["median"], "measured on the training images"
+            else:
+                fraction, crop_source = CropGeometry.cell_fraction, "default (no cell found in the training images)"
+        geom = CropGeometry(cell_fraction=fraction)
+        log(f"crop geometry: the cell spans {geom.cell_fraction:.3f} of the crop side ({crop_source})")
         try:
             from edge.bundle.groups import default_class_groups
             groups = default_class_groups(classes)
@@ -307,7 +318,9 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             "training_lineage": source.meta.get("lineage") or [],
             "export_command": opts.command,
         }
-        extra: dict[str, Any] = {"parity": parity, "onnx": simplify}
+        extra: dict[str, Any] = {"parity": parity, "onnx": simplify, "crop_geometry_from": crop_source}
+        if crop_measure:
+            extra["crop_measurement"] = crop_measure
         if info.get("members"):
             extra["ensemble"] = info["members"]
         if info.get("original_input"):
@@ -337,6 +350,41 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
     if search_info:
         summary["int8_search"] = search_info
     return summary
+
+
+def measure_training_framing(data: str | None, classes: list[str], seed: int = 0, n: int = 200) -> dict | None:
+    """How much of a training image's side its white cell spans, as the station's segmenter sees it.
+
+    The station cuts each crop so the detected cell spans ``crop.cell_fraction`` of its side; it
+    must match the training images or the model sees cells at the wrong scale (BloodMNIST's
+    MedMNIST recipe centre-crops 200 of 360 pixels, so its cells span about 0.72; whole-field
+    PBC images about 0.40). Small images are upscaled to 200 pixels first, so the segmenter
+    sees the cell. Returns ``{"median", "iqr", "images", "found"}`` or None if no cell was found.
+    """
+    import cv2
+
+    from edge.records import Frame
+    from edge.segment.crops import cell_fractions
+
+    if not data:
+        return None
+    try:
+        train = open_dataset(data, "train", classes=classes)
+    except Exception:  # noqa: BLE001 - no train split: the caller falls back to the default
+        return None
+    idx = stratified_sample(train.labels, min(n, len(train)), seed)
+    frames = []
+    for i in idx:
+        img = train.image(int(i))
+        side = min(img.shape[:2])
+        if side < 200:
+            img = cv2.resize(img, None, fx=200 / side, fy=200 / side, interpolation=cv2.INTER_CUBIC)
+        frames.append(Frame(np.ascontiguousarray(img), "RGB", 0.0, "training", int(i)))
+    fr = cell_fractions(frames)
+    if not len(fr):
+        return None
+    return {"median": round(float(np.median(fr)), 3), "iqr": [round(float(q), 3) for q in np.percentile(fr, [25, 75])],
+            "images": int(len(idx)), "found": int(len(fr))}
 
 
 def _cpu_variant(fp32: Path, out: Path, reader_factory, calibration: dict, probs_of, labels: np.ndarray,  # noqa: ANN001

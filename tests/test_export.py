@@ -251,3 +251,32 @@ def test_evaluate_cli_json_has_every_metric(trained, tmp_path, capsys):
     assert set(next(iter(rep["per_class"].values()))) == {"precision", "recall", "f1", "support", "auroc"}
     assert rep["accuracy"] == pytest.approx(load_bundle(s["bundle"]).manifest.metrics["fp32"]["accuracy"])
     assert main(["evaluate", "--bundle", s["bundle"], "--data", str(data), "--precision", "int8"]) == 2  # no INT8 here
+
+
+@pytest.mark.data
+def test_crop_geometry_is_measured_on_the_training_images(data_root):
+    """BloodMNIST (MedMNIST centre-crops 200 of 360 px) frames its cells much tighter than whole-field PBC:
+    the station must cut crops at each model's own framing, so the export measures it."""
+    from export.pipeline import measure_training_framing
+
+    npz, folder = data_root / "bloodmnist28.npz", data_root / "pbc256"
+    if not npz.is_file() or not folder.is_dir():
+        pytest.skip(f"data not found under {data_root}")
+    tight = measure_training_framing(str(npz), None, n=120)
+    whole = measure_training_framing(str(folder), None, n=120)
+    assert tight["found"] >= 100 and whole["found"] >= 100
+    assert 0.6 <= tight["median"] <= 0.8 and 0.33 <= whole["median"] <= 0.47
+
+
+def test_export_records_where_its_crop_geometry_came_from(trained, tmp_path):
+    _, data, ckpt, _ = trained
+    given = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "g"), data=str(data), cell_fraction=0.5),
+                       log=lambda m: None)
+    m = load_bundle(given["bundle"]).manifest
+    assert m.crop.cell_fraction == 0.5 and m.extra["crop_geometry_from"] == "--cell-fraction"
+    auto = load_bundle(run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "a"), data=str(data)),
+                                  log=lambda m: None)["bundle"]).manifest
+    assert auto.extra["crop_geometry_from"] in ("measured on the training images",
+                                                "default (no cell found in the training images)")
+    if "crop_measurement" in auto.extra:
+        assert auto.crop.cell_fraction == auto.extra["crop_measurement"]["median"]
