@@ -36,7 +36,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -60,7 +60,7 @@ QUEUE_FRAMES = 4  # frames with new cells that may wait for classification befor
 # ratio: the median over frames of (median white-cell box side / platelet box side) of StainSegmenter's own
 # detections on BCCD train + TXL-PBC half "a" was 4.28 (IQR 3.5-5.3; per source BCCD 4.2-4.7, PBC 4.2, Raabin 4.9).
 PLATELET_TO_WBC = 4.3
-WBC_SIDES_KEPT = 50  # recent white-cell box sides the platelet crop size is the median of
+WBC_SIDES_KEPT = 50  # recent white-cell box sides: their median is the session scale (platelet and "session" crops)
 RATE_WINDOW_S = 3.0
 WARNING_HOLD_S = 4.0
 
@@ -176,16 +176,22 @@ class CellFinder:
             self.segmenter = switch(on)
         self.platelets = on
 
+    @property
+    def typical_side(self) -> float | None:
+        """The median side of the recent white-cell boxes (the session's scale), None before any."""
+        return float(np.median(self._wbc_sides)) if self._wbc_sides else None
+
     def platelet_side(self, box: tuple[float, float, float, float]) -> float:
         """The white-cell box side that sizes a platelet's crop (see ``PLATELET_TO_WBC``)."""
-        if self._wbc_sides:
-            return float(np.median(self._wbc_sides))
-        return PLATELET_TO_WBC * max(box[2] - box[0], box[3] - box[1])
+        typical = self.typical_side
+        return typical if typical else PLATELET_TO_WBC * max(box[2] - box[0], box[3] - box[1])
 
     def cut(self, frame: Frame, detections: list[Detection]) -> tuple[Crop, ...]:
-        """Crops of ``detections``: white cells with the bundle's geometry, platelets as large as a white cell's."""
+        """Crops of ``detections``: white cells with the bundle's geometry (at the session's scale when
+        ``geometry.scale == "session"``), platelets as large as a white cell's."""
+        typical = self.typical_side
         if all(d.kind != "platelet" for d in detections):
-            return tuple(cut_crops(frame, detections, self.geometry))
+            return tuple(cut_crops(frame, detections, self.geometry, typical))
         rgb = frame.rgb()
         out = []
         for d in detections:
@@ -193,7 +199,9 @@ class CellFinder:
             if d.kind == "platelet":
                 cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, self.platelet_side(box) / 2
                 box = (cx - half, cy - half, cx + half, cy + half)
-            out.append(Crop(cut_crop(rgb, box, self.geometry), d, frame.index, frame.name))
+                out.append(Crop(cut_crop(rgb, box, replace(self.geometry, scale="cell")), d, frame.index, frame.name))
+            else:
+                out.append(Crop(cut_crop(rgb, box, self.geometry, typical), d, frame.index, frame.name))
         return tuple(out)
 
     def find(self, frame: Frame, segment: bool = True) -> Found:
@@ -210,8 +218,8 @@ class CellFinder:
             return Found(frame, None, skipped="unplaced")
         kinds = ("wbc", "platelet") if self.platelets else ("wbc",)
         dets = [d for d in self.segmenter.detect(frame) if d.kind in kinds]
-        if self.platelets:
-            self._wbc_sides.extend(max(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in dets if d.kind == "wbc")
+        # every white cell in view (counted before or not) tells the session's scale
+        self._wbc_sides.extend(max(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in dets if d.kind == "wbc")
         res = self.tracker.place(reg, frame.pixels.shape, [d.box for d in dets])
         crops = self.cut(frame, [dets[t.index] for t in res.new]) if res.new else ()
         return Found(frame, reg, res.new, crops, res.seen, res.at_edge)

@@ -54,6 +54,7 @@ class ExportOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     cell_fraction: float | None = None
+    crop_scale: str = "session"
     input_size: tuple[int, int] | None = None
     target: str = "onnx"
     search: bool = False
@@ -102,6 +103,8 @@ class ExportOptions:
                 raise UsageError(f"--calib {self.calib} is a validation/test split; calibrate on training or station images")
         if self.mean is not None and self.std is not None and (len(self.mean) != 3 or len(self.std) != 3):
             raise UsageError("--mean and --std take three comma-separated values")
+        if self.crop_scale not in ("cell", "session"):
+            raise UsageError(f"--crop-scale must be cell or session, not {self.crop_scale!r}")
         if self.cell_fraction is not None and not 0.05 <= self.cell_fraction <= 1:
             raise UsageError("--cell-fraction must be between 0.05 and 1")
         out = Path(self.out)
@@ -300,8 +303,9 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
                 fraction, crop_source = crop_measure["median"], "measured on the training images"
             else:
                 fraction, crop_source = CropGeometry.cell_fraction, "default (no cell found in the training images)"
-        geom = CropGeometry(cell_fraction=fraction)
-        log(f"crop geometry: the cell spans {geom.cell_fraction:.3f} of the crop side ({crop_source})")
+        geom = CropGeometry(cell_fraction=fraction, scale=opts.crop_scale)
+        log(f"crop geometry: the {'typical ' if geom.scale == 'session' else ''}cell spans {geom.cell_fraction:.3f} "
+            f"of the crop side ({crop_source}), scale {geom.scale}")
         try:
             from edge.bundle.groups import default_class_groups
             groups = default_class_groups(classes)

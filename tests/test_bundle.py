@@ -115,6 +115,31 @@ def test_crop_is_square_centred_and_padded_at_edges():
     assert edge.shape == (40, 40, 3)
 
 
+def test_session_scale_crops_keep_one_field_of_view_for_cells_of_any_size(tiny_bundle_dir):
+    """``scale="session"``: the crop side follows the session's typical cell, so a small cell stays small."""
+    from edge.bundle.io import write_manifest
+    from edge.segment.crops import typical_side
+
+    frame = np.zeros((200, 200, 3), np.uint8)
+    geom = CropGeometry(cell_fraction=0.5, scale="session")
+    typical = typical_side([(0, 0, 30, 30), (0, 0, 40, 38), (0, 0, 50, 50)])
+    assert typical == 40
+    small = cut_crop(frame, (90, 90, 110, 110), geom, typical)  # 20 px cell
+    big = cut_crop(frame, (70, 70, 130, 130), geom, typical)  # 60 px cell
+    assert small.shape == big.shape == (80, 80, 3)
+    assert cut_crop(frame, (90, 90, 110, 110), geom).shape == (40, 40, 3)  # no session yet: sized to the cell
+    # the manifest keeps the scale, old manifests read as "cell", unknown ones are refused
+    b = load_bundle(tiny_bundle_dir)
+    assert b.manifest.crop.scale == "cell"
+    import dataclasses
+    write_manifest(tiny_bundle_dir, dataclasses.replace(b.manifest, crop=geom))
+    assert load_bundle(tiny_bundle_dir).manifest.crop == geom
+    raw = json.loads((tiny_bundle_dir / "manifest.json").read_text())
+    raw["crop"]["scale"] = "zoom"
+    with pytest.raises(BundleError, match="crop.scale 'zoom' is not one of"):
+        parse_manifest(raw)
+
+
 def test_bundle_copy_elsewhere_still_verifies(tiny_bundle_dir, tmp_path):
     dst = tmp_path / "copied"
     shutil.copytree(tiny_bundle_dir, dst)

@@ -388,3 +388,19 @@ def test_camera_events_and_blurred_frames_become_warnings(tiny_bundle_dir, tmp_p
     assert any("reconnecting" in w for w in seen["warnings"])
     assert res.skipped.get("quality") == 4
     assert any("out of focus" in w for w in session_.status().warnings)
+
+
+def test_session_scale_crops_share_one_side_across_a_frames_cells():
+    """With ``crop.scale == "session"`` the finder cuts every white cell at the session's typical side."""
+    from edge.bundle import CropGeometry
+    from edge.records import Detection, Frame
+
+    class Two:
+        def detect(self, frame):
+            return [Detection((10.0, 10.0, 30.0, 30.0), 1.0, "wbc"), Detection((100.0, 100.0, 160.0, 160.0), 1.0, "wbc")]
+
+    frame = Frame(np.full((240, 320, 3), 200, np.uint8), "RGB", 0.0, "test", 0)
+    for scale, sides in (("session", {80}), ("cell", {40, 120})):
+        finder = CellFinder(Two(), CropGeometry(cell_fraction=0.5, scale=scale), quality=fake_segment.always_ok)
+        found = finder.find(frame)
+        assert {c.pixels.shape[0] for c in found.crops} == sides, scale  # typical side = median(20, 60) = 40

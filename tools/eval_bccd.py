@@ -33,6 +33,7 @@ from edge.config import data_root  # noqa: E402
 from edge.models import default_bundle_path  # noqa: E402
 from edge.records import Frame  # noqa: E402
 from edge.segment import make_segmenter  # noqa: E402
+from edge.segment.crops import typical_side  # noqa: E402
 from edge.segment.groundtruth import iou_matrix, read_voc  # noqa: E402
 
 COMMON = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte"}
@@ -66,13 +67,14 @@ def matched_detection(seg, img: np.ndarray, name: str, gt_box: np.ndarray):
 
 
 def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Path, cell_fraction: float | None = None,
-             pad: str | None = None) -> dict:
+             pad: str | None = None, scale: str | None = None) -> dict:
     """Score the four common types; returns accuracy, confusion and counts."""
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    geom = replace(m.crop, **{k: v for k, v in (('cell_fraction', cell_fraction), ('pad', pad)) if v is not None})
+    geom = replace(m.crop, **{k: v for k, v in (('cell_fraction', cell_fraction), ('pad', pad), ('scale', scale))
+                              if v is not None})
     seg = make_segmenter()
-    crops, truth, missed = [], [], 0
+    found, truth, missed = [], [], 0
     for name, img, gt_box, kind in bccd_cells(root, split, COMMON):
         box = gt_box
         if boxes == "detected":
@@ -80,15 +82,18 @@ def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Pat
             if box is None:
                 missed += 1
                 continue
-        crops.append(cut_crop(img, box, geom))
+        found.append((img, box))
         truth.append(kind)
+    typical = typical_side(box for _, box in found)  # the split is one session: one microscope, one scale
+    crops = [cut_crop(img, box, geom, typical) for img, box in found]
     with OrtBackend(bundle, precision) as be:
         probs = be.classify(preprocess(crops, m.input)) if crops else np.zeros((0, len(m.classes)))
     pred = [m.classes[i] for i in probs.argmax(1)]
     correct = sum(p == t for p, t in zip(pred, truth))
     scored = len(truth) + missed
     return {
-        "bundle": str(bundle_dir), "split": split, "cell_fraction": geom.cell_fraction, "pad": geom.pad, "boxes": boxes, "precision": precision,
+        "bundle": str(bundle_dir), "split": split, "cell_fraction": geom.cell_fraction, "pad": geom.pad, "scale": geom.scale,
+        "boxes": boxes, "precision": precision,
         "frames_scored": scored, "cells_classified": len(truth), "wbc_not_detected": missed,
         "accuracy": correct / scored if scored else 0.0,
         "accuracy_of_classified": correct / len(truth) if truth else 0.0,
@@ -107,10 +112,11 @@ def main() -> int:
     ap.add_argument("--data", default=None, help="BCCD folder (default $HEMAEDGE_DATA/bccd)")
     ap.add_argument("--cell-fraction", type=float, default=None, help="override the bundle's crop geometry (exploration)")
     ap.add_argument("--pad", default=None, choices=["reflect", "constant"], help="override the crop padding")
+    ap.add_argument("--scale", default=None, choices=["cell", "session"], help="override the crop scale")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     res = evaluate(Path(a.bundle or default_bundle_path()), a.split, a.boxes, a.precision,
-                   Path(a.data) if a.data else data_root() / "bccd", a.cell_fraction, a.pad)
+                   Path(a.data) if a.data else data_root() / "bccd", a.cell_fraction, a.pad, a.scale)
     if a.json:
         print(json.dumps(res, indent=2))
     else:

@@ -30,7 +30,7 @@ from edge.classify.select import select_backend  # noqa: E402
 from edge.models import default_bundle_path  # noqa: E402
 from edge.records import Frame  # noqa: E402
 from edge.segment import make_segmenter  # noqa: E402
-from edge.segment.crops import central_detection  # noqa: E402
+from edge.segment.crops import central_detection, typical_side  # noqa: E402
 
 
 def evaluate(bundle_path: str | Path, data: str | Path, split: str = "val", limit: int = 0, precision: str = "auto",
@@ -44,7 +44,7 @@ def evaluate(bundle_path: str | Path, data: str | Path, split: str = "val", limi
     mapping = dict(zip(images.classes, m.classes))  # e.g. pbc256's "ig" is BloodMNIST's "immature granulocyte"
     idx = stratified_sample(images.labels, limit, seed) if limit else np.arange(len(images))
     seg = make_segmenter()
-    crops, truth, missed = [], [], 0
+    found, truth, missed = [], [], 0
     for i in idx:
         rgb = images.image(int(i))
         frame = Frame(np.ascontiguousarray(rgb), "RGB", 0.0, "folder", int(i))
@@ -52,8 +52,10 @@ def evaluate(bundle_path: str | Path, data: str | Path, split: str = "val", limi
         if det is None:
             missed += 1
             continue
-        crops.append(cut_crop(rgb, det.box, m.crop))
+        found.append((rgb, det.box))
         truth.append(int(images.labels[i]))
+    typical = typical_side(box for _, box in found)  # the folder is one session: one microscope, one scale
+    crops = [cut_crop(rgb, box, m.crop, typical) for rgb, box in found]
     backend, reason = select_backend(bundle, "auto", precision)
     with backend:
         probs = np.concatenate([backend.classify(preprocess(crops[s:s + 64], m.input)) for s in range(0, len(crops), 64)])
@@ -64,7 +66,7 @@ def evaluate(bundle_path: str | Path, data: str | Path, split: str = "val", limi
                      "correct": int(((pred == k) & (np.asarray(truth) == k)).sum())} for k, c in enumerate(m.classes)}
     return {"bundle": m.name, "data": str(data), "split": split, "backend": reason, "images": n, "missed": missed,
             "folder_to_class": mapping,
-            "accuracy": correct / n if n else 0.0, "cell_fraction": m.crop.cell_fraction, "per_class": per_class}
+            "accuracy": correct / n if n else 0.0, "cell_fraction": m.crop.cell_fraction, "scale": m.crop.scale, "per_class": per_class}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,19 +45,30 @@ class InputSpec:
     white_balance: bool = False
 
 
+CROP_SCALES = ("cell", "session")
+
+
 @dataclass(frozen=True)
 class CropGeometry:
     """How a crop is cut around a detected cell so it matches training crops.
 
-    The crop is a square centred on the detection box whose side is
-    ``max(box_w, box_h) / cell_fraction`` (at least ``min_side_px``), padded with
-    ``pad`` where it leaves the frame, then resized to the model input.
-    ``cell_fraction`` is the share of the crop side the cell spans in training images.
+    The crop is a square centred on the detection box, padded with ``pad`` where it
+    leaves the frame, then resized to the model input. Its side (at least ``min_side_px``):
+
+    * ``scale="cell"``: ``max(box_w, box_h) / cell_fraction``: every cell fills the same
+      share of its crop (for training sets whose crops were cut around each cell that way);
+    * ``scale="session"``: ``typical cell side / cell_fraction``, the typical side being the
+      median white-cell box of the session (the station keeps it): one field of view for all
+      cells, as in training images taken at a fixed magnification, so a small lymphocyte stays
+      smaller than a monocyte, as the model learned.
+
+    ``cell_fraction`` is the share of the crop side the (typical) cell spans in training images.
     """
 
     cell_fraction: float = 0.45
     min_side_px: int = 16
     pad: str = "reflect"
+    scale: str = "cell"
 
 
 @dataclass(frozen=True)
@@ -183,9 +194,12 @@ def parse_manifest(d: dict[str, Any]) -> Manifest:
         cell_fraction=float(crop_d.get("cell_fraction", 0.45)),
         min_side_px=int(crop_d.get("min_side_px", 16)),
         pad=str(crop_d.get("pad", "reflect")),
+        scale=str(crop_d.get("scale", "cell")),
     )
     if not 0.05 <= crop.cell_fraction <= 1.0:
         raise BundleError(f"manifest crop.cell_fraction {crop.cell_fraction} is outside 0.05..1")
+    if crop.scale not in CROP_SCALES:
+        raise BundleError(f"manifest crop.scale {crop.scale!r} is not one of {CROP_SCALES}")
     arts = []
     for i, a in enumerate(_need(d, "artifacts", list, "")):
         where = f"artifacts[{i}]."

@@ -90,20 +90,29 @@ def preprocess(images: Sequence[np.ndarray] | np.ndarray, spec: InputSpec, colou
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
-def crop_box(box: Sequence[float], frame_shape: tuple[int, ...], geom: CropGeometry) -> tuple[int, int, int]:
-    """The square crop ``(cx, cy, side)`` in pixels for a detection box."""
+def crop_box(box: Sequence[float], frame_shape: tuple[int, ...], geom: CropGeometry,
+             typical_side: float | None = None) -> tuple[int, int, int]:
+    """The square crop ``(cx, cy, side)`` in pixels for a detection box.
+
+    With ``geom.scale == "session"`` the side follows ``typical_side`` (the session's typical
+    white-cell box side) instead of this box; without one it falls back to this box.
+    """
     x0, y0, x1, y1 = box
-    side = max(x1 - x0, y1 - y0) / geom.cell_fraction
+    cell = typical_side if geom.scale == "session" and typical_side else max(x1 - x0, y1 - y0)
+    side = cell / geom.cell_fraction
     side = int(round(max(side, geom.min_side_px)))
     return int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2)), side
 
 
-def cut_crop(frame: np.ndarray, box: Sequence[float], geom: CropGeometry) -> np.ndarray:
+def cut_crop(frame: np.ndarray, box: Sequence[float], geom: CropGeometry,
+             typical_side: float | None = None) -> np.ndarray:
     """Cut the square crop around ``box`` with the bundle's crop geometry.
 
     Parts outside the frame are filled by ``geom.pad`` (``reflect`` or ``constant``).
+    ``typical_side``: the session's typical white-cell box side, used when ``geom.scale`` is
+    ``"session"`` (see ``CropGeometry``).
     """
-    cx, cy, side = crop_box(box, frame.shape, geom)
+    cx, cy, side = crop_box(box, frame.shape, geom, typical_side)
     h, w = frame.shape[:2]
     x0, y0 = cx - side // 2, cy - side // 2
     x1, y1 = x0 + side, y0 + side

@@ -19,10 +19,20 @@ from edge.records import Crop, Detection, Frame
 from edge.segment.base import Segmenter, as_frame
 
 
-def cut_crops(frame: Frame, detections: Sequence[Detection], geom: CropGeometry) -> list[Crop]:
-    """One ``Crop`` (RGB pixels, not yet resized) per detection, cut with ``geom``."""
+def cut_crops(frame: Frame, detections: Sequence[Detection], geom: CropGeometry,
+              typical_side: float | None = None) -> list[Crop]:
+    """One ``Crop`` (RGB pixels, not yet resized) per detection, cut with ``geom``.
+
+    ``typical_side``: the session's typical white-cell box side (``geom.scale == "session"``).
+    """
     rgb = frame.rgb()
-    return [Crop(cut_crop(rgb, d.box, geom), d, frame.index, frame.name) for d in detections]
+    return [Crop(cut_crop(rgb, d.box, geom, typical_side), d, frame.index, frame.name) for d in detections]
+
+
+def typical_side(boxes: Iterable[Sequence[float]]) -> float | None:
+    """The median ``max(w, h)`` of white-cell boxes: the session's scale for ``scale="session"`` crops."""
+    sides = [max(b[2] - b[0], b[3] - b[1]) for b in boxes]
+    return float(np.median(sides)) if sides else None
 
 
 def central_detection(detections: Sequence[Detection], shape: tuple[int, ...]) -> Detection | None:

@@ -47,6 +47,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", type=_floats, help="R,G,B std for models that do not record it")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: recorded, else the data's)")
     p.add_argument("--cell-fraction", type=float, help="crop geometry: share of the crop side the cell spans")
+    p.add_argument("--crop-scale", choices=["session", "cell"], default="session",
+                   help="station crops: one field of view per session (session: training images at a fixed "
+                        "magnification) or sized to each cell (cell: training crops cut around each cell)")
     p.add_argument("--name", help="bundle name (default: the output folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         source=args.model, out=args.out, data=data, int8=args.int8, calib=args.calib, calib_size=args.calib_size,
         calib_method=args.calib_method, per_channel=not args.no_per_channel, max_drop=args.max_drop, arch=args.arch,
         classes=args.classes.split(",") if args.classes else None, mean=args.mean, std=args.std,
-        cell_fraction=args.cell_fraction, input_size=tuple(args.input_size) if args.input_size else None, target=args.target, search=args.search, ensemble=args.ensemble or [],
+        cell_fraction=args.cell_fraction, crop_scale=args.crop_scale, input_size=tuple(args.input_size) if args.input_size else None, target=args.target, search=args.search, ensemble=args.ensemble or [],
         overwrite=args.overwrite, name=args.name, seed=args.seed,
         command=" ".join(["export-model", *sys.argv[2 if sys.argv[1:2] == ["export"] else 1:]]),
     )
