@@ -110,3 +110,33 @@ def test_export_of_the_shipped_checkpoint_gives_the_same_contract(shipped, data_
     assert sorted((a.kind, a.precision) for a in new.artifacts) == sorted((a.kind, a.precision) for a in old.artifacts)
     assert new.metrics["int8"]["accuracy"] == pytest.approx(old.metrics["int8"]["accuracy"], abs=0.002)
     assert s["seconds"] < 300
+
+
+@pytest.fixture(scope="module")
+def efficientnet():
+    return load_bundle(default_bundle_path("effb0-pbc256"))
+
+
+def test_shipped_efficientnet_bundle_meets_its_int8_gate_and_verifies(efficientnet):
+    m = efficientnet.manifest
+    assert m.architecture == "efficientnet_b0" and m.input.height == m.input.width == 256
+    assert m.crop.scale == "session" and m.extra["crop_geometry_from"] == "measured on the training images"
+    fp32, int8 = m.metrics["fp32"]["accuracy"], m.metrics["int8"]["accuracy"]
+    assert int8 >= 0.98 and fp32 - int8 <= 0.01
+    assert m.calibration["method"] == "entropy" and m.calibration["per_channel"]  # what the search chose
+    res = subprocess.run([sys.executable, "-m", "hemaedge", "verify", str(efficientnet.path), "--precision", "int8",
+                          "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert json.loads(res.stdout)["passed"] is True
+
+
+@pytest.mark.data
+def test_shipped_efficientnet_metrics_reproduce_on_val(efficientnet, data_root):
+    pytest.importorskip("onnxruntime")
+    from export.commands.evaluate import evaluate_bundle
+
+    folder = data_root / "pbc256"
+    if not folder.is_dir():
+        pytest.skip(f"data not found: {folder}")
+    rep = evaluate_bundle(efficientnet, str(folder), "val", "int8", variant="portable")
+    assert rep["accuracy"] == pytest.approx(efficientnet.manifest.metrics["int8"]["accuracy"], abs=1e-9)
