@@ -124,6 +124,7 @@ def test_shipped_efficientnet_bundle_meets_its_int8_gate_and_verifies(efficientn
     fp32, int8 = m.metrics["fp32"]["accuracy"], m.metrics["int8"]["accuracy"]
     assert int8 >= 0.98 and fp32 - int8 <= 0.01
     assert m.calibration["method"] == "entropy" and m.calibration["per_channel"]  # what the search chose
+    assert m.provenance["export_command"] in (ROOT / "docs" / "efficientnet.md").read_text()  # how to rebuild it
     res = subprocess.run([sys.executable, "-m", "hemaedge", "verify", str(efficientnet.path), "--precision", "int8",
                           "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-1500:]
