@@ -2,7 +2,7 @@
 
 Both readers return an ``ImageSet``: uint8 RGB images (decoded lazily for
 folders), integer labels and ordered class names. Nothing here imports torch;
-pixels go to models only through ``edge.bundle.preprocess``.
+pixels go to models only through ``hemaedge.edge.bundle.preprocess``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import InputError, UsageError
+from hemaedge.edge.errors import InputError, UsageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
@@ -219,7 +219,7 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def batches(images: ImageSet, spec, idx: np.ndarray | None = None, batch: int = 256):
     """Yield ``(preprocessed NCHW float32, labels)`` batches with the shared preprocessing."""
-    from edge.bundle.preprocess import preprocess
+    from hemaedge.edge.bundle.preprocess import preprocess
 
     idx = np.arange(len(images)) if idx is None else np.asarray(idx)
     for s in range(0, len(idx), batch):

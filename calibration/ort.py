@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.datasets import ImageSet, batches
+from hemaedge.calibration.datasets import ImageSet, batches
 
 
 def make_reader(images: ImageSet, spec, idx: np.ndarray, input_name: str = "input", batch: int = 32):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from export import checkpoint
+from hemaedge.export import checkpoint
 
 # (BatchNorm after the first linear layer, conv reading it) in torchvision names (B0: no residual at either).
 SITES = (

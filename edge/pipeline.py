@@ -41,17 +41,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge.bundle import Bundle, preprocess
-from edge.bundle.groups import default_class_groups
-from edge.bundle.manifest import CropGeometry
-from edge.bundle.preprocess import cut_crop
-from edge.count import DifferentialCounter, SlideTracker
-from edge.count.tracking import Keyframe, Registration, TrackedDetection
-from edge.display.status import RecentCell, RunStatus
-from edge.records import Crop, Detection, Frame
-from edge.segment.crops import cut_crops
-from edge.store import NewCell, SessionStore, StoredCell
-from edge.store.crops import CropFolder
+from hemaedge.edge.bundle import Bundle, preprocess
+from hemaedge.edge.bundle.groups import default_class_groups
+from hemaedge.edge.bundle.manifest import CropGeometry
+from hemaedge.edge.bundle.preprocess import cut_crop
+from hemaedge.edge.count import DifferentialCounter, SlideTracker
+from hemaedge.edge.count.tracking import Keyframe, Registration, TrackedDetection
+from hemaedge.edge.display.status import RecentCell, RunStatus
+from hemaedge.edge.records import Crop, Detection, Frame
+from hemaedge.edge.segment.crops import cut_crops
+from hemaedge.edge.store import NewCell, SessionStore, StoredCell
+from hemaedge.edge.store.crops import CropFolder
 
 QUEUE_FRAMES = 4  # frames with new cells that may wait for classification before capture skips frames
 # A platelet crop is cut as large as a white cell's crop would be in that frame (the training images of platelets,
@@ -66,7 +66,7 @@ WARNING_HOLD_S = 4.0
 
 
 class SegmenterLike(Protocol):
-    """What the pipeline needs from a segmenter (``edge.segment``)."""
+    """What the pipeline needs from a segmenter (``hemaedge.edge.segment``)."""
 
     def detect(self, frame: Frame) -> list[Detection]: ...
 
@@ -77,13 +77,13 @@ class SegmenterLike(Protocol):
 def make_backend(bundle: Bundle, preference: str = "auto", precision: str = "auto", threads: int = 0) -> tuple[Any, str]:
     """The classification backend for a bundle: ``(backend not yet entered, one line saying why)``.
 
-    The one seam between the pipeline and backend choice: ``edge.classify.select``
+    The one seam between the pipeline and backend choice: ``hemaedge.edge.classify.select``
     picks among TensorRT / ONNX Runtime providers when it is installed.
     """
     try:
-        from edge.classify.select import select_backend
+        from hemaedge.edge.classify.select import select_backend
     except ImportError:  # pragma: no cover - select.py ships with the package
-        from edge.classify.onnxruntime import OrtBackend
+        from hemaedge.edge.classify.onnxruntime import OrtBackend
 
         prec = "int8" if precision == "auto" and "int8" in bundle.manifest.precisions() else precision
         prec = "fp32" if prec == "auto" else prec
@@ -93,7 +93,7 @@ def make_backend(bundle: Bundle, preference: str = "auto", precision: str = "aut
 
 def is_stills(source: Any) -> bool:
     """Is the source a set of still images (no later view of a cell cut by the border)?"""
-    from edge.sources import ImageFilesSource
+    from hemaedge.edge.sources import ImageFilesSource
 
     return isinstance(source, ImageFilesSource)
 
@@ -105,7 +105,7 @@ def make_quality_check(source: Any) -> Callable[[Frame], Any]:
     this camera's in-focus sharpness and flags frames well below it; a set of still
     images (possibly from several microscopes) gets the absolute ``assess_quality``.
     """
-    from edge.segment import QualityMonitor, assess_quality
+    from hemaedge.edge.segment import QualityMonitor, assess_quality
 
     return assess_quality if is_stills(source) else QualityMonitor()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge.errors import InputError
+from hemaedge.edge.errors import InputError
 
 FORMAT = "hemaedge-checkpoint"
 
@@ -44,7 +44,7 @@ def load(path: str | Path) -> dict[str, Any]:
 
 def build_model(ck: dict[str, Any]):
     """Instantiate the checkpoint's architecture and load its weights (eval mode)."""
-    from export.models import build
+    from hemaedge.export.models import build
 
     model = build(ck["arch"], len(ck["classes"]), **ck.get("arch_kwargs", {}))
     model.load_state_dict(ck["state_dict"])

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import UsageError
+from hemaedge.edge.errors import UsageError
 
 
 @dataclass
@@ -71,7 +71,7 @@ def read_members(specs: list[tuple[str, float]]) -> list[Member]:
         UsageError: fewer than two members, a bad weight, or a checkpoint without
             architecture, classes and input spec (bare state dicts cannot join an ensemble).
     """
-    from export import checkpoint
+    from hemaedge.export import checkpoint
 
     if len(specs) < 2:
         raise UsageError(f"an ensemble needs at least two members, got {len(specs)}")
@@ -144,7 +144,7 @@ def _build_wrapper(members: list[Member], plan: dict[str, Any]):
     import torch.nn.functional as F
     from torch import nn
 
-    from export import checkpoint
+    from hemaedge.export import checkpoint
 
     base_mean = np.asarray(plan["input"].get("mean", (0, 0, 0)), np.float64)
     base_std = np.asarray(plan["input"].get("std", (1, 1, 1)), np.float64)
@@ -190,7 +190,7 @@ def _build_wrapper(members: list[Member], plan: dict[str, Any]):
 def export_ensemble(specs: list[tuple[str, float]], out: Path, resize: bool = False):
     """Fuse checkpoints into one FP32 ONNX graph averaging their softmax outputs.
 
-    This is the hook ``export.pipeline.run_export`` calls for ``--ensemble``.
+    This is the hook ``hemaedge.export.pipeline.run_export`` calls for ``--ensemble``.
 
     Args:
         specs: ``[(checkpoint path, weight), ...]``; weights are normalised to sum to 1.
@@ -208,7 +208,7 @@ def export_ensemble(specs: list[tuple[str, float]], out: Path, resize: bool = Fa
     """
     import torch
 
-    from export.to_onnx import Source, export_torch
+    from hemaedge.export.to_onnx import Source, export_torch
 
     members = read_members(specs)
     plan = check_members(members, resize=resize)  # refuse before building or exporting anything
@@ -225,7 +225,7 @@ def export_ensemble(specs: list[tuple[str, float]], out: Path, resize: bool = Fa
         with torch.no_grad():
             return wrapper(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
 
-    from edge.bundle import sha256_file
+    from hemaedge.edge.bundle import sha256_file
 
     info = {
         "members": [
@@ -247,7 +247,7 @@ def member_probabilities(onnx_paths: list[Path], weights: list[float], x: np.nda
     """The weighted average of separately run members' softmax outputs (the reference a fused graph must equal)."""
     import onnxruntime as ort
 
-    from edge.classify.base import softmax
+    from hemaedge.edge.classify.base import softmax
 
     total = float(sum(weights))
     acc = None
@@ -269,7 +269,7 @@ def time_fused_vs_members(fused: Path, members: list[Path], x: np.ndarray, repea
 
     import onnxruntime as ort
 
-    from edge.classify.base import softmax
+    from hemaedge.edge.classify.base import softmax
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from calibration.datasets import ImageSet, batches, open_dataset, stratified_sample
-from edge import __version__
-from edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
-from edge.errors import AccuracyGateError, InputError, MissingDependencyError, UsageError
-from export.quantize import METHODS, quantize_int8
-from export.to_onnx import (
+from hemaedge.calibration.datasets import ImageSet, batches, open_dataset, stratified_sample
+from hemaedge.edge import __version__
+from hemaedge.edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
+from hemaedge.edge.errors import AccuracyGateError, InputError, MissingDependencyError, UsageError
+from hemaedge.export.quantize import METHODS, quantize_int8
+from hemaedge.export.to_onnx import (
     Source,
     adapt_foreign_onnx,
     check_and_simplify,
@@ -124,7 +124,7 @@ def _git_version() -> str:
 def _ort_probs(path: Path, images: ImageSet, spec: InputSpec, idx: np.ndarray, output_kind: str) -> np.ndarray:
     import onnxruntime as ort
 
-    from edge.classify.base import softmax
+    from hemaedge.edge.classify.base import softmax
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
@@ -186,7 +186,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         fp32 = tmp / "model.onnx"
         info: dict[str, Any] = {}
         if opts.ensemble:
-            from export.ensemble import export_ensemble  # issue 6
+            from hemaedge.export.ensemble import export_ensemble  # issue 6
 
             source, info = export_ensemble(opts.ensemble, fp32)
         else:
@@ -227,7 +227,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         t = time.time()
         vidx = np.arange(len(val))
         p32 = _ort_probs(fp32, val, spec, vidx, output_kind)
-        from export.metrics import classification_report
+        from hemaedge.export.metrics import classification_report
 
         m32 = classification_report(p32, val.labels, classes)
         timings["eval_fp32_s"] = round(time.time() - t, 2)
@@ -246,7 +246,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             else:
                 cal_set = open_dataset(opts.data, "train", classes=classes)
                 cal_name = f"{opts.data} [train split]"
-            from calibration.ort import equal_batches, make_reader
+            from hemaedge.calibration.ort import equal_batches, make_reader
 
             cidx = equal_batches(stratified_sample(cal_set.labels, opts.calib_size, opts.seed))
 
@@ -263,7 +263,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             drop = (m32["accuracy"] - m8["accuracy"]) * 100
             log(f"INT8 on val: accuracy {m8['accuracy']:.4f} (drop {drop:+.2f} points, gate {opts.max_drop})")
             if drop > opts.max_drop and opts.search:
-                from export.quant_search import search_int8  # issue 6
+                from hemaedge.export.quant_search import search_int8  # issue 6
 
                 def eval_fn(path: Path) -> float:
                     return float((_ort_probs(path, val, spec, vidx, output_kind).argmax(1) == val.labels).mean())
@@ -307,7 +307,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         log(f"crop geometry: the {'typical ' if geom.scale == 'session' else ''}cell spans {geom.cell_fraction:.3f} "
             f"of the crop side ({crop_source}), scale {geom.scale}")
         try:
-            from edge.bundle.groups import default_class_groups
+            from hemaedge.edge.bundle.groups import default_class_groups
             groups = default_class_groups(classes)
         except ImportError:
             groups = {}
@@ -367,8 +367,8 @@ def measure_training_framing(data: str | None, classes: list[str], seed: int = 0
     """
     import cv2
 
-    from edge.records import Frame
-    from edge.segment.crops import cell_fractions
+    from hemaedge.edge.records import Frame
+    from hemaedge.edge.segment.crops import cell_fractions
 
     if not data:
         return None
@@ -404,8 +404,8 @@ def _cpu_variant(fp32: Path, out: Path, reader_factory, calibration: dict, probs
     """
     import contextlib
 
-    from export.metrics import classification_report
-    from export.quant_search import entropy_bins
+    from hemaedge.export.metrics import classification_report
+    from hemaedge.export.quant_search import entropy_bins
 
     method = calibration["method"]
     searched = "float_nodes" in calibration
@@ -435,7 +435,7 @@ def _cpu_speed(fp32: Path, int8: Path, spec: InputSpec, log) -> dict:  # noqa: A
     """
     import platform
 
-    from export.quant_search import speed_table
+    from hemaedge.export.quant_search import speed_table
 
     table = speed_table({"fp32": fp32, "int8": int8}, (16, 3, spec.height, spec.width), repeats=5)
     out = {"fp32": table["fp32"]["crops_per_cpu_s"], "int8": table["int8"]["crops_per_cpu_s"],
@@ -450,7 +450,7 @@ def search_speed_cost(fp32: Path, plain: Path, searched: Path, spec, log) -> dic
     One batch of 16 random crops, runs interleaved, medians of 5; a rough guide on this CPU, not
     a benchmark (``hemaedge bench`` measures a bundle properly).
     """
-    from export.quant_search import speed_table
+    from hemaedge.export.quant_search import speed_table
 
     table = speed_table({"fp32": fp32, "int8_plain": plain, "int8_searched": searched},
                         (16, 3, spec.height, spec.width), repeats=5)
@@ -485,7 +485,7 @@ def _write_golden(writer: BundleWriter, val: ImageSet, spec: InputSpec, fp32: Pa
                   output_kind: str = "logits", int8_cpu: Path | None = None):
     """Save a few preprocessed inputs and their FP32/INT8 outputs for ``hemaedge verify`` on the station."""
     try:
-        from edge.bundle.golden import write_golden
+        from hemaedge.edge.bundle.golden import write_golden
     except ImportError:
         return None
     idx = stratified_sample(val.labels, GOLDEN_IMAGES, seed)

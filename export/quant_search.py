@@ -5,7 +5,7 @@ the accuracy gate. The search, cheapest first:
 
 1. **Calibration settings**: every ``method`` (entropy, percentile, minmax) x
    per-channel / per-tensor weights (per-channel first), quantized with the
-   pipeline's own ``export.quantize.quantize_int8`` so every candidate uses
+   pipeline's own ``hemaedge.export.quantize.quantize_int8`` so every candidate uses
    the same symmetric QDQ format the station gets. The first setting within
    the gate wins. ``entropy`` here is a real KL threshold search
    (``entropy_bins``): ONNX Runtime's stock entropy calibration with
@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from export.quantize import METHODS, quantize_int8
+from hemaedge.export.quantize import METHODS, quantize_int8
 
 SQNR_CAP_DB = 80.0  # an exact tensor (graph input, weights-free path) counts as 80 dB
 

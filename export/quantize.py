@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge.errors import UsageError
+from hemaedge.edge.errors import UsageError
 
 METHODS = ("minmax", "entropy", "percentile")
 

@@ -1,6 +1,6 @@
 """``export-model --target tensorrt``: build a TensorRT engine on the workstation.
 
-The engine-building core lives in ``edge.classify.trt_build`` so the station
+The engine-building core lives in ``hemaedge.edge.classify.trt_build`` so the station
 (``hemaedge build-engine``) builds with exactly the same code; this module
 only adapts it to the export pipeline. No torch import here.
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edge.classify.trt_build import BatchProfile
-from edge.classify.trt_build import build_for_bundle as _build
+from hemaedge.edge.classify.trt_build import BatchProfile
+from hemaedge.edge.classify.trt_build import build_for_bundle as _build
 
 
 def build_for_bundle(bundle: str | os.PathLike, precision: str = "int8", *, max_batch: int = 64, opt_batch: int = 8,
@@ -27,7 +27,7 @@ def build_for_bundle(bundle: str | os.PathLike, precision: str = "int8", *, max_
         max_batch / opt_batch: The optimisation profile's batch range.
         allow_fp16_fallback: Build FP16 on a GPU without fast INT8 instead of refusing.
         log: Callable for progress lines.
-        **options: Passed to ``edge.classify.trt_build.build_for_bundle``
+        **options: Passed to ``hemaedge.edge.classify.trt_build.build_for_bundle``
             (``implicit_int8``, ``calib_dir``, ``workspace_mb``...).
     """
     profile = BatchProfile(1, min(opt_batch, max_batch), max_batch)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import InputError, UsageError
+from hemaedge.edge.errors import InputError, UsageError
 
 OPSET = 17
 
@@ -72,7 +72,7 @@ def load_source(path: str | Path, arch: str | None = None, classes: list[str] | 
             return Source(kind, path, torch.export.load(str(path)))
         except Exception as exc:
             raise InputError(f"{path} is not a loadable torch.export program ({str(exc).splitlines()[0][:120]})") from exc
-    from export import checkpoint
+    from hemaedge.export import checkpoint
 
     ck = checkpoint.load(path)
     if ck["format"] == "state_dict":

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibration.datasets import ImageSet, load_folder, open_dataset
-from edge.bundle.manifest import InputSpec
-from edge.bundle.preprocess import preprocess
-from edge.errors import UsageError
-from export import checkpoint
-from export.models import DEFAULTS, build
+from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset
+from hemaedge.edge.bundle.manifest import InputSpec
+from hemaedge.edge.bundle.preprocess import preprocess
+from hemaedge.edge.errors import UsageError
+from hemaedge.export import checkpoint
+from hemaedge.export.models import DEFAULTS, build
 
 
 @dataclass
@@ -67,8 +67,8 @@ def _stats(images: ImageSet, size: int, white_balance: bool, n: int = 2000, seed
 
 
 def _torch_white_balance(raw: torch.Tensor) -> torch.Tensor:
-    """``edge.bundle.preprocess.white_balance`` for ``N x C x H x W`` tensors in 0..1."""
-    from edge.bundle.preprocess import WB_PERCENTILE, WB_TARGET
+    """``hemaedge.edge.bundle.preprocess.white_balance`` for ``N x C x H x W`` tensors in 0..1."""
+    from hemaedge.edge.bundle.preprocess import WB_PERCENTILE, WB_TARGET
 
     bright = raw.mean(1).flatten(1)
     cut = torch.quantile(bright, WB_PERCENTILE / 100, dim=1, keepdim=True)
@@ -118,7 +118,7 @@ def stage_lineage(path: str | Path, ck: dict) -> list[dict]:
     A fine-tuned model (``--init``) records this, so its bundle says every recipe that made it,
     not only the last one.
     """
-    from edge.bundle import sha256_file
+    from hemaedge.edge.bundle import sha256_file
 
     own = {"checkpoint": str(path), "sha256": sha256_file(path), "recipe": ck.get("recipe"),
            "epoch": ck.get("epoch"), "metrics": ck.get("metrics")}

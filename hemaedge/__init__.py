@@ -1,5 +1,5 @@
 """hemaedge: command-line entry points wiring the station runtime (``edge``) and the workstation (``export``)."""
 
-from edge import __version__
+from hemaedge.edge import __version__
 
 __all__ = ["__version__"]

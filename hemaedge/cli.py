@@ -12,21 +12,21 @@ import argparse
 import importlib
 import sys
 
-from edge import __version__
-from edge.errors import HemaedgeError
+from hemaedge.edge import __version__
+from hemaedge.edge.errors import HemaedgeError
 
 # name -> (module, one-line help). Workstation commands need the 'export' extra.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "count": ("edge.commands.count", "live differential count from a camera, video, images or --demo"),
-    "detect": ("edge.commands.detect", "find white cells in images and print their boxes"),
-    "collect": ("edge.commands.collect", "save the crops the station cuts (for INT8 calibration)"),
-    "verify": ("edge.commands.verify", "run the bundle's golden inputs and compare with the workstation"),
-    "doctor": ("edge.commands.doctor", "what this machine has and what is missing"),
-    "build-engine": ("edge.commands.build_engine", "build a TensorRT engine for this GPU from a bundle"),
-    "evaluate": ("export.commands.evaluate", "accuracy, F1, AUROC and confusion matrix of a bundle on a data set"),
-    "train": ("export.commands.train", "train a registered architecture (workstation)"),
-    "export": ("export.commands.export", "export a model to a checked ONNX / INT8 bundle (same as export-model)"),
-    "bench": ("export.commands.bench", "throughput: ONNX Runtime FP32/INT8 vs PyTorch eager, whole pipeline"),
+    "count": ("hemaedge.edge.commands.count", "live differential count from a camera, video, images or --demo"),
+    "detect": ("hemaedge.edge.commands.detect", "find white cells in images and print their boxes"),
+    "collect": ("hemaedge.edge.commands.collect", "save the crops the station cuts (for INT8 calibration)"),
+    "verify": ("hemaedge.edge.commands.verify", "run the bundle's golden inputs and compare with the workstation"),
+    "doctor": ("hemaedge.edge.commands.doctor", "what this machine has and what is missing"),
+    "build-engine": ("hemaedge.edge.commands.build_engine", "build a TensorRT engine for this GPU from a bundle"),
+    "evaluate": ("hemaedge.export.commands.evaluate", "accuracy, F1, AUROC and confusion matrix of a bundle on a data set"),
+    "train": ("hemaedge.export.commands.train", "train a registered architecture (workstation)"),
+    "export": ("hemaedge.export.commands.export", "export a model to a checked ONNX / INT8 bundle (same as export-model)"),
+    "bench": ("hemaedge.export.commands.bench", "throughput: ONNX Runtime FP32/INT8 vs PyTorch eager, whole pipeline"),
 }
 
 

@@ -9,8 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from edge.config import DATA_ENV  # noqa: E402
-from edge.config import data_root as _data_root
+from hemaedge.edge.config import DATA_ENV  # noqa: E402
+from hemaedge.edge.config import data_root as _data_root
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,13 @@
 
 It lets counting, store and display tests run independently of detection
 quality (and gives every counted cell a ground-truth identity). It is not
-evidence that segmentation works; ``edge.segment`` has its own tests.
+evidence that segmentation works; ``hemaedge.edge.segment`` has its own tests.
 """
 
 from __future__ import annotations
 
-from edge.records import Detection, Frame
-from edge.segment import Quality
+from hemaedge.edge.records import Detection, Frame
+from hemaedge.edge.segment import Quality
 
 
 class TruthSegmenter:
@@ -26,12 +26,12 @@ def always_ok(frame: Frame) -> Quality:
 
 
 def make(name: str = "stain", **options: float) -> TruthSegmenter:
-    """Stands in for ``edge.segment.make_segmenter``."""
+    """Stands in for ``hemaedge.edge.segment.make_segmenter``."""
     return TruthSegmenter()
 
 
 def install() -> None:
     """Make the station commands use the truth segmenter (for a subprocess; in-process tests use monkeypatch)."""
-    import edge.segment as seg
+    import hemaedge.edge.segment as seg
 
     seg.make_segmenter = make

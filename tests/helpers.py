@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest
+from hemaedge.edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest
 
 BLOODMNIST_CLASSES = (
     "basophil", "eosinophil", "erythroblast", "immature granulocyte",

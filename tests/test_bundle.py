@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from edge.bundle import CropGeometry, InputSpec, cut_crop, load_bundle, preprocess
-from edge.bundle.manifest import parse_manifest
-from edge.errors import BundleError
+from hemaedge.edge.bundle import CropGeometry, InputSpec, cut_crop, load_bundle, preprocess
+from hemaedge.edge.bundle.manifest import parse_manifest
+from hemaedge.edge.errors import BundleError
 
 
 def test_written_bundle_loads_and_lists_every_file(tiny_bundle_dir):
@@ -82,7 +82,7 @@ def test_manifest_round_trips(tiny_bundle_dir):
 
 
 def test_failed_write_leaves_no_half_bundle(tmp_path):
-    from edge.bundle import BundleWriter, Manifest
+    from hemaedge.edge.bundle import BundleWriter, Manifest
 
     out = tmp_path / "b"
     with pytest.raises(RuntimeError), BundleWriter(out) as w:
@@ -117,8 +117,8 @@ def test_crop_is_square_centred_and_padded_at_edges():
 
 def test_session_scale_crops_keep_one_field_of_view_for_cells_of_any_size(tiny_bundle_dir):
     """``scale="session"``: the crop side follows the session's typical cell, so a small cell stays small."""
-    from edge.bundle.io import write_manifest
-    from edge.segment.crops import typical_side
+    from hemaedge.edge.bundle.io import write_manifest
+    from hemaedge.edge.segment.crops import typical_side
 
     frame = np.zeros((200, 200, 3), np.uint8)
     geom = CropGeometry(cell_fraction=0.5, scale="session")
@@ -160,7 +160,7 @@ def test_white_balance_removes_a_colour_cast_the_same_way_everywhere():
 
 
 def test_a_bare_name_finds_a_shipped_bundle_but_a_real_folder_wins(tmp_path, monkeypatch, tiny_bundle_dir):
-    from edge.models import DEFAULT_BUNDLE
+    from hemaedge.edge.models import DEFAULT_BUNDLE
 
     monkeypatch.chdir(tmp_path)
     assert load_bundle(DEFAULT_BUNDLE).path.name == DEFAULT_BUNDLE

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edge.bundle.groups import GROUP_SPELLINGS, default_class_groups, group_of
-from edge.bundle.manifest import parse_manifest
+from hemaedge.edge.bundle.groups import GROUP_SPELLINGS, default_class_groups, group_of
+from hemaedge.edge.bundle.manifest import parse_manifest
 
 PBC8 = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 SEED2_12 = ["myeloblast", "lymphoblast", "promyelocyte", "myelocyte", "metamyelocyte", "band neutrophil",
@@ -43,7 +43,7 @@ def test_groups_pass_manifest_validation():
 
 def test_group_keys_are_the_counters_canonical_keys():
     try:
-        from edge.count.groups import canonical_group
+        from hemaedge.edge.count.groups import canonical_group
     except ImportError:  # the counter's grouping is optional here
         return
     for key in GROUP_SPELLINGS:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from helpers import BLOODMNIST_CLASSES
 
-from edge.count import CellMap, ClassGroups, DifferentialCounter, SlideRegistrar, SlideTracker, wilson_interval
-from edge.sources import open_source
+from hemaedge.edge.count import CellMap, ClassGroups, DifferentialCounter, SlideRegistrar, SlideTracker, wilson_interval
+from hemaedge.edge.sources import open_source
 
 
 def onehot(i: int, p: float = 0.9, k: int = 8) -> np.ndarray:

@@ -13,11 +13,11 @@ import pytest
 from helpers import BLOODMNIST_CLASSES
 from rich.console import Console
 
-from edge.count import DifferentialCounter
-from edge.display.report import render_html, write_reports
-from edge.display.status import RecentCell, RunStatus
-from edge.display.tui import KeyReader, render_status, run_live
-from edge.store import NewCell, SessionStore
+from hemaedge.edge.count import DifferentialCounter
+from hemaedge.edge.display.report import render_html, write_reports
+from hemaedge.edge.display.status import RecentCell, RunStatus
+from hemaedge.edge.display.tui import KeyReader, render_status, run_live
+from hemaedge.edge.store import NewCell, SessionStore
 
 LEUKAEMIA = ("myeloblast", "lymphoblast", "promyelocyte", "myelocyte", "metamyelocyte", "band neutrophil",
              "segmented neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast")
@@ -209,7 +209,7 @@ def test_reports_are_written_from_the_store(tmp_path):
 
 def test_report_says_when_the_target_was_not_reached(tmp_path):
     store, _ = _store(tmp_path, n=5)
-    from edge.display.report import build_summary
+    from hemaedge.edge.display.report import build_summary
 
     summary, cells, _ = build_summary(store)
     assert not summary["differential"]["complete"]

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from export.models import DEFAULTS, build, names  # noqa: E402
-from export.models.efficientnet import StochasticDepth, load_torchvision_state_dict  # noqa: E402
+from hemaedge.export.models import DEFAULTS, build, names  # noqa: E402
+from hemaedge.export.models.efficientnet import StochasticDepth, load_torchvision_state_dict  # noqa: E402
 
 # Total parameters of torchvision.models.efficientnet_bX(num_classes=1000), from torchvision's weight metadata.
 TORCHVISION_PARAMS = {"efficientnet_b0": 5_288_548, "efficientnet_b1": 7_794_184, "efficientnet_b2": 9_109_994}
@@ -96,7 +96,7 @@ def test_stochastic_depth_ramp_and_modes():
 
 
 def test_checkpoint_with_other_class_count_loads_via_its_classes(tmp_path):
-    from export import checkpoint
+    from hemaedge.export import checkpoint
 
     classes = [f"c{i}" for i in range(12)]
     src = build("efficientnet_b0", 12, internal_size=32)

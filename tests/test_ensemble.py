@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from edge.errors import UsageError  # noqa: E402
-from export import checkpoint  # noqa: E402
-from export.ensemble import check_members, export_ensemble, member_probabilities, read_members  # noqa: E402
-from export.models import build  # noqa: E402
+from hemaedge.edge.errors import UsageError  # noqa: E402
+from hemaedge.export import checkpoint  # noqa: E402
+from hemaedge.export.ensemble import check_members, export_ensemble, member_probabilities, read_members  # noqa: E402
+from hemaedge.export.models import build  # noqa: E402
 
 CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 KW = {"width": 0.5, "hidden": 16}
@@ -36,7 +36,7 @@ def _member(tmp: Path, name: str, seed: int, size: int = 28, classes=CLASSES, me
 
 
 def _member_onnx(ck: Path, out: Path) -> Path:
-    from export.to_onnx import export_torch, load_source
+    from hemaedge.export.to_onnx import export_torch, load_source
 
     src = load_source(ck)
     return export_torch(src, src.meta["input"]["height"], src.meta["input"]["width"], out)
@@ -118,8 +118,8 @@ def test_incompatible_members_are_refused(tmp_path, case):
 
 def test_export_model_writes_probability_bundle_with_members(tmp_path):
     """End to end through the lead's export pipeline: manifest records members, weights and output kind."""
-    pipeline = pytest.importorskip("export.pipeline")
-    from edge.bundle import load_bundle
+    pipeline = pytest.importorskip("hemaedge.export.pipeline")
+    from hemaedge.edge.bundle import load_bundle
 
     rng = np.random.default_rng(0)
     data = tmp_path / "tiny_bloodmnist.npz"

@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from calibration.datasets import load_folder, load_npz, open_dataset, stratified_sample  # noqa: E402
-from edge.bundle import load_bundle  # noqa: E402
-from edge.errors import AccuracyGateError, InputError, UsageError  # noqa: E402
-from export.pipeline import ExportOptions, accuracy_gate, run_export  # noqa: E402
+from hemaedge.calibration.datasets import load_folder, load_npz, open_dataset, stratified_sample  # noqa: E402
+from hemaedge.edge.bundle import load_bundle  # noqa: E402
+from hemaedge.edge.errors import AccuracyGateError, InputError, UsageError  # noqa: E402
+from hemaedge.export.pipeline import ExportOptions, accuracy_gate, run_export  # noqa: E402
 
 CLASSES = 4
 
@@ -43,7 +43,7 @@ def _make_npz(path: Path, n: int = 240, size: int = 28, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from export.train import Recipe, train
+    from hemaedge.export.train import Recipe, train
 
     root = tmp_path_factory.mktemp("exp")
     data = _make_npz(root / "toymnist.npz")
@@ -62,8 +62,8 @@ def test_training_writes_best_checkpoint_log_and_learns(trained):
 
 def test_fine_tuning_records_every_stage_and_the_bundle_carries_them(trained, tmp_path):
     """A model fine-tuned twice (``--init``) names all three recipes, oldest first, with each file's sha256."""
-    from edge.bundle import sha256_file
-    from export.train import Recipe, train
+    from hemaedge.edge.bundle import sha256_file
+    from hemaedge.export.train import Recipe, train
 
     root, data, ckpt, _ = trained
     stage2 = train(Recipe(data=str(data), out=str(tmp_path / "s2"), epochs=1, batch=32, lr=0.01, init=str(ckpt),
@@ -81,8 +81,8 @@ def test_int8_cpu_variant_folds_relus_and_is_what_a_cpu_station_runs(trained, tm
     """The bundle's second INT8 model (asymmetric activations) lets ONNX Runtime drop every ReLU on CPU."""
     import onnxruntime as ort
 
-    from edge.classify.onnxruntime import OrtBackend
-    from edge.commands.verify import verify
+    from hemaedge.edge.classify.onnxruntime import OrtBackend
+    from hemaedge.edge.commands.verify import verify
 
     _, data, ckpt, _ = trained
     summary = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True,
@@ -125,7 +125,7 @@ def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
     assert abs(m.metrics["drop_points"] - (m.metrics["fp32"]["accuracy"] - m.metrics["int8"]["accuracy"]) * 100) < 1e-3
     assert m.provenance["data"]["val_digest"] and m.provenance["created"]
     # The bundle's ONNX gives the same val accuracy through evaluate (same preprocessing everywhere).
-    from export.commands.evaluate import evaluate_bundle
+    from hemaedge.export.commands.evaluate import evaluate_bundle
 
     rep = evaluate_bundle(b, str(data), "val", "int8", variant="portable")
     assert rep["accuracy"] == pytest.approx(m.metrics["int8"]["accuracy"], abs=1e-9)
@@ -146,7 +146,7 @@ def test_gate_refuses_a_drop_above_max_and_prints_both_numbers():
 
 def test_export_from_torchscript_pt2_and_foreign_nhwc_onnx(trained, tmp_path):
     _, data, ckpt, _ = trained
-    from export import checkpoint
+    from hemaedge.export import checkpoint
 
     ck = checkpoint.load(ckpt)
     model = checkpoint.build_model(ck)
@@ -257,7 +257,7 @@ def test_evaluate_cli_json_has_every_metric(trained, tmp_path, capsys):
 def test_crop_geometry_is_measured_on_the_training_images(data_root):
     """BloodMNIST (MedMNIST centre-crops 200 of 360 px) frames its cells much tighter than whole-field PBC:
     the station must cut crops at each model's own framing, so the export measures it."""
-    from export.pipeline import measure_training_framing
+    from hemaedge.export.pipeline import measure_training_framing
 
     npz, folder = data_root / "bloodmnist28.npz", data_root / "pbc256"
     if not npz.is_file() or not folder.is_dir():

@@ -13,11 +13,11 @@ import pytest
 from fake_tensorrt import fake_pair
 from trt_helpers import trt_bundle
 
-from edge.bundle import BundleWriter, load_bundle, preprocess
-from edge.bundle.golden import GOLDEN_KIND, compare_golden, load_golden, write_golden
-from edge.classify.onnxruntime import OrtBackend
-from edge.commands import doctor
-from edge.errors import BundleError
+from hemaedge.edge.bundle import BundleWriter, load_bundle, preprocess
+from hemaedge.edge.bundle.golden import GOLDEN_KIND, compare_golden, load_golden, write_golden
+from hemaedge.edge.classify.onnxruntime import OrtBackend
+from hemaedge.edge.commands import doctor
+from hemaedge.edge.errors import BundleError
 from hemaedge.cli import main
 
 

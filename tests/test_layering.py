@@ -10,25 +10,31 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN_IN_EDGE = {"torch", "torchvision", "export", "calibration"}
+# module prefixes edge/ must never import (the package installs as hemaedge.edge, hemaedge.export, ...)
+FORBIDDEN_IN_EDGE = ("torch", "torchvision", "hemaedge.export", "hemaedge.calibration", "export", "calibration")
 HARDWARE = ("tensorrt", "picamera2", "pycuda", "cuda", "torch")
 
 
 def _imports(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports (dotted, as written)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def test_edge_never_imports_workstation_code_or_torch():
     offenders = {}
     for path in (ROOT / "edge").rglob("*.py"):
-        bad = _imports(path) & FORBIDDEN_IN_EDGE
+        bad = {n for n in _imports(path) if _under(n, FORBIDDEN_IN_EDGE)}
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
     assert offenders == {}
@@ -37,9 +43,9 @@ def test_edge_never_imports_workstation_code_or_torch():
 @pytest.mark.skipif(sys.version_info < (3, 10), reason="sys.stdlib_module_names needs Python 3.10 "
                     "(a static rule: the main suite checks it)")
 def test_bundle_contract_is_stdlib_and_numpy_only():
-    allowed = {"edge", "numpy", "cv2", "__future__"} | set(sys.stdlib_module_names)
+    allowed = ("hemaedge.edge", "numpy", "cv2", "__future__", *sys.stdlib_module_names)
     for path in (ROOT / "edge" / "bundle").rglob("*.py"):
-        extra = _imports(path) - allowed
+        extra = {n for n in _imports(path) if not _under(n, allowed)}
         assert not extra, f"{path.name} imports {extra}"
 
 
@@ -50,14 +56,14 @@ import sys, importlib, pkgutil
 for name in {HARDWARE!r}:
     sys.modules[name] = None  # makes 'import name' raise ImportError
 sys.path.insert(0, {str(ROOT / 'tests')!r})
-import edge
-mods = [m.name for m in pkgutil.walk_packages(edge.__path__, 'edge.')]
+import hemaedge.edge
+mods = [m.name for m in pkgutil.walk_packages(hemaedge.edge.__path__, 'hemaedge.edge.')]
 for m in mods:
     importlib.import_module(m)
 import numpy as np
 from helpers import tiny_bundle
-from edge.bundle import load_bundle
-from edge.classify.onnxruntime import OrtBackend
+from hemaedge.edge.bundle import load_bundle
+from hemaedge.edge.classify.onnxruntime import OrtBackend
 b = load_bundle(tiny_bundle(__import__('pathlib').Path({str(tmp_path)!r}) / 'b', int8=False))
 with OrtBackend(b, 'fp32') as be:
     p = be.classify(np.zeros((2, 3, 28, 28), np.float32))
@@ -76,3 +82,18 @@ def test_station_cli_starts_without_torch():
     script = "import sys; sys.modules['torch'] = None; from hemaedge.cli import main; raise SystemExit(main(['train']))"
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and "hemaedge[export]" in res.stderr
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib needs Python 3.11 (a static rule: the main suite checks it)")
+def test_every_package_folder_installs_under_the_hemaedge_namespace():
+    """edge/, export/ and calibration/ install as hemaedge.edge, ...: a new package folder must be listed in pyproject."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {alias: ROOT / folder for alias, folder in conf["package-dir"].items()}
+    expected = set()
+    for alias, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            expected.add(".".join((alias, *rel)))
+    assert set(conf["packages"]) == expected

@@ -11,12 +11,12 @@ import fake_segment
 import numpy as np
 import pytest
 
-from edge.bundle import load_bundle
-from edge.count import DifferentialCounter, SlideTracker
-from edge.errors import BundleError, StoreError, UsageError
-from edge.pipeline import CellFinder, CountingSession, make_backend, restore
-from edge.sources import open_source
-from edge.store import SessionStore
+from hemaedge.edge.bundle import load_bundle
+from hemaedge.edge.count import DifferentialCounter, SlideTracker
+from hemaedge.edge.errors import BundleError, StoreError, UsageError
+from hemaedge.edge.pipeline import CellFinder, CountingSession, make_backend, restore
+from hemaedge.edge.sources import open_source
+from hemaedge.edge.store import SessionStore
 
 URI = "synthetic://?seed=11&frames=1500&pan=4&wbc=4"
 
@@ -177,7 +177,7 @@ def test_resume_rebuilds_the_count_and_the_slide_and_continues(tiny_bundle_dir, 
 # -- commands ------------------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def cli(monkeypatch):
-    import edge.segment as seg
+    import hemaedge.edge.segment as seg
 
     monkeypatch.setattr(seg, "make_segmenter", fake_segment.make)
     from hemaedge.cli import main
@@ -219,7 +219,7 @@ def test_count_on_image_files_names_the_source_file(tiny_bundle_dir, tmp_path, c
 
 
 def test_contradictory_options_are_refused_before_work(cli, tiny_bundle_dir, tmp_path, capsys):
-    from edge.commands.count import configure, plan
+    from hemaedge.edge.commands.count import configure, plan
 
     def args(*argv):
         import argparse
@@ -252,9 +252,9 @@ def test_contradictory_options_are_refused_before_work(cli, tiny_bundle_dir, tmp
 
 
 def test_demo_without_the_shipped_bundle_fails_with_one_clear_line(cli, monkeypatch, tmp_path, capsys):
-    import edge.models
+    import hemaedge.edge.models
 
-    monkeypatch.setattr(edge.models, "__file__", str(tmp_path / "nowhere" / "__init__.py"))
+    monkeypatch.setattr(hemaedge.edge.models, "__file__", str(tmp_path / "nowhere" / "__init__.py"))
     rc = cli(["count", "--demo", "--no-tui", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == BundleError.exit_code and "shipped bundle" in err and "--bundle" in err
@@ -270,7 +270,7 @@ def test_collect_writes_the_runtime_crops_as_an_image_folder(cli, tiny_bundle_di
     # the same pixels the runtime cuts: cut_crop with the bundle geometry around a detection
     import cv2
 
-    from edge.bundle import cut_crop
+    from hemaedge.edge.bundle import cut_crop
 
     name = files[0].name
     frame_index = int(name.split("-")[2])
@@ -281,7 +281,7 @@ def test_collect_writes_the_runtime_crops_as_an_image_folder(cli, tiny_bundle_di
     crop = cv2.imread(str(files[0]))
     assert any(np.array_equal(cut_crop(frame.bgr(), b, bundle.manifest.crop), crop) for b in boxes)
     try:
-        from calibration.datasets import load_folder
+        from hemaedge.calibration.datasets import load_folder
     except ImportError:  # pragma: no cover - the workstation half is not installed
         return
     assert len(load_folder(tmp_path / "calib")) == 12
@@ -297,9 +297,9 @@ def test_collect_by_class_uses_class_folders(cli, tiny_bundle_dir, tmp_path, cap
 
 
 def test_a_camera_that_fails_for_good_still_leaves_a_report(cli, tiny_bundle_dir, tmp_path, monkeypatch, capsys):
-    import edge.sources
-    from edge.errors import SourceError
-    from edge.sources.base import FrameSource
+    import hemaedge.edge.sources
+    from hemaedge.edge.errors import SourceError
+    from hemaedge.edge.sources.base import FrameSource
 
     real = open_source(URI)
 
@@ -311,7 +311,7 @@ def test_a_camera_that_fails_for_good_still_leaves_a_report(cli, tiny_bundle_dir
                 yield real.frame(i)
             raise SourceError("camera 0 failed for good after 5 reconnect attempts")
 
-    monkeypatch.setattr(edge.sources, "open_source", lambda uri, **kw: Dying("0"))
+    monkeypatch.setattr(hemaedge.edge.sources, "open_source", lambda uri, **kw: Dying("0"))
     rc = cli(["count", "0", "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "o"), "--no-tui"])
     captured = capsys.readouterr()
     assert rc == SourceError.exit_code and "failed for good" in captured.err
@@ -346,7 +346,7 @@ def test_end_to_end_with_the_real_segmenter_counts_physical_cells_once(tiny_bund
 
 def test_demo_runs_on_a_fresh_machine_with_the_shipped_bundle(tmp_path, capsys):
     """``hemaedge count --demo``: synthetic smear + shipped bundle, CPU only, ends with a report."""
-    from edge.models import default_bundle_path
+    from hemaedge.edge.models import default_bundle_path
     from hemaedge.cli import main
 
     try:
@@ -360,8 +360,8 @@ def test_demo_runs_on_a_fresh_machine_with_the_shipped_bundle(tmp_path, capsys):
 
 
 def test_camera_events_and_blurred_frames_become_warnings(tiny_bundle_dir, tmp_path):
-    from edge.segment import Quality
-    from edge.sources.base import FrameSource
+    from hemaedge.edge.segment import Quality
+    from hemaedge.edge.sources.base import FrameSource
 
     real = open_source(URI)
     seen = {}
@@ -392,8 +392,8 @@ def test_camera_events_and_blurred_frames_become_warnings(tiny_bundle_dir, tmp_p
 
 def test_session_scale_crops_share_one_side_across_a_frames_cells():
     """With ``crop.scale == "session"`` the finder cuts every white cell at the session's typical side."""
-    from edge.bundle import CropGeometry
-    from edge.records import Detection, Frame
+    from hemaedge.edge.bundle import CropGeometry
+    from hemaedge.edge.records import Detection, Frame
 
     class Two:
         def detect(self, frame):

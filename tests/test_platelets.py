@@ -16,14 +16,14 @@ import fake_segment
 import numpy as np
 import pytest
 
-from edge.bundle import load_bundle
-from edge.count import DifferentialCounter, SlideTracker
-from edge.pipeline import PLATELET_TO_WBC, CellFinder, CountingSession, platelet_classes
-from edge.records import Detection, Frame
-from edge.segment import SegmenterConfig, StainSegmenter
-from edge.segment.groundtruth import centre_matrix, evaluate, match
-from edge.sources import open_source
-from edge.store import SessionStore
+from hemaedge.edge.bundle import load_bundle
+from hemaedge.edge.count import DifferentialCounter, SlideTracker
+from hemaedge.edge.pipeline import PLATELET_TO_WBC, CellFinder, CountingSession, platelet_classes
+from hemaedge.edge.records import Detection, Frame
+from hemaedge.edge.segment import SegmenterConfig, StainSegmenter
+from hemaedge.edge.segment.groundtruth import centre_matrix, evaluate, match
+from hemaedge.edge.sources import open_source
+from hemaedge.edge.store import SessionStore
 
 SMEAR = "synthetic://?seed={seed}&frames={frames}&rbc_px=144"
 
@@ -139,7 +139,7 @@ def test_centre_rule_matches_tiny_boxes_iou_does_not():
 
 
 def test_evaluate_scores_one_kind_and_extra_rules():
-    from edge.segment.groundtruth import Labelled
+    from hemaedge.edge.segment.groundtruth import Labelled
 
     class Fixed:
         def detect(self, image):  # noqa: ANN001
@@ -169,7 +169,7 @@ def test_bccd_val_platelets(data_root):
     """Held-out BCCD val: recall and precision the README may quote (tuned on BCCD train / TXL half a)."""
     from conftest import need
 
-    from edge.segment.groundtruth import bccd_items
+    from hemaedge.edge.segment.groundtruth import bccd_items
 
     need(data_root / "bccd" / "val.txt")
     on = StainSegmenter(platelets=True)
@@ -192,7 +192,7 @@ def test_bccd_val_platelets(data_root):
 def test_txl_half_b_platelets_per_source(data_root):
     from conftest import need
 
-    from edge.segment.groundtruth import txl_items
+    from hemaedge.edge.segment.groundtruth import txl_items
 
     need(data_root / "txl-pbc" / "images")
     res = evaluate(StainSegmenter(platelets=True), txl_items(data_root / "txl-pbc", "all", "b", classes=(2,)),

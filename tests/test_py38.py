@@ -281,16 +281,17 @@ def _python38() -> tuple[str | None, str]:
 PY38_RUN = textwrap.dedent('''
     import importlib, pkgutil, sys
     assert sys.version_info[:2] == (3, 8), sys.version
-    import edge, hemaedge
+    import hemaedge
+    import hemaedge.edge
     names = []
-    for pkg in (edge, hemaedge):
+    for pkg in (hemaedge, hemaedge.edge):
         for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
             if not m.name.endswith(".__main__"):  # runs the CLI
                 importlib.import_module(m.name)
                 names.append(m.name)
     import numpy as np
-    from edge.bundle import load_bundle
-    from edge.classify.select import select_backend
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.edge.classify.select import select_backend
     bundle = load_bundle(sys.argv[1])
     backend, reason = select_backend(bundle, "onnxruntime", "auto")
     with backend:

@@ -13,8 +13,8 @@ pytest.importorskip("onnx")
 
 from torch import nn  # noqa: E402
 
-from export.quant_search import SearchResult, rank_nodes, search_int8, throughput  # noqa: E402
-from export.quantize import quantize_int8  # noqa: E402
+from hemaedge.export.quant_search import SearchResult, rank_nodes, search_int8, throughput  # noqa: E402
+from hemaedge.export.quantize import quantize_int8  # noqa: E402
 
 
 class _Net(nn.Module):
@@ -132,10 +132,10 @@ def test_export_model_search_through_the_pipeline(tmp_path):
     channels are scaled x300 and the next conv's weights on them /300 (ReLU and max-pool are positively
     homogeneous, so FP32 is unchanged) - an outlier channel, as trained networks grow them.
     """
-    pipeline = pytest.importorskip("export.pipeline")
-    from edge.bundle import InputSpec, load_bundle, preprocess
-    from export import checkpoint
-    from export.models import build
+    pipeline = pytest.importorskip("hemaedge.export.pipeline")
+    from hemaedge.edge.bundle import InputSpec, load_bundle, preprocess
+    from hemaedge.export import checkpoint
+    from hemaedge.export.models import build
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 8, 1000)
@@ -185,7 +185,7 @@ def test_entropy_bins_make_entropy_differ_from_minmax(tmp_path):
     from helpers import tiny_onnx
     from onnx import numpy_helper
 
-    from export.quant_search import entropy_bins
+    from hemaedge.export.quant_search import entropy_bins
 
     src = tiny_onnx(tmp_path / "tiny.onnx")
     rng = np.random.default_rng(0)
@@ -223,8 +223,8 @@ def test_chunked_calibration_matches_one_pass(tmp_path, method, monkeypatch):
     from helpers import tiny_onnx
     from onnx import numpy_helper
 
-    import export.quantize as q
-    from export.quant_search import entropy_bins
+    import hemaedge.export.quantize as q
+    from hemaedge.export.quant_search import entropy_bins
 
     fp32 = tiny_onnx(tmp_path / "m.onnx")
     rng = np.random.default_rng(3)

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from edge.bundle.manifest import CropGeometry
-from edge.records import Detection, Frame
-from edge.segment import (
+from hemaedge.edge.bundle.manifest import CropGeometry
+from hemaedge.edge.records import Detection, Frame
+from hemaedge.edge.segment import (
     QualityMonitor,
     Segmenter,
     StainSegmenter,
@@ -24,9 +24,9 @@ from edge.segment import (
     make_segmenter,
     measure_cell_fraction,
 )
-from edge.segment.groundtruth import Labelled, evaluate, hash_half, iou_matrix, match, read_voc, read_yolo
-from edge.segment.stain import _open_relative, otsu3, white_balance
-from edge.sources import SyntheticSource
+from hemaedge.edge.segment.groundtruth import Labelled, evaluate, hash_half, iou_matrix, match, read_voc, read_yolo
+from hemaedge.edge.segment.stain import _open_relative, otsu3, white_balance
+from hemaedge.edge.sources import SyntheticSource
 
 
 def _wbc_truth(frame: Frame) -> np.ndarray:
@@ -334,7 +334,7 @@ def test_detect_command_table(tmp_path, capsys):
 def test_bccd_val_detection_bar(data_root):
     from conftest import need
 
-    from edge.segment.groundtruth import bccd_items
+    from hemaedge.edge.segment.groundtruth import bccd_items
 
     need(data_root / "bccd" / "val.txt")
     res = evaluate(StainSegmenter(), bccd_items(data_root / "bccd", "val"))["all"]
@@ -348,7 +348,7 @@ def test_bccd_val_detection_bar(data_root):
 def test_txl_pbc_detection(data_root, half):
     from conftest import need
 
-    from edge.segment.groundtruth import txl_items
+    from hemaedge.edge.segment.groundtruth import txl_items
 
     need(data_root / "txl-pbc" / "images")
     res = evaluate(StainSegmenter(), txl_items(data_root / "txl-pbc", "all", half))["all"]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.bundle import load_bundle, sha256_file
-from edge.models import default_bundle_path
+from hemaedge.edge.bundle import load_bundle, sha256_file
+from hemaedge.edge.models import default_bundle_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "export" / "checkpoints" / "bloodcnn5.pt"
@@ -77,7 +77,7 @@ def test_shipped_bundle_transfers_to_another_microscope(shipped, data_root):
 @pytest.mark.data
 def test_shipped_metrics_reproduce_on_val(shipped, data_root):
     pytest.importorskip("onnxruntime")
-    from export.commands.evaluate import evaluate_bundle
+    from hemaedge.export.commands.evaluate import evaluate_bundle
 
     npz = data_root / "bloodmnist28.npz"
     if not npz.is_file():
@@ -98,7 +98,7 @@ def test_export_of_the_shipped_checkpoint_gives_the_same_contract(shipped, data_
     npz = data_root / "bloodmnist28.npz"
     if not npz.is_file():
         pytest.skip(f"data not found: {npz}")
-    from export.pipeline import ExportOptions, run_export
+    from hemaedge.export.pipeline import ExportOptions, run_export
 
     out = tmp_path / "rebuilt"
     s = run_export(ExportOptions(source=str(CHECKPOINT), out=str(out), data=str(npz), int8=True,
@@ -134,7 +134,7 @@ def test_shipped_efficientnet_bundle_meets_its_int8_gate_and_verifies(efficientn
 @pytest.mark.data
 def test_shipped_efficientnet_metrics_reproduce_on_val(efficientnet, data_root):
     pytest.importorskip("onnxruntime")
-    from export.commands.evaluate import evaluate_bundle
+    from hemaedge.export.commands.evaluate import evaluate_bundle
 
     folder = data_root / "pbc256"
     if not folder.is_dir():

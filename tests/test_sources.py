@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.errors import SourceError, UsageError
-from edge.records import Frame
-from edge.sources import (
+from hemaedge.edge.errors import SourceError, UsageError
+from hemaedge.edge.records import Frame
+from hemaedge.edge.sources import (
     CaptureSource,
     FrameSource,
     ImageFilesSource,
@@ -201,7 +201,7 @@ def test_picam_is_bgr_and_needs_picamera2():
     try:
         import picamera2  # noqa: F401
     except ImportError:
-        from edge.errors import MissingDependencyError
+        from hemaedge.edge.errors import MissingDependencyError
 
         with pytest.raises(MissingDependencyError, match="pi"):
             src.open()

@@ -15,10 +15,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.count import SlideRegistrar
-from edge.errors import StoreError
-from edge.sources import open_source
-from edge.store import NewCell, SessionStore
+from hemaedge.edge.count import SlideRegistrar
+from hemaedge.edge.errors import StoreError
+from hemaedge.edge.sources import open_source
+from hemaedge.edge.store import NewCell, SessionStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"classes": ["a", "b", "c"], "target": 10, "review_threshold": 0.6, "source": "x"}

@@ -22,14 +22,14 @@ import pytest
 from fake_tensorrt import fake_pair
 from trt_helpers import calibration_folder, trt_bundle
 
-from edge.bundle import load_bundle, preprocess
-from edge.bundle.io import write_manifest
-from edge.classify.cuda_rt import GpuInfo, gpu_slug
-from edge.classify.engines import engine_file_name, find_engine, parse_engine_file_name, probe_station
-from edge.classify.onnxruntime import OrtBackend
-from edge.classify.select import select_backend
-from edge.classify.tensorrt import EngineMismatchError, TensorRTBackend
-from edge.classify.trt_build import (
+from hemaedge.edge.bundle import load_bundle, preprocess
+from hemaedge.edge.bundle.io import write_manifest
+from hemaedge.edge.classify.cuda_rt import GpuInfo, gpu_slug
+from hemaedge.edge.classify.engines import engine_file_name, find_engine, parse_engine_file_name, probe_station
+from hemaedge.edge.classify.onnxruntime import OrtBackend
+from hemaedge.edge.classify.select import select_backend
+from hemaedge.edge.classify.tensorrt import EngineMismatchError, TensorRTBackend
+from hemaedge.edge.classify.trt_build import (
     CACHE_KIND,
     BatchProfile,
     build_for_bundle,
@@ -37,7 +37,7 @@ from edge.classify.trt_build import (
     plan_precision,
     qdq_problems,
 )
-from edge.errors import BackendError, UsageError
+from hemaedge.edge.errors import BackendError, UsageError
 
 VERSIONS = ("8.2.1.8", "8.5.2.2", "10.3.0")  # bindings-only, both APIs, tensor-only
 
@@ -264,7 +264,7 @@ def test_engine_for_another_gpu_is_rebuilt_when_asked(bundle_dir):
     other_trt, other_rt = fake_pair("10.3.0", gpu_name="NVIDIA GeForce RTX 4090", cc=(8, 9))
     build_for_bundle(bundle_dir, "int8", trt=other_trt, cudart=other_rt)
     trt, rt = fake_pair("10.3.0")
-    station = probe_station(trt, __import__("edge.classify.cuda_rt", fromlist=["CudaRuntime"]).CudaRuntime(rt))
+    station = probe_station(trt, __import__("hemaedge.edge.classify.cuda_rt", fromlist=["CudaRuntime"]).CudaRuntime(rt))
     art, why = find_engine(load_bundle(bundle_dir).manifest, station, "int8")
     assert art is None and "GPU nvidia-geforce-rtx-4090-sm89 (this station has orin-sm87)" in why
     with TensorRTBackend(bundle_dir, precision="int8", rebuild=True, trt=trt, cudart=rt) as backend:
@@ -280,7 +280,7 @@ def test_runtime_check_catches_an_engine_that_does_not_deserialise(bundle_dir):
     # Same name and manifest identity, but a plan TensorRT cannot read (e.g. copied from elsewhere).
     result.path.write_bytes(b"not a plan")
     b = load_bundle(bundle_dir, verify=False)
-    from edge.bundle.io import add_artifact
+    from hemaedge.edge.bundle.io import add_artifact
 
     art = b.manifest.artifact("fp32", "engine")
     add_artifact(b, result.path, "engine", "fp32", **art.details)
@@ -334,8 +334,8 @@ def test_select_auto_runs_fp32_on_cpu_when_int8_measured_slower_at_export(bundle
     """EfficientNet's INT8 is slower than its FP32 on ONNX Runtime CPU: ``auto`` follows the export's measurement."""
     import dataclasses
 
-    from edge.bundle import load_bundle
-    from edge.bundle.io import write_manifest
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.edge.bundle.io import write_manifest
 
     _block(monkeypatch, "tensorrt")
     bundle = load_bundle(bundle_dir)
@@ -356,7 +356,7 @@ def test_select_without_cuda_python(bundle_dir, monkeypatch):
 
 
 def test_select_orders_onnxruntime_gpu_providers(bundle_dir, monkeypatch):
-    import edge.classify.onnxruntime as ort_mod
+    import hemaedge.edge.classify.onnxruntime as ort_mod
 
     _block(monkeypatch, "tensorrt")
     monkeypatch.setattr(ort_mod, "available_providers",
@@ -392,8 +392,8 @@ def test_runtime_modules_import_without_tensorrt_or_cuda(tmp_path):
         "        if name.split('.')[0] in ('tensorrt', 'cuda', 'torch', 'pycuda'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import edge.classify.select, edge.classify.tensorrt, edge.classify.trt_build, edge.bundle.golden\n"
-        "import edge.commands.verify, edge.commands.doctor, edge.commands.build_engine, export.to_engine\n"
+        "import hemaedge.edge.classify.select, hemaedge.edge.classify.tensorrt, hemaedge.edge.classify.trt_build, hemaedge.edge.bundle.golden\n"
+        "import hemaedge.edge.commands.verify, hemaedge.edge.commands.doctor, hemaedge.edge.commands.build_engine, hemaedge.export.to_engine\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
@@ -424,7 +424,7 @@ class _NoDriverCudart:
 
 
 def test_no_loadable_cuda_driver_falls_back_instead_of_crashing(bundle_dir):
-    from edge.classify.cuda_rt import CudaRuntime
+    from hemaedge.edge.classify.cuda_rt import CudaRuntime
 
     cuda = CudaRuntime(_NoDriverCudart())
     assert cuda.device_count() == 0

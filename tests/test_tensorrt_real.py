@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from trt_helpers import calibration_folder, trt_bundle
 
-from edge.bundle import load_bundle
-from edge.classify.onnxruntime import OrtBackend
+from hemaedge.edge.bundle import load_bundle
+from hemaedge.edge.classify.onnxruntime import OrtBackend
 
 pytestmark = pytest.mark.tensorrt
 
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.tensorrt
 @pytest.fixture(scope="module")
 def station():
     trt = pytest.importorskip("tensorrt", reason="TensorRT's Python bindings are not installed")
-    from edge.classify.cuda_rt import CudaRuntime
-    from edge.classify.engines import probe_station
-    from edge.errors import HemaedgeError
+    from hemaedge.edge.classify.cuda_rt import CudaRuntime
+    from hemaedge.edge.classify.engines import probe_station
+    from hemaedge.edge.errors import HemaedgeError
 
     try:
         cuda = CudaRuntime()
@@ -47,8 +47,8 @@ def _ort(bundle_dir, precision: str, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("precision,atol", [("fp32", 1e-2), ("fp16", 2e-2)])
 def test_float_engines_match_onnxruntime(tmp_path, station, precision, atol):
-    from edge.classify.tensorrt import TensorRTBackend
-    from edge.classify.trt_build import build_for_bundle
+    from hemaedge.edge.classify.tensorrt import TensorRTBackend
+    from hemaedge.edge.classify.trt_build import build_for_bundle
 
     bundle_dir = trt_bundle(tmp_path / "b")
     result = build_for_bundle(bundle_dir, precision)
@@ -61,8 +61,8 @@ def test_float_engines_match_onnxruntime(tmp_path, station, precision, atol):
 
 
 def test_explicit_int8_engine_agrees_with_onnxruntime_int8(tmp_path, station):
-    from edge.classify.tensorrt import TensorRTBackend
-    from edge.classify.trt_build import build_for_bundle
+    from hemaedge.edge.classify.tensorrt import TensorRTBackend
+    from hemaedge.edge.classify.trt_build import build_for_bundle
 
     bundle_dir = trt_bundle(tmp_path / "b")
     result = build_for_bundle(bundle_dir, "int8", allow_fp16_fallback=True)
@@ -75,7 +75,7 @@ def test_explicit_int8_engine_agrees_with_onnxruntime_int8(tmp_path, station):
 
 
 def test_implicit_int8_calibration_writes_a_reusable_cache(tmp_path, station):
-    from edge.classify.trt_build import CACHE_KIND, build_for_bundle
+    from hemaedge.edge.classify.trt_build import CACHE_KIND, build_for_bundle
 
     bundle_dir = trt_bundle(tmp_path / "b")
     folder, _ = calibration_folder(tmp_path / "calib", n=32)
@@ -88,10 +88,10 @@ def test_implicit_int8_calibration_writes_a_reusable_cache(tmp_path, station):
 
 
 def test_verify_passes_on_this_gpu(tmp_path, station):
-    from edge.bundle import preprocess
-    from edge.bundle.golden import write_golden
-    from edge.classify.trt_build import build_for_bundle
-    from edge.commands.verify import verify
+    from hemaedge.edge.bundle import preprocess
+    from hemaedge.edge.bundle.golden import write_golden
+    from hemaedge.edge.classify.trt_build import build_for_bundle
+    from hemaedge.edge.commands.verify import verify
 
     bundle_dir = trt_bundle(tmp_path / "b")
     rng = np.random.default_rng(1)

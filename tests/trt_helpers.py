@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from helpers import BLOODMNIST_CLASSES, tiny_onnx
 
-from edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest
+from hemaedge.edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest
 
 
 def symmetric_int8(fp32: Path, out: Path, size: int) -> Path:

@@ -26,15 +26,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibration.datasets import read_rgb  # noqa: E402
-from edge.bundle import cut_crop, load_bundle, preprocess  # noqa: E402
-from edge.classify.onnxruntime import OrtBackend  # noqa: E402
-from edge.config import data_root  # noqa: E402
-from edge.models import default_bundle_path  # noqa: E402
-from edge.records import Frame  # noqa: E402
-from edge.segment import make_segmenter  # noqa: E402
-from edge.segment.crops import typical_side  # noqa: E402
-from edge.segment.groundtruth import iou_matrix, read_voc  # noqa: E402
+from hemaedge.calibration.datasets import read_rgb  # noqa: E402
+from hemaedge.edge.bundle import cut_crop, load_bundle, preprocess  # noqa: E402
+from hemaedge.edge.classify.onnxruntime import OrtBackend  # noqa: E402
+from hemaedge.edge.config import data_root  # noqa: E402
+from hemaedge.edge.models import default_bundle_path  # noqa: E402
+from hemaedge.edge.records import Frame  # noqa: E402
+from hemaedge.edge.segment import make_segmenter  # noqa: E402
+from hemaedge.edge.segment.crops import typical_side  # noqa: E402
+from hemaedge.edge.segment.groundtruth import iou_matrix, read_voc  # noqa: E402
 
 COMMON = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte"}
 

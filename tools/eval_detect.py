@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.config import data_root  # noqa: E402
-from edge.segment import SegmenterConfig, StainSegmenter  # noqa: E402
-from edge.segment.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
+from hemaedge.edge.config import data_root  # noqa: E402
+from hemaedge.edge.segment import SegmenterConfig, StainSegmenter  # noqa: E402
+from hemaedge.edge.segment.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
 
 
 def _overrides(pairs: list[str]) -> dict:

@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.config import data_root  # noqa: E402
-from edge.segment import StainSegmenter  # noqa: E402
-from edge.segment.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
+from hemaedge.edge.config import data_root  # noqa: E402
+from hemaedge.edge.segment import StainSegmenter  # noqa: E402
+from hemaedge.edge.segment.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_detect import _overrides, common_args  # noqa: E402

@@ -23,14 +23,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibration.datasets import open_dataset, stratified_sample  # noqa: E402
-from edge.bundle import cut_crop, load_bundle, preprocess  # noqa: E402
-from edge.bundle.io import resolve  # noqa: E402
-from edge.classify.select import select_backend  # noqa: E402
-from edge.models import default_bundle_path  # noqa: E402
-from edge.records import Frame  # noqa: E402
-from edge.segment import make_segmenter  # noqa: E402
-from edge.segment.crops import central_detection, typical_side  # noqa: E402
+from hemaedge.calibration.datasets import open_dataset, stratified_sample  # noqa: E402
+from hemaedge.edge.bundle import cut_crop, load_bundle, preprocess  # noqa: E402
+from hemaedge.edge.bundle.io import resolve  # noqa: E402
+from hemaedge.edge.classify.select import select_backend  # noqa: E402
+from hemaedge.edge.models import default_bundle_path  # noqa: E402
+from hemaedge.edge.records import Frame  # noqa: E402
+from hemaedge.edge.segment import make_segmenter  # noqa: E402
+from hemaedge.edge.segment.crops import central_detection, typical_side  # noqa: E402
 
 
 def evaluate(bundle_path: str | Path, data: str | Path, split: str = "val", limit: int = 0, precision: str = "auto",

@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from eval_bccd import bccd_cells, matched_detection  # noqa: E402
 
-from edge.bundle import CropGeometry, cut_crop  # noqa: E402
-from edge.config import data_root  # noqa: E402
-from edge.segment import make_segmenter  # noqa: E402
-from edge.segment.crops import typical_side  # noqa: E402
+from hemaedge.edge.bundle import CropGeometry, cut_crop  # noqa: E402
+from hemaedge.edge.config import data_root  # noqa: E402
+from hemaedge.edge.segment import make_segmenter  # noqa: E402
+from hemaedge.edge.segment.crops import typical_side  # noqa: E402
 
 TYPES = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte",
          "BASOPHIL": "basophil"}

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from edge.bundle.io import Bundle, BundleWriter, add_artifact, load_bundle
-from edge.errors import BundleError, UsageError
+from hemaedge.edge.bundle.io import Bundle, BundleWriter, add_artifact, load_bundle
+from hemaedge.edge.errors import BundleError, UsageError
 
 GOLDEN_FILE = "golden.npz"
 GOLDEN_KIND = "golden"

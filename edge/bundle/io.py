@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edge.bundle.manifest import MANIFEST, Artifact, Manifest, parse_manifest
-from edge.errors import BundleError
+from hemaedge.edge.bundle.manifest import MANIFEST, Artifact, Manifest, parse_manifest
+from hemaedge.edge.errors import BundleError
 
 _CHUNK = 1 << 20
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edge.errors import BundleError
+from hemaedge.edge.errors import BundleError
 
 FORMAT = "hemaedge-bundle"
 SCHEMA_VERSION = 1

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge.bundle.manifest import CropGeometry, InputSpec
+from hemaedge.edge.bundle.manifest import CropGeometry, InputSpec
 
 _INTERP = {"area": 3, "linear": 1, "cubic": 2, "nearest": 0}  # cv2 constants
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import BackendError, MissingDependencyError
+from hemaedge.edge.errors import BackendError, MissingDependencyError
 
 _MODULES = ("cuda.bindings.runtime", "cuda.cudart")
 INSTALL_HINT = ("pip install 'hemaedge[jetson]' (cuda-python; on a Jetson match it to JetPack's CUDA: "

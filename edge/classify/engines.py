@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.bundle.manifest import Artifact, Manifest
-from edge.classify.cuda_rt import CudaRuntime, GpuInfo
-from edge.errors import MissingDependencyError
+from hemaedge.edge.bundle.manifest import Artifact, Manifest
+from hemaedge.edge.classify.cuda_rt import CudaRuntime, GpuInfo
+from hemaedge.edge.errors import MissingDependencyError
 
 ENGINE_KIND = "engine"
 ENGINE_PRECISIONS = ("int8", "fp16", "fp32")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle.io import Bundle
-from edge.classify.base import softmax
-from edge.errors import BackendError, require
+from hemaedge.edge.bundle.io import Bundle
+from hemaedge.edge.classify.base import softmax
+from hemaedge.edge.errors import BackendError, require
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _SHORT = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}

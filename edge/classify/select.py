@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edge.bundle.io import Bundle, load_bundle
-from edge.classify.base import Backend
-from edge.errors import BackendError, HemaedgeError, MissingDependencyError, UsageError
+from hemaedge.edge.bundle.io import Bundle, load_bundle
+from hemaedge.edge.classify.base import Backend
+from hemaedge.edge.errors import BackendError, HemaedgeError, MissingDependencyError, UsageError
 
 PREFERENCES = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
 ALIASES = {"trt": "tensorrt", "cpu": "ort-cpu", "cuda": "ort-cuda", "onnxruntime": "ort-cpu", "ort": "ort-cpu"}
@@ -74,9 +74,9 @@ def _ort_precision(bundle: Bundle, choice: str, precision: str) -> tuple[str, st
 
 def _try_tensorrt(bundle: Bundle, precision: str, build_missing: bool, trt: Any, cudart: Any) -> tuple[Any, str]:
     """A TensorRT backend for this station, or None and the one-line reason."""
-    from edge.classify.cuda_rt import CudaRuntime
-    from edge.classify.engines import build_command, find_engine, load_tensorrt, probe_station
-    from edge.classify.tensorrt import TensorRTBackend
+    from hemaedge.edge.classify.cuda_rt import CudaRuntime
+    from hemaedge.edge.classify.engines import build_command, find_engine, load_tensorrt, probe_station
+    from hemaedge.edge.classify.tensorrt import TensorRTBackend
 
     try:
         trt = trt if trt is not None else load_tensorrt()
@@ -136,13 +136,13 @@ def select_backend(bundle: Bundle | str | os.PathLike, preference: str = "auto",
         if backend is not None:
             return backend, f"using {why}"
         if pref == "tensorrt":
-            from edge.classify.engines import tensorrt_install_hint
+            from hemaedge.edge.classify.engines import tensorrt_install_hint
 
             hint = f": {tensorrt_install_hint()}" if why == "TensorRT not installed" else ""
             raise BackendError(f"--backend tensorrt is not possible here: {why}{hint}")
         skipped = why
 
-    from edge.classify.onnxruntime import OrtBackend, available_providers
+    from hemaedge.edge.classify.onnxruntime import OrtBackend, available_providers
 
     have = available_providers()
     if not have:

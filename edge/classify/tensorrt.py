@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from edge.bundle.io import Bundle, load_bundle
-from edge.bundle.manifest import Artifact
-from edge.classify.base import softmax
-from edge.classify.cuda_rt import CudaRuntime, native_handle
-from edge.classify.engines import (
+from hemaedge.edge.bundle.io import Bundle, load_bundle
+from hemaedge.edge.bundle.manifest import Artifact
+from hemaedge.edge.classify.base import softmax
+from hemaedge.edge.classify.cuda_rt import CudaRuntime, native_handle
+from hemaedge.edge.classify.engines import (
     build_command,
     engine_mismatch,
     find_engine,
@@ -37,7 +37,7 @@ from edge.classify.engines import (
     make_logger,
     probe_station,
 )
-from edge.errors import BackendError
+from hemaedge.edge.errors import BackendError
 
 
 class EngineMismatchError(BackendError):
@@ -184,7 +184,7 @@ class TensorRTBackend:
         precision = self.precision if self.precision != "auto" else "int8"
         if not self.rebuild:
             raise EngineMismatchError(f"{why}: build this station's engine with: {build_command(self.bundle.path, precision)}")
-        from edge.classify.trt_build import build_for_bundle
+        from hemaedge.edge.classify.trt_build import build_for_bundle
 
         self.notes.append(f"{why}: rebuilding from the bundle's ONNX")
         result = build_for_bundle(self.bundle.path, precision=precision, trt=trt, cudart=self._cudart,

@@ -33,11 +33,11 @@ from typing import Any, Callable  # typing's: Log below is evaluated at run time
 
 import numpy as np
 
-from edge.bundle.io import Bundle, add_artifact, load_bundle
-from edge.bundle.manifest import Artifact, InputSpec, Manifest
-from edge.bundle.preprocess import preprocess
-from edge.classify.cuda_rt import CudaRuntime, GpuInfo
-from edge.classify.engines import (
+from hemaedge.edge.bundle.io import Bundle, add_artifact, load_bundle
+from hemaedge.edge.bundle.manifest import Artifact, InputSpec, Manifest
+from hemaedge.edge.bundle.preprocess import preprocess
+from hemaedge.edge.classify.cuda_rt import CudaRuntime, GpuInfo
+from hemaedge.edge.classify.engines import (
     ENGINE_KIND,
     ENGINE_PRECISIONS,
     engine_file_name,
@@ -45,7 +45,7 @@ from edge.classify.engines import (
     make_logger,
     probe_station,
 )
-from edge.errors import BackendError, InputError, UsageError
+from hemaedge.edge.errors import BackendError, InputError, UsageError
 
 CACHE_KIND = "calibration-cache"
 CACHE_FILE = "calibration.cache"

@@ -11,7 +11,7 @@ import argparse
 import json
 from contextlib import nullcontext
 
-from edge.classify.engines import ENGINE_PRECISIONS
+from hemaedge.edge.classify.engines import ENGINE_PRECISIONS
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     """Build and report."""
     from rich.console import Console
 
-    from edge.classify.trt_build import BatchProfile, build_for_bundle
+    from hemaedge.edge.classify.trt_build import BatchProfile, build_for_bundle
 
     con = Console(stderr=True)
     log = (lambda _m: None) if args.json else (lambda m: con.print(m, highlight=False, markup=False))

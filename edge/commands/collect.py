@@ -19,9 +19,9 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-from edge.count import DEFAULT_REVIEW_THRESHOLD, SlideTracker, decide
-from edge.errors import UsageError
-from edge.store.crops import UNLABELLED, CropFolder
+from hemaedge.edge.count import DEFAULT_REVIEW_THRESHOLD, SlideTracker, decide
+from hemaedge.edge.errors import UsageError
+from hemaedge.edge.store.crops import UNLABELLED, CropFolder
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edge.bundle import load_bundle, preprocess
-    from edge.pipeline import CellFinder, is_stills, make_backend, make_quality_check
-    from edge.segment import make_segmenter
-    from edge.sources import open_source
+    from hemaedge.edge.bundle import load_bundle, preprocess
+    from hemaedge.edge.pipeline import CellFinder, is_stills, make_backend, make_quality_check
+    from hemaedge.edge.segment import make_segmenter
+    from hemaedge.edge.sources import open_source
 
     if args.max is not None and args.max < 1:
         raise UsageError("--max must be at least 1")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle:
         bundle = load_bundle(args.bundle)
     else:
-        from edge.models import default_bundle_path
+        from hemaedge.edge.models import default_bundle_path
 
         bundle = load_bundle(default_bundle_path())
     m = bundle.manifest

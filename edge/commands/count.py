@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge.bundle import Bundle, load_bundle
-from edge.bundle.io import sha256_file
-from edge.count import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, DifferentialCounter, SlideTracker
-from edge.errors import HemaedgeError, StoreError, UsageError
-from edge.store import SessionStore, StoredCell
-from edge.store.crops import CropFolder
+from hemaedge.edge.bundle import Bundle, load_bundle
+from hemaedge.edge.bundle.io import sha256_file
+from hemaedge.edge.count import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, DifferentialCounter, SlideTracker
+from hemaedge.edge.errors import HemaedgeError, StoreError, UsageError
+from hemaedge.edge.store import SessionStore, StoredCell
+from hemaedge.edge.store.crops import CropFolder
 
 DEMO_SOURCE = "synthetic://?seed=0&frames=8000&pan=6&wbc=4"
 DEMO_NOTE = ("demo: the cells are drawn by the synthetic smear, not photographed; the differential shows what the "
@@ -96,7 +96,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _default_bundle() -> Path:
-    from edge.models import default_bundle_path
+    from hemaedge.edge.models import default_bundle_path
 
     return default_bundle_path()
 
@@ -181,10 +181,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``hemaedge count``."""
     from rich.console import Console
 
-    from edge.display.report import build_summary, write_reports
-    from edge.pipeline import CellFinder, CountingSession, is_stills, make_backend, make_quality_check, restore
-    from edge.segment import make_segmenter
-    from edge.sources import open_source
+    from hemaedge.edge.display.report import build_summary, write_reports
+    from hemaedge.edge.pipeline import CellFinder, CountingSession, is_stills, make_backend, make_quality_check, restore
+    from hemaedge.edge.segment import make_segmenter
+    from hemaedge.edge.sources import open_source
 
     p = plan(args)
     use_json = bool(args.json)
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
                 if not ran:
                     pass
                 elif use_tui:
-                    from edge.display.tui import run_live
+                    from hemaedge.edge.display.tui import run_live
 
                     try:
                         run_live(session, Console(), lambda: _snapshot(store, session))
@@ -309,7 +309,7 @@ class _CellPrinter:
 
 
 def _snapshot(store: SessionStore, session: Any) -> str:
-    from edge.display.report import write_reports
+    from hemaedge.edge.display.report import write_reports
 
     out = store.root / "snapshots" / time.strftime("%Y%m%d-%H%M%S")
     try:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge.errors import InputError, SourceError, UsageError
+from hemaedge.edge.errors import InputError, SourceError, UsageError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _paths(specs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    from edge.sources.files import expand_images, is_glob
+    from hemaedge.edge.sources.files import expand_images, is_glob
 
     paths: list[Path] = []
     failed: list[tuple[str, str]] = []
@@ -51,8 +51,8 @@ def _paths(specs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
 
 def run(args: argparse.Namespace) -> int:
     """Detect white cells in every image; returns 0, or 1 if any image failed."""
-    from edge.segment import assess_quality, make_segmenter
-    from edge.sources.files import read_image
+    from hemaedge.edge.segment import assess_quality, make_segmenter
+    from hemaedge.edge.sources.files import read_image
 
     if args.min_score < 0 or args.min_score > 1:
         raise UsageError(f"--min-score must be within 0..1, not {args.min_score}")

@@ -100,7 +100,7 @@ def check_board(root: str = "/") -> tuple[list[Check], dict]:
 
 def check_python(facts: dict) -> list[Check]:
     """Python version, virtualenv and whether it sees system packages."""
-    from edge import __version__
+    from hemaedge.edge import __version__
 
     ver = platform.python_version()
     # 3.8 is JetPack 5's Python: the station runtime supports it (the workstation extra needs >= 3.9).
@@ -120,7 +120,7 @@ def check_python(facts: dict) -> list[Check]:
 
 def check_tensorrt(facts: dict) -> list[Check]:
     """TensorRT's Python bindings."""
-    from edge.classify.engines import tensorrt_install_hint
+    from hemaedge.edge.classify.engines import tensorrt_install_hint
 
     try:
         trt = importlib.import_module("tensorrt")
@@ -131,8 +131,8 @@ def check_tensorrt(facts: dict) -> list[Check]:
 
 def check_cuda() -> list[Check]:
     """cuda-python and the GPU it sees."""
-    from edge.classify.cuda_rt import INSTALL_HINT, CudaRuntime
-    from edge.errors import HemaedgeError
+    from hemaedge.edge.classify.cuda_rt import INSTALL_HINT, CudaRuntime
+    from hemaedge.edge.errors import HemaedgeError
 
     try:
         cuda = CudaRuntime()
@@ -225,8 +225,8 @@ def check_cameras(facts: dict, root: str = "/") -> list[Check]:
 
 def check_bundle(path: str) -> list[Check]:
     """Which backend ``hemaedge count`` would use for a bundle, and its engines."""
-    from edge.classify.select import select_backend
-    from edge.errors import HemaedgeError
+    from hemaedge.edge.classify.select import select_backend
+    from hemaedge.edge.errors import HemaedgeError
 
     try:
         backend, reason = select_backend(path)

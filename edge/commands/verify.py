@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from edge.classify.select import PRECISIONS, PREFERENCES
+from hemaedge.edge.classify.select import PRECISIONS, PREFERENCES
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -28,9 +28,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 def verify(bundle_path: str, backend: str = "auto", precision: str = "auto", min_agreement: float | None = None,
            max_diff: float | None = None, batch: int = 32) -> dict:
     """Run the golden inputs through the selected backend; the report as a dict."""
-    from edge.bundle.golden import compare_golden, load_golden
-    from edge.bundle.io import load_bundle
-    from edge.classify.select import select_backend
+    from hemaedge.edge.bundle.golden import compare_golden, load_golden
+    from hemaedge.edge.bundle.io import load_bundle
+    from hemaedge.edge.classify.select import select_backend
 
     bundle = load_bundle(bundle_path)
     golden = load_golden(bundle)

@@ -1,9 +1,9 @@
 """Differential counting: each physical cell once, class buckets, review, statistics and flags."""
 
-from edge.count.counter import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, REVIEW, DifferentialCounter, decide
-from edge.count.groups import REFERENCE_RANGES, ClassGroups, canonical_group, compute_flags
-from edge.count.stats import wilson_interval
-from edge.count.tracking import CellMap, Keyframe, Registration, SlideRegistrar, SlideTracker, TrackResult
+from hemaedge.edge.count.counter import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, REVIEW, DifferentialCounter, decide
+from hemaedge.edge.count.groups import REFERENCE_RANGES, ClassGroups, canonical_group, compute_flags
+from hemaedge.edge.count.stats import wilson_interval
+from hemaedge.edge.count.tracking import CellMap, Keyframe, Registration, SlideRegistrar, SlideTracker, TrackResult
 
 __all__ = [
     "DEFAULT_REVIEW_THRESHOLD", "DEFAULT_TARGET", "REFERENCE_RANGES", "REVIEW", "CellMap", "ClassGroups",

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edge.count.groups import ClassGroups, compute_flags
-from edge.count.stats import wilson_interval
-from edge.records import CountSnapshot
+from hemaedge.edge.count.groups import ClassGroups, compute_flags
+from hemaedge.edge.count.stats import wilson_interval
+from hemaedge.edge.records import CountSnapshot
 
 REVIEW = "review"
 DEFAULT_TARGET = 100

@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.count import REFERENCE_RANGES, REVIEW, DifferentialCounter
-from edge.records import CountSnapshot
-from edge.store import SessionStore, StoredCell
+from hemaedge.edge.count import REFERENCE_RANGES, REVIEW, DifferentialCounter
+from hemaedge.edge.records import CountSnapshot
+from hemaedge.edge.store import SessionStore, StoredCell
 
 SUMMARY = "summary.json"
 CELLS_CSV = "cells.csv"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge.records import CountSnapshot
+from hemaedge.edge.records import CountSnapshot
 
 
 @dataclass(frozen=True)

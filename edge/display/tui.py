@@ -29,7 +29,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from edge.display.status import RunStatus
+from hemaedge.edge.display.status import RunStatus
 
 KEYS_HELP = "[b]q[/] quit+save  [b]p[/] pause  [b]r[/] reset  [b]s[/] snapshot"
 STATE_STYLE = {"counting": "green", "paused": "yellow", "stopping": "yellow", "done": "bold green",

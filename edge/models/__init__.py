@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.errors import BundleError
+from hemaedge.edge.errors import BundleError
 
 DEFAULT_BUNDLE = "bloodcnn5"
 

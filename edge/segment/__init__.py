@@ -9,17 +9,17 @@
 
 from __future__ import annotations
 
-from edge.segment.base import Segmenter, as_frame, boxes_of, scores_of
-from edge.segment.crops import cell_fractions, central_detection, cut_crops, measure_cell_fraction
-from edge.segment.quality import Quality, QualityConfig, QualityMonitor, assess_quality
-from edge.segment.stain import SegmenterConfig, StainSegmenter
+from hemaedge.edge.segment.base import Segmenter, as_frame, boxes_of, scores_of
+from hemaedge.edge.segment.crops import cell_fractions, central_detection, cut_crops, measure_cell_fraction
+from hemaedge.edge.segment.quality import Quality, QualityConfig, QualityMonitor, assess_quality
+from hemaedge.edge.segment.stain import SegmenterConfig, StainSegmenter
 
 SEGMENTERS = {"stain": StainSegmenter}
 
 
 def make_segmenter(name: str = "stain", **options: float) -> Segmenter:
     """A segmenter by name (``"stain"``), with config overrides."""
-    from edge.errors import UsageError
+    from hemaedge.edge.errors import UsageError
 
     try:
         cls = SEGMENTERS[name]

@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from edge.records import Detection, Frame
+from hemaedge.edge.records import Detection, Frame
 
 
 @runtime_checkable

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from edge.bundle.manifest import CropGeometry
-from edge.bundle.preprocess import cut_crop
-from edge.records import Crop, Detection, Frame
-from edge.segment.base import Segmenter, as_frame
+from hemaedge.edge.bundle.manifest import CropGeometry
+from hemaedge.edge.bundle.preprocess import cut_crop
+from hemaedge.edge.records import Crop, Detection, Frame
+from hemaedge.edge.segment.base import Segmenter, as_frame
 
 
 def cut_crops(frame: Frame, detections: Sequence[Detection], geom: CropGeometry,
@@ -56,7 +56,7 @@ def cell_fractions(images: Iterable[np.ndarray | Frame], segmenter: Segmenter | 
         segmenter: Defaults to ``StainSegmenter()``.
     """
     if segmenter is None:
-        from edge.segment.stain import StainSegmenter
+        from hemaedge.edge.segment.stain import StainSegmenter
 
         segmenter = StainSegmenter()
     out = []

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.records import Frame
-from edge.segment.base import as_frame
+from hemaedge.edge.records import Frame
+from hemaedge.edge.segment.base import as_frame
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ from typing import Tuple
 
 import numpy as np
 
-from edge.records import Detection, Frame
-from edge.segment.base import as_frame
+from hemaedge.edge.records import Detection, Frame
+from hemaedge.edge.segment.base import as_frame
 
 Box = Tuple[float, float, float, float]
 

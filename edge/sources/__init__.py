@@ -15,7 +15,7 @@ options: ``on_event`` (callback receiving ``SourceEvent``s), ``max_frames``.
 Cameras: ``width``, ``height``, ``fps``; reconnect: ``lost_after``,
 ``max_retries``, ``backoff_s``, ``backoff_max_s``.
 
-Every source is a context manager and an iterable of ``edge.records.Frame``::
+Every source is a context manager and an iterable of ``hemaedge.edge.records.Frame``::
 
     with open_source("synthetic://?seed=1&frames=10") as src:
         for frame in src:
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from edge.errors import SourceError, UsageError
-from edge.sources.base import EVENT_KINDS, EventCallback, FrameSource, SourceEvent, print_warning
-from edge.sources.capture import (
+from hemaedge.edge.errors import SourceError, UsageError
+from hemaedge.edge.sources.base import EVENT_KINDS, EventCallback, FrameSource, SourceEvent, print_warning
+from hemaedge.edge.sources.capture import (
     CaptureSource,
     VideoFileSource,
     csi_pipeline,
@@ -40,7 +40,7 @@ from edge.sources.capture import (
     rtsp_opener,
     usb_opener,
 )
-from edge.sources.files import (
+from hemaedge.edge.sources.files import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     ImageFilesSource,
@@ -49,7 +49,7 @@ from edge.sources.files import (
     open_images,
     read_image,
 )
-from edge.sources.synthetic import SmearModel, SyntheticSource
+from hemaedge.edge.sources.synthetic import SmearModel, SyntheticSource
 
 __all__ = [
     "EVENT_KINDS", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "CaptureSource", "EventCallback", "FrameSource",
@@ -150,7 +150,7 @@ def open_source(uri: str | os.PathLike[str] | int, **opts: Any) -> FrameSource:
         return CaptureSource(text, gstreamer_opener(pipeline), live=True, on_event=on_event, max_frames=max_frames,
                              **cap_opts)
     if scheme == "picam":
-        from edge.sources.picam import picam_source
+        from hemaedge.edge.sources.picam import picam_source
 
         num = int(target or 0) if re.fullmatch(r"\d*", target) else None
         if num is None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable  # typing's: EventCallback below is evaluated at run time (Python 3.8)
 
-from edge.records import Frame
+from hemaedge.edge.records import Frame
 
 #: Event kinds a source emits.
 #: ``opened``, ``timeout`` (a read gave nothing; skipped), ``skipped`` (a corrupt

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge.errors import HemaedgeError, SourceError
-from edge.records import Frame
-from edge.sources.base import EventCallback, FrameSource
+from hemaedge.edge.errors import HemaedgeError, SourceError
+from hemaedge.edge.records import Frame
+from hemaedge.edge.sources.base import EventCallback, FrameSource
 
 
 class Capture(Protocol):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import InputError, SourceError
-from edge.records import Frame
-from edge.sources.base import EventCallback, FrameSource
-from edge.sources.capture import as_bgr
+from hemaedge.edge.errors import InputError, SourceError
+from hemaedge.edge.records import Frame
+from hemaedge.edge.sources.base import EventCallback, FrameSource
+from hemaedge.edge.sources.capture import as_bgr
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm", ".pgm", ".ppm")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".h264", ".ts")

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import require
-from edge.sources.base import EventCallback
-from edge.sources.capture import CaptureSource
+from hemaedge.edge.errors import require
+from hemaedge.edge.sources.base import EventCallback
+from hemaedge.edge.sources.capture import CaptureSource
 
 #: picamera2 format name -> channel order of the NumPy array it yields.
 PICAMERA2_ARRAY_ORDER = {"RGB888": "BGR", "BGR888": "RGB", "XRGB8888": "BGR", "XBGR8888": "RGB"}
@@ -67,7 +67,7 @@ def picam_source(camera_num: int = 0, *, width: int = 640, height: int = 480, fm
                  timeout_s: float = 2.0, on_event: EventCallback | None = None, **capture_opts: Any) -> CaptureSource:
     """A live source for Raspberry Pi camera ``camera_num`` (needs ``hemaedge[pi]`` / ``python3-picamera2``)."""
     if fmt not in PICAMERA2_ARRAY_ORDER:
-        from edge.errors import UsageError
+        from hemaedge.edge.errors import UsageError
 
         raise UsageError(f"picam format {fmt!r} not supported; use one of {', '.join(PICAMERA2_ARRAY_ORDER)}")
     return CaptureSource(

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.errors import UsageError
-from edge.records import Frame
-from edge.sources.base import EventCallback, FrameSource
+from hemaedge.edge.errors import UsageError
+from hemaedge.edge.records import Frame
+from hemaedge.edge.sources.base import EventCallback, FrameSource
 
 _OFFSET = 1 << 20  # keeps tile indices non-negative for SeedSequence
 

@@ -1,5 +1,5 @@
 """Crash-safe session store: every classified cell is persisted before it is counted."""
 
-from edge.store.session import CROPS, DB_NAME, NewCell, SessionStore, StoredCell, write_png
+from hemaedge.edge.store.session import CROPS, DB_NAME, NewCell, SessionStore, StoredCell, write_png
 
 __all__ = ["CROPS", "DB_NAME", "NewCell", "SessionStore", "StoredCell", "write_png"]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import StoreError
-from edge.store.session import write_png
+from hemaedge.edge.errors import StoreError
+from hemaedge.edge.store.session import write_png
 
 UNLABELLED = "unlabelled"
 

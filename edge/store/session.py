@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from edge.count.tracking import Keyframe
-from edge.errors import StoreError
+from hemaedge.edge.count.tracking import Keyframe
+from hemaedge.edge.errors import StoreError
 
 DB_NAME = "session.sqlite"
 CROPS = "crops"

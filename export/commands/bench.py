@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge.errors import UsageError
+from hemaedge.edge.errors import UsageError
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def synthetic_frames(n: int, seed: int = 7, pan: float = 0.0) -> list:
     ``pan=0`` gives a new, unrelated field every frame (worst case: every cell is
     new); ``pan>0`` moves the slide a few pixels per frame, as under a camera.
     """
-    from edge.sources import open_source
+    from hemaedge.edge.sources import open_source
 
     uri = f"synthetic://?seed={seed}&frames={n}&width=640&height=480" + (f"&pan={pan}" if pan else "")
     with open_source(uri) as src:
@@ -68,9 +68,9 @@ def synthetic_frames(n: int, seed: int = 7, pan: float = 0.0) -> list:
 def bench_crops(bundle, checkpoint: Path | None, batch: int, repeats: int, threads: int,
                 skip_torch: bool = False) -> dict[str, Any]:
     """crops/s for ORT FP32, ORT INT8 and PyTorch eager FP32 on the same crops."""
-    from edge.bundle import cut_crop, preprocess
-    from edge.classify.onnxruntime import OrtBackend
-    from edge.segment import make_segmenter
+    from hemaedge.edge.bundle import cut_crop, preprocess
+    from hemaedge.edge.classify.onnxruntime import OrtBackend
+    from hemaedge.edge.segment import make_segmenter
 
     seg = make_segmenter()
     crops = []
@@ -94,8 +94,8 @@ def bench_crops(bundle, checkpoint: Path | None, batch: int, repeats: int, threa
     if not skip_torch:
         import torch
 
-        from edge.bundle import sha256_file
-        from export import checkpoint as ckpt_mod
+        from hemaedge.edge.bundle import sha256_file
+        from hemaedge.export import checkpoint as ckpt_mod
 
         if checkpoint is None:
             checkpoint = Path(ckpt_mod.__file__).parent / "checkpoints" / f"{bundle.manifest.name}.pt"
@@ -127,11 +127,11 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
     with the same default threads. Two runs: a panning slide (what a camera
     gives) and a new field every frame (worst case).
     """
-    from edge.commands.count import DEFAULT_THREADS
-    from edge.count import DifferentialCounter, SlideTracker
-    from edge.pipeline import CellFinder, CountingSession, make_backend, make_quality_check
-    from edge.segment import make_segmenter
-    from edge.store import SessionStore
+    from hemaedge.edge.commands.count import DEFAULT_THREADS
+    from hemaedge.edge.count import DifferentialCounter, SlideTracker
+    from hemaedge.edge.pipeline import CellFinder, CountingSession, make_backend, make_quality_check
+    from hemaedge.edge.segment import make_segmenter
+    from hemaedge.edge.store import SessionStore
 
     threads = threads or DEFAULT_THREADS
     backend, why = make_backend(bundle, "auto", precision, threads=threads)
@@ -163,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edge.bundle import load_bundle
-    from edge.models import default_bundle_path
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.edge.models import default_bundle_path
 
     bundle = load_bundle(args.bundle or default_bundle_path())
     res: dict[str, Any] = {"bundle": str(bundle.path), "threads": args.threads or "default"}

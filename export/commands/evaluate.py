@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edge.errors import UsageError
+from hemaedge.edge.errors import UsageError
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -30,9 +30,9 @@ def evaluate_bundle(bundle, data, split: str, precision: str, batch: int = 256, 
     """
     import numpy as np
 
-    from calibration.datasets import batches, open_dataset
-    from edge.classify.onnxruntime import OrtBackend
-    from export.metrics import classification_report
+    from hemaedge.calibration.datasets import batches, open_dataset
+    from hemaedge.edge.classify.onnxruntime import OrtBackend
+    from hemaedge.export.metrics import classification_report
 
     classes = bundle.manifest.classes
     images = open_dataset(data, split)
@@ -74,8 +74,8 @@ def print_report(report: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print."""
-    from edge.bundle import load_bundle
-    from edge.models import default_bundle_path
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.edge.models import default_bundle_path
 
     bundle = load_bundle(args.bundle or default_bundle_path())
     report = evaluate_bundle(bundle, args.data, args.split, args.precision, args.batch, args.limit, variant=args.variant)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from edge.errors import UsageError
+from hemaedge.edge.errors import UsageError
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     """Export and print a summary."""
     from rich.console import Console
 
-    from export.pipeline import ExportOptions, run_export
+    from hemaedge.export.pipeline import ExportOptions, run_export
 
     data = args.data
     if data is None and args.model and not args.ensemble:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     con = Console(stderr=True)
     summary = run_export(opts, log=(lambda m: con.print(m, highlight=False)) if not args.json else (lambda m: None))
     if args.target == "tensorrt":
-        from export.to_engine import build_for_bundle  # issue 5
+        from hemaedge.export.to_engine import build_for_bundle  # issue 5
 
         summary["engine"] = build_for_bundle(summary["bundle"], "int8" if args.int8 else "fp32")
     if args.json:
@@ -109,7 +109,7 @@ def _data_from_checkpoint(model: str) -> str | None:
     if Path(model).suffix.lower() in (".onnx", ".pt2"):
         return None
     try:
-        from export import checkpoint
+        from hemaedge.export import checkpoint
 
         ck = checkpoint.load(model)
     except Exception:  # validated properly later; here we only look for a default
@@ -117,7 +117,7 @@ def _data_from_checkpoint(model: str) -> str | None:
     path = (ck.get("data") or {}).get("path")
     if not path or Path(path).exists():
         return path
-    from edge.config import data_root
+    from hemaedge.edge.config import data_root
 
     here = data_root() / Path(path).name  # same data set, another machine's layout
     if here.exists():

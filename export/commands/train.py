@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edge.config import data_root
+from hemaedge.edge.config import data_root
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print a summary."""
-    from export.train import Recipe, train
+    from hemaedge.export.train import Recipe, train
 
     kwargs: dict = {}
     if args.width is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from edge.errors import UsageError
+from hemaedge.edge.errors import UsageError
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 # Defaults each architecture was trained with: input size and normalisation.
@@ -29,10 +29,10 @@ def register(name: str, **defaults: Any) -> Callable:
 
 
 def _load_all() -> None:
-    from export.models import bloodcnn5  # noqa: F401
+    from hemaedge.export.models import bloodcnn5  # noqa: F401
 
     try:
-        from export.models import efficientnet  # noqa: F401
+        from hemaedge.export.models import efficientnet  # noqa: F401
     except ImportError:
         pass
 

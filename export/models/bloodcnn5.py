@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.models import register
+from hemaedge.export.models import register
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.models import register
+from hemaedge.export.models import register
 
 # (expand_ratio, kernel, stride, in_channels, out_channels, layers) per stage, EfficientNet paper Table 1.
 _STAGES_B0 = (
