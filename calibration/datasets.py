@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from hemaedge.edge.errors import InputError, UsageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -22,13 +21,36 @@ SPLITS = ("train", "val", "test")
 
 # Class names of the MedMNIST v2 2D sets, in label order (from the MedMNIST INFO table).
 MEDMNIST_CLASSES: dict[str, tuple[str, ...]] = {
-    "bloodmnist": ("basophil", "eosinophil", "erythroblast", "immature granulocyte", "lymphocyte", "monocyte",
-                   "neutrophil", "platelet"),
-    "pathmnist": ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
-                  "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
-    "dermamnist": ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
-                   "vascular lesions"),
+    "bloodmnist": (
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature granulocyte",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ),
+    "pathmnist": (
+        "adipose",
+        "background",
+        "debris",
+        "lymphocytes",
+        "mucus",
+        "smooth muscle",
+        "normal colon mucosa",
+        "cancer-associated stroma",
+        "colorectal adenocarcinoma epithelium",
+    ),
+    "dermamnist": (
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
+    ),
     "octmnist": ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
     "pneumoniamnist": ("normal", "pneumonia"),
     "breastmnist": ("malignant", "normal, benign"),
@@ -76,7 +98,9 @@ class ImageSet:
         """A new ImageSet holding only ``idx``."""
         idx = np.asarray(idx, dtype=np.int64)
         return ImageSet(
-            name=f"{self.name}[{len(idx)}]", classes=self.classes, labels=self.labels[idx],
+            name=f"{self.name}[{len(idx)}]",
+            classes=self.classes,
+            labels=self.labels[idx],
             array=None if self.array is None else self.array[idx],
             paths=None if self.paths is None else [self.paths[i] for i in idx],
             digest=hashlib.sha256((self.digest + ",".join(map(str, idx.tolist()))).encode()).hexdigest(),
@@ -126,7 +150,7 @@ def load_npz(path: str | os.PathLike, split: str, classes: Sequence[str] | None 
         with np.load(path) as z:
             keys = set(z.files)
             if f"{split}_images" not in keys:
-                have = sorted({k.rsplit('_', 1)[0] for k in keys if k.endswith('_images')})
+                have = sorted({k.rsplit("_", 1)[0] for k in keys if k.endswith("_images")})
                 raise InputError(f"{path.name} has no '{split}' split (it has: {', '.join(have) or 'none'})")
             images = z[f"{split}_images"]
             labels = z[f"{split}_labels"]
@@ -138,14 +162,23 @@ def load_npz(path: str | os.PathLike, split: str, classes: Sequence[str] | None 
     if images.ndim == 3:
         images = np.repeat(images[..., None], 3, axis=3)
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-        raise InputError(f"{path.name} {split}_images has shape {images.shape} {images.dtype}; expected N x H x W x 3 uint8")
+        raise InputError(
+            f"{path.name} {split}_images has shape {images.shape} {images.dtype}; expected N x H x W x 3 uint8"
+        )
     n_cls = int(labels.max()) + 1 if len(labels) else 0
     if classes is None:
         stem = path.stem.lower()
-        match = next((v for k, v in MEDMNIST_CLASSES.items() if stem.startswith(k.replace("mnist", "")) or k in stem), None)
+        match = next(
+            (v for k, v in MEDMNIST_CLASSES.items() if stem.startswith(k.replace("mnist", "")) or k in stem), None
+        )
         classes = match if match and len(match) >= n_cls else tuple(f"class_{i}" for i in range(n_cls))
-    return ImageSet(name=f"{path.name}:{split}", classes=tuple(classes), labels=labels, array=images,
-                    digest=_file_digest(path) + f":{split}")
+    return ImageSet(
+        name=f"{path.name}:{split}",
+        classes=tuple(classes),
+        labels=labels,
+        array=images,
+        digest=_file_digest(path) + f":{split}",
+    )
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -188,11 +221,18 @@ def load_folder(root: str | os.PathLike, split: str | None = None, classes: Sequ
             paths.append(p)
             labels.append(names.index(name) if name in names else -1)
             h.update(f"{name}/{p.name}:{p.stat().st_size};".encode())
-    return ImageSet(name=f"{root.name}:{split or 'all'}", classes=names, labels=np.asarray(labels, np.int64),
-                    paths=paths, digest=h.hexdigest())
+    return ImageSet(
+        name=f"{root.name}:{split or 'all'}",
+        classes=names,
+        labels=np.asarray(labels, np.int64),
+        paths=paths,
+        digest=h.hexdigest(),
+    )
 
 
-def open_dataset(path: str | os.PathLike, split: str | None = "train", classes: Sequence[str] | None = None) -> ImageSet:
+def open_dataset(
+    path: str | os.PathLike, split: str | None = "train", classes: Sequence[str] | None = None
+) -> ImageSet:
     """Open an ``.npz`` or an image-folder tree, choosing the reader by what ``path`` is."""
     p = Path(path)
     if p.suffix.lower() == ".npz":
@@ -223,5 +263,5 @@ def batches(images: ImageSet, spec, idx: np.ndarray | None = None, batch: int = 
 
     idx = np.arange(len(images)) if idx is None else np.asarray(idx)
     for s in range(0, len(idx), batch):
-        part = idx[s:s + batch]
+        part = idx[s : s + batch]
         yield preprocess(images.images(part), spec), images.labels[part]

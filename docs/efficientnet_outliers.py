@@ -21,7 +21,6 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from hemaedge.export import checkpoint
 
 # (BatchNorm after the first linear layer, conv reading it) in torchvision names (B0: no residual at either).
@@ -31,8 +30,9 @@ SITES = (
 )
 
 
-def provoke(state_dict: dict[str, torch.Tensor], scale: float, channel: int = 0,
-            sites=SITES) -> dict[str, torch.Tensor]:
+def provoke(
+    state_dict: dict[str, torch.Tensor], scale: float, channel: int = 0, sites=SITES
+) -> dict[str, torch.Tensor]:
     """A copy of ``state_dict`` with one outlier channel per site (FP32 function unchanged)."""
     sd = {k: v.clone() for k, v in state_dict.items()}
     for bn, conv in sites:
@@ -54,8 +54,7 @@ def main() -> None:
     out = dict(ck)
     out.pop("format", None)
     out["state_dict"] = provoke(ck["state_dict"], a.scale, a.channel)
-    out["provoked"] = {"sites": [list(s) for s in SITES], "scale": a.scale, "channel": a.channel,
-                       "source": str(a.src)}
+    out["provoked"] = {"sites": [list(s) for s in SITES], "scale": a.scale, "channel": a.channel, "source": str(a.src)}
     bad = checkpoint.build_model({**ck, "state_dict": out["state_dict"]})
     x = torch.randn(4, 3, ck["input"]["height"], ck["input"]["width"])
     with torch.no_grad():

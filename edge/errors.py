@@ -62,6 +62,5 @@ def require(module: str, extra: str, purpose: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise MissingDependencyError(
-            f"{purpose} needs '{module}', which is not installed: "
-            f"pip install 'hemaedge[{extra}]' ({exc})"
+            f"{purpose} needs '{module}', which is not installed: pip install 'hemaedge[{extra}]' ({exc})"
         ) from exc

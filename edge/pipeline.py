@@ -40,7 +40,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
-
 from hemaedge.edge.bundle import Bundle, preprocess
 from hemaedge.edge.bundle.groups import default_class_groups
 from hemaedge.edge.bundle.manifest import CropGeometry
@@ -74,7 +73,9 @@ class SegmenterLike(Protocol):
 # ---------------------------------------------------------------------------------------------------------------------
 # backend seam
 # ---------------------------------------------------------------------------------------------------------------------
-def make_backend(bundle: Bundle, preference: str = "auto", precision: str = "auto", threads: int = 0) -> tuple[Any, str]:
+def make_backend(
+    bundle: Bundle, preference: str = "auto", precision: str = "auto", threads: int = 0
+) -> tuple[Any, str]:
     """The classification backend for a bundle: ``(backend not yet entered, one line saying why)``.
 
     The one seam between the pipeline and backend choice: ``hemaedge.edge.classify.select``
@@ -157,8 +158,14 @@ class CellFinder:
         platelets: Also find platelets (see :meth:`use_platelets`).
     """
 
-    def __init__(self, segmenter: SegmenterLike, geometry: CropGeometry, tracker: SlideTracker | None = None,
-                 quality: Callable[[Frame], Any] | None = None, platelets: bool = False):
+    def __init__(
+        self,
+        segmenter: SegmenterLike,
+        geometry: CropGeometry,
+        tracker: SlideTracker | None = None,
+        quality: Callable[[Frame], Any] | None = None,
+        platelets: bool = False,
+    ):
         self.segmenter = segmenter
         self.geometry = geometry
         self.tracker = tracker or SlideTracker()
@@ -303,12 +310,28 @@ class CountingSession:
             recognise is not evidence of a white cell missed by the segmenter.
     """
 
-    def __init__(self, source: Any, finder: CellFinder, backend: Any, bundle: Bundle, store: SessionStore,
-                 counter: DifferentialCounter, *, backend_name: str | None = None, precision: str | None = None,
-                 session_name: str = "", max_frames: int | None = None, max_fps: float | None = None,
-                 queue_frames: int = QUEUE_FRAMES, stop_at_target: bool = True, crop_folder: CropFolder | None = None,
-                 on_cell: Callable[[StoredCell, str], None] | None = None, skip_when_busy: bool | None = None,
-                 note: str = "", platelets: bool | None = None):
+    def __init__(
+        self,
+        source: Any,
+        finder: CellFinder,
+        backend: Any,
+        bundle: Bundle,
+        store: SessionStore,
+        counter: DifferentialCounter,
+        *,
+        backend_name: str | None = None,
+        precision: str | None = None,
+        session_name: str = "",
+        max_frames: int | None = None,
+        max_fps: float | None = None,
+        queue_frames: int = QUEUE_FRAMES,
+        stop_at_target: bool = True,
+        crop_folder: CropFolder | None = None,
+        on_cell: Callable[[StoredCell, str], None] | None = None,
+        skip_when_busy: bool | None = None,
+        note: str = "",
+        platelets: bool | None = None,
+    ):
         self.source = source
         self.finder = finder
         self.backend = backend
@@ -361,10 +384,10 @@ class CountingSession:
         """Start the capture and classification threads."""
         self._started = time.monotonic()
         self._state = "counting"
-        self._threads = [threading.Thread(target=self._guard, args=(self._capture,), name="hemaedge-capture",
-                                          daemon=True),
-                         threading.Thread(target=self._guard, args=(self._work,), name="hemaedge-classify",
-                                          daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._capture,), name="hemaedge-capture", daemon=True),
+            threading.Thread(target=self._guard, args=(self._work,), name="hemaedge-classify", daemon=True),
+        ]
         for t in self._threads:
             t.start()
         return self
@@ -412,8 +435,14 @@ class CountingSession:
         """How the session ended (call after :meth:`wait`); raises the first thread error."""
         if self._error is not None:
             raise self._error
-        return SessionResult(self._state, self._frames, self._counted_this_run, time.monotonic() - self._started,
-                             dict(self._skipped), None)
+        return SessionResult(
+            self._state,
+            self._frames,
+            self._counted_this_run,
+            time.monotonic() - self._started,
+            dict(self._skipped),
+            None,
+        )
 
     def run(self, poll: Callable[[CountingSession], None] | None = None, interval: float = 0.1) -> SessionResult:
         """Start, wait for the end (calling ``poll`` every ``interval`` s), return the result.
@@ -459,12 +488,26 @@ class CountingSession:
             if getattr(self.source, "status", "") == "reconnecting":
                 warnings += ("camera reconnecting...",)
             return RunStatus(
-                snapshot=self._snapshot, classes=self.counter.classes, differential=self.counter.groups.differential,
-                group_labels=dict(self.counter.groups.labels), state=self._state, session=self.session_name,
-                source=str(getattr(self.source, "uri", "")), backend=self.backend_name, precision=self.precision,
-                frames=self._frames, fps=self._rate(self._frame_times, now), cells_per_s=self._rate(self._cell_times, now),
-                skipped=dict(self._skipped), at_edge=self._at_edge, warnings=warnings, recent=tuple(self._recent),
-                review_threshold=self.counter.review_threshold, message=message, note=self.note)
+                snapshot=self._snapshot,
+                classes=self.counter.classes,
+                differential=self.counter.groups.differential,
+                group_labels=dict(self.counter.groups.labels),
+                state=self._state,
+                session=self.session_name,
+                source=str(getattr(self.source, "uri", "")),
+                backend=self.backend_name,
+                precision=self.precision,
+                frames=self._frames,
+                fps=self._rate(self._frame_times, now),
+                cells_per_s=self._rate(self._cell_times, now),
+                skipped=dict(self._skipped),
+                at_edge=self._at_edge,
+                warnings=warnings,
+                recent=tuple(self._recent),
+                review_threshold=self.counter.review_threshold,
+                message=message,
+                note=self.note,
+            )
 
     # -- threads -------------------------------------------------------------------------------------------------------
     def _guard(self, fn: Callable[[], None]) -> None:
@@ -581,18 +624,37 @@ class CountingSession:
             if review or self.counter.groups.differential[idx]:
                 would += 1
             decisions.append((idx, review))
-            cells.append(NewCell(now, frame.source_id, frame.index, frame.name, t.box, reg.field, t.sx, t.sy, idx,
-                                 name, conf, review, p, crop.pixels))
+            cells.append(
+                NewCell(
+                    now,
+                    frame.source_id,
+                    frame.index,
+                    frame.name,
+                    t.box,
+                    reg.field,
+                    t.sx,
+                    t.sy,
+                    idx,
+                    name,
+                    conf,
+                    review,
+                    p,
+                    crop.pixels,
+                )
+            )
         stored = self.store.add(cells, keyframes)  # durable before it is counted (StoreError stops the session)
         for cell, new, (idx, review) in zip(stored, cells, decisions):
             bucket = self.counter.add(idx, review)
             if self.crop_folder is not None:
-                self.crop_folder.write(new.crop, cell.frame_index, cell.frame_name, cell.id,
-                                       None if review else cell.class_name)
+                self.crop_folder.write(
+                    new.crop, cell.frame_index, cell.frame_name, cell.id, None if review else cell.class_name
+                )
             with self._lock:
                 self._counted_this_run += 1
                 self._cell_times.append(time.monotonic())
-                self._recent.append(RecentCell(cell.id, bucket, cell.confidence, cell.frame_name or str(cell.frame_index)))
+                self._recent.append(
+                    RecentCell(cell.id, bucket, cell.confidence, cell.frame_name or str(cell.frame_index))
+                )
                 self._snapshot = self.counter.snapshot()
                 if self.stop_at_target and self.counter.done:
                     self._state = "done"
@@ -601,7 +663,6 @@ class CountingSession:
         if self.stop_at_target and self.counter.done:
             self._stop.set()
             self._unpaused.set()
-
 
 
 __all__ = ["CellFinder", "CountingSession", "Found", "SessionResult", "make_backend", "platelet_classes", "restore"]

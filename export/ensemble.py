@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from hemaedge.edge.errors import UsageError
 
 
@@ -82,8 +81,10 @@ def read_members(specs: list[tuple[str, float]]) -> list[Member]:
         ck = checkpoint.load(path)
         missing = [k for k in ("arch", "classes", "input") if not ck.get(k)]
         if missing:
-            raise UsageError(f"{Path(path).name} lacks {', '.join(missing)}: ensemble members must be hemaedge "
-                             "checkpoints (hemaedge train writes them)")
+            raise UsageError(
+                f"{Path(path).name} lacks {', '.join(missing)}: ensemble members must be hemaedge "
+                "checkpoints (hemaedge train writes them)"
+            )
         meta = {k: v for k, v in ck.items() if k != "state_dict"}
         members.append(Member(Path(path), float(weight), str(ck["arch"]), list(ck["classes"]), dict(ck["input"]), meta))
     return members
@@ -110,11 +111,14 @@ def check_members(members: list[Member], resize: bool = False) -> dict[str, Any]
     plan = []
     for m in members:
         if set(m.classes) != set(classes) or len(m.classes) != len(classes):
-            raise UsageError(f"ensemble members disagree on classes: {first.path.name} has {classes}, "
-                             f"{m.path.name} has {m.classes}")
+            raise UsageError(
+                f"ensemble members disagree on classes: {first.path.name} has {classes}, {m.path.name} has {m.classes}"
+            )
         if m.input.get("colour_order", "RGB") != colour:
-            raise UsageError(f"ensemble members disagree on colour order ({first.path.name} {colour}, "
-                             f"{m.path.name} {m.input.get('colour_order')})")
+            raise UsageError(
+                f"ensemble members disagree on colour order ({first.path.name} {colour}, "
+                f"{m.path.name} {m.input.get('colour_order')})"
+            )
         resize_to = None
         if m.size != size:
             if m.resizes_internally:
@@ -122,29 +126,37 @@ def check_members(members: list[Member], resize: bool = False) -> dict[str, Any]
             elif resize:
                 resize_to = m.size
             else:
-                raise UsageError(f"ensemble members take different input sizes {sizes}; a member may differ only "
-                                 "if its graph resizes internally (internal_size) or the fused graph resizes "
-                                 "(resize=True / --ensemble-resize)")
+                raise UsageError(
+                    f"ensemble members take different input sizes {sizes}; a member may differ only "
+                    "if its graph resizes internally (internal_size) or the fused graph resizes "
+                    "(resize=True / --ensemble-resize)"
+                )
         mean_i, std_i = tuple(m.input.get("mean", (0, 0, 0))), tuple(m.input.get("std", (1, 1, 1)))
         renorm = None
-        if not (np.allclose(mean_i, first.input.get("mean", (0, 0, 0)), atol=0, rtol=0)
-                and np.allclose(std_i, first.input.get("std", (1, 1, 1)), atol=0, rtol=0)):
+        if not (
+            np.allclose(mean_i, first.input.get("mean", (0, 0, 0)), atol=0, rtol=0)
+            and np.allclose(std_i, first.input.get("std", (1, 1, 1)), atol=0, rtol=0)
+        ):
             renorm = {"mean": list(mean_i), "std": list(std_i)}
         permute = None if m.classes == classes else [m.classes.index(c) for c in classes]
         plan.append({"resize_to": resize_to, "renormalise": renorm, "permute": permute})
     total = sum(m.weight for m in members)
     spec = dict(first.input)
     spec["height"], spec["width"] = size
-    return {"classes": classes, "input": spec, "plan": plan, "weights": [m.weight / total for m in members],
-            "weights_given": [m.weight for m in members]}
+    return {
+        "classes": classes,
+        "input": spec,
+        "plan": plan,
+        "weights": [m.weight / total for m in members],
+        "weights_given": [m.weight for m in members],
+    }
 
 
 def _build_wrapper(members: list[Member], plan: dict[str, Any]):
     import torch
     import torch.nn.functional as F
-    from torch import nn
-
     from hemaedge.export import checkpoint
+    from torch import nn
 
     base_mean = np.asarray(plan["input"].get("mean", (0, 0, 0)), np.float64)
     base_std = np.asarray(plan["input"].get("std", (1, 1, 1)), np.float64)
@@ -207,16 +219,21 @@ def export_ensemble(specs: list[tuple[str, float]], out: Path, resize: bool = Fa
         UsageError: incompatible members, before any model is built or exported.
     """
     import torch
-
     from hemaedge.export.to_onnx import Source, export_torch
 
     members = read_members(specs)
     plan = check_members(members, resize=resize)  # refuse before building or exporting anything
     wrapper = _build_wrapper(members, plan)
     arch = "ensemble(" + "+".join(m.arch for m in members) + ")"
-    meta = {"arch": arch, "classes": plan["classes"], "input": plan["input"], "output_kind": "probabilities",
-            "crop": members[0].meta.get("crop"), "data": members[0].meta.get("data"),
-            "recipe": [m.meta.get("recipe") for m in members]}
+    meta = {
+        "arch": arch,
+        "classes": plan["classes"],
+        "input": plan["input"],
+        "output_kind": "probabilities",
+        "crop": members[0].meta.get("crop"),
+        "data": members[0].meta.get("data"),
+        "recipe": [m.meta.get("recipe") for m in members],
+    }
     source = Source("ensemble", Path(out), wrapper, meta)
     h, w = plan["input"]["height"], plan["input"]["width"]
     export_torch(source, h, w, Path(out))
@@ -229,9 +246,18 @@ def export_ensemble(specs: list[tuple[str, float]], out: Path, resize: bool = Fa
 
     info = {
         "members": [
-            {"file": m.path.name, "sha256": sha256_file(m.path), "arch": m.arch, "arch_kwargs": m.meta.get("arch_kwargs"),
-             "weight": wn, "weight_given": m.weight, "input": [*m.size], "epoch": m.meta.get("epoch"),
-             "val_accuracy": (m.meta.get("metrics") or {}).get("val_accuracy"), **p}
+            {
+                "file": m.path.name,
+                "sha256": sha256_file(m.path),
+                "arch": m.arch,
+                "arch_kwargs": m.meta.get("arch_kwargs"),
+                "weight": wn,
+                "weight_given": m.weight,
+                "input": [*m.size],
+                "epoch": m.meta.get("epoch"),
+                "val_accuracy": (m.meta.get("metrics") or {}).get("val_accuracy"),
+                **p,
+            }
             for m, wn, p in zip(members, plan["weights"], plan["plan"])
         ],
         "output_kind": "probabilities",
@@ -246,7 +272,6 @@ def export_ensemble(specs: list[tuple[str, float]], out: Path, resize: bool = Fa
 def member_probabilities(onnx_paths: list[Path], weights: list[float], x: np.ndarray) -> np.ndarray:
     """The weighted average of separately run members' softmax outputs (the reference a fused graph must equal)."""
     import onnxruntime as ort
-
     from hemaedge.edge.classify.base import softmax
 
     total = float(sum(weights))
@@ -258,8 +283,9 @@ def member_probabilities(onnx_paths: list[Path], weights: list[float], x: np.nda
     return acc
 
 
-def time_fused_vs_members(fused: Path, members: list[Path], x: np.ndarray, repeats: int = 5,
-                          threads: int = 1) -> dict[str, float]:
+def time_fused_vs_members(
+    fused: Path, members: list[Path], x: np.ndarray, repeats: int = 5, threads: int = 1
+) -> dict[str, float]:
     """ORT CPU crops/s of the fused graph vs running each member one after the other (plus the numpy average).
 
     Not a unit test: a measurement for docs and reports. Median of ``repeats`` interleaved passes
@@ -268,7 +294,6 @@ def time_fused_vs_members(fused: Path, members: list[Path], x: np.ndarray, repea
     import time
 
     import onnxruntime as ort
-
     from hemaedge.edge.classify.base import softmax
 
     so = ort.SessionOptions()

@@ -22,7 +22,7 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
         j = i
         while j + 1 < len(s) and s[j + 1] == s[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -50,8 +50,13 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, classes: Sequen
         auc = _auroc(probs[:, i].astype(np.float64), labels == i)
         if auc is not None:
             aurocs.append(auc)
-        per_class[name] = {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                           "support": int(cm[i].sum()), "auroc": auc}
+        per_class[name] = {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(cm[i].sum()),
+            "auroc": auc,
+        }
     return {
         "n": int(len(labels)),
         "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from hemaedge.calibration.datasets import ImageSet, batches, open_dataset, stratified_sample
 from hemaedge.edge import __version__
 from hemaedge.edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
@@ -89,9 +88,12 @@ class ExportOptions:
             except ImportError as exc:
                 raise MissingDependencyError(
                     "--target tensorrt needs TensorRT's Python bindings on this workstation (not installable from "
-                    "PyPI here); export without it and run 'hemaedge build-engine BUNDLE' on the station") from exc
+                    "PyPI here); export without it and run 'hemaedge build-engine BUNDLE' on the station"
+                ) from exc
         if self.data is None:
-            raise UsageError("--data is needed: the data set whose train split calibrates and whose val split checks the model")
+            raise UsageError(
+                "--data is needed: the data set whose train split calibrates and whose val split checks the model"
+            )
         data = Path(self.data)
         if not data.exists():
             raise InputError(f"data set {data} does not exist")
@@ -100,7 +102,9 @@ class ExportOptions:
             if not calib.exists():
                 raise InputError(f"calibration folder {calib} does not exist")
             if calib.name in ("val", "test") or calib == (data / "val").resolve():
-                raise UsageError(f"--calib {self.calib} is a validation/test split; calibrate on training or station images")
+                raise UsageError(
+                    f"--calib {self.calib} is a validation/test split; calibrate on training or station images"
+                )
         if self.mean is not None and self.std is not None and (len(self.mean) != 3 or len(self.std) != 3):
             raise UsageError("--mean and --std take three comma-separated values")
         if self.crop_scale not in ("cell", "session"):
@@ -114,8 +118,13 @@ class ExportOptions:
 
 def _git_version() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
     return f"hemaedge {__version__}" + (f" ({rev})" if rev else "")
@@ -123,7 +132,6 @@ def _git_version() -> str:
 
 def _ort_probs(path: Path, images: ImageSet, spec: InputSpec, idx: np.ndarray, output_kind: str) -> np.ndarray:
     import onnxruntime as ort
-
     from hemaedge.edge.classify.base import softmax
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -150,7 +158,7 @@ def _raw_original_onnx(path: Path, x: np.ndarray, info: dict[str, Any]) -> np.nd
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     fixed = info.get("original_shape", [None])[0]
     if fixed:
-        return np.concatenate([sess.run(None, {name: x[i:i + fixed]})[0] for i in range(0, len(x), fixed)])
+        return np.concatenate([sess.run(None, {name: x[i : i + fixed]})[0] for i in range(0, len(x), fixed)])
     return sess.run(None, {name: x})[0]
 
 
@@ -165,11 +173,19 @@ def _spec_from(source: Source, opts: ExportOptions, info: dict[str, Any], data: 
     mean = opts.mean or tuple(meta_in.get("mean") or ())
     std = opts.std or tuple(meta_in.get("std") or ())
     if not mean or not std:
-        raise UsageError(f"{source.path.name} does not record its normalisation: pass --mean R,G,B --std R,G,B "
-                         "(pixel = (value/255 - mean) / std; for raw 0..255 input use --mean 0,0,0 --std 0.00392157,...)")
-    return InputSpec(height=int(h), width=int(w), mean=tuple(mean), std=tuple(std),
-                     colour_order=meta_in.get("colour_order", "RGB"), resize=meta_in.get("resize", "area"),
-                     white_balance=bool(meta_in.get("white_balance", False)))
+        raise UsageError(
+            f"{source.path.name} does not record its normalisation: pass --mean R,G,B --std R,G,B "
+            "(pixel = (value/255 - mean) / std; for raw 0..255 input use --mean 0,0,0 --std 0.00392157,...)"
+        )
+    return InputSpec(
+        height=int(h),
+        width=int(w),
+        mean=tuple(mean),
+        std=tuple(std),
+        colour_order=meta_in.get("colour_order", "RGB"),
+        resize=meta_in.get("resize", "area"),
+        white_balance=bool(meta_in.get("white_balance", False)),
+    )
 
 
 def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
@@ -213,16 +229,26 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         # FP32 parity against the source model on real validation images.
         pidx = stratified_sample(val.labels, PARITY_IMAGES, opts.seed)
         px = np.concatenate([x for x, _ in batches(val, spec, pidx, 256)])
-        ref = _raw_original_onnx(source.path, px, info) if source.kind == "onnx" else (
-            info["reference"](px) if "reference" in info else torch_forward(source, px))
+        ref = (
+            _raw_original_onnx(source.path, px, info)
+            if source.kind == "onnx"
+            else (info["reference"](px) if "reference" in info else torch_forward(source, px))
+        )
         got = _raw(fp32, px)
-        parity = {"images": int(len(px)), "max_abs_diff": float(np.abs(ref - got).max()),
-                  "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean())}
-        log(f"FP32 parity vs source on {len(px)} val images: max |diff| {parity['max_abs_diff']:.2e}, "
-            f"top-1 agreement {parity['top1_agreement']:.4f}")
+        parity = {
+            "images": int(len(px)),
+            "max_abs_diff": float(np.abs(ref - got).max()),
+            "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+        }
+        log(
+            f"FP32 parity vs source on {len(px)} val images: max |diff| {parity['max_abs_diff']:.2e}, "
+            f"top-1 agreement {parity['top1_agreement']:.4f}"
+        )
         if parity["top1_agreement"] < 0.99:
-            raise UsageError(f"exported ONNX disagrees with the source model on {1 - parity['top1_agreement']:.1%} "
-                             "of images; refusing to ship it")
+            raise UsageError(
+                f"exported ONNX disagrees with the source model on {1 - parity['top1_agreement']:.1%} "
+                "of images; refusing to ship it"
+            )
 
         t = time.time()
         vidx = np.arange(len(val))
@@ -231,8 +257,12 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
 
         m32 = classification_report(p32, val.labels, classes)
         timings["eval_fp32_s"] = round(time.time() - t, 2)
-        metrics: dict[str, Any] = {"split": "val", "data": str(opts.data), "n": int(len(val)),
-                                   "fp32": {k: m32[k] for k in ("accuracy", "macro_f1", "macro_auroc")}}
+        metrics: dict[str, Any] = {
+            "split": "val",
+            "data": str(opts.data),
+            "n": int(len(val)),
+            "fp32": {k: m32[k] for k in ("accuracy", "macro_f1", "macro_auroc")},
+        }
         log(f"FP32 on val: accuracy {m32['accuracy']:.4f}, macro F1 {m32['macro_f1']:.4f}")
         calibration = None
         int8_path = cpu_path = None
@@ -253,9 +283,17 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             int8_path = tmp / "model.int8.onnx"
             quantize_int8(fp32, int8_path, make_reader(cal_set, spec, cidx), opts.calib_method, opts.per_channel)
             timings["quantize_s"] = round(time.time() - t, 2)
-            calibration = {"method": opts.calib_method, "num_images": int(len(cidx)), "set": cal_name,
-                           "digest": cal_set.subset(cidx).digest, "per_channel": opts.per_channel, "symmetric": True,
-                           "format": "QDQ", "stratified": True, "seed": opts.seed}
+            calibration = {
+                "method": opts.calib_method,
+                "num_images": int(len(cidx)),
+                "set": cal_name,
+                "digest": cal_set.subset(cidx).digest,
+                "per_channel": opts.per_channel,
+                "symmetric": True,
+                "format": "QDQ",
+                "stratified": True,
+                "seed": opts.seed,
+            }
             t = time.time()
             p8 = _ort_probs(int8_path, val, spec, vidx, output_kind)
             m8 = classification_report(p8, val.labels, classes)
@@ -270,12 +308,25 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
 
                 plain_path = tmp / "plain.int8.onnx"
                 shutil.copyfile(int8_path, plain_path)
-                res = search_int8(fp32, lambda: make_reader(cal_set, spec, cidx), eval_fn, opts.max_drop,
-                                  out=int8_path, baseline=m32["accuracy"], log=log)
-                search_info = {"method": res.method, "per_channel": res.per_channel,
-                               "float_nodes": list(res.excluded_nodes), "float_node_labels": res.excluded_labels,
-                               "drop": res.drop, "passed": res.passed, "log": res.log,
-                               "speed": search_speed_cost(fp32, plain_path, int8_path, spec, log)}
+                res = search_int8(
+                    fp32,
+                    lambda: make_reader(cal_set, spec, cidx),
+                    eval_fn,
+                    opts.max_drop,
+                    out=int8_path,
+                    baseline=m32["accuracy"],
+                    log=log,
+                )
+                search_info = {
+                    "method": res.method,
+                    "per_channel": res.per_channel,
+                    "float_nodes": list(res.excluded_nodes),
+                    "float_node_labels": res.excluded_labels,
+                    "drop": res.drop,
+                    "passed": res.passed,
+                    "log": res.log,
+                    "speed": search_speed_cost(fp32, plain_path, int8_path, spec, log),
+                }
                 calibration.update(method=res.method, per_channel=res.per_channel, float_nodes=list(res.excluded_nodes))
                 p8 = _ort_probs(int8_path, val, spec, vidx, output_kind)
                 m8 = classification_report(p8, val.labels, classes)
@@ -286,9 +337,19 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             accuracy_gate(m32["accuracy"], m8["accuracy"], opts.max_drop)
             outputs["int8"] = p8
             t = time.time()
-            cpu_path = _cpu_variant(fp32, tmp / "model.int8.cpu.onnx", lambda: make_reader(cal_set, spec, cidx),
-                                    calibration, lambda p: _ort_probs(p, val, spec, vidx, output_kind), val.labels,
-                                    classes, m32["accuracy"], opts.max_drop, metrics, log)
+            cpu_path = _cpu_variant(
+                fp32,
+                tmp / "model.int8.cpu.onnx",
+                lambda: make_reader(cal_set, spec, cidx),
+                calibration,
+                lambda p: _ort_probs(p, val, spec, vidx, output_kind),
+                val.labels,
+                classes,
+                m32["accuracy"],
+                opts.max_drop,
+                metrics,
+                log,
+            )
             timings["cpu_variant_s"] = round(time.time() - t, 2)
             metrics["cpu_speed"] = _cpu_speed(fp32, cpu_path or int8_path, spec, log)
 
@@ -304,20 +365,31 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             else:
                 fraction, crop_source = CropGeometry.cell_fraction, "default (no cell found in the training images)"
         geom = CropGeometry(cell_fraction=fraction, scale=opts.crop_scale)
-        log(f"crop geometry: the {'typical ' if geom.scale == 'session' else ''}cell spans {geom.cell_fraction:.3f} "
-            f"of the crop side ({crop_source}), scale {geom.scale}")
+        log(
+            f"crop geometry: the {'typical ' if geom.scale == 'session' else ''}cell spans {geom.cell_fraction:.3f} "
+            f"of the crop side ({crop_source}), scale {geom.scale}"
+        )
         try:
             from hemaedge.edge.bundle.groups import default_class_groups
+
             groups = default_class_groups(classes)
         except ImportError:
             groups = {}
         provenance = {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "code_version": _git_version(),
-            "source_model": {"file": Path(opts.source).name if opts.source else None, "kind": source.kind,
-                             "sha256": sha256_file(opts.source) if opts.source else None,
-                             "arch": source.meta.get("arch"), "epoch": source.meta.get("epoch")},
-            "data": {"path": str(opts.data), "val_digest": val.digest, "train_digest": (source.meta.get("data") or {}).get("train_digest")},
+            "source_model": {
+                "file": Path(opts.source).name if opts.source else None,
+                "kind": source.kind,
+                "sha256": sha256_file(opts.source) if opts.source else None,
+                "arch": source.meta.get("arch"),
+                "epoch": source.meta.get("epoch"),
+            },
+            "data": {
+                "path": str(opts.data),
+                "val_digest": val.digest,
+                "train_digest": (source.meta.get("data") or {}).get("train_digest"),
+            },
             "training_recipe": source.meta.get("recipe"),
             "training_lineage": source.meta.get("lineage") or [],
             "export_command": opts.command,
@@ -332,24 +404,48 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         if search_info:
             extra["int8_search"] = search_info
         manifest = Manifest(
-            name=opts.name or Path(opts.out).name, architecture=str(source.meta.get("arch") or info.get("arch") or source.kind),
-            classes=tuple(classes), input=spec, crop=geom, artifacts=(), output_kind=output_kind,
-            output_name="output", class_groups=groups, calibration=calibration, metrics=metrics,
-            provenance=provenance, extra=extra,
+            name=opts.name or Path(opts.out).name,
+            architecture=str(source.meta.get("arch") or info.get("arch") or source.kind),
+            classes=tuple(classes),
+            input=spec,
+            crop=geom,
+            artifacts=(),
+            output_kind=output_kind,
+            output_name="output",
+            class_groups=groups,
+            calibration=calibration,
+            metrics=metrics,
+            provenance=provenance,
+            extra=extra,
         )
         with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
             w.add(fp32, "onnx", "fp32", opset=_opset(fp32))
             if int8_path is not None:
                 w.add(int8_path, "onnx", "int8", opset=_opset(int8_path), format="QDQ", activations="symmetric")
             if cpu_path is not None:
-                w.add(cpu_path, "onnx", "int8", opset=_opset(cpu_path), format="QDQ", activations="asymmetric",
-                      target="cpu")
+                w.add(
+                    cpu_path,
+                    "onnx",
+                    "int8",
+                    opset=_opset(cpu_path),
+                    format="QDQ",
+                    activations="asymmetric",
+                    target="cpu",
+                )
             golden = _write_golden(w, val, spec, fp32, int8_path, opts.seed, output_kind, cpu_path)
             bundle = w.finish(manifest)
     summary = {
-        "bundle": str(bundle.path), "classes": classes, "input": [spec.height, spec.width], "parity": parity,
-        "metrics": metrics, "calibration": calibration, "artifacts": [a.file for a in bundle.manifest.artifacts],
-        "golden": golden, "seconds": round(time.time() - t0, 1), "timings": timings, "gate": "passed" if opts.int8 else "n/a",
+        "bundle": str(bundle.path),
+        "classes": classes,
+        "input": [spec.height, spec.width],
+        "parity": parity,
+        "metrics": metrics,
+        "calibration": calibration,
+        "artifacts": [a.file for a in bundle.manifest.artifacts],
+        "golden": golden,
+        "seconds": round(time.time() - t0, 1),
+        "timings": timings,
+        "gate": "passed" if opts.int8 else "n/a",
     }
     if search_info:
         summary["int8_search"] = search_info
@@ -366,7 +462,6 @@ def measure_training_framing(data: str | None, classes: list[str], seed: int = 0
     sees the cell. Returns ``{"median", "iqr", "images", "found"}`` or None if no cell was found.
     """
     import cv2
-
     from hemaedge.edge.records import Frame
     from hemaedge.edge.segment.crops import cell_fractions
 
@@ -387,12 +482,27 @@ def measure_training_framing(data: str | None, classes: list[str], seed: int = 0
     fr = cell_fractions(frames)
     if not len(fr):
         return None
-    return {"median": round(float(np.median(fr)), 3), "iqr": [round(float(q), 3) for q in np.percentile(fr, [25, 75])],
-            "images": int(len(idx)), "found": int(len(fr))}
+    return {
+        "median": round(float(np.median(fr)), 3),
+        "iqr": [round(float(q), 3) for q in np.percentile(fr, [25, 75])],
+        "images": int(len(idx)),
+        "found": int(len(fr)),
+    }
 
 
-def _cpu_variant(fp32: Path, out: Path, reader_factory, calibration: dict, probs_of, labels: np.ndarray,  # noqa: ANN001
-                 classes: list[str], fp32_accuracy: float, max_drop: float, metrics: dict, log) -> Path | None:  # noqa: ANN001
+def _cpu_variant(
+    fp32: Path,
+    out: Path,
+    reader_factory,
+    calibration: dict,
+    probs_of,
+    labels: np.ndarray,  # noqa: ANN001
+    classes: list[str],
+    fp32_accuracy: float,
+    max_drop: float,
+    metrics: dict,
+    log,
+) -> Path | None:  # noqa: ANN001
     """The INT8 model for ONNX Runtime on CPU: the same calibration, activations asymmetric.
 
     The portable INT8 model is symmetric (zero points 0), which TensorRT requires; but then a ReLU
@@ -410,15 +520,27 @@ def _cpu_variant(fp32: Path, out: Path, reader_factory, calibration: dict, probs
     method = calibration["method"]
     searched = "float_nodes" in calibration
     with entropy_bins() if method == "entropy" and searched else contextlib.nullcontext():
-        quantize_int8(fp32, out, reader_factory(), method, calibration["per_channel"], symmetric=False,
-                      exclude=calibration.get("float_nodes") or ())
+        quantize_int8(
+            fp32,
+            out,
+            reader_factory(),
+            method,
+            calibration["per_channel"],
+            symmetric=False,
+            exclude=calibration.get("float_nodes") or (),
+        )
     m = classification_report(probs_of(out), labels, classes)
     drop = (fp32_accuracy - m["accuracy"]) * 100
-    metrics["int8_cpu"] = {**{k: m[k] for k in ("accuracy", "macro_f1", "macro_auroc")}, "drop_points": round(drop, 4),
-                           "activations": "asymmetric"}
+    metrics["int8_cpu"] = {
+        **{k: m[k] for k in ("accuracy", "macro_f1", "macro_auroc")},
+        "drop_points": round(drop, 4),
+        "activations": "asymmetric",
+    }
     if drop > max_drop:
-        log(f"INT8 CPU variant on val: accuracy {m['accuracy']:.4f} (drop {drop:+.2f} points) misses the gate: "
-            "not shipped, the station's CPU runs the portable INT8 model")
+        log(
+            f"INT8 CPU variant on val: accuracy {m['accuracy']:.4f} (drop {drop:+.2f} points) misses the gate: "
+            "not shipped, the station's CPU runs the portable INT8 model"
+        )
         metrics["int8_cpu"]["shipped"] = False
         return None
     log(f"INT8 CPU variant (asymmetric activations) on val: accuracy {m['accuracy']:.4f} (drop {drop:+.2f} points)")
@@ -438,9 +560,17 @@ def _cpu_speed(fp32: Path, int8: Path, spec: InputSpec, log) -> dict:  # noqa: A
     from hemaedge.export.quant_search import speed_table
 
     table = speed_table({"fp32": fp32, "int8": int8}, (16, 3, spec.height, spec.width), repeats=5)
-    out = {"fp32": table["fp32"]["crops_per_cpu_s"], "int8": table["int8"]["crops_per_cpu_s"],
-           "int8_model": int8.name, "batch": 16, "threads": 1, "cpu": platform.machine()}
-    log(f"CPU speed (ONNX Runtime, 1 thread, batch 16): FP32 {out['fp32']:.0f}, INT8 {out['int8']:.0f} crops per CPU-second")
+    out = {
+        "fp32": table["fp32"]["crops_per_cpu_s"],
+        "int8": table["int8"]["crops_per_cpu_s"],
+        "int8_model": int8.name,
+        "batch": 16,
+        "threads": 1,
+        "cpu": platform.machine(),
+    }
+    log(
+        f"CPU speed (ONNX Runtime, 1 thread, batch 16): FP32 {out['fp32']:.0f}, INT8 {out['int8']:.0f} crops per CPU-second"
+    )
     return out
 
 
@@ -452,15 +582,18 @@ def search_speed_cost(fp32: Path, plain: Path, searched: Path, spec, log) -> dic
     """
     from hemaedge.export.quant_search import speed_table
 
-    table = speed_table({"fp32": fp32, "int8_plain": plain, "int8_searched": searched},
-                        (16, 3, spec.height, spec.width), repeats=5)
+    table = speed_table(
+        {"fp32": fp32, "int8_plain": plain, "int8_searched": searched}, (16, 3, spec.height, spec.width), repeats=5
+    )
     plain_rate = table["int8_plain"]["crops_per_cpu_s"]
     searched_rate = table["int8_searched"]["crops_per_cpu_s"]
     table["searched_vs_plain"] = round(searched_rate / plain_rate, 3) if plain_rate else None
     table["searched_vs_fp32"] = round(searched_rate / table["fp32"]["crops_per_cpu_s"], 3)
-    log(f"  int8 search speed (CPU, 1 thread, batch 16): FP32 {table['fp32']['crops_per_cpu_s']:.1f}, "
+    log(
+        f"  int8 search speed (CPU, 1 thread, batch 16): FP32 {table['fp32']['crops_per_cpu_s']:.1f}, "
         f"plain INT8 {plain_rate:.1f}, searched {searched_rate:.1f} crops per CPU-second "
-        f"({table['searched_vs_plain']:.2f}x plain INT8)")
+        f"({table['searched_vs_plain']:.2f}x plain INT8)"
+    )
     return table
 
 
@@ -470,7 +603,8 @@ def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop: float) -> float:
     if drop > max_drop:
         raise AccuracyGateError(
             f"INT8 fails the accuracy gate: val accuracy FP32 {fp32_acc:.4f}, INT8 {int8_acc:.4f}, "
-            f"drop {drop:.2f} points > --max-drop {max_drop} (try --calib-method, --search, or more --calib-size)")
+            f"drop {drop:.2f} points > --max-drop {max_drop} (try --calib-method, --search, or more --calib-size)"
+        )
     return drop
 
 
@@ -481,8 +615,16 @@ def _opset(path: Path) -> int:
     return int(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
-def _write_golden(writer: BundleWriter, val: ImageSet, spec: InputSpec, fp32: Path, int8: Path | None, seed: int,
-                  output_kind: str = "logits", int8_cpu: Path | None = None):
+def _write_golden(
+    writer: BundleWriter,
+    val: ImageSet,
+    spec: InputSpec,
+    fp32: Path,
+    int8: Path | None,
+    seed: int,
+    output_kind: str = "logits",
+    int8_cpu: Path | None = None,
+):
     """Save a few preprocessed inputs and their FP32/INT8 outputs for ``hemaedge verify`` on the station."""
     try:
         from hemaedge.edge.bundle.golden import write_golden

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from hemaedge.export.quantize import METHODS, quantize_int8
 
 SQNR_CAP_DB = 80.0  # an exact tensor (graph input, weights-free path) counts as 80 dB
@@ -84,11 +83,21 @@ class SearchResult:
     ranking: list[tuple[str, str, float]] = field(default_factory=list)
 
 
-def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], eval_fn: Callable[[Path], float],
-                max_drop: float, *, out: str | Path | None = None, baseline: float | None = None,
-                log: Callable[[str], None] = print, settings: Sequence[tuple[str, bool]] | None = None,
-                skip: Sequence[tuple[str, bool]] = (), analysis_batches: int = 4, max_float_fraction: float = 0.5,
-                max_trials: int = 12) -> SearchResult:
+def search_int8(
+    fp32_onnx: str | Path,
+    calib_reader_factory: Callable[[], Any],
+    eval_fn: Callable[[Path], float],
+    max_drop: float,
+    *,
+    out: str | Path | None = None,
+    baseline: float | None = None,
+    log: Callable[[str], None] = print,
+    settings: Sequence[tuple[str, bool]] | None = None,
+    skip: Sequence[tuple[str, bool]] = (),
+    analysis_batches: int = 4,
+    max_float_fraction: float = 0.5,
+    max_trials: int = 12,
+) -> SearchResult:
     """Find an INT8 model of ``fp32_onnx`` whose accuracy drop is within ``max_drop`` points.
 
     Args:
@@ -133,11 +142,20 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
                 quantize_int8(fp32, path, calib_reader_factory(), method, per_channel, exclude=list(exclude))
             acc = float(eval_fn(path))
             drop = (baseline - acc) * 100
-            rec = {"stage": stage, "method": method, "per_channel": per_channel, "float_nodes": len(exclude),
-                   "accuracy": round(acc, 5), "drop": round(drop, 3), "seconds": round(time.time() - t, 1)}
+            rec = {
+                "stage": stage,
+                "method": method,
+                "per_channel": per_channel,
+                "float_nodes": len(exclude),
+                "accuracy": round(acc, 5),
+                "drop": round(drop, 3),
+                "seconds": round(time.time() - t, 1),
+            }
             records.append(rec)
-            log(f"  int8 search ({stage}) {method}, {'per-channel' if per_channel else 'per-tensor'}"
-                f"{f', {len(exclude)} float nodes' if exclude else ''}: accuracy {acc:.4f}, drop {drop:+.2f} pts")
+            log(
+                f"  int8 search ({stage}) {method}, {'per-channel' if per_channel else 'per-tensor'}"
+                f"{f', {len(exclude)} float nodes' if exclude else ''}: accuracy {acc:.4f}, drop {drop:+.2f} pts"
+            )
             seen[key] = (drop, path)
             return drop, path
 
@@ -162,8 +180,10 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
         # Step 2: rank nodes by the noise they add, keep the worst in float.
         t = time.time()
         ranking = rank_nodes(fp32, qdq0, calib_reader_factory(), max_batches=analysis_batches)
-        log(f"  int8 search: ranked {len(ranking)} quantized nodes by added quantization noise in "
-            f"{time.time() - t:.0f} s; worst: " + ", ".join(f"{lab} ({db:.1f} dB)" for _, lab, db, _ in ranking[:3]))
+        log(
+            f"  int8 search: ranked {len(ranking)} quantized nodes by added quantization noise in "
+            f"{time.time() - t:.0f} s; worst: " + ", ".join(f"{lab} ({db:.1f} dB)" for _, lab, db, _ in ranking[:3])
+        )
         labels = {n: lab for n, lab, _, _ in ranking}
         top = [(n, lab, round(db, 2)) for n, lab, db, _ in ranking[:20]]
 
@@ -212,11 +232,31 @@ def search_int8(fp32_onnx: str | Path, calib_reader_factory: Callable[[], Any], 
         shutil.copyfile(path, out)
         excluded = excluded_for(k_best)
         excluded_labels = [labels.get(n, n) for n in excluded]
-        records.append({"stage": "result", "method": method, "per_channel": per_channel,
-                        "float_nodes": len(excluded), "float_node_labels": excluded_labels, "drop": round(drop, 3),
-                        "passed": drop <= max_drop, "ranking_top10": [list(r) for r in top[:10]]})
-        return SearchResult(out, method, per_channel, excluded, drop, records, baseline - drop / 100, baseline,
-                            drop <= max_drop, excluded_labels, top)
+        records.append(
+            {
+                "stage": "result",
+                "method": method,
+                "per_channel": per_channel,
+                "float_nodes": len(excluded),
+                "float_node_labels": excluded_labels,
+                "drop": round(drop, 3),
+                "passed": drop <= max_drop,
+                "ranking_top10": [list(r) for r in top[:10]],
+            }
+        )
+        return SearchResult(
+            out,
+            method,
+            per_channel,
+            excluded,
+            drop,
+            records,
+            baseline - drop / 100,
+            baseline,
+            drop <= max_drop,
+            excluded_labels,
+            top,
+        )
 
 
 _ORDER = ("entropy", "percentile", "minmax")
@@ -287,9 +327,13 @@ def local_error_model(fmodel, qmodel):
     qprod = {o: n for n in qmodel.graph.node for o in n.output}
     qinits = {i.name for i in qmodel.graph.initializer}
     qgraph_inputs = {i.name for i in qmodel.graph.input}
-    quantized = {n.name for n in qmodel.graph.node
-                 if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.name in fnodes
-                 and any(i in qprod and qprod[i].op_type == "DequantizeLinear" for i in n.input)}
+    quantized = {
+        n.name
+        for n in qmodel.graph.node
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+        and n.name in fnodes
+        and any(i in qprod and qprod[i].op_type == "DequantizeLinear" for i in n.input)
+    }
 
     def rename(name: str) -> str:
         if not name:
@@ -311,9 +355,15 @@ def local_error_model(fmodel, qmodel):
         m.name = Q + n.name
         ins = []
         for i in n.input:
-            from_fp32 = i in ftensors and i not in qinits and i not in finits and (
-                n.op_type == "QuantizeLinear" or (n.name in quantized and not (
-                    i in qprod and qprod[i].op_type == "DequantizeLinear")))
+            from_fp32 = (
+                i in ftensors
+                and i not in qinits
+                and i not in finits
+                and (
+                    n.op_type == "QuantizeLinear"
+                    or (n.name in quantized and not (i in qprod and qprod[i].op_type == "DequantizeLinear"))
+                )
+            )
             ins.append(i if from_fp32 else rename(i))
         m.ClearField("input")
         m.input.extend(ins)
@@ -374,8 +424,14 @@ def node_labels(model) -> dict[str, str]:
     return labels
 
 
-def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches: int = 4,
-               chunk: int | None = None, memory_mb: int = 512) -> list[tuple[str, str, float, list[str]]]:
+def rank_nodes(
+    fp32_onnx: str | Path,
+    qdq_onnx: str | Path,
+    reader,
+    max_batches: int = 4,
+    chunk: int | None = None,
+    memory_mb: int = 512,
+) -> list[tuple[str, str, float, list[str]]]:
     """Rank the QDQ model's quantized nodes by their local quantization error.
 
     ``local_error_model`` runs each quantized node on quantized copies of the *FP32*
@@ -427,7 +483,7 @@ def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches:
             break
         x = next(iter(feed.values()))
         for s in range(0, len(x), chunk):
-            outs = dict(zip(order, sess.run(None, {inp: x[s:s + chunk]})))
+            outs = dict(zip(order, sess.run(None, {inp: x[s : s + chunk]})))
             for node, node_pairs in pairs.items():
                 for fo, qo in node_pairs:
                     a = outs[fo].astype(np.float64)
@@ -444,8 +500,11 @@ def rank_nodes(fp32_onnx: str | Path, qdq_onnx: str | Path, reader, max_batches:
     for n in fmodel.graph.node:
         if n.name not in pairs:
             continue
-        nsr = max(channel_nsr(sig[f"{n.name}\0{fo}"], err[f"{n.name}\0{fo}"]) for fo, _ in pairs[n.name]
-                  if f"{n.name}\0{fo}" in sig)
+        nsr = max(
+            channel_nsr(sig[f"{n.name}\0{fo}"], err[f"{n.name}\0{fo}"])
+            for fo, _ in pairs[n.name]
+            if f"{n.name}\0{fo}" in sig
+        )
         ins = [i for i in n.input if i and i not in inits]
         group = [n.name] + [producer[i].name for i in ins if i in producer and producer[i].name in pairs]
         scored.append((n.name, labels.get(n.name, n.name), _db(1.0, nsr), list(dict.fromkeys(group))))
@@ -490,8 +549,9 @@ def _db(signal: float, noise: float) -> float:
     return float(min(SQNR_CAP_DB, 10 * math.log10(signal / noise)))
 
 
-def throughput(onnx_path: str | Path, shape: Sequence[int], seconds: float = 5.0, threads: int = 1,
-               warmup: int = 1) -> float:
+def throughput(
+    onnx_path: str | Path, shape: Sequence[int], seconds: float = 5.0, threads: int = 1, warmup: int = 1
+) -> float:
     """ONNX Runtime CPU crops/s on random input of ``shape`` (N x C x H x W), timed for about ``seconds``."""
     import onnxruntime as ort
 
@@ -512,8 +572,9 @@ def throughput(onnx_path: str | Path, shape: Sequence[int], seconds: float = 5.0
     return n * shape[0] / (time.perf_counter() - t0)
 
 
-def speed_table(models: dict[str, str | Path], shape: Sequence[int], repeats: int = 5,
-                threads: int = 1) -> dict[str, dict[str, float]]:
+def speed_table(
+    models: dict[str, str | Path], shape: Sequence[int], repeats: int = 5, threads: int = 1
+) -> dict[str, dict[str, float]]:
     """Crops/s of several ONNX models on the same random batch, runs interleaved (ORT CPU).
 
     For the speed cost of mixed precision: ``{"fp32": ..., "int8": ..., "mixed": ...}``.
@@ -538,5 +599,10 @@ def speed_table(models: dict[str, str | Path], shape: Sequence[int], repeats: in
             wall[k].append(time.perf_counter() - t)
             cpu[k].append(time.process_time() - c)
     n = shape[0]
-    return {k: {"crops_per_s": round(n / float(np.median(wall[k])), 2),
-                "crops_per_cpu_s": round(n / float(np.median(cpu[k])), 2)} for k in sessions}
+    return {
+        k: {
+            "crops_per_s": round(n / float(np.median(wall[k])), 2),
+            "crops_per_cpu_s": round(n / float(np.median(cpu[k])), 2),
+        }
+        for k in sessions
+    }

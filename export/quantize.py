@@ -76,8 +76,16 @@ def bounded_calibration(chunk_batches: int | None = None):
         ort_quantize.create_calibrator = create
 
 
-def quantize_int8(fp32: Path, out: Path, reader, method: str = "entropy", per_channel: bool = True,
-                  symmetric: bool = True, exclude: Sequence[str] = (), percentile: float = 99.999) -> Path:
+def quantize_int8(
+    fp32: Path,
+    out: Path,
+    reader,
+    method: str = "entropy",
+    per_channel: bool = True,
+    symmetric: bool = True,
+    exclude: Sequence[str] = (),
+    percentile: float = 99.999,
+) -> Path:
     """Quantize an FP32 ONNX model to INT8 QDQ.
 
     Args:
@@ -96,8 +104,11 @@ def quantize_int8(fp32: Path, out: Path, reader, method: str = "entropy", per_ch
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT warns via the root logger
     if method not in METHODS:
         raise UsageError(f"calibration method must be one of {METHODS}, not {method!r}")
-    cal = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-           "percentile": CalibrationMethod.Percentile}[method]
+    cal = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         # ONNX Runtime's calibrators print progress to stdout; keep stdout clean for --json.
         pre = Path(tmp) / "pre.onnx"
@@ -107,8 +118,15 @@ def quantize_int8(fp32: Path, out: Path, reader, method: str = "entropy", per_ch
             extra["CalibPercentile"] = percentile
         with bounded_calibration():
             quantize_static(
-                str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=cal,
-                nodes_to_exclude=list(exclude), extra_options=extra,
+                str(pre),
+                str(out),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=cal,
+                nodes_to_exclude=list(exclude),
+                extra_options=extra,
             )
     return out

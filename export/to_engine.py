@@ -17,8 +17,16 @@ from hemaedge.edge.classify.trt_build import BatchProfile
 from hemaedge.edge.classify.trt_build import build_for_bundle as _build
 
 
-def build_for_bundle(bundle: str | os.PathLike, precision: str = "int8", *, max_batch: int = 64, opt_batch: int = 8,
-                     allow_fp16_fallback: bool = False, log=None, **options: Any) -> dict[str, Any]:
+def build_for_bundle(
+    bundle: str | os.PathLike,
+    precision: str = "int8",
+    *,
+    max_batch: int = 64,
+    opt_batch: int = 8,
+    allow_fp16_fallback: bool = False,
+    log=None,
+    **options: Any,
+) -> dict[str, Any]:
     """Build this machine's engine into an exported bundle; a JSON-ready summary.
 
     Args:

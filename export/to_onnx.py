@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from hemaedge.edge.errors import InputError, UsageError
 
 OPSET = 17
@@ -71,7 +70,9 @@ def load_source(path: str | Path, arch: str | None = None, classes: list[str] | 
         try:
             return Source(kind, path, torch.export.load(str(path)))
         except Exception as exc:
-            raise InputError(f"{path} is not a loadable torch.export program ({str(exc).splitlines()[0][:120]})") from exc
+            raise InputError(
+                f"{path} is not a loadable torch.export program ({str(exc).splitlines()[0][:120]})"
+            ) from exc
     from hemaedge.export import checkpoint
 
     ck = checkpoint.load(path)
@@ -98,7 +99,7 @@ def torch_forward(source: Source, batch: np.ndarray) -> np.ndarray:
     try:
         return call(batch)
     except (AssertionError, RuntimeError):  # a program exported with a fixed batch: one image at a time
-        return np.concatenate([call(batch[i:i + 1]) for i in range(len(batch))])
+        return np.concatenate([call(batch[i : i + 1]) for i in range(len(batch))])
 
 
 def export_torch(source: Source, height: int, width: int, out: Path) -> Path:
@@ -119,23 +120,42 @@ def export_torch(source: Source, height: int, width: int, out: Path) -> Path:
             raise RuntimeError("TorchScript goes through the TorchScript exporter")
         with quiet, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, example, str(out), input_names=["input"], output_names=["output"],
-                              dynamic_shapes=({0: torch.export.Dim("N", min=1, max=4096)},), dynamo=True,
-                              opset_version=max(OPSET, 18), verbose=False, optimize=True)
+            torch.onnx.export(
+                model,
+                example,
+                str(out),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: torch.export.Dim("N", min=1, max=4096)},),
+                dynamo=True,
+                opset_version=max(OPSET, 18),
+                verbose=False,
+                optimize=True,
+            )
     except Exception:  # fall back to the TorchScript-based exporter (ScriptModules, older graphs)
         if source.kind == "pt2":
             model = source.model.module()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, example, str(out), input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, dynamo=False, opset_version=OPSET)
+            torch.onnx.export(
+                model,
+                example,
+                str(out),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+                dynamo=False,
+                opset_version=OPSET,
+            )
     import onnx
 
     dim0 = onnx.load(str(out), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
     if not dim0.dim_param:
-        raise UsageError(f"{source.path.name} was exported with a fixed batch of {dim0.dim_value}; the station batches "
-                         "crops, so re-export it with a dynamic batch (torch.export.export(..., dynamic_shapes="
-                         "({0: torch.export.Dim('batch')},)))")
+        raise UsageError(
+            f"{source.path.name} was exported with a fixed batch of {dim0.dim_value}; the station batches "
+            "crops, so re-export it with a dynamic batch (torch.export.export(..., dynamic_shapes="
+            "({0: torch.export.Dim('batch')},)))"
+        )
     return out
 
 
@@ -178,7 +198,9 @@ def adapt_foreign_onnx(src: Path, out: Path) -> dict[str, Any]:
         internal = old + "_nhwc"
         for node in model.graph.node:
             node.input[:] = [internal if x == old else x for x in node.input]
-        model.graph.node.insert(0, helper.make_node("Transpose", ["input"], [internal], perm=[0, 2, 3, 1], name="hemaedge_nchw_to_nhwc"))
+        model.graph.node.insert(
+            0, helper.make_node("Transpose", ["input"], [internal], perm=[0, 2, 3, 1], name="hemaedge_nchw_to_nhwc")
+        )
         new_in = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, h, w])
         model.graph.input.remove(inp)
         model.graph.input.insert(0, new_in)

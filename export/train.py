@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset
 from hemaedge.edge.bundle.manifest import InputSpec
 from hemaedge.edge.bundle.preprocess import preprocess
 from hemaedge.edge.errors import UsageError
 from hemaedge.export import checkpoint
 from hemaedge.export.models import DEFAULTS, build
+from torch import nn
 
 
 @dataclass
@@ -62,7 +61,7 @@ def _stats(images: ImageSet, size: int, white_balance: bool, n: int = 2000, seed
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
     raw = InputSpec(height=size, width=size, white_balance=white_balance)
-    x = np.concatenate([preprocess(images.images(idx[s:s + 256]), raw) for s in range(0, len(idx), 256)])
+    x = np.concatenate([preprocess(images.images(idx[s : s + 256]), raw) for s in range(0, len(idx), 256)])
     return tuple(float(v) for v in x.mean((0, 2, 3))), tuple(float(v) for v in x.std((0, 2, 3)))
 
 
@@ -120,8 +119,13 @@ def stage_lineage(path: str | Path, ck: dict) -> list[dict]:
     """
     from hemaedge.edge.bundle import sha256_file
 
-    own = {"checkpoint": str(path), "sha256": sha256_file(path), "recipe": ck.get("recipe"),
-           "epoch": ck.get("epoch"), "metrics": ck.get("metrics")}
+    own = {
+        "checkpoint": str(path),
+        "sha256": sha256_file(path),
+        "recipe": ck.get("recipe"),
+        "epoch": ck.get("epoch"),
+        "metrics": ck.get("metrics"),
+    }
     return [*(ck.get("lineage") or []), own]
 
 
@@ -168,8 +172,9 @@ class _FolderData(torch.utils.data.Dataset):
 def _loader(images: ImageSet, spec: InputSpec, batch: int, shuffle: bool, balanced: bool, workers: int, seed: int):
     """Batches of preprocessed tensors: in memory for npz sets, decoded on the fly for folders."""
     if images.array is not None:
-        data = torch.utils.data.TensorDataset(torch.from_numpy(preprocess(images.array, spec)),
-                                              torch.from_numpy(images.labels))
+        data = torch.utils.data.TensorDataset(
+            torch.from_numpy(preprocess(images.array, spec)), torch.from_numpy(images.labels)
+        )
     else:
         data = _FolderData(images, spec)
     gen = torch.Generator().manual_seed(seed)
@@ -178,9 +183,16 @@ def _loader(images: ImageSet, spec: InputSpec, batch: int, shuffle: bool, balanc
         counts = np.bincount(images.labels, minlength=len(images.classes)).astype(np.float64)
         w = 1.0 / np.maximum(counts[images.labels], 1)
         sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(w), len(images), generator=gen)
-    return torch.utils.data.DataLoader(data, batch_size=batch, shuffle=shuffle and sampler is None, sampler=sampler,
-                                       num_workers=workers, generator=gen, drop_last=False,
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        data,
+        batch_size=batch,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        generator=gen,
+        drop_last=False,
+        persistent_workers=workers > 0,
+    )
 
 
 @torch.no_grad()
@@ -232,18 +244,25 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         xs, ys = [torch.from_numpy(preprocess(tr.array, spec))], [torch.from_numpy(tr.labels)]
         for path in recipe.extra_data:
             ex = load_folder(path, None, classes=tr.classes)
-            extra_digests.append({"path": str(path), "images": len(ex), "digest": ex.digest, "repeat": recipe.extra_repeat})
-            xe = torch.from_numpy(np.concatenate([preprocess(ex.images(np.arange(s, min(s + 256, len(ex)))), spec)
-                                                  for s in range(0, len(ex), 256)]))
+            extra_digests.append(
+                {"path": str(path), "images": len(ex), "digest": ex.digest, "repeat": recipe.extra_repeat}
+            )
+            xe = torch.from_numpy(
+                np.concatenate(
+                    [preprocess(ex.images(np.arange(s, min(s + 256, len(ex)))), spec) for s in range(0, len(ex), 256)]
+                )
+            )
             xs += [xe] * recipe.extra_repeat
             ys += [torch.from_numpy(ex.labels)] * recipe.extra_repeat
         data = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
-        tl = torch.utils.data.DataLoader(data, batch_size=recipe.batch, shuffle=True,
-                                         generator=torch.Generator().manual_seed(recipe.seed))
+        tl = torch.utils.data.DataLoader(
+            data, batch_size=recipe.batch, shuffle=True, generator=torch.Generator().manual_seed(recipe.seed)
+        )
     vl = _loader(va, spec, 256, False, False, recipe.workers, recipe.seed)
     if recipe.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                              weight_decay=recipe.weight_decay, nesterov=True)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=True
+        )
     elif recipe.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     else:
@@ -272,14 +291,25 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             sched.load_state_dict(ck["scheduler"])
         start, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
         gen.set_state(ck["gen"])
-    meta = dict(arch=recipe.arch, arch_kwargs=recipe.arch_kwargs, classes=list(tr.classes), input=asdict(spec),
-                data={"path": str(recipe.data), "train_digest": tr.digest, "val_digest": va.digest,
-                      "extra": extra_digests},
-                recipe=asdict(recipe), lineage=lineage)
+    meta = dict(
+        arch=recipe.arch,
+        arch_kwargs=recipe.arch_kwargs,
+        classes=list(tr.classes),
+        input=asdict(spec),
+        data={"path": str(recipe.data), "train_digest": tr.digest, "val_digest": va.digest, "extra": extra_digests},
+        recipe=asdict(recipe),
+        lineage=lineage,
+    )
     log = open(out / "train.log.jsonl", "a", encoding="utf-8")
     t0 = time.time()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeRemainingColumn(), disable=not progress) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not progress,
+    ) as bar:
         ep_task = bar.add_task("epochs", total=recipe.epochs, completed=start, info="")
         for epoch in range(start, recipe.epochs):
             model.train()
@@ -306,22 +336,49 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             improved = val_acc > best
             if improved:
                 best, best_epoch, stale = val_acc, epoch, 0
-                checkpoint.save(out / "best.pt", **meta, state_dict=model.state_dict(), epoch=epoch,
-                                metrics={"val_accuracy": val_acc})
+                checkpoint.save(
+                    out / "best.pt",
+                    **meta,
+                    state_dict=model.state_dict(),
+                    epoch=epoch,
+                    metrics={"val_accuracy": val_acc},
+                )
             else:
                 stale += 1
-            rec = {"epoch": epoch + 1, "train_loss": tot / seen, "train_acc": correct / seen, "val_acc": val_acc,
-                   "lr": opt.param_groups[0]["lr"], "best": best, "seconds": round(time.time() - t0, 1)}
+            rec = {
+                "epoch": epoch + 1,
+                "train_loss": tot / seen,
+                "train_acc": correct / seen,
+                "val_acc": val_acc,
+                "lr": opt.param_groups[0]["lr"],
+                "best": best,
+                "seconds": round(time.time() - t0, 1),
+            }
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict() if sched is not None else None, "epoch": epoch, "best": best,
-                        "best_epoch": best_epoch, "stale": stale, "gen": gen.get_state()}, last)
+            torch.save(
+                {
+                    "state_dict": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "epoch": epoch,
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "stale": stale,
+                    "gen": gen.get_state(),
+                },
+                last,
+            )
             bar.update(ep_task, advance=1, info=f"val {val_acc:.4f} best {best:.4f}@{best_epoch + 1}")
             if recipe.early_stop and stale >= recipe.early_stop:
                 break
             if recipe.max_minutes and (time.time() - t0) / 60 > recipe.max_minutes:
                 break
     log.close()
-    return {"best_checkpoint": str(out / "best.pt"), "best_epoch": best_epoch + 1, "val_accuracy": best,
-            "minutes": round((time.time() - t0) / 60, 2), "log": str(out / "train.log.jsonl")}
+    return {
+        "best_checkpoint": str(out / "best.pt"),
+        "best_epoch": best_epoch + 1,
+        "val_accuracy": best,
+        "minutes": round((time.time() - t0) / 60, 2),
+        "log": str(out / "train.log.jsonl"),
+    }

@@ -23,9 +23,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("hemaedge.edge.commands.verify", "run the bundle's golden inputs and compare with the workstation"),
     "doctor": ("hemaedge.edge.commands.doctor", "what this machine has and what is missing"),
     "build-engine": ("hemaedge.edge.commands.build_engine", "build a TensorRT engine for this GPU from a bundle"),
-    "evaluate": ("hemaedge.export.commands.evaluate", "accuracy, F1, AUROC and confusion matrix of a bundle on a data set"),
+    "evaluate": (
+        "hemaedge.export.commands.evaluate",
+        "accuracy, F1, AUROC and confusion matrix of a bundle on a data set",
+    ),
     "train": ("hemaedge.export.commands.train", "train a registered architecture (workstation)"),
-    "export": ("hemaedge.export.commands.export", "export a model to a checked ONNX / INT8 bundle (same as export-model)"),
+    "export": (
+        "hemaedge.export.commands.export",
+        "export a model to a checked ONNX / INT8 bundle (same as export-model)",
+    ),
     "bench": ("hemaedge.export.commands.bench", "throughput: ONNX Runtime FP32/INT8 vs PyTorch eager, whole pipeline"),
 }
 
@@ -44,9 +50,13 @@ def _missing_extra(name: str, exc: ModuleNotFoundError) -> int | None:
     if (exc.name or "").split(".")[0] not in _WORKSTATION_MODULES:
         return None
     # The station runtime runs on Python 3.8 (JetPack 5); the workstation extra needs >= 3.9 (torch 2.x).
-    where = "" if sys.version_info >= (3, 9) else f" on Python >= 3.9 (this is {sys.version_info[0]}.{sys.version_info[1]})"
-    _console().print(f"[bold red]error:[/] '{name}' needs the workstation extra ({exc.name} is missing): "
-                     f"pip install 'hemaedge\\[export]'{where}")
+    where = (
+        "" if sys.version_info >= (3, 9) else f" on Python >= 3.9 (this is {sys.version_info[0]}.{sys.version_info[1]})"
+    )
+    _console().print(
+        f"[bold red]error:[/] '{name}' needs the workstation extra ({exc.name} is missing): "
+        f"pip install 'hemaedge\\[export]'{where}"
+    )
     return 2
 
 
@@ -83,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         width = max(len(n) for n in COMMANDS)
         lines = [f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items()]
-        print("usage: hemaedge COMMAND [options]   (hemaedge COMMAND --help for its options)\n\ncommands:\n"
-              + "\n".join(lines) + "\n\nStart here: hemaedge count --demo")
+        print(
+            "usage: hemaedge COMMAND [options]   (hemaedge COMMAND --help for its options)\n\ncommands:\n"
+            + "\n".join(lines)
+            + "\n\nStart here: hemaedge count --demo"
+        )
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         print(f"hemaedge {__version__}")

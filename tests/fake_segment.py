@@ -17,8 +17,11 @@ class TruthSegmenter:
     def detect(self, frame: Frame) -> list[Detection]:
         if frame.truth is None:
             return []
-        return [Detection(tuple(float(v) for v in box), 1.0, "wbc")
-                for box, kind in zip(frame.truth, frame.truth_kinds) if kind == "wbc"]
+        return [
+            Detection(tuple(float(v) for v in box), 1.0, "wbc")
+            for box, kind in zip(frame.truth, frame.truth_kinds)
+            if kind == "wbc"
+        ]
 
 
 def always_ok(frame: Frame) -> Quality:

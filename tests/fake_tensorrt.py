@@ -44,6 +44,7 @@ FAKE_MAGIC = b"FAKE-TRT-PLAN\n"
 
 # --------------------------------------------------------------------------------------- cuda ----
 
+
 class FakeGpuState:
     """Device memory, streams and pinned host buffers of one fake GPU."""
 
@@ -66,11 +67,11 @@ class FakeGpuState:
 
     def read(self, ptr: int, nbytes: int) -> bytes:
         buf, off = self.region(ptr, nbytes)
-        return bytes(buf[off:off + nbytes])
+        return bytes(buf[off : off + nbytes])
 
     def write(self, ptr: int, data: bytes) -> None:
         buf, off = self.region(ptr, len(data))
-        buf[off:off + len(data)] = data
+        buf[off : off + len(data)] = data
 
     def enqueue(self, stream: int, op) -> None:
         if stream not in self.streams:
@@ -180,13 +181,25 @@ def make_fake_cudart(gpu: FakeGpuState) -> types.ModuleType:
             ops.pop(0)()
         return (ok,)
 
-    for fn in (cudaGetDeviceCount, cudaGetDeviceProperties, cudaMalloc, cudaFree, cudaMallocHost, cudaFreeHost,
-               cudaStreamCreate, cudaStreamDestroy, cudaMemcpyAsync, cudaMemcpy, cudaStreamSynchronize):
+    for fn in (
+        cudaGetDeviceCount,
+        cudaGetDeviceProperties,
+        cudaMalloc,
+        cudaFree,
+        cudaMallocHost,
+        cudaFreeHost,
+        cudaStreamCreate,
+        cudaStreamDestroy,
+        cudaMemcpyAsync,
+        cudaMemcpy,
+        cudaStreamSynchronize,
+    ):
         setattr(rt, fn.__name__, fn)
     return rt
 
 
 # ---------------------------------------------------------------------------------- tensorrt ----
+
 
 def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split(".")[:2])
@@ -203,8 +216,13 @@ class FakeTrtLog:
     builds: int = 0
 
 
-def make_fake_tensorrt(version: str = "10.3.0", gpu: FakeGpuState | None = None, fast_int8: bool = True,
-                       fast_fp16: bool = True, platform_flags: bool = True) -> types.ModuleType:
+def make_fake_tensorrt(
+    version: str = "10.3.0",
+    gpu: FakeGpuState | None = None,
+    fast_int8: bool = True,
+    fast_fp16: bool = True,
+    platform_flags: bool = True,
+) -> types.ModuleType:
     """A module with the TensorRT Python API surface hemaedge calls, for one TensorRT version.
 
     Args:
@@ -257,8 +275,12 @@ def make_fake_tensorrt(version: str = "10.3.0", gpu: FakeGpuState | None = None,
         INT32 = 3
 
     trt.DataType = DataType
-    trt.nptype = lambda dt: {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
-                             DataType.INT32: np.int32}[dt]
+    trt.nptype = lambda dt: {
+        DataType.FLOAT: np.float32,
+        DataType.HALF: np.float16,
+        DataType.INT8: np.int8,
+        DataType.INT32: np.int32,
+    }[dt]
 
     class TensorIOMode(enum.IntEnum):
         NONE = 0
@@ -394,12 +416,14 @@ def make_fake_tensorrt(version: str = "10.3.0", gpu: FakeGpuState | None = None,
             self.calibration_profile = profile
 
     if vt >= (8, 4):
+
         def set_memory_pool_limit(self, pool, size):
             self.pool_limits[MemoryPoolType(pool)] = size
             trt.fake_log.workspace.append(("pool", size))
 
         BuilderConfig.set_memory_pool_limit = set_memory_pool_limit
     if has_bindings:
+
         def _set_ws(self, size):
             trt.fake_log.workspace.append(("max_workspace_size", size))
 
@@ -437,7 +461,9 @@ def make_fake_tensorrt(version: str = "10.3.0", gpu: FakeGpuState | None = None,
             sample = tuple(inp.shape[1:])
             dynamic = any(d < 0 for d in inp.shape)
             if dynamic and not config.profiles:
-                return self._fail(f"Network has dynamic or shape inputs, but no optimization profile has been defined ({inp.name})")
+                return self._fail(
+                    f"Network has dynamic or shape inputs, but no optimization profile has been defined ({inp.name})"
+                )
             prof = config.profiles[0].shapes.get(inp.name) if config.profiles else None
             if config.profiles and prof is None:
                 return self._fail(f"optimization profile does not set {inp.name}")
@@ -455,11 +481,19 @@ def make_fake_tensorrt(version: str = "10.3.0", gpu: FakeGpuState | None = None,
                     return None
             if BuilderFlag.INT8 in config.flags and not fast_int8:
                 self.logger.log(Severity.WARNING, "INT8 not supported natively on this platform")
-            precision = "int8" if BuilderFlag.INT8 in config.flags else "fp16" if BuilderFlag.FP16 in config.flags else "fp32"
+            precision = (
+                "int8" if BuilderFlag.INT8 in config.flags else "fp16" if BuilderFlag.FP16 in config.flags else "fp32"
+            )
             header = {
-                "version": version, "gpu": [gpu.name, *gpu.cc], "onnx": network.onnx_path, "input": inp.name,
-                "output": out.name, "input_shape": list(inp.shape), "output_shape": list(out.shape),
-                "profile": [list(s) for s in prof] if prof else [list(inp.shape)] * 3, "precision": precision,
+                "version": version,
+                "gpu": [gpu.name, *gpu.cc],
+                "onnx": network.onnx_path,
+                "input": inp.name,
+                "output": out.name,
+                "input_shape": list(inp.shape),
+                "output_shape": list(out.shape),
+                "profile": [list(s) for s in prof] if prof else [list(inp.shape)] * 3,
+                "precision": precision,
                 "calibration": calibration,
             }
             return HostMemory(FAKE_MAGIC + json.dumps(header).encode())
@@ -475,7 +509,9 @@ def make_fake_tensorrt(version: str = "10.3.0", gpu: FakeGpuState | None = None,
             if dynamic and vt >= (8, 5):
                 cp = config.calibration_profile
                 if cp is None or cp.shapes.get(inp.name) != ((bs, *sample),) * 3:
-                    return self._fail("dynamic-shape calibration needs a calibration profile with the calibration batch shape")
+                    return self._fail(
+                        "dynamic-shape calibration needs a calibration profile with the calibration batch shape"
+                    )
             nbytes = bs * int(np.prod(sample)) * 4
             absmax = 0.0
             while True:
@@ -563,7 +599,9 @@ def make_fake_tensorrt(version: str = "10.3.0", gpu: FakeGpuState | None = None,
         Engine.get_tensor_name = lambda self, i: self.names[i]
         Engine.get_tensor_mode = lambda self, n: TensorIOMode.INPUT if n == self.h["input"] else TensorIOMode.OUTPUT
         Engine.get_tensor_dtype = _dtype
-        Engine.get_tensor_shape = lambda self, n: tuple(self.h["input_shape"] if n == self.h["input"] else self.h["output_shape"])
+        Engine.get_tensor_shape = lambda self, n: tuple(
+            self.h["input_shape"] if n == self.h["input"] else self.h["output_shape"]
+        )
         Engine.get_tensor_profile_shape = lambda self, n, p: [tuple(s) for s in self.h["profile"]]
         Context.set_input_shape = lambda self, n, shape: n == self.engine.h["input"] and self._set_shape(shape)
         Context.get_tensor_shape = lambda self, n: self._out_shape() if n == self.engine.h["output"] else self.shape
@@ -602,10 +640,13 @@ def make_fake_tensorrt(version: str = "10.3.0", gpu: FakeGpuState | None = None,
             if not data.startswith(FAKE_MAGIC):
                 self.logger.log(Severity.ERROR, "Serialization assertion failed: magic tag does not match")
                 return None
-            h = json.loads(data[len(FAKE_MAGIC):])
+            h = json.loads(data[len(FAKE_MAGIC) :])
             if h["version"] != version:
-                self.logger.log(Severity.ERROR, f"The engine plan file is not compatible with this version of TensorRT, "
-                                                f"expecting library version {version} got {h['version']}")
+                self.logger.log(
+                    Severity.ERROR,
+                    f"The engine plan file is not compatible with this version of TensorRT, "
+                    f"expecting library version {version} got {h['version']}",
+                )
                 return None
             if h["gpu"] != [gpu.name, *gpu.cc]:
                 self.logger.log(Severity.ERROR, "The engine plan file is generated on an incompatible device")

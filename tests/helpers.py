@@ -5,12 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from hemaedge.edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest
 
 BLOODMNIST_CLASSES = (
-    "basophil", "eosinophil", "erythroblast", "immature granulocyte",
-    "lymphocyte", "monocyte", "neutrophil", "platelet",
+    "basophil",
+    "eosinophil",
+    "erythroblast",
+    "immature granulocyte",
+    "lymphocyte",
+    "monocyte",
+    "neutrophil",
+    "platelet",
 )
 
 
@@ -32,7 +37,8 @@ def tiny_onnx(path: Path, size: int = 28, classes: int = 8, seed: int = 0) -> Pa
         helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", classes])],
         [w, b, fw, fb],
@@ -44,16 +50,24 @@ def tiny_onnx(path: Path, size: int = 28, classes: int = 8, seed: int = 0) -> Pa
     return path
 
 
-def tiny_bundle(out: Path, size: int = 28, classes: tuple[str, ...] = BLOODMNIST_CLASSES,
-                int8: bool = True, cell_fraction: float = 0.45) -> Path:
+def tiny_bundle(
+    out: Path,
+    size: int = 28,
+    classes: tuple[str, ...] = BLOODMNIST_CLASSES,
+    int8: bool = True,
+    cell_fraction: float = 0.45,
+) -> Path:
     """Write a complete, valid bundle with a random tiny model; returns its directory."""
     work = out.parent / (out.name + ".src")
     work.mkdir(parents=True, exist_ok=True)
     fp32 = tiny_onnx(work / "model.onnx", size, len(classes))
     manifest = Manifest(
-        name="tiny-test", architecture="tiny", classes=tuple(classes),
+        name="tiny-test",
+        architecture="tiny",
+        classes=tuple(classes),
         input=InputSpec(height=size, width=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-        crop=CropGeometry(cell_fraction=cell_fraction), artifacts=(),
+        crop=CropGeometry(cell_fraction=cell_fraction),
+        artifacts=(),
         provenance={"note": "random weights, built by tests/helpers.py"},
     )
     with BundleWriter(out, overwrite=True) as w:
@@ -64,13 +78,22 @@ def tiny_bundle(out: Path, size: int = 28, classes: tuple[str, ...] = BLOODMNIST
             class Reader(CalibrationDataReader):
                 def __init__(self):
                     rng = np.random.default_rng(1)
-                    self.it = iter([{"input": rng.normal(0, 1, (4, 3, size, size)).astype(np.float32)} for _ in range(4)])
+                    self.it = iter(
+                        [{"input": rng.normal(0, 1, (4, 3, size, size)).astype(np.float32)} for _ in range(4)]
+                    )
 
                 def get_next(self):
                     return next(self.it, None)
 
             q = work / "model.int8.onnx"
-            quantize_static(str(fp32), str(q), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+            quantize_static(
+                str(fp32),
+                str(q),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
             w.add(q, "onnx", "int8")
         return w.finish(manifest).path

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from hemaedge.edge.bundle import CropGeometry, InputSpec, cut_crop, load_bundle, preprocess
 from hemaedge.edge.bundle.manifest import parse_manifest
 from hemaedge.edge.errors import BundleError
@@ -132,6 +131,7 @@ def test_session_scale_crops_keep_one_field_of_view_for_cells_of_any_size(tiny_b
     b = load_bundle(tiny_bundle_dir)
     assert b.manifest.crop.scale == "cell"
     import dataclasses
+
     write_manifest(tiny_bundle_dir, dataclasses.replace(b.manifest, crop=geom))
     assert load_bundle(tiny_bundle_dir).manifest.crop == geom
     raw = json.loads((tiny_bundle_dir / "manifest.json").read_text())

@@ -6,8 +6,20 @@ from hemaedge.edge.bundle.groups import GROUP_SPELLINGS, default_class_groups, g
 from hemaedge.edge.bundle.manifest import parse_manifest
 
 PBC8 = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
-SEED2_12 = ["myeloblast", "lymphoblast", "promyelocyte", "myelocyte", "metamyelocyte", "band neutrophil",
-            "segmented neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast"]
+SEED2_12 = [
+    "myeloblast",
+    "lymphoblast",
+    "promyelocyte",
+    "myelocyte",
+    "metamyelocyte",
+    "band neutrophil",
+    "segmented neutrophil",
+    "lymphocyte",
+    "monocyte",
+    "eosinophil",
+    "basophil",
+    "erythroblast",
+]
 
 
 def test_twelve_type_taxonomy_groups_blasts_and_immature_granulocytes():
@@ -24,7 +36,9 @@ def test_pbc_and_bloodmnist_spellings():
     g = default_class_groups(PBC8)
     assert g["immature_granulocytes"] == ["ig"] and g["platelets"] == ["platelet"] and "blasts" not in g
     assert default_class_groups(["Immature_Granulocytes", "Neutrophils"]) == {
-        "immature_granulocytes": ["Immature_Granulocytes"], "neutrophils": ["Neutrophils"]}
+        "immature_granulocytes": ["Immature_Granulocytes"],
+        "neutrophils": ["Neutrophils"],
+    }
 
 
 def test_two_class_blast_model_and_unknown_names():
@@ -35,9 +49,14 @@ def test_two_class_blast_model_and_unknown_names():
 
 
 def test_groups_pass_manifest_validation():
-    d = {"format": "hemaedge-bundle", "schema_version": 1, "classes": SEED2_12, "class_groups": default_class_groups(SEED2_12),
-         "input": {"height": 256, "width": 256}, "artifacts": [{"file": "model.onnx", "kind": "onnx", "precision": "fp32",
-                                                               "sha256": "0" * 64, "bytes": 1}]}
+    d = {
+        "format": "hemaedge-bundle",
+        "schema_version": 1,
+        "classes": SEED2_12,
+        "class_groups": default_class_groups(SEED2_12),
+        "input": {"height": 256, "width": 256},
+        "artifacts": [{"file": "model.onnx", "kind": "onnx", "precision": "fp32", "sha256": "0" * 64, "bytes": 1}],
+    }
     assert parse_manifest(d).class_groups["blasts"] == ["myeloblast", "lymphoblast"]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import BLOODMNIST_CLASSES
-
 from hemaedge.edge.count import CellMap, ClassGroups, DifferentialCounter, SlideRegistrar, SlideTracker, wilson_interval
 from hemaedge.edge.sources import open_source
 
@@ -17,13 +16,16 @@ def onehot(i: int, p: float = 0.9, k: int = 8) -> np.ndarray:
 
 
 # -- statistics --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("k", "n", "lo", "hi"), [
-    (0, 100, 0.0, 3.70),      # Wald would say [0, 0]
-    (50, 100, 40.38, 59.62),
-    (100, 100, 96.30, 100.0),
-    (2, 100, 0.55, 7.00),
-    (1, 10, 1.79, 40.42),
-])
+@pytest.mark.parametrize(
+    ("k", "n", "lo", "hi"),
+    [
+        (0, 100, 0.0, 3.70),  # Wald would say [0, 0]
+        (50, 100, 40.38, 59.62),
+        (100, 100, 96.30, 100.0),
+        (2, 100, 0.55, 7.00),
+        (1, 10, 1.79, 40.42),
+    ],
+)
 def test_wilson_interval_matches_reference_values(k, n, lo, hi):
     a, b = wilson_interval(k, n)
     assert a == pytest.approx(lo, abs=0.02) and b == pytest.approx(hi, abs=0.02)

@@ -23,9 +23,16 @@ SYSTEM_UNITS = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/sys
 
 def test_deploy_files_exist():
     names = {p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file()}
-    for need in ("jetson/install.sh", "jetson/hemaedge-station.service", "jetson/Dockerfile", "jetson/README.md",
-                 "jetson/99-hemaedge-camera.rules", "raspberrypi/install.sh", "raspberrypi/hemaedge-station.service",
-                 "raspberrypi/README.md"):
+    for need in (
+        "jetson/install.sh",
+        "jetson/hemaedge-station.service",
+        "jetson/Dockerfile",
+        "jetson/README.md",
+        "jetson/99-hemaedge-camera.rules",
+        "raspberrypi/install.sh",
+        "raspberrypi/hemaedge-station.service",
+        "raspberrypi/README.md",
+    ):
         assert need in names
     for script in SCRIPTS:
         assert script.stat().st_mode & 0o111, f"{script} is not executable"
@@ -39,8 +46,10 @@ def test_shellcheck_clean(script):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None or SYSTEM_UNITS is None,
-                    reason="systemd-analyze or the system unit directory is missing (apt-get install systemd)")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None or SYSTEM_UNITS is None,
+    reason="systemd-analyze or the system unit directory is missing (apt-get install systemd)",
+)
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.relative_to(DEPLOY).as_posix())
 def test_systemd_unit_verifies(unit, tmp_path):
     root = tmp_path / "root"
@@ -51,7 +60,10 @@ def test_systemd_unit_verifies(unit, tmp_path):
     stub.parent.mkdir(parents=True)
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}", f"/etc/systemd/system/{unit.name}"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}", f"/etc/systemd/system/{unit.name}"],
+        capture_output=True,
+        text=True,
+    )
     messages = [ln for ln in (out.stdout + out.stderr).splitlines() if unit.name in ln]
     assert out.returncode == 0 and not messages, out.stdout + out.stderr

@@ -11,16 +11,27 @@ import time
 import numpy as np
 import pytest
 from helpers import BLOODMNIST_CLASSES
-from rich.console import Console
-
 from hemaedge.edge.count import DifferentialCounter
 from hemaedge.edge.display.report import render_html, write_reports
 from hemaedge.edge.display.status import RecentCell, RunStatus
 from hemaedge.edge.display.tui import KeyReader, render_status, run_live
 from hemaedge.edge.store import NewCell, SessionStore
+from rich.console import Console
 
-LEUKAEMIA = ("myeloblast", "lymphoblast", "promyelocyte", "myelocyte", "metamyelocyte", "band neutrophil",
-             "segmented neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "erythroblast")
+LEUKAEMIA = (
+    "myeloblast",
+    "lymphoblast",
+    "promyelocyte",
+    "myelocyte",
+    "metamyelocyte",
+    "band neutrophil",
+    "segmented neutrophil",
+    "lymphocyte",
+    "monocyte",
+    "eosinophil",
+    "basophil",
+    "erythroblast",
+)
 
 
 def status(classes=BLOODMNIST_CLASSES, n=87, warnings=(), extra_flags=0, seed=0) -> RunStatus:
@@ -32,12 +43,31 @@ def status(classes=BLOODMNIST_CLASSES, n=87, warnings=(), extra_flags=0, seed=0)
     if extra_flags:
         from dataclasses import replace
 
-        snap = replace(snap, flags=snap.flags + tuple(f"extra flag number {i} with a fairly long explanation of it"
-                                                      for i in range(extra_flags)))
+        snap = replace(
+            snap,
+            flags=snap.flags
+            + tuple(f"extra flag number {i} with a fairly long explanation of it" for i in range(extra_flags)),
+        )
     recent = tuple(RecentCell(i, classes[i % len(classes)], 0.9, f"frame-{i:04d}.png") for i in range(8))
-    return RunStatus(snap, tuple(classes), c.groups.differential, dict(c.groups.labels), "counting",
-                     "sessions/20261126-101500", "synthetic://?seed=0&frames=5000&pan=4&wbc=4", "onnxruntime/CPU",
-                     "int8", 1234, 31.2, 2.4, {"quality": 3, "busy": 12}, 40, tuple(warnings), recent, 0.6)
+    return RunStatus(
+        snap,
+        tuple(classes),
+        c.groups.differential,
+        dict(c.groups.labels),
+        "counting",
+        "sessions/20261126-101500",
+        "synthetic://?seed=0&frames=5000&pan=4&wbc=4",
+        "onnxruntime/CPU",
+        "int8",
+        1234,
+        31.2,
+        2.4,
+        {"quality": 3, "busy": 12},
+        40,
+        tuple(warnings),
+        recent,
+        0.6,
+    )
 
 
 def rendered(st: RunStatus, width: int, height: int, **kw) -> list[str]:
@@ -56,7 +86,7 @@ def assert_complete(lines: list[str], st: RunStatus, width: int, height: int) ->
     for c, diff in zip(st.classes, st.differential):
         row = next((ln for ln in lines if ln.startswith(c + " ")), None)
         assert row is not None, f"class {c!r} is missing or cut:\n{text}"
-        nums = row[len(c):].split()
+        nums = row[len(c) :].split()
         assert nums[0] == str(snap.counts[c])
         if diff:
             lo, hi = snap.intervals[c]
@@ -165,26 +195,54 @@ def test_keys_pause_reset_with_confirmation_snapshot_and_quit():
     session = FakeSession()
     snaps = []
     con = Console(width=80, height=24, file=io.StringIO(), force_terminal=True)
-    run_live(session, con, lambda: snaps.append(1) or "snapshot saved", refresh_s=0.001,
-             keys=FakeKeys(["p", "r", "n", "r", "y", "s", None, "q"]))
+    run_live(
+        session,
+        con,
+        lambda: snaps.append(1) or "snapshot saved",
+        refresh_s=0.001,
+        keys=FakeKeys(["p", "r", "n", "r", "y", "s", None, "q"]),
+    )
     assert session.calls == ["start", "pause", "reset", "stop"]  # the first 'r' was cancelled by 'n'
     assert snaps == [1]
 
 
 # -- reports -------------------------------------------------------------------------------------------------------------
 def _store(tmp_path, n=30):
-    settings = {"classes": list(BLOODMNIST_CLASSES), "class_groups": {}, "target": 25, "review_threshold": 0.6,
-                "source": "synthetic://?seed=0", "bundle": "/b", "bundle_name": "tiny", "bundle_sha256": "0",
-                "precision": "int8"}
+    settings = {
+        "classes": list(BLOODMNIST_CLASSES),
+        "class_groups": {},
+        "target": 25,
+        "review_threshold": 0.6,
+        "source": "synthetic://?seed=0",
+        "bundle": "/b",
+        "bundle_name": "tiny",
+        "bundle_sha256": "0",
+        "precision": "int8",
+    }
     store = SessionStore.create(tmp_path / "s", settings)
     rng = np.random.default_rng(0)
     cells = []
     for i in range(n):
         p = rng.dirichlet(np.ones(8) * 0.3).astype(np.float32)
         k = int(p.argmax())
-        cells.append(NewCell(time.time(), "synthetic://", i, f"frame-{i}.png", (1.0, 2.0, 40.0, 41.0), 1, i * 50.0, 0.0,
-                             k, BLOODMNIST_CLASSES[k], float(p[k]), bool(p[k] < 0.6), p,
-                             rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)))
+        cells.append(
+            NewCell(
+                time.time(),
+                "synthetic://",
+                i,
+                f"frame-{i}.png",
+                (1.0, 2.0, 40.0, 41.0),
+                1,
+                i * 50.0,
+                0.0,
+                k,
+                BLOODMNIST_CLASSES[k],
+                float(p[k]),
+                bool(p[k] < 0.6),
+                p,
+                rng.integers(0, 255, (30, 30, 3), dtype=np.uint8),
+            )
+        )
     stored = store.add(cells)
     return store, stored
 
@@ -236,8 +294,11 @@ def test_only_the_tui_module_imports_rich_live():
     users = []
     for path in [*(root / "edge").rglob("*.py"), *(root / "hemaedge").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             if any(n == "rich.live" or n.startswith("rich.live.") for n in names):
                 users.append(path.relative_to(root).as_posix())
     assert users == ["edge/display/tui.py"]

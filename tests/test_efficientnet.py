@@ -101,8 +101,9 @@ def test_checkpoint_with_other_class_count_loads_via_its_classes(tmp_path):
     classes = [f"c{i}" for i in range(12)]
     src = build("efficientnet_b0", 12, internal_size=32)
     path = tmp_path / "b0.pt"
-    checkpoint.save(path, arch="efficientnet_b0", arch_kwargs={"internal_size": 32}, classes=classes,
-                    state_dict=src.state_dict())
+    checkpoint.save(
+        path, arch="efficientnet_b0", arch_kwargs={"internal_size": 32}, classes=classes, state_dict=src.state_dict()
+    )
     model = checkpoint.build_model(checkpoint.load(path))
     assert model.classifier[1].out_features == 12
     x = torch.randn(2, 3, 64, 64)
@@ -142,8 +143,16 @@ def test_onnx_export_matches_torch(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     settle_bn(model, torch.randn(32, 3, 64, 64))
     path = tmp_path / "b0.onnx"
-    torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+        opset_version=17,
+        dynamo=False,
+    )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x3 = torch.randn(3, 3, 64, 64)
     out = sess.run(None, {"input": x3.numpy()})[0]

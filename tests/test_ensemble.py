@@ -19,8 +19,17 @@ CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocy
 KW = {"width": 0.5, "hidden": 16}
 
 
-def _member(tmp: Path, name: str, seed: int, size: int = 28, classes=CLASSES, mean=(0.5, 0.5, 0.5),
-            std=(0.25, 0.25, 0.25), arch: str = "bloodcnn5", arch_kwargs: dict | None = None) -> Path:
+def _member(
+    tmp: Path,
+    name: str,
+    seed: int,
+    size: int = 28,
+    classes=CLASSES,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    arch: str = "bloodcnn5",
+    arch_kwargs: dict | None = None,
+) -> Path:
     torch.manual_seed(seed)
     kw = dict(KW, in_size=size) if arch_kwargs is None else arch_kwargs
     model = build(arch, len(classes), **kw)
@@ -30,8 +39,14 @@ def _member(tmp: Path, name: str, seed: int, size: int = 28, classes=CLASSES, me
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
     path = tmp / f"{name}.pt"
-    checkpoint.save(path, arch=arch, arch_kwargs=kw, classes=list(classes), state_dict=model.state_dict(),
-                    input={"height": size, "width": size, "mean": list(mean), "std": list(std), "colour_order": "RGB"})
+    checkpoint.save(
+        path,
+        arch=arch,
+        arch_kwargs=kw,
+        classes=list(classes),
+        state_dict=model.state_dict(),
+        input={"height": size, "width": size, "mean": list(mean), "std": list(std), "colour_order": "RGB"},
+    )
     return path
 
 
@@ -50,7 +65,9 @@ def test_fused_graph_equals_weighted_average_of_members(tmp_path):
     x = np.random.default_rng(0).normal(0, 1, (16, 3, 28, 28)).astype(np.float32)
     sess = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
     fused = sess.run(None, {"input": x})[0]
-    ref = member_probabilities([_member_onnx(a, tmp_path / "a.onnx"), _member_onnx(b, tmp_path / "b.onnx")], [0.4, 0.6], x)
+    ref = member_probabilities(
+        [_member_onnx(a, tmp_path / "a.onnx"), _member_onnx(b, tmp_path / "b.onnx")], [0.4, 0.6], x
+    )
     np.testing.assert_allclose(fused, ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(fused.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(info["reference"](x), ref, atol=1e-5, rtol=0)
@@ -123,12 +140,18 @@ def test_export_model_writes_probability_bundle_with_members(tmp_path):
 
     rng = np.random.default_rng(0)
     data = tmp_path / "tiny_bloodmnist.npz"
-    np.savez(data, **{f"{s}_images": rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8) for s, n in
-                      (("train", 64), ("val", 48), ("test", 8))},
-             **{f"{s}_labels": rng.integers(0, 8, (n, 1)) for s, n in (("train", 64), ("val", 48), ("test", 8))})
+    np.savez(
+        data,
+        **{
+            f"{s}_images": rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
+            for s, n in (("train", 64), ("val", 48), ("test", 8))
+        },
+        **{f"{s}_labels": rng.integers(0, 8, (n, 1)) for s, n in (("train", 64), ("val", 48), ("test", 8))},
+    )
     a, b = _member(tmp_path, "a", 1), _member(tmp_path, "b", 2)
-    opts = pipeline.ExportOptions(source=None, out=str(tmp_path / "bundle"), data=str(data),
-                                  ensemble=[(str(a), 0.4), (str(b), 0.6)])
+    opts = pipeline.ExportOptions(
+        source=None, out=str(tmp_path / "bundle"), data=str(data), ensemble=[(str(a), 0.4), (str(b), 0.6)]
+    )
     summary = pipeline.run_export(opts, log=lambda m: None)
     bundle = load_bundle(summary["bundle"])
     assert bundle.manifest.output_kind == "probabilities"

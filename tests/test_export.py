@@ -47,8 +47,18 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("exp")
     data = _make_npz(root / "toymnist.npz")
-    summary = train(Recipe(data=str(data), out=str(root / "run"), epochs=3, batch=32, lr=0.05,
-                           arch_kwargs={"width": 0.5, "hidden": 32}, threads=1), progress=False)
+    summary = train(
+        Recipe(
+            data=str(data),
+            out=str(root / "run"),
+            epochs=3,
+            batch=32,
+            lr=0.05,
+            arch_kwargs={"width": 0.5, "hidden": 32},
+            threads=1,
+        ),
+        progress=False,
+    )
     return root, data, Path(summary["best_checkpoint"]), summary
 
 
@@ -66,10 +76,32 @@ def test_fine_tuning_records_every_stage_and_the_bundle_carries_them(trained, tm
     from hemaedge.export.train import Recipe, train
 
     root, data, ckpt, _ = trained
-    stage2 = train(Recipe(data=str(data), out=str(tmp_path / "s2"), epochs=1, batch=32, lr=0.01, init=str(ckpt),
-                          arch_kwargs={"width": 0.5, "hidden": 32}, threads=1), progress=False)["best_checkpoint"]
-    stage3 = train(Recipe(data=str(data), out=str(tmp_path / "s3"), epochs=1, batch=32, lr=0.005, init=str(stage2),
-                          arch_kwargs={"width": 0.5, "hidden": 32}, threads=1), progress=False)["best_checkpoint"]
+    stage2 = train(
+        Recipe(
+            data=str(data),
+            out=str(tmp_path / "s2"),
+            epochs=1,
+            batch=32,
+            lr=0.01,
+            init=str(ckpt),
+            arch_kwargs={"width": 0.5, "hidden": 32},
+            threads=1,
+        ),
+        progress=False,
+    )["best_checkpoint"]
+    stage3 = train(
+        Recipe(
+            data=str(data),
+            out=str(tmp_path / "s3"),
+            epochs=1,
+            batch=32,
+            lr=0.005,
+            init=str(stage2),
+            arch_kwargs={"width": 0.5, "hidden": 32},
+            threads=1,
+        ),
+        progress=False,
+    )["best_checkpoint"]
     summary = run_export(ExportOptions(source=str(stage3), out=str(tmp_path / "b"), data=str(data)), log=lambda m: None)
     lineage = load_bundle(summary["bundle"]).manifest.provenance["training_lineage"]
     assert [st["recipe"]["lr"] for st in lineage] == [0.05, 0.01]  # the last stage is training_recipe itself
@@ -80,17 +112,22 @@ def test_fine_tuning_records_every_stage_and_the_bundle_carries_them(trained, tm
 def test_int8_cpu_variant_folds_relus_and_is_what_a_cpu_station_runs(trained, tmp_path):
     """The bundle's second INT8 model (asymmetric activations) lets ONNX Runtime drop every ReLU on CPU."""
     import onnxruntime as ort
-
     from hemaedge.edge.classify.onnxruntime import OrtBackend
     from hemaedge.edge.commands.verify import verify
 
     _, data, ckpt, _ = trained
-    summary = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True,
-                                       calib_size=64, max_drop=5.0), log=lambda m: None)
+    summary = run_export(
+        ExportOptions(
+            source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True, calib_size=64, max_drop=5.0
+        ),
+        log=lambda m: None,
+    )
     b = load_bundle(summary["bundle"])
     int8 = [a for a in b.manifest.artifacts if a.kind == "onnx" and a.precision == "int8"]
-    assert [(a.file, a.details.get("target"), a.details["activations"]) for a in int8] == \
-        [("model.int8.onnx", None, "symmetric"), ("model.int8.cpu.onnx", "cpu", "asymmetric")]
+    assert [(a.file, a.details.get("target"), a.details["activations"]) for a in int8] == [
+        ("model.int8.onnx", None, "symmetric"),
+        ("model.int8.cpu.onnx", "cpu", "asymmetric"),
+    ]
     assert b.manifest.precisions() == ["fp32", "int8"]
 
     def float_relus(path) -> int:
@@ -99,6 +136,7 @@ def test_int8_cpu_variant_folds_relus_and_is_what_a_cpu_station_runs(trained, tm
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         import onnx
+
         return sum(n.op_type == "Relu" for n in onnx.load(so.optimized_model_filepath).graph.node)
 
     assert float_relus(b.onnx_path("int8")) > 0  # symmetric: every ReLU runs in float
@@ -114,8 +152,12 @@ def test_int8_cpu_variant_folds_relus_and_is_what_a_cpu_station_runs(trained, tm
 
 def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
     _, data, ckpt, _ = trained
-    summary = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True,
-                                       calib_size=64, max_drop=5.0), log=lambda m: None)
+    summary = run_export(
+        ExportOptions(
+            source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True, calib_size=64, max_drop=5.0
+        ),
+        log=lambda m: None,
+    )
     b = load_bundle(summary["bundle"])
     m = b.manifest
     assert m.precisions() == ["fp32", "int8"]
@@ -160,12 +202,16 @@ def test_export_from_torchscript_pt2_and_foreign_nhwc_onnx(trained, tmp_path):
     torch.export.save(torch.export.export(model, (x,)), str(fixed))
     mean, std = tuple(ck["input"]["mean"]), tuple(ck["input"]["std"])
     for src in (ts, pt2):
-        s = run_export(ExportOptions(source=str(src), out=str(tmp_path / src.stem), data=str(data), mean=mean, std=std),
-                       log=lambda m: None)
+        s = run_export(
+            ExportOptions(source=str(src), out=str(tmp_path / src.stem), data=str(data), mean=mean, std=std),
+            log=lambda m: None,
+        )
         assert s["parity"]["top1_agreement"] >= 0.99
     with pytest.raises(UsageError, match="fixed batch"):
-        run_export(ExportOptions(source=str(fixed), out=str(tmp_path / "fx"), data=str(data), mean=mean, std=std),
-                   log=lambda m: None)
+        run_export(
+            ExportOptions(source=str(fixed), out=str(tmp_path / "fx"), data=str(data), mean=mean, std=std),
+            log=lambda m: None,
+        )
     assert not (tmp_path / "fx").exists()
     # A Keras-style model: NHWC input, softmax inside, fixed batch 1.
     import onnx
@@ -174,27 +220,38 @@ def test_export_from_torchscript_pt2_and_foreign_nhwc_onnx(trained, tmp_path):
     w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.1, (28 * 28 * 3, CLASSES)).astype(np.float32), "w")
     shape = numpy_helper.from_array(np.array([-1, 28 * 28 * 3], np.int64), "shape")
     g = helper.make_graph(
-        [helper.make_node("Reshape", ["img", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["z"]),
-         helper.make_node("Softmax", ["z"], ["probs"], axis=1)],
-        "keras_like", [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 28, 28, 3])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, CLASSES])], [w, shape])
+        [
+            helper.make_node("Reshape", ["img", "shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["probs"], axis=1),
+        ],
+        "keras_like",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 28, 28, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, CLASSES])],
+        [w, shape],
+    )
     foreign = tmp_path / "keras.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), foreign)
-    s = run_export(ExportOptions(source=str(foreign), out=str(tmp_path / "fk"), data=str(data), mean=(0, 0, 0),
-                                 std=(1, 1, 1)), log=lambda m: None)
+    s = run_export(
+        ExportOptions(source=str(foreign), out=str(tmp_path / "fk"), data=str(data), mean=(0, 0, 0), std=(1, 1, 1)),
+        log=lambda m: None,
+    )
     m = load_bundle(s["bundle"]).manifest
     assert m.output_kind == "probabilities" and "NHWC" in m.extra["foreign_onnx"]["layout"]
     assert s["parity"]["max_abs_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(max_drop=-1), "max-drop"),
-    (dict(calib_method="kl"), "calib-method"),
-    (dict(calib="x"), "only make sense with --int8"),
-    (dict(target="coreml"), "--target"),
-    (dict(target="tensorrt"), "TensorRT"),
-    (dict(ensemble=[("a.pt", 0.5)]), "not both"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(max_drop=-1), "max-drop"),
+        (dict(calib_method="kl"), "calib-method"),
+        (dict(calib="x"), "only make sense with --int8"),
+        (dict(target="coreml"), "--target"),
+        (dict(target="tensorrt"), "TensorRT"),
+        (dict(ensemble=[("a.pt", 0.5)]), "not both"),
+    ],
+)
 def test_contradictory_options_are_refused_before_work(trained, tmp_path, kw, match):
     _, data, ckpt, _ = trained
     opts = ExportOptions(source=str(ckpt), out=str(tmp_path / "o"), data=str(data), **kw)
@@ -270,13 +327,19 @@ def test_crop_geometry_is_measured_on_the_training_images(data_root):
 
 def test_export_records_where_its_crop_geometry_came_from(trained, tmp_path):
     _, data, ckpt, _ = trained
-    given = run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "g"), data=str(data), cell_fraction=0.5),
-                       log=lambda m: None)
+    given = run_export(
+        ExportOptions(source=str(ckpt), out=str(tmp_path / "g"), data=str(data), cell_fraction=0.5), log=lambda m: None
+    )
     m = load_bundle(given["bundle"]).manifest
     assert m.crop.cell_fraction == 0.5 and m.extra["crop_geometry_from"] == "--cell-fraction"
-    auto = load_bundle(run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "a"), data=str(data)),
-                                  log=lambda m: None)["bundle"]).manifest
-    assert auto.extra["crop_geometry_from"] in ("measured on the training images",
-                                                "default (no cell found in the training images)")
+    auto = load_bundle(
+        run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "a"), data=str(data)), log=lambda m: None)[
+            "bundle"
+        ]
+    ).manifest
+    assert auto.extra["crop_geometry_from"] in (
+        "measured on the training images",
+        "default (no cell found in the training images)",
+    )
     if "crop_measurement" in auto.extra:
         assert auto.crop.cell_fraction == auto.extra["crop_measurement"]["median"]

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_tensorrt import fake_pair
-from trt_helpers import trt_bundle
-
 from hemaedge.edge.bundle import BundleWriter, load_bundle, preprocess
 from hemaedge.edge.bundle.golden import GOLDEN_KIND, compare_golden, load_golden, write_golden
 from hemaedge.edge.classify.onnxruntime import OrtBackend
 from hemaedge.edge.commands import doctor
 from hemaedge.edge.errors import BundleError
+from trt_helpers import trt_bundle
+
 from hemaedge.cli import main
 
 
@@ -108,6 +108,7 @@ def test_station_calibrated_int8_is_compared_with_fp32(tiny_bundle_dir):
 
 # -- the TensorRT path end to end through the CLI, on the contract fake ---------------------------
 
+
 @pytest.fixture()
 def fake_tensorrt_installed(monkeypatch):
     """Install the fake as ``tensorrt`` and ``cuda.bindings.runtime`` (a CONTRACT fake, see fake_tensorrt.py)."""
@@ -146,6 +147,7 @@ def test_build_engine_without_tensorrt_names_the_install_step(tiny_bundle_dir, m
 
 # -- doctor ---------------------------------------------------------------------------------------
 
+
 def test_doctor_runs_here_and_names_what_is_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     assert main(["doctor", "--json"]) == 0
@@ -162,7 +164,8 @@ def test_doctor_reads_jetson_release_files(tmp_path):
     (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\0")
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/nv_tegra_release").write_text(
-        "# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, DATE: Tue Aug  1 19:57:35 UTC 2023\n")
+        "# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, DATE: Tue Aug  1 19:57:35 UTC 2023\n"
+    )
     rows, facts = doctor.check_board(str(tmp_path))
     assert facts["jetson"] and facts["l4t"] == "35.4.1" and facts["jetpack"] == "5"
     assert rows[0].detail == "NVIDIA Jetson Orin Nano Developer Kit"

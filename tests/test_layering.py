@@ -40,8 +40,10 @@ def test_edge_never_imports_workstation_code_or_torch():
     assert offenders == {}
 
 
-@pytest.mark.skipif(sys.version_info < (3, 10), reason="sys.stdlib_module_names needs Python 3.10 "
-                    "(a static rule: the main suite checks it)")
+@pytest.mark.skipif(
+    sys.version_info < (3, 10),
+    reason="sys.stdlib_module_names needs Python 3.10 (a static rule: the main suite checks it)",
+)
 def test_bundle_contract_is_stdlib_and_numpy_only():
     allowed = ("hemaedge.edge", "numpy", "cv2", "__future__", *sys.stdlib_module_names)
     for path in (ROOT / "edge" / "bundle").rglob("*.py"):
@@ -55,7 +57,7 @@ def test_runtime_imports_and_runs_with_hardware_and_torch_blocked(tmp_path):
 import sys, importlib, pkgutil
 for name in {HARDWARE!r}:
     sys.modules[name] = None  # makes 'import name' raise ImportError
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 import hemaedge.edge
 mods = [m.name for m in pkgutil.walk_packages(hemaedge.edge.__path__, 'hemaedge.edge.')]
 for m in mods:
@@ -76,7 +78,9 @@ print('imported', len(mods))
 
 
 def test_station_cli_starts_without_torch():
-    script = "import sys; sys.modules['torch'] = None; from hemaedge.cli import main; raise SystemExit(main(['--help']))"
+    script = (
+        "import sys; sys.modules['torch'] = None; from hemaedge.cli import main; raise SystemExit(main(['--help']))"
+    )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and "count" in res.stdout
     script = "import sys; sys.modules['torch'] = None; from hemaedge.cli import main; raise SystemExit(main(['train']))"
@@ -84,7 +88,9 @@ def test_station_cli_starts_without_torch():
     assert res.returncode == 2 and "hemaedge[export]" in res.stderr
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib needs Python 3.11 (a static rule: the main suite checks it)")
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="tomllib needs Python 3.11 (a static rule: the main suite checks it)"
+)
 def test_every_package_folder_installs_under_the_hemaedge_namespace():
     """edge/, export/ and calibration/ install as hemaedge.edge, ...: a new package folder must be listed in pyproject."""
     import tomllib

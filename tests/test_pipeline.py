@@ -10,7 +10,6 @@ from pathlib import Path
 import fake_segment
 import numpy as np
 import pytest
-
 from hemaedge.edge.bundle import load_bundle
 from hemaedge.edge.count import DifferentialCounter, SlideTracker
 from hemaedge.edge.errors import BundleError, StoreError, UsageError
@@ -48,11 +47,13 @@ def session(bundle, tmp_path, uri=URI, target=40, delay=0.0, store=None, counter
     backend, _ = make_backend(bundle, "ort-cpu", "int8")
     backend.__enter__()
     rec = Recording(backend, delay)
-    store = store or SessionStore.create(tmp_path / "s", {"classes": list(bundle.manifest.classes), "target": target,
-                                                          "review_threshold": 0.6})
+    store = store or SessionStore.create(
+        tmp_path / "s", {"classes": list(bundle.manifest.classes), "target": target, "review_threshold": 0.6}
+    )
     counter = counter or DifferentialCounter(bundle.manifest.classes, target)
-    finder = CellFinder(fake_segment.TruthSegmenter(), bundle.manifest.crop, tracker or SlideTracker(),
-                        fake_segment.always_ok)
+    finder = CellFinder(
+        fake_segment.TruthSegmenter(), bundle.manifest.crop, tracker or SlideTracker(), fake_segment.always_ok
+    )
     src = open_source(uri)
     return CountingSession(src, finder, rec, bundle, store, counter, **kw), rec, store, src
 
@@ -186,8 +187,21 @@ def cli(monkeypatch):
 
 
 def test_count_json_lists_totals_and_every_cell_with_its_frame(cli, tiny_bundle_dir, tmp_path, capsys):
-    rc = cli(["count", URI, "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path), "--target", "15", "--json",
-              "--save-crops", str(tmp_path / "calib")])
+    rc = cli(
+        [
+            "count",
+            URI,
+            "--bundle",
+            str(tiny_bundle_dir),
+            "--out",
+            str(tmp_path),
+            "--target",
+            "15",
+            "--json",
+            "--save-crops",
+            str(tmp_path / "calib"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     doc = json.loads(out)
@@ -209,8 +223,19 @@ def test_count_on_image_files_names_the_source_file(tiny_bundle_dir, tmp_path, c
     with open_source("synthetic://?seed=3&frames=3&wbc=5") as src:
         for f in src:
             cv2.imwrite(str(tmp_path / f"img{f.index}.png"), f.bgr())
-    rc = main(["count", str(tmp_path / "*.png"), "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "o"),
-               "--json", "--target", "100"])
+    rc = main(
+        [
+            "count",
+            str(tmp_path / "*.png"),
+            "--bundle",
+            str(tiny_bundle_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+            "--target",
+            "100",
+        ]
+    )
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and not doc["differential"]["complete"] and doc["frames"] == 3
     assert len(doc["cells"]) >= 3
@@ -237,8 +262,10 @@ def test_contradictory_options_are_refused_before_work(cli, tiny_bundle_dir, tmp
     with pytest.raises(UsageError):
         plan(args("--demo", "--resume", "x"))
     # a session counted with one bundle cannot be resumed with another
-    assert cli(["count", URI, "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "o"), "--target", "3",
-                "--no-tui"]) == 0
+    assert (
+        cli(["count", URI, "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "o"), "--target", "3", "--no-tui"])
+        == 0
+    )
     (session,) = (tmp_path / "o").iterdir()
     from helpers import tiny_bundle
 
@@ -261,15 +288,15 @@ def test_demo_without_the_shipped_bundle_fails_with_one_clear_line(cli, monkeypa
 
 
 def test_collect_writes_the_runtime_crops_as_an_image_folder(cli, tiny_bundle_dir, tmp_path, capsys):
-    rc = cli(["collect", URI, "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "calib"), "--max", "12",
-              "--json"])
+    rc = cli(
+        ["collect", URI, "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "calib"), "--max", "12", "--json"]
+    )
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["crops"] == 12
     files = sorted((tmp_path / "calib" / "unlabelled").glob("*.png"))
     assert len(files) == 12
     # the same pixels the runtime cuts: cut_crop with the bundle geometry around a detection
     import cv2
-
     from hemaedge.edge.bundle import cut_crop
 
     name = files[0].name
@@ -288,8 +315,22 @@ def test_collect_writes_the_runtime_crops_as_an_image_folder(cli, tiny_bundle_di
 
 
 def test_collect_by_class_uses_class_folders(cli, tiny_bundle_dir, tmp_path, capsys):
-    rc = cli(["collect", URI, "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "c"), "--max", "10",
-              "--by-class", "--review-threshold", "0.05", "--json"])
+    rc = cli(
+        [
+            "collect",
+            URI,
+            "--bundle",
+            str(tiny_bundle_dir),
+            "--out",
+            str(tmp_path / "c"),
+            "--max",
+            "10",
+            "--by-class",
+            "--review-threshold",
+            "0.05",
+            "--json",
+        ]
+    )
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and sum(doc["folders"].values()) == 10
     names = load_bundle(tiny_bundle_dir).manifest.classes
@@ -326,8 +367,10 @@ def test_end_to_end_with_the_real_segmenter_counts_physical_cells_once(tiny_bund
     from hemaedge.cli import main
 
     uri = "synthetic://?seed=22&frames=2000&pan=4&wbc=4"
-    assert main(["count", uri, "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "o"), "--target", "60",
-                 "--json"]) == 0
+    assert (
+        main(["count", uri, "--bundle", str(tiny_bundle_dir), "--out", str(tmp_path / "o"), "--target", "60", "--json"])
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     src = open_source(uri)
     physical = []
@@ -347,6 +390,7 @@ def test_end_to_end_with_the_real_segmenter_counts_physical_cells_once(tiny_bund
 def test_demo_runs_on_a_fresh_machine_with_the_shipped_bundle(tmp_path, capsys):
     """``hemaedge count --demo``: synthetic smear + shipped bundle, CPU only, ends with a report."""
     from hemaedge.edge.models import default_bundle_path
+
     from hemaedge.cli import main
 
     try:
@@ -382,7 +426,9 @@ def test_camera_events_and_blurred_frames_become_warnings(tiny_bundle_dir, tmp_p
     session_, rec, store, _ = session(bundle, tmp_path, target=1000)
     session_.source = Flaky("0")
     session_.source.on_event = session_._on_source_event
-    session_.finder.quality = lambda f: Quality(f.index % 10 != 3, "out of focus" if f.index % 10 == 3 else "", 0.1, 128)
+    session_.finder.quality = lambda f: Quality(
+        f.index % 10 != 3, "out of focus" if f.index % 10 == 3 else "", 0.1, 128
+    )
     with session_.source:
         res = session_.run()
     assert any("reconnecting" in w for w in seen["warnings"])
@@ -397,7 +443,10 @@ def test_session_scale_crops_share_one_side_across_a_frames_cells():
 
     class Two:
         def detect(self, frame):
-            return [Detection((10.0, 10.0, 30.0, 30.0), 1.0, "wbc"), Detection((100.0, 100.0, 160.0, 160.0), 1.0, "wbc")]
+            return [
+                Detection((10.0, 10.0, 30.0, 30.0), 1.0, "wbc"),
+                Detection((100.0, 100.0, 160.0, 160.0), 1.0, "wbc"),
+            ]
 
     frame = Frame(np.full((240, 320, 3), 200, np.uint8), "RGB", 0.0, "test", 0)
     for scale, sides in (("session", {80}), ("cell", {40, 120})):

@@ -15,7 +15,6 @@ import collections
 import fake_segment
 import numpy as np
 import pytest
-
 from hemaedge.edge.bundle import load_bundle
 from hemaedge.edge.count import DifferentialCounter, SlideTracker
 from hemaedge.edge.pipeline import PLATELET_TO_WBC, CellFinder, CountingSession, platelet_classes
@@ -95,13 +94,14 @@ def test_option_off_changes_nothing_and_on_adds_only_platelets():
             a, b = off.detect(f), on.detect(f)
             assert all(d.kind == "wbc" for d in a)
             assert [d for d in b if d.kind == "wbc"] == a, "white cells must be the same with platelets on"
-            assert b[:len(a)] == a, "white cells come first, in the same order"
+            assert b[: len(a)] == a, "white cells come first, in the same order"
             added += sum(d.kind == "platelet" for d in b)
     assert added >= 10, "the option must add platelets on this smear, or the comparison above shows nothing"
 
 
 def test_pieces_of_white_cells_cut_by_the_border_are_not_platelets():
     """A crowded smear at the default scale, whose own platelets are too small to find: what is found is white cells."""
+
     def pieces(seg: StainSegmenter) -> int:
         n = 0
         with open_source("synthetic://?seed=22&frames=100&pan=4&wbc=4") as src:
@@ -168,13 +168,11 @@ def test_evaluate_scores_one_kind_and_extra_rules():
 def test_bccd_val_platelets(data_root):
     """Held-out BCCD val: recall and precision the README may quote (tuned on BCCD train / TXL half a)."""
     from conftest import need
-
     from hemaedge.edge.segment.groundtruth import bccd_items
 
     need(data_root / "bccd" / "val.txt")
     on = StainSegmenter(platelets=True)
-    res = evaluate(on, bccd_items(data_root / "bccd", "val", names=("Platelets",)), kind="platelet",
-                   rules=("centre",))
+    res = evaluate(on, bccd_items(data_root / "bccd", "val", names=("Platelets",)), kind="platelet", rules=("centre",))
     # measured: IoU 0.542 / 0.682, centre 0.578 / 0.727 (83 labelled platelets; BCCD leaves many unlabelled)
     assert res["all"].truth == 83
     assert res["all"].recall >= 0.5 and res["all"].precision >= 0.6, res["all"].as_dict()
@@ -191,12 +189,15 @@ def test_bccd_val_platelets(data_root):
 @pytest.mark.data
 def test_txl_half_b_platelets_per_source(data_root):
     from conftest import need
-
     from hemaedge.edge.segment.groundtruth import txl_items
 
     need(data_root / "txl-pbc" / "images")
-    res = evaluate(StainSegmenter(platelets=True), txl_items(data_root / "txl-pbc", "all", "b", classes=(2,)),
-                   kind="platelet", rules=("centre",))
+    res = evaluate(
+        StainSegmenter(platelets=True),
+        txl_items(data_root / "txl-pbc", "all", "b", classes=(2,)),
+        kind="platelet",
+        rules=("centre",),
+    )
     # measured on half "b": PBC 0.680 / 0.965, BCCD 0.472 / 0.781, Raabin-WBC 0.385 / 0.263 (13 platelets)
     assert res["PBC"].recall >= 0.65 and res["PBC"].precision >= 0.9, res["PBC"].as_dict()
     assert res["BCCD"].recall >= 0.45 and res["BCCD"].precision >= 0.7, res["BCCD"].as_dict()
@@ -207,8 +208,9 @@ class TruthWithPlatelets(fake_segment.TruthSegmenter):
     """The frame's ground-truth white cells, then its findable platelets."""
 
     def detect(self, frame: Frame) -> list[Detection]:
-        return super().detect(frame) + [Detection(tuple(float(v) for v in b), 1.0, "platelet")
-                                        for b in _findable(frame)[0]]
+        return super().detect(frame) + [
+            Detection(tuple(float(v) for v in b), 1.0, "platelet") for b in _findable(frame)[0]
+        ]
 
 
 def test_platelet_classes_of_a_bundle(tiny_bundle_dir, tmp_path):
@@ -223,17 +225,31 @@ def test_session_switches_platelets_on_only_when_the_bundle_has_them(tiny_bundle
     from helpers import tiny_bundle
 
     with_plt = load_bundle(tiny_bundle_dir)
-    without = load_bundle(tiny_bundle(tmp_path / "five", classes=("neutrophil", "lymphocyte", "monocyte",
-                                                                    "eosinophil", "basophil")))
+    without = load_bundle(
+        tiny_bundle(tmp_path / "five", classes=("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"))
+    )
     for bundle, expect in ((with_plt, True), (without, False)):
         finder = CellFinder(StainSegmenter(), bundle.manifest.crop, SlideTracker(), fake_segment.always_ok)
         store = SessionStore.create(tmp_path / f"s{expect}", {"classes": list(bundle.manifest.classes), "target": 5})
-        CountingSession(open_source("synthetic://?frames=1"), finder, object(), bundle, store,
-                        DifferentialCounter(bundle.manifest.classes, 5))
+        CountingSession(
+            open_source("synthetic://?frames=1"),
+            finder,
+            object(),
+            bundle,
+            store,
+            DifferentialCounter(bundle.manifest.classes, 5),
+        )
         assert finder.platelets is expect and finder.segmenter.config.platelets is expect
     with pytest.raises(ValueError):
-        CountingSession(open_source("synthetic://?frames=1"), CellFinder(StainSegmenter(), without.manifest.crop),
-                        object(), without, store, DifferentialCounter(without.manifest.classes, 5), platelets=True)
+        CountingSession(
+            open_source("synthetic://?frames=1"),
+            CellFinder(StainSegmenter(), without.manifest.crop),
+            object(),
+            without,
+            store,
+            DifferentialCounter(without.manifest.classes, 5),
+            platelets=True,
+        )
 
 
 def test_finder_with_the_real_segmenter_cuts_platelet_crops(tiny_bundle_dir):
@@ -299,8 +315,11 @@ class ByKind:
                 rows.append(self._onehot("lymphocyte", 0.9))
                 continue
             # platelets in turn: a confident platelet, a confident neutrophil, an unsure platelet
-            rows.append([self._onehot("platelet", 0.9), self._onehot("neutrophil", 0.9),
-                         self._onehot("platelet", 0.4)][self.platelets % 3])
+            rows.append(
+                [self._onehot("platelet", 0.9), self._onehot("neutrophil", 0.9), self._onehot("platelet", 0.4)][
+                    self.platelets % 3
+                ]
+            )
             self.platelets += 1
         assert len(rows) == len(batch)
         return np.stack(rows)

@@ -36,35 +36,95 @@ RUNTIME_FILES = sorted(p for pkg in RUNTIME_PACKAGES for p in (ROOT / pkg).rglob
 
 # Builtins and stdlib classes that are subscriptable at run time only from 3.9 (PEP 585).
 GENERIC_BUILTINS = {"list", "dict", "tuple", "set", "frozenset", "type"}
-GENERIC_MODULES = {"collections", "collections.abc", "re", "queue", "contextlib", "os", "weakref",
-                   "concurrent.futures", "asyncio", "itertools", "functools", "subprocess"}
+GENERIC_MODULES = {
+    "collections",
+    "collections.abc",
+    "re",
+    "queue",
+    "contextlib",
+    "os",
+    "weakref",
+    "concurrent.futures",
+    "asyncio",
+    "itertools",
+    "functools",
+    "subprocess",
+}
 GENERIC_LOWERCASE = {"defaultdict", "deque"}  # other generic classes there are capitalised (os.environ[...] is not one)
 NUMPY_GENERICS = {"ndarray", "dtype"}  # np.ndarray[...] / np.dtype[...] need 3.9 (npt.NDArray is fine)
 # (module, name) that exist only from 3.9 or later.
 NEW_NAMES = {
-    ("functools", "cache"): "3.9", ("math", "lcm"): "3.9", ("math", "nextafter"): "3.9", ("math", "ulp"): "3.9",
-    ("itertools", "pairwise"): "3.10", ("itertools", "batched"): "3.12",
-    ("argparse", "BooleanOptionalAction"): "3.9", ("sys", "stdlib_module_names"): "3.10",
-    ("importlib.metadata", "packages_distributions"): "3.10", ("importlib.resources", "files"): "3.9",
-    ("asyncio", "to_thread"): "3.9", ("hashlib", "file_digest"): "3.11", ("ast", "unparse"): "3.9",
-    ("contextlib", "chdir"): "3.11", ("contextlib", "aclosing"): "3.10", ("enum", "StrEnum"): "3.11",
-    ("datetime", "UTC"): "3.11", ("dataclasses", "KW_ONLY"): "3.10", ("types", "GenericAlias"): "3.9",
-    **{("typing", n): "3.9+" for n in ("Annotated", "TypeAlias", "ParamSpec", "Concatenate", "TypeGuard", "Self",
-                                       "Never", "LiteralString", "Unpack", "TypeVarTuple", "Required",
-                                       "NotRequired", "dataclass_transform", "override", "assert_never",
-                                       "assert_type", "reveal_type", "is_typeddict")},
+    ("functools", "cache"): "3.9",
+    ("math", "lcm"): "3.9",
+    ("math", "nextafter"): "3.9",
+    ("math", "ulp"): "3.9",
+    ("itertools", "pairwise"): "3.10",
+    ("itertools", "batched"): "3.12",
+    ("argparse", "BooleanOptionalAction"): "3.9",
+    ("sys", "stdlib_module_names"): "3.10",
+    ("importlib.metadata", "packages_distributions"): "3.10",
+    ("importlib.resources", "files"): "3.9",
+    ("asyncio", "to_thread"): "3.9",
+    ("hashlib", "file_digest"): "3.11",
+    ("ast", "unparse"): "3.9",
+    ("contextlib", "chdir"): "3.11",
+    ("contextlib", "aclosing"): "3.10",
+    ("enum", "StrEnum"): "3.11",
+    ("datetime", "UTC"): "3.11",
+    ("dataclasses", "KW_ONLY"): "3.10",
+    ("types", "GenericAlias"): "3.9",
+    **{
+        ("typing", n): "3.9+"
+        for n in (
+            "Annotated",
+            "TypeAlias",
+            "ParamSpec",
+            "Concatenate",
+            "TypeGuard",
+            "Self",
+            "Never",
+            "LiteralString",
+            "Unpack",
+            "TypeVarTuple",
+            "Required",
+            "NotRequired",
+            "dataclass_transform",
+            "override",
+            "assert_never",
+            "assert_type",
+            "reveal_type",
+            "is_typeddict",
+        )
+    },
 }
 NEW_MODULES = {"zoneinfo": "3.9", "graphlib": "3.9", "tomllib": "3.11"}
 # Methods of builtin / stdlib types new in 3.9+ (flagged whatever object they are called on).
-NEW_METHODS = {"removeprefix": "3.9", "removesuffix": "3.9", "is_relative_to": "3.9", "with_stem": "3.9",
-               "bit_count": "3.10", "hardlink_to": "3.10", "randbytes": "3.9"}
+NEW_METHODS = {
+    "removeprefix": "3.9",
+    "removesuffix": "3.9",
+    "is_relative_to": "3.9",
+    "with_stem": "3.9",
+    "bit_count": "3.10",
+    "hardlink_to": "3.10",
+    "randbytes": "3.9",
+}
 # Keyword arguments new in 3.9+: (function name, keyword).
-NEW_KEYWORDS = {("zip", "strict"): "3.10", ("dataclass", "slots"): "3.10", ("dataclass", "kw_only"): "3.10",
-                ("field", "kw_only"): "3.10", ("shutdown", "cancel_futures"): "3.9",
-                ("ArgumentParser", "exit_on_error"): "3.9", ("get_type_hints", "include_extras"): "3.9",
-                ("TemporaryDirectory", "ignore_cleanup_errors"): "3.10", ("rmtree", "onexc"): "3.12",
-                ("entry_points", "group"): "3.10", ("bisect", "key"): "3.10", ("bisect_left", "key"): "3.10",
-                ("bisect_right", "key"): "3.10", ("insort", "key"): "3.10"}
+NEW_KEYWORDS = {
+    ("zip", "strict"): "3.10",
+    ("dataclass", "slots"): "3.10",
+    ("dataclass", "kw_only"): "3.10",
+    ("field", "kw_only"): "3.10",
+    ("shutdown", "cancel_futures"): "3.9",
+    ("ArgumentParser", "exit_on_error"): "3.9",
+    ("get_type_hints", "include_extras"): "3.9",
+    ("TemporaryDirectory", "ignore_cleanup_errors"): "3.10",
+    ("rmtree", "onexc"): "3.12",
+    ("entry_points", "group"): "3.10",
+    ("bisect", "key"): "3.10",
+    ("bisect_left", "key"): "3.10",
+    ("bisect_right", "key"): "3.10",
+    ("insort", "key"): "3.10",
+}
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -81,8 +141,10 @@ class _Checker(ast.NodeVisitor):
 
     def __init__(self, tree: ast.Module):
         self.problems: list[tuple[int, str]] = []
-        self.postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
-                             and any(a.name == "annotations" for a in n.names) for n in tree.body)
+        self.postponed = any(
+            isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+            for n in tree.body
+        )
         self.origin: dict[str, str] = {}  # local name -> "module" or "module.name"
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -153,18 +215,26 @@ class _Checker(ast.NodeVisitor):
         full = self._resolve(node.value)
         if full:
             mod, _, name = full.rpartition(".")
-            if (not mod and full in GENERIC_BUILTINS) or self._is_generic(node.value) or (
-                    mod in ("numpy", "np") and name in NUMPY_GENERICS):
-                self.flag(node, f"{full}[...] evaluated at run time (Python 3.9; use typing.{name.capitalize()} "
-                                "or a string / an annotation)")
+            if (
+                (not mod and full in GENERIC_BUILTINS)
+                or self._is_generic(node.value)
+                or (mod in ("numpy", "np") and name in NUMPY_GENERICS)
+            ):
+                self.flag(
+                    node,
+                    f"{full}[...] evaluated at run time (Python 3.9; use typing.{name.capitalize()} "
+                    "or a string / an annotation)",
+                )
         self.generic_visit(node)
 
     def _is_type_expr(self, node: ast.AST) -> bool:
         if isinstance(node, ast.Constant) and node.value is None:
             return True
         full = self._resolve(node)
-        if full and (full in GENERIC_BUILTINS | {"int", "float", "str", "bytes", "bool", "complex", "object"}
-                     or full.startswith("typing.")):
+        if full and (
+            full in GENERIC_BUILTINS | {"int", "float", "str", "bytes", "bool", "complex", "object"}
+            or full.startswith("typing.")
+        ):
             return True
         if isinstance(node, ast.Subscript):  # list[int] | None, but not mask[1:] | mask[:-1]
             return self._is_type_expr(node.value) or self._is_generic(node.value)
@@ -178,8 +248,10 @@ class _Checker(ast.NodeVisitor):
     def visit_BinOp(self, node: ast.BinOp) -> None:
         if isinstance(node.op, ast.BitOr):
             sides = (node.left, node.right)
-            if any(isinstance(s, (ast.Dict, ast.DictComp)) or (isinstance(s, ast.Call) and _dotted(s.func) == "dict")
-                   for s in sides):
+            if any(
+                isinstance(s, (ast.Dict, ast.DictComp)) or (isinstance(s, ast.Call) and _dotted(s.func) == "dict")
+                for s in sides
+            ):
                 self.flag(node, "dict | dict (Python 3.9; use {**a, **b})")
             elif any(self._is_type_expr(s) for s in sides):
                 self.flag(node, "X | Y type union evaluated at run time (Python 3.10; use typing.Union/Optional)")
@@ -218,7 +290,7 @@ def test_runtime_files_found():
 
 
 def test_checker_catches_what_it_claims():
-    src = textwrap.dedent('''
+    src = textwrap.dedent("""
         from __future__ import annotations
         import functools
         import os
@@ -243,7 +315,7 @@ def test_checker_catches_what_it_claims():
         home = os.environ["HOME"]
         Seq = Sequence[int] | None
         q = queue.Queue[int]()
-    ''')
+    """)
     tree = ast.parse(src, feature_version=(3, 8))
     checker = _Checker(tree)
     checker.visit(tree)
@@ -266,19 +338,25 @@ PY38_PROBE = "import sys; assert sys.version_info[:2] == (3, 8); import numpy, o
 
 def _python38() -> tuple[str | None, str]:
     """A CPython 3.8 with the runtime dependencies, else None and why not."""
-    candidates = [os.environ.get("HEMAEDGE_PY38"), str(PY38_VENV / "bin" / "python"), shutil.which("python3.8"),
-                  *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))]
+    candidates = [
+        os.environ.get("HEMAEDGE_PY38"),
+        str(PY38_VENV / "bin" / "python"),
+        shutil.which("python3.8"),
+        *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8"))),
+    ]
     found = [p for p in dict.fromkeys(candidates) if p and os.path.isfile(p) and os.access(p, os.X_OK)]
     if not found:
         return None, "no python3.8 on this machine (HEMAEDGE_PY38, PATH or ~/.pyenv); tools/py38_check.sh makes one"
     for py in found:
         if subprocess.run([py, "-c", PY38_PROBE], capture_output=True, timeout=120).returncode == 0:
             return py, ""
-    return None, (f"no python3.8 here has the runtime dependencies (numpy, onnxruntime, cv2, rich); tried "
-                  f"{', '.join(found)}: run tools/py38_check.sh, or set HEMAEDGE_PY38 to a 3.8 venv's python")
+    return None, (
+        f"no python3.8 here has the runtime dependencies (numpy, onnxruntime, cv2, rich); tried "
+        f"{', '.join(found)}: run tools/py38_check.sh, or set HEMAEDGE_PY38 to a 3.8 venv's python"
+    )
 
 
-PY38_RUN = textwrap.dedent('''
+PY38_RUN = textwrap.dedent("""
     import importlib, pkgutil, sys
     assert sys.version_info[:2] == (3, 8), sys.version
     import hemaedge
@@ -298,7 +376,7 @@ PY38_RUN = textwrap.dedent('''
         probs = backend.classify(np.random.default_rng(0).normal(0, 1, (3, 3, 28, 28)).astype(np.float32))
     assert probs.shape == (3, 8), probs.shape
     print(len(names), "modules;", reason)
-''')
+""")
 
 
 def test_runtime_runs_under_python38(tmp_path, tiny_bundle_dir):
@@ -307,6 +385,7 @@ def test_runtime_runs_under_python38(tmp_path, tiny_bundle_dir):
     if py is None:
         pytest.skip(why)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([py, "-c", PY38_RUN, str(tiny_bundle_dir)], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        [py, "-c", PY38_RUN, str(tiny_bundle_dir)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -11,10 +11,9 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from torch import nn  # noqa: E402
-
 from hemaedge.export.quant_search import SearchResult, rank_nodes, search_int8, throughput  # noqa: E402
 from hemaedge.export.quantize import quantize_int8  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 class _Net(nn.Module):
@@ -47,8 +46,16 @@ def outlier_model(tmp_path_factory):
         net.mix.weight[:, 3] /= 200.0
         assert (net(x) - ref).abs().max() < 1e-3
     path = tmp / "outlier.onnx"
-    torch.onnx.export(net, (x[:2],), str(path), input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        net,
+        (x[:2],),
+        str(path),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+        opset_version=17,
+        dynamo=False,
+    )
     top2 = ref.topk(2, 1).values
     margin = top2[:, 0] - top2[:, 1]
     keep = (margin > margin.median()).numpy()  # labels = confident FP32 predictions: FP32 accuracy is 1.0
@@ -59,7 +66,7 @@ def _factory(xcal):
     def make():
         class Reader:
             def __init__(self) -> None:
-                self.it = iter([{"input": xcal[i:i + 32]} for i in range(0, 128, 32)])
+                self.it = iter([{"input": xcal[i : i + 32]} for i in range(0, 128, 32)])
 
             def get_next(self):
                 return next(self.it, None)
@@ -84,13 +91,25 @@ def test_plain_int8_misses_the_gate_and_search_keeps_the_outlier_path_float(outl
     plain = quantize_int8(path, tmp / "plain.onnx", _factory(xcal)(), "minmax", True)
     assert (1.0 - ev(plain)) * 100 > 1.0  # the model is built to fail a 1-point gate
     lines: list[str] = []
-    res = search_int8(path, _factory(xcal), ev, 1.0, out=tmp / "searched.onnx", baseline=1.0, log=lines.append,
-                      settings=[("minmax", True), ("entropy", True)])
+    res = search_int8(
+        path,
+        _factory(xcal),
+        ev,
+        1.0,
+        out=tmp / "searched.onnx",
+        baseline=1.0,
+        log=lines.append,
+        settings=[("minmax", True), ("entropy", True)],
+    )
     assert isinstance(res, SearchResult) and res.passed and res.drop <= 1.0
     assert res.path.is_file() and ev(res.path) == pytest.approx(res.accuracy)
     assert "/mix/Conv" in res.excluded_nodes and "/proj/Conv" in res.excluded_nodes
     assert len(res.excluded_nodes) <= 4
-    assert [r["stage"] for r in res.log][:2] == ["calibration", "calibration"] and res.log[-2]["stage"] == "float-fallback" and res.log[-1]["stage"] == "result"
+    assert (
+        [r["stage"] for r in res.log][:2] == ["calibration", "calibration"]
+        and res.log[-2]["stage"] == "float-fallback"
+        and res.log[-1]["stage"] == "result"
+    )
     assert any("float nodes" in ln for ln in lines)
 
 
@@ -106,16 +125,25 @@ def test_ranking_puts_the_node_reading_the_outlier_tensor_first(outlier_model):
 
 def test_search_stops_at_the_first_setting_within_the_gate(outlier_model):
     path, xcal, xval, labels, tmp = outlier_model
-    res = search_int8(path, _factory(xcal), _eval(xval, labels), 100.0, out=tmp / "easy.onnx", baseline=1.0,
-                      log=lambda m: None)
+    res = search_int8(
+        path, _factory(xcal), _eval(xval, labels), 100.0, out=tmp / "easy.onnx", baseline=1.0, log=lambda m: None
+    )
     assert res.passed and res.excluded_nodes == [] and len(res.log) == 1 and res.method == "entropy"
     assert res.per_channel is True
 
 
 def test_skip_avoids_rerunning_the_plain_setting(outlier_model):
     path, xcal, xval, labels, tmp = outlier_model
-    res = search_int8(path, _factory(xcal), _eval(xval, labels), 100.0, out=tmp / "skip.onnx", baseline=1.0,
-                      log=lambda m: None, skip=[("entropy", True)])
+    res = search_int8(
+        path,
+        _factory(xcal),
+        _eval(xval, labels),
+        100.0,
+        out=tmp / "skip.onnx",
+        baseline=1.0,
+        log=lambda m: None,
+        skip=[("entropy", True)],
+    )
     assert res.method == "percentile" and len(res.log) == 1
 
 
@@ -159,16 +187,30 @@ def test_export_model_search_through_the_pipeline(tmp_path):
         net.features[8].bias[:4] *= 300.0
         net.features[10].weight[:, :4] /= 300.0
     data = tmp_path / "synthetic_bloodmnist.npz"
-    np.savez(data, train_images=imgs[:800], train_labels=labels[:800, None], val_images=imgs[800:],
-             val_labels=labels[800:, None], test_images=imgs[:8], test_labels=labels[:8, None])
+    np.savez(
+        data,
+        train_images=imgs[:800],
+        train_labels=labels[:800, None],
+        val_images=imgs[800:],
+        val_labels=labels[800:, None],
+        test_images=imgs[:8],
+        test_labels=labels[:8, None],
+    )
     ck = tmp_path / "outlier.pt"
-    checkpoint.save(ck, arch="bloodcnn5", arch_kwargs=kw, classes=[f"c{i}" for i in range(8)],
-                    state_dict=net.state_dict(), input={"height": 28, "width": 28, "mean": [0.5] * 3, "std": [0.25] * 3})
+    checkpoint.save(
+        ck,
+        arch="bloodcnn5",
+        arch_kwargs=kw,
+        classes=[f"c{i}" for i in range(8)],
+        state_dict=net.state_dict(),
+        input={"height": 28, "width": 28, "mean": [0.5] * 3, "std": [0.25] * 3},
+    )
     opts = dict(source=str(ck), data=str(data), int8=True, calib_size=256, calib_method="minmax", max_drop=1.0)
     with pytest.raises(pipeline.AccuracyGateError):
         pipeline.run_export(pipeline.ExportOptions(out=str(tmp_path / "plain"), **opts), log=lambda m: None)
-    summary = pipeline.run_export(pipeline.ExportOptions(out=str(tmp_path / "searched"), search=True, **opts),
-                                  log=lambda m: None)
+    summary = pipeline.run_export(
+        pipeline.ExportOptions(out=str(tmp_path / "searched"), search=True, **opts), log=lambda m: None
+    )
     manifest = load_bundle(summary["bundle"]).manifest
     assert manifest.metrics["fp32"]["accuracy"] > 0.9
     assert manifest.metrics["drop_points"] <= 1.0
@@ -183,9 +225,8 @@ def test_entropy_bins_make_entropy_differ_from_minmax(tmp_path):
     """ORT's stock entropy calibration equals min-max (one candidate threshold); ours searches 2048 bins."""
     import onnx
     from helpers import tiny_onnx
-    from onnx import numpy_helper
-
     from hemaedge.export.quant_search import entropy_bins
+    from onnx import numpy_helper
 
     src = tiny_onnx(tmp_path / "tiny.onnx")
     rng = np.random.default_rng(0)
@@ -219,12 +260,11 @@ def test_chunked_calibration_matches_one_pass(tmp_path, method, monkeypatch):
     histogram methods are not chunked (merged histograms are re-binned and move the scales)."""
     import contextlib
 
+    import hemaedge.export.quantize as q
     import onnx
     from helpers import tiny_onnx
-    from onnx import numpy_helper
-
-    import hemaedge.export.quantize as q
     from hemaedge.export.quant_search import entropy_bins
+    from onnx import numpy_helper
 
     fp32 = tiny_onnx(tmp_path / "m.onnx")
     rng = np.random.default_rng(3)

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-
 from hemaedge.edge.bundle.manifest import CropGeometry
 from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment import (
@@ -87,12 +86,15 @@ def test_blank_and_red_cell_only_frames_have_no_white_cells():
 # -- recall and precision on synthetic frames ---------------------------------------
 
 
-@pytest.mark.parametrize("opts", [
-    dict(seed=21, frames=40, wbc=2),
-    dict(seed=22, frames=30, wbc=4, pan=1),
-    dict(seed=23, frames=30, wbc=3, rbc_px=32),
-    dict(seed=24, frames=20, wbc=2, rbc_px=72, width=800, height=600),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(seed=21, frames=40, wbc=2),
+        dict(seed=22, frames=30, wbc=4, pan=1),
+        dict(seed=23, frames=30, wbc=3, rbc_px=32),
+        dict(seed=24, frames=20, wbc=2, rbc_px=72, width=800, height=600),
+    ],
+)
 def test_recall_and_precision_on_synthetic_smears(opts):
     recall, precision = _score(StainSegmenter(), SyntheticSource(**opts))
     assert recall >= 0.9, (recall, precision)
@@ -199,7 +201,8 @@ def test_label_readers(tmp_path):
     (tmp_path / "a.xml").write_text(
         "<annotation><object><name>WBC</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax>"
         "</bndbox></object><object><name>RBC</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>9</xmax>"
-        "<ymax>9</ymax></bndbox></object></annotation>")
+        "<ymax>9</ymax></bndbox></object></annotation>"
+    )
     assert read_voc(tmp_path / "a.xml").tolist() == [[1, 2, 30, 40]]
     (tmp_path / "a.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.1 0.1 0.1 0.1\n")
     assert np.allclose(read_yolo(tmp_path / "a.txt", 100, 50), [[40, 15, 60, 35]])
@@ -270,8 +273,14 @@ def test_cut_crops_are_rgb_squares_around_each_cell():
         assert c.pixels.shape[0] == c.pixels.shape[1] and abs(c.pixels.shape[0] - side) <= 2
         assert c.detection is d and c.frame_index == f.index
         # RGB: the purple nucleus has more red than green, and blue > green (not swapped to BGR)
-        centre = c.pixels[c.pixels.shape[0] // 2 - 3:c.pixels.shape[0] // 2 + 3,
-                          c.pixels.shape[1] // 2 - 3:c.pixels.shape[1] // 2 + 3].reshape(-1, 3).mean(0)
+        centre = (
+            c.pixels[
+                c.pixels.shape[0] // 2 - 3 : c.pixels.shape[0] // 2 + 3,
+                c.pixels.shape[1] // 2 - 3 : c.pixels.shape[1] // 2 + 3,
+            ]
+            .reshape(-1, 3)
+            .mean(0)
+        )
         assert centre[2] > centre[1]
 
 
@@ -333,7 +342,6 @@ def test_detect_command_table(tmp_path, capsys):
 @pytest.mark.data
 def test_bccd_val_detection_bar(data_root):
     from conftest import need
-
     from hemaedge.edge.segment.groundtruth import bccd_items
 
     need(data_root / "bccd" / "val.txt")
@@ -347,7 +355,6 @@ def test_bccd_val_detection_bar(data_root):
 @pytest.mark.parametrize("half", ["a", "b"])
 def test_txl_pbc_detection(data_root, half):
     from conftest import need
-
     from hemaedge.edge.segment.groundtruth import txl_items
 
     need(data_root / "txl-pbc" / "images")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hemaedge.edge.bundle import load_bundle, sha256_file
 from hemaedge.edge.models import default_bundle_path
 
@@ -52,8 +51,13 @@ def test_shipped_checkpoint_is_the_bundles_source(shipped):
 
 
 def test_golden_outputs_reproduce_on_this_machine(shipped):
-    res = subprocess.run([sys.executable, "-m", "hemaedge", "verify", str(shipped.path), "--json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "hemaedge", "verify", str(shipped.path), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-1500:]
     doc = json.loads(res.stdout)
     assert doc["passed"] is True
@@ -101,12 +105,25 @@ def test_export_of_the_shipped_checkpoint_gives_the_same_contract(shipped, data_
     from hemaedge.export.pipeline import ExportOptions, run_export
 
     out = tmp_path / "rebuilt"
-    s = run_export(ExportOptions(source=str(CHECKPOINT), out=str(out), data=str(npz), int8=True,
-                                 cell_fraction=shipped.manifest.crop.cell_fraction), log=lambda m: None)
+    s = run_export(
+        ExportOptions(
+            source=str(CHECKPOINT),
+            out=str(out),
+            data=str(npz),
+            int8=True,
+            cell_fraction=shipped.manifest.crop.cell_fraction,
+        ),
+        log=lambda m: None,
+    )
     new = load_bundle(out).manifest
     old = shipped.manifest
-    assert (new.classes, new.input, new.crop, new.output_kind, new.class_groups) == \
-        (old.classes, old.input, old.crop, old.output_kind, old.class_groups)
+    assert (new.classes, new.input, new.crop, new.output_kind, new.class_groups) == (
+        old.classes,
+        old.input,
+        old.crop,
+        old.output_kind,
+        old.class_groups,
+    )
     assert sorted((a.kind, a.precision) for a in new.artifacts) == sorted((a.kind, a.precision) for a in old.artifacts)
     assert new.metrics["int8"]["accuracy"] == pytest.approx(old.metrics["int8"]["accuracy"], abs=0.002)
     assert s["seconds"] < 300
@@ -125,8 +142,13 @@ def test_shipped_efficientnet_bundle_meets_its_int8_gate_and_verifies(efficientn
     assert int8 >= 0.98 and fp32 - int8 <= 0.01
     assert m.calibration["method"] == "entropy" and m.calibration["per_channel"]  # what the search chose
     assert m.provenance["export_command"] in (ROOT / "docs" / "efficientnet.md").read_text()  # how to rebuild it
-    res = subprocess.run([sys.executable, "-m", "hemaedge", "verify", str(efficientnet.path), "--precision", "int8",
-                          "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "hemaedge", "verify", str(efficientnet.path), "--precision", "int8", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-1500:]
     assert json.loads(res.stdout)["passed"] is True
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from hemaedge.edge.errors import SourceError, UsageError
 from hemaedge.edge.records import Frame
 from hemaedge.edge.sources import (
@@ -76,7 +75,7 @@ def test_synthetic_pan_shifts_the_same_cells():
         pytest.fail("no interior cell shared by consecutive frames")
     # and the pixels moved with them (compare an interior patch)
     patch4 = f4.pixels[150:250, 200:300].astype(int)
-    patch5 = f5.pixels[150 - dy:250 - dy, 200 - dx:300 - dx].astype(int)
+    patch5 = f5.pixels[150 - dy : 250 - dy, 200 - dx : 300 - dx].astype(int)
     assert np.abs(patch4 - patch5).mean() < 12  # same slide, different noise/illumination position
 
 
@@ -271,8 +270,16 @@ def test_dropped_camera_reconnects_with_exponential_backoff():
     first = FakeCapture("ffx")
     opener = Opener(first, None, None, FakeCapture("fff"))
     sleeps, events = [], []
-    src = CaptureSource("fake://cam", opener, on_event=events.append, backoff_s=0.5, backoff_max_s=10,
-                        max_retries=5, max_frames=5, sleep=sleeps.append)
+    src = CaptureSource(
+        "fake://cam",
+        opener,
+        on_event=events.append,
+        backoff_s=0.5,
+        backoff_max_s=10,
+        max_retries=5,
+        max_frames=5,
+        sleep=sleeps.append,
+    )
     with src:
         frames = list(src)
     assert len(frames) == 5  # the session went on after the drop-out
@@ -287,8 +294,13 @@ def test_dropped_camera_reconnects_with_exponential_backoff():
 
 def test_status_shows_reconnecting_while_it_waits():
     seen = []
-    src = CaptureSource("fake://", Opener(FakeCapture("fx"), FakeCapture("f")), max_frames=2,
-                        sleep=lambda s: seen.append(src.status), on_event=lambda e: None)
+    src = CaptureSource(
+        "fake://",
+        Opener(FakeCapture("fx"), FakeCapture("f")),
+        max_frames=2,
+        sleep=lambda s: seen.append(src.status),
+        on_event=lambda e: None,
+    )
     assert len(list(src)) == 2
     assert seen == ["reconnecting"]
 
@@ -305,8 +317,9 @@ def test_too_many_timeouts_count_as_a_drop_out():
 def test_gives_up_after_bounded_retries():
     opener = Opener(FakeCapture("fx"))  # never comes back
     sleeps, events = [], []
-    src = CaptureSource("fake://", opener, on_event=events.append, max_retries=4, backoff_s=1, backoff_max_s=3,
-                        sleep=sleeps.append)
+    src = CaptureSource(
+        "fake://", opener, on_event=events.append, max_retries=4, backoff_s=1, backoff_max_s=3, sleep=sleeps.append
+    )
     got = []
     with pytest.raises(SourceError, match="4 reconnect attempts"):
         for f in src:
@@ -327,15 +340,26 @@ def test_driver_exception_on_read_is_a_failed_read():
         def read(self):
             raise RuntimeError("driver hiccup")
 
-    src = CaptureSource("fake://", Opener(Raising(""), FakeCapture("ff")), lost_after=1, max_frames=2,
-                        sleep=lambda s: None, on_event=lambda e: None)
+    src = CaptureSource(
+        "fake://",
+        Opener(Raising(""), FakeCapture("ff")),
+        lost_after=1,
+        max_frames=2,
+        sleep=lambda s: None,
+        on_event=lambda e: None,
+    )
     assert len(list(src)) == 2
 
 
 def test_file_capture_ends_instead_of_reconnecting():
     events = []
-    src = CaptureSource("fake.mp4", Opener(FakeCapture("fff")), live=False, on_event=events.append,
-                        sleep=lambda s: pytest.fail("must not sleep"))
+    src = CaptureSource(
+        "fake.mp4",
+        Opener(FakeCapture("fff")),
+        live=False,
+        on_event=events.append,
+        sleep=lambda s: pytest.fail("must not sleep"),
+    )
     assert len(list(src)) == 3
     assert events[-1].kind == "ended"
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from hemaedge.edge.count import SlideRegistrar
 from hemaedge.edge.errors import StoreError
 from hemaedge.edge.sources import open_source
@@ -28,8 +27,22 @@ def cell(i: int, rng: np.random.Generator | None = None) -> NewCell:
     rng = rng or np.random.default_rng(i)
     crop = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
     probs = np.array([0.7, 0.2, 0.1], np.float32)
-    return NewCell(time.time(), "synthetic://", i, f"f{i}.png", (10.0 + i, 20.0, 50.0 + i, 60.0), 1, 100.0 + i, 50.0,
-                   0, "a", 0.7, False, probs, crop)
+    return NewCell(
+        time.time(),
+        "synthetic://",
+        i,
+        f"f{i}.png",
+        (10.0 + i, 20.0, 50.0 + i, 60.0),
+        1,
+        100.0 + i,
+        50.0,
+        0,
+        "a",
+        0.7,
+        False,
+        probs,
+        crop,
+    )
 
 
 def test_cells_round_trip_with_their_crops(tmp_path):
@@ -70,8 +83,9 @@ def test_keyframes_round_trip(tmp_path):
     with SessionStore.create(tmp_path / "s", SETTINGS) as store:
         store.add([], kfs)
         back = store.read_keyframes()
-    assert [(k.id, k.field, k.ox, k.oy, k.frame_shape) for k in back] == [(k.id, k.field, k.ox, k.oy, k.frame_shape)
-                                                                           for k in kfs]
+    assert [(k.id, k.field, k.ox, k.oy, k.frame_shape) for k in back] == [
+        (k.id, k.field, k.ox, k.oy, k.frame_shape) for k in kfs
+    ]
     assert all(np.array_equal(a.thumb, b.thumb) for a, b in zip(back, kfs))
 
 
@@ -127,7 +141,7 @@ def test_create_in_an_impossible_place_is_a_store_error(tmp_path):
 URI = "synthetic://?seed=7&frames=3000&pan=4&wbc=4"
 RUNNER = f"""
 import sys
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 import fake_segment
 fake_segment.install()
 from hemaedge.cli import main
@@ -150,8 +164,22 @@ def _truth_id(src, c: dict) -> int:
 
 def test_sigkill_mid_count_then_resume_keeps_every_shown_cell_once(tiny_bundle_dir, tmp_path):
     out = tmp_path / "sessions"
-    cmd = [sys.executable, "-c", RUNNER, "count", URI, "--bundle", str(tiny_bundle_dir), "--out", str(out),
-           "--no-tui", "--target", "80", "--max-fps", "60"]
+    cmd = [
+        sys.executable,
+        "-c",
+        RUNNER,
+        "count",
+        URI,
+        "--bundle",
+        str(tiny_bundle_dir),
+        "--out",
+        str(out),
+        "--no-tui",
+        "--target",
+        "80",
+        "--max-fps",
+        "60",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     shown: list[str] = []
     deadline = time.monotonic() + 120
@@ -182,8 +210,13 @@ def test_sigkill_mid_count_then_resume_keeps_every_shown_cell_once(tiny_bundle_d
     assert set(shown_ids) <= set(rows)
     assert all((session / rows[i]).is_file() for i in shown_ids)
 
-    res = subprocess.run([sys.executable, "-c", RUNNER, "count", "--resume", str(session), "--no-tui", "--json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", RUNNER, "count", "--resume", str(session), "--no-tui", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout)
     cells = doc["cells"]

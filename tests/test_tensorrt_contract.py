@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_tensorrt import fake_pair
-from trt_helpers import calibration_folder, trt_bundle
-
 from hemaedge.edge.bundle import load_bundle, preprocess
 from hemaedge.edge.bundle.io import write_manifest
 from hemaedge.edge.classify.cuda_rt import GpuInfo, gpu_slug
@@ -38,6 +36,7 @@ from hemaedge.edge.classify.trt_build import (
     qdq_problems,
 )
 from hemaedge.edge.errors import BackendError, UsageError
+from trt_helpers import calibration_folder, trt_bundle
 
 VERSIONS = ("8.2.1.8", "8.5.2.2", "10.3.0")  # bindings-only, both APIs, tensor-only
 
@@ -53,6 +52,7 @@ def _engines(path: Path):
 
 # -- naming ---------------------------------------------------------------------------------------
 
+
 def test_engine_file_name_round_trip():
     name = engine_file_name("8.5.2.2", "orin-sm87", "int8")
     assert name == "model.trt8.5.2.2.orin-sm87.int8.engine"
@@ -65,6 +65,7 @@ def test_engine_file_name_round_trip():
 
 
 # -- building -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_explicit_int8_build_lists_engine_with_identity(bundle_dir, version):
@@ -148,12 +149,14 @@ def test_refusals_before_any_work(bundle_dir, tmp_path):
 
 # -- implicit INT8 and the calibration cache ------------------------------------------------------
 
+
 @pytest.mark.parametrize("version", ("8.5.2.2", "10.3.0"))
 def test_implicit_int8_calibrates_with_runtime_preprocessing_and_stores_cache(bundle_dir, tmp_path, version):
     folder, images = calibration_folder(tmp_path / "calib", n=20)
     trt, rt = fake_pair(version)
-    result = build_for_bundle(bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=8,
-                              trt=trt, cudart=rt)
+    result = build_for_bundle(
+        bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=8, trt=trt, cudart=rt
+    )
     assert result.mode == "implicit-int8" and "no calibration cache" in result.calibration
     (rec,) = trt.fake_log.calibration
     assert rec == {"from_cache": False, "batches": 3}  # 20 images in batches of 8, the last one padded
@@ -178,19 +181,23 @@ def test_matching_cache_is_reused_without_images(bundle_dir, tmp_path):
     second = build_for_bundle(bundle_dir, "int8", implicit_int8=True, trt=trt, cudart=rt)
     assert trt.fake_log.calibration[-1] == {"from_cache": True, "batches": 0}
     assert second.calibration.startswith("reused calibration cache calibration.cache")
-    again = build_for_bundle(bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=4,
-                             recalibrate=True, trt=trt, cudart=rt)
+    again = build_for_bundle(
+        bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=4, recalibrate=True, trt=trt, cudart=rt
+    )
     assert trt.fake_log.calibration[-1]["from_cache"] is False and "--recalibrate" in again.calibration
 
 
 def _tamper_cache(bundle_dir: Path, **changes) -> None:
     b = load_bundle(bundle_dir)
-    arts = tuple(replace(a, details={**a.details, **changes}) if a.kind == CACHE_KIND else a for a in b.manifest.artifacts)
+    arts = tuple(
+        replace(a, details={**a.details, **changes}) if a.kind == CACHE_KIND else a for a in b.manifest.artifacts
+    )
     write_manifest(b.path, replace(b.manifest, artifacts=arts))
 
 
-@pytest.mark.parametrize("field,value", [("model_sha256", "0" * 64), ("input_shape", [3, 64, 64]),
-                                         ("preprocess", "feedfacefeedface")])
+@pytest.mark.parametrize(
+    "field,value", [("model_sha256", "0" * 64), ("input_shape", [3, 64, 64]), ("preprocess", "feedfacefeedface")]
+)
 def test_stale_cache_is_rebuilt_and_says_why(bundle_dir, tmp_path, field, value):
     folder, _ = calibration_folder(tmp_path / "calib", n=8)
     trt, rt = fake_pair("10.3.0")
@@ -198,8 +205,9 @@ def test_stale_cache_is_rebuilt_and_says_why(bundle_dir, tmp_path, field, value)
     _tamper_cache(bundle_dir, **{field: value})
     with pytest.raises(UsageError, match=f"stale.*{field}.*--calib DIR"):
         build_for_bundle(bundle_dir, "int8", implicit_int8=True, trt=trt, cudart=rt)
-    result = build_for_bundle(bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=4,
-                              trt=trt, cudart=rt)
+    result = build_for_bundle(
+        bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=4, trt=trt, cudart=rt
+    )
     assert trt.fake_log.calibration[-1]["from_cache"] is False
     assert "stale" in result.calibration and field in result.calibration
     fresh = load_bundle(bundle_dir).manifest.artifact("int8", CACHE_KIND)
@@ -209,10 +217,13 @@ def test_stale_cache_is_rebuilt_and_says_why(bundle_dir, tmp_path, field, value)
 def test_cache_from_another_tensorrt_version_is_not_reused(bundle_dir, tmp_path):
     folder, _ = calibration_folder(tmp_path / "calib", n=8)
     old_trt, old_rt = fake_pair("8.6.1.6")
-    build_for_bundle(bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=4, trt=old_trt, cudart=old_rt)
+    build_for_bundle(
+        bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=4, trt=old_trt, cudart=old_rt
+    )
     trt, rt = fake_pair("10.3.0")
-    result = build_for_bundle(bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=4,
-                              trt=trt, cudart=rt)
+    result = build_for_bundle(
+        bundle_dir, "int8", implicit_int8=True, calib_dir=folder, calib_batch=4, trt=trt, cudart=rt
+    )
     assert trt.fake_log.calibration[-1]["from_cache"] is False
     assert "tensorrt_version '8.6.1.6' != '10.3.0'" in result.calibration
     assert any("deprecated since TensorRT 10.1" in n for n in result.notes)
@@ -220,6 +231,7 @@ def test_cache_from_another_tensorrt_version_is_not_reused(bundle_dir, tmp_path)
 
 
 # -- the backend's run loop -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("version,api", [("8.2.1.8", "bindings"), ("8.5.2.2", "tensor"), ("10.3.0", "tensor")])
 def test_backend_run_loop_matches_onnxruntime(bundle_dir, version, api):
@@ -290,6 +302,7 @@ def test_runtime_check_catches_an_engine_that_does_not_deserialise(bundle_dir):
 
 # -- selection and fallbacks ----------------------------------------------------------------------
 
+
 def _block(monkeypatch, *names):
     for name in names:
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
@@ -311,8 +324,10 @@ def test_select_falls_back_to_ort_when_no_engine_fits(bundle_dir):
     trt, rt = fake_pair("10.3.0")
     backend, reason = select_backend(bundle_dir, trt=trt, cudart=rt)
     assert isinstance(backend, OrtBackend)
-    assert reason.startswith("no TensorRT engine for this station (model.trt8.5.2.2.orin-sm87.int8.engine was built for "
-                             "TensorRT 8.5.2.2 (this station has 10.3.0); build one with: hemaedge build-engine")
+    assert reason.startswith(
+        "no TensorRT engine for this station (model.trt8.5.2.2.orin-sm87.int8.engine was built for "
+        "TensorRT 8.5.2.2 (this station has 10.3.0); build one with: hemaedge build-engine"
+    )
     assert reason.endswith(": using ONNX Runtime CPU (int8 ONNX)")
     backend, reason = select_backend(bundle_dir, build_missing=True, trt=trt, cudart=rt)
     assert isinstance(backend, TensorRTBackend) and "building an engine first" in reason
@@ -359,13 +374,19 @@ def test_select_orders_onnxruntime_gpu_providers(bundle_dir, monkeypatch):
     import hemaedge.edge.classify.onnxruntime as ort_mod
 
     _block(monkeypatch, "tensorrt")
-    monkeypatch.setattr(ort_mod, "available_providers",
-                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        ort_mod,
+        "available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
     backend, reason = select_backend(bundle_dir)
     assert reason == "TensorRT not installed: using ONNX Runtime TensorRT EP (fp32 ONNX)"
     assert backend.want == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     backend, reason = select_backend(bundle_dir, "cuda", precision="fp16")
-    assert reason == "using ONNX Runtime CUDA (fp32 ONNX); fp16 is a TensorRT engine precision; ONNX Runtime runs the fp32 model"
+    assert (
+        reason
+        == "using ONNX Runtime CUDA (fp32 ONNX); fp16 is a TensorRT engine precision; ONNX Runtime runs the fp32 model"
+    )
     backend, reason = select_backend(bundle_dir, "cpu")
     assert reason == "using ONNX Runtime CPU (int8 ONNX)" and backend.precision == "int8"
 

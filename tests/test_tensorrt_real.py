@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from trt_helpers import calibration_folder, trt_bundle
-
 from hemaedge.edge.bundle import load_bundle
 from hemaedge.edge.classify.onnxruntime import OrtBackend
+from trt_helpers import calibration_folder, trt_bundle
 
 pytestmark = pytest.mark.tensorrt
 
@@ -95,8 +94,9 @@ def test_verify_passes_on_this_gpu(tmp_path, station):
 
     bundle_dir = trt_bundle(tmp_path / "b")
     rng = np.random.default_rng(1)
-    x = preprocess([rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(32)],
-                   load_bundle(bundle_dir).manifest.input)
+    x = preprocess(
+        [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(32)], load_bundle(bundle_dir).manifest.input
+    )
     outs = {}
     for p in ("fp32", "int8"):
         with OrtBackend(load_bundle(bundle_dir), p, providers=["cpu"]) as be:

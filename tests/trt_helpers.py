@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 from helpers import BLOODMNIST_CLASSES, tiny_onnx
-
 from hemaedge.edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest
 
 
@@ -22,9 +21,16 @@ def symmetric_int8(fp32: Path, out: Path, size: int) -> Path:
         def get_next(self):
             return next(self.it, None)
 
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, per_channel=True,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    quantize_static(
+        str(fp32),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
     return out
 
 
@@ -34,9 +40,13 @@ def trt_bundle(out: Path, size: int = 28, int8: bool = True) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     fp32 = tiny_onnx(work / "model.onnx", size, len(BLOODMNIST_CLASSES))
     manifest = Manifest(
-        name="tiny-trt", architecture="tiny", classes=BLOODMNIST_CLASSES,
+        name="tiny-trt",
+        architecture="tiny",
+        classes=BLOODMNIST_CLASSES,
         input=InputSpec(height=size, width=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-        crop=CropGeometry(), artifacts=(), provenance={"note": "random weights, tests/trt_helpers.py"},
+        crop=CropGeometry(),
+        artifacts=(),
+        provenance={"note": "random weights, tests/trt_helpers.py"},
     )
     with BundleWriter(out, overwrite=True) as w:
         w.add(fp32, "onnx", "fp32")

@@ -66,13 +66,22 @@ def matched_detection(seg, img: np.ndarray, name: str, gt_box: np.ndarray):
     return dets[int(np.argmax(ious))].box if ious.max() >= 0.5 else None
 
 
-def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Path, cell_fraction: float | None = None,
-             pad: str | None = None, scale: str | None = None) -> dict:
+def evaluate(
+    bundle_dir: Path,
+    split: str,
+    boxes: str,
+    precision: str,
+    root: Path,
+    cell_fraction: float | None = None,
+    pad: str | None = None,
+    scale: str | None = None,
+) -> dict:
     """Score the four common types; returns accuracy, confusion and counts."""
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    geom = replace(m.crop, **{k: v for k, v in (('cell_fraction', cell_fraction), ('pad', pad), ('scale', scale))
-                              if v is not None})
+    geom = replace(
+        m.crop, **{k: v for k, v in (("cell_fraction", cell_fraction), ("pad", pad), ("scale", scale)) if v is not None}
+    )
     seg = make_segmenter()
     found, truth, missed = [], [], 0
     for name, img, gt_box, kind in bccd_cells(root, split, COMMON):
@@ -92,13 +101,25 @@ def evaluate(bundle_dir: Path, split: str, boxes: str, precision: str, root: Pat
     correct = sum(p == t for p, t in zip(pred, truth))
     scored = len(truth) + missed
     return {
-        "bundle": str(bundle_dir), "split": split, "cell_fraction": geom.cell_fraction, "pad": geom.pad, "scale": geom.scale,
-        "boxes": boxes, "precision": precision,
-        "frames_scored": scored, "cells_classified": len(truth), "wbc_not_detected": missed,
+        "bundle": str(bundle_dir),
+        "split": split,
+        "cell_fraction": geom.cell_fraction,
+        "pad": geom.pad,
+        "scale": geom.scale,
+        "boxes": boxes,
+        "precision": precision,
+        "frames_scored": scored,
+        "cells_classified": len(truth),
+        "wbc_not_detected": missed,
         "accuracy": correct / scored if scored else 0.0,
         "accuracy_of_classified": correct / len(truth) if truth else 0.0,
-        "per_type": {t: {"n": sum(1 for x in truth if x == t),
-                         "correct": sum(1 for p, x in zip(pred, truth) if x == t and p == t)} for t in COMMON.values()},
+        "per_type": {
+            t: {
+                "n": sum(1 for x in truth if x == t),
+                "correct": sum(1 for p, x in zip(pred, truth) if x == t and p == t),
+            }
+            for t in COMMON.values()
+        },
         "confusion": {t: dict(Counter(p for p, x in zip(pred, truth) if x == t)) for t in COMMON.values()},
     }
 
@@ -110,18 +131,30 @@ def main() -> int:
     ap.add_argument("--boxes", default="detected", choices=["detected", "truth"])
     ap.add_argument("--precision", default="int8")
     ap.add_argument("--data", default=None, help="BCCD folder (default $HEMAEDGE_DATA/bccd)")
-    ap.add_argument("--cell-fraction", type=float, default=None, help="override the bundle's crop geometry (exploration)")
+    ap.add_argument(
+        "--cell-fraction", type=float, default=None, help="override the bundle's crop geometry (exploration)"
+    )
     ap.add_argument("--pad", default=None, choices=["reflect", "constant"], help="override the crop padding")
     ap.add_argument("--scale", default=None, choices=["cell", "session"], help="override the crop scale")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    res = evaluate(Path(a.bundle or default_bundle_path()), a.split, a.boxes, a.precision,
-                   Path(a.data) if a.data else data_root() / "bccd", a.cell_fraction, a.pad, a.scale)
+    res = evaluate(
+        Path(a.bundle or default_bundle_path()),
+        a.split,
+        a.boxes,
+        a.precision,
+        Path(a.data) if a.data else data_root() / "bccd",
+        a.cell_fraction,
+        a.pad,
+        a.scale,
+    )
     if a.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"BCCD {a.split} ({a.boxes} boxes, {a.precision}): accuracy {res['accuracy']:.3f} on "
-              f"{res['frames_scored']} frames ({res['wbc_not_detected']} WBC not detected)")
+        print(
+            f"BCCD {a.split} ({a.boxes} boxes, {a.precision}): accuracy {res['accuracy']:.3f} on "
+            f"{res['frames_scored']} frames ({res['wbc_not_detected']} WBC not detected)"
+        )
         for t, c in res["confusion"].items():
             print(f"  {t:11s} n={res['per_type'][t]['n']:3d} predicted as {c}")
     return 0

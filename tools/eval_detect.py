@@ -41,7 +41,9 @@ def _overrides(pairs: list[str]) -> dict:
 def common_args(description: str) -> argparse.ArgumentParser:
     """The options every detection scorer takes (data, which splits, IoU, config overrides, --json)."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--data", type=Path, default=None, help="shared data root (default $HEMAEDGE_DATA or ../shared/data)")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="shared data root (default $HEMAEDGE_DATA or ../shared/data)"
+    )
     ap.add_argument("--bccd-split", default="val", choices=["train", "val", "all", "none"])
     ap.add_argument("--txl-half", default="both", choices=["a", "b", "both", "all", "none"])
     ap.add_argument("--iou", type=float, default=0.5)
@@ -94,8 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     for label, groups in report.items():
         for name, r in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
             style = "bold" if name == "all" else None
-            table.add_row(label, name, str(r["images"]), str(r["truth"]), str(r["tp"]), str(r["fp"]), str(r["fn"]),
-                          f"{r['recall']:.4f}", f"{r['precision']:.4f}", f"{r['ms_per_image']:.1f}", style=style)
+            table.add_row(
+                label,
+                name,
+                str(r["images"]),
+                str(r["truth"]),
+                str(r["tp"]),
+                str(r["fp"]),
+                str(r["fn"]),
+                f"{r['recall']:.4f}",
+                f"{r['precision']:.4f}",
+                f"{r['ms_per_image']:.1f}",
+                style=style,
+            )
     Console(width=max(100, Console().width)).print(table)
     return 0
 

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     seg = StainSegmenter(**{**_overrides(args.set), "platelets": True})
     runs = []
     if args.bccd_split != "none":
-        runs.append((f"BCCD {args.bccd_split}",
-                     lambda: bccd_items(root / "bccd", args.bccd_split, names=BCCD_PLATELET)))
+        runs.append(
+            (f"BCCD {args.bccd_split}", lambda: bccd_items(root / "bccd", args.bccd_split, names=BCCD_PLATELET))
+        )
     halves = {"both": ["a", "b"], "all": [None], "none": []}.get(args.txl_half, [args.txl_half])
     for half in halves:
         label = "TXL all" if half is None else f"TXL {half}"
@@ -76,16 +77,40 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     table = Table(title=f"Platelet detection: IoU >= {args.iou} | centre inside the truth box")
-    for col in ("set", "source", "images", "platelets", "detected", "TP", "recall", "precision",
-                "TP ctr", "recall ctr", "prec. ctr", "ms/img"):
+    for col in (
+        "set",
+        "source",
+        "images",
+        "platelets",
+        "detected",
+        "TP",
+        "recall",
+        "precision",
+        "TP ctr",
+        "recall ctr",
+        "prec. ctr",
+        "ms/img",
+    ):
         table.add_column(col, justify="left" if col in ("set", "source") else "right")
     for label, groups in report.items():
         for name, r in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
             i, c = r["iou"], r["centre"]
             style = "bold" if name == "all" else None
-            table.add_row(label, name, str(i["images"]), str(i["truth"]), str(i["tp"] + i["fp"]), str(i["tp"]),
-                          f"{i['recall']:.3f}", f"{i['precision']:.3f}", str(c["tp"]), f"{c['recall']:.3f}",
-                          f"{c['precision']:.3f}", f"{i['ms_per_image']:.1f}", style=style)
+            table.add_row(
+                label,
+                name,
+                str(i["images"]),
+                str(i["truth"]),
+                str(i["tp"] + i["fp"]),
+                str(i["tp"]),
+                f"{i['recall']:.3f}",
+                f"{i['precision']:.3f}",
+                str(c["tp"]),
+                f"{c['recall']:.3f}",
+                f"{c['precision']:.3f}",
+                f"{i['ms_per_image']:.1f}",
+                style=style,
+            )
     Console(width=max(140, Console().width)).print(table)
     return 0
 

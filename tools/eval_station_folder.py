@@ -33,8 +33,14 @@ from hemaedge.edge.segment import make_segmenter  # noqa: E402
 from hemaedge.edge.segment.crops import central_detection, typical_side  # noqa: E402
 
 
-def evaluate(bundle_path: str | Path, data: str | Path, split: str = "val", limit: int = 0, precision: str = "auto",
-             seed: int = 0) -> dict:
+def evaluate(
+    bundle_path: str | Path,
+    data: str | Path,
+    split: str = "val",
+    limit: int = 0,
+    precision: str = "auto",
+    seed: int = 0,
+) -> dict:
     """Accuracy of detect -> crop -> classify against the folder labels (missed cells count as wrong)."""
     bundle = load_bundle(resolve(bundle_path))
     m = bundle.manifest
@@ -58,15 +64,29 @@ def evaluate(bundle_path: str | Path, data: str | Path, split: str = "val", limi
     crops = [cut_crop(rgb, box, m.crop, typical) for rgb, box in found]
     backend, reason = select_backend(bundle, "auto", precision)
     with backend:
-        probs = np.concatenate([backend.classify(preprocess(crops[s:s + 64], m.input)) for s in range(0, len(crops), 64)])
+        probs = np.concatenate(
+            [backend.classify(preprocess(crops[s : s + 64], m.input)) for s in range(0, len(crops), 64)]
+        )
     pred = probs.argmax(1)
     correct = int((pred == np.asarray(truth)).sum())
     n = len(idx)
-    per_class = {c: {"n": int((images.labels[idx] == k).sum()),
-                     "correct": int(((pred == k) & (np.asarray(truth) == k)).sum())} for k, c in enumerate(m.classes)}
-    return {"bundle": m.name, "data": str(data), "split": split, "backend": reason, "images": n, "missed": missed,
-            "folder_to_class": mapping,
-            "accuracy": correct / n if n else 0.0, "cell_fraction": m.crop.cell_fraction, "scale": m.crop.scale, "per_class": per_class}
+    per_class = {
+        c: {"n": int((images.labels[idx] == k).sum()), "correct": int(((pred == k) & (np.asarray(truth) == k)).sum())}
+        for k, c in enumerate(m.classes)
+    }
+    return {
+        "bundle": m.name,
+        "data": str(data),
+        "split": split,
+        "backend": reason,
+        "images": n,
+        "missed": missed,
+        "folder_to_class": mapping,
+        "accuracy": correct / n if n else 0.0,
+        "cell_fraction": m.crop.cell_fraction,
+        "scale": m.crop.scale,
+        "per_class": per_class,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(res, indent=1))
     else:
-        print(f"{res['bundle']} on {res['data']} [{res['split']}] via the station path ({res['backend']}): "
-              f"accuracy {res['accuracy']:.4f} on {res['images']} images ({res['missed']} cells not found)")
+        print(
+            f"{res['bundle']} on {res['data']} [{res['split']}] via the station path ({res['backend']}): "
+            f"accuracy {res['accuracy']:.4f} on {res['images']} images ({res['missed']} cells not found)"
+        )
         for c, v in res["per_class"].items():
             print(f"  {c:22s} {v['correct']:4d} / {v['n']:4d}")
     return 0

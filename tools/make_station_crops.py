@@ -22,22 +22,30 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from eval_bccd import bccd_cells, matched_detection  # noqa: E402
-
 from hemaedge.edge.bundle import CropGeometry, cut_crop  # noqa: E402
 from hemaedge.edge.config import data_root  # noqa: E402
 from hemaedge.edge.segment import make_segmenter  # noqa: E402
 from hemaedge.edge.segment.crops import typical_side  # noqa: E402
 
-TYPES = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte", "MONOCYTE": "monocyte",
-         "BASOPHIL": "basophil"}
+TYPES = {
+    "NEUTROPHIL": "neutrophil",
+    "EOSINOPHIL": "eosinophil",
+    "LYMPHOCYTE": "lymphocyte",
+    "MONOCYTE": "monocyte",
+    "BASOPHIL": "basophil",
+}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cell-fraction", type=float, default=0.42)
-    ap.add_argument("--scale", choices=["cell", "session"], default="cell",
-                    help="crop side from each cell's box, or from the median box of all the frames (one field of view)")
+    ap.add_argument(
+        "--scale",
+        choices=["cell", "session"],
+        default="cell",
+        help="crop side from each cell's box, or from the median box of all the frames (one field of view)",
+    )
     ap.add_argument("--data", default=None, help="BCCD folder (default $HEMAEDGE_DATA/bccd)")
     a = ap.parse_args()
     root = Path(a.data) if a.data else data_root() / "bccd"
@@ -45,8 +53,10 @@ def main() -> int:
 
     seg, out, n = make_segmenter(), Path(a.out), 0
     geom = CropGeometry(cell_fraction=a.cell_fraction, scale=a.scale)
-    cells = [(name, img, gt_box, kind, matched_detection(seg, img, name, gt_box))
-             for name, img, gt_box, kind in bccd_cells(root, "train", TYPES)]
+    cells = [
+        (name, img, gt_box, kind, matched_detection(seg, img, name, gt_box))
+        for name, img, gt_box, kind in bccd_cells(root, "train", TYPES)
+    ]
     typical = typical_side([gt if box is None else box for _, _, gt, _, box in cells])
     for name, img, gt_box, kind, box in cells:
         crop = cut_crop(img, gt_box if box is None else box, geom, typical)

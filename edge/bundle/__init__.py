@@ -5,6 +5,18 @@ from hemaedge.edge.bundle.manifest import Artifact, CropGeometry, InputSpec, Man
 from hemaedge.edge.bundle.preprocess import crop_box, cut_crop, preprocess
 
 __all__ = [
-    "Artifact", "Bundle", "BundleWriter", "CropGeometry", "InputSpec", "Manifest", "add_artifact", "crop_box",
-    "cut_crop", "load_bundle", "parse_manifest", "preprocess", "read_manifest", "sha256_file",
+    "Artifact",
+    "Bundle",
+    "BundleWriter",
+    "CropGeometry",
+    "InputSpec",
+    "Manifest",
+    "add_artifact",
+    "crop_box",
+    "cut_crop",
+    "load_bundle",
+    "parse_manifest",
+    "preprocess",
+    "read_manifest",
+    "sha256_file",
 ]

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from hemaedge.edge.bundle.io import Bundle, BundleWriter, add_artifact, load_bundle
 from hemaedge.edge.errors import BundleError, UsageError
 
@@ -45,8 +44,12 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1))) if len(a) else 1.0
 
 
-def write_golden(target: BundleWriter | Bundle | str | os.PathLike, inputs: np.ndarray,
-                 outputs_by_precision: dict[str, np.ndarray], output_kind: str = "logits") -> dict[str, Any]:
+def write_golden(
+    target: BundleWriter | Bundle | str | os.PathLike,
+    inputs: np.ndarray,
+    outputs_by_precision: dict[str, np.ndarray],
+    output_kind: str = "logits",
+) -> dict[str, Any]:
     """Store golden inputs and outputs in a bundle and list them in its manifest.
 
     Args:
@@ -77,8 +80,12 @@ def write_golden(target: BundleWriter | Bundle | str | os.PathLike, inputs: np.n
         arrays[f"outputs_{precision}"] = out.reshape(len(out), -1)
     summary: dict[str, Any] = {"file": GOLDEN_FILE, "samples": len(x), "precisions": sorted(outputs_by_precision)}
     if "int8" in outputs_by_precision:
-        summary["fp32_int8_top1_agreement"] = round(_agreement(
-            _probabilities(arrays["outputs_fp32"], output_kind), _probabilities(arrays["outputs_int8"], output_kind)), 4)
+        summary["fp32_int8_top1_agreement"] = round(
+            _agreement(
+                _probabilities(arrays["outputs_fp32"], output_kind), _probabilities(arrays["outputs_int8"], output_kind)
+            ),
+            4,
+        )
     details = {k: v for k, v in summary.items() if k != "file"}
 
     if isinstance(target, BundleWriter):
@@ -111,10 +118,12 @@ def load_golden(bundle: Bundle) -> Golden:
     try:
         art = bundle.manifest.artifact(None, GOLDEN_KIND)
     except BundleError as exc:
-        raise BundleError(f"bundle '{bundle.manifest.name}' has no golden outputs to verify against: "
-                          "re-export it with a current export-model") from exc
+        raise BundleError(
+            f"bundle '{bundle.manifest.name}' has no golden outputs to verify against: "
+            "re-export it with a current export-model"
+        ) from exc
     with np.load(bundle.file(art), allow_pickle=False) as z:
-        outputs = {k[len("outputs_"):]: z[k] for k in z.files if k.startswith("outputs_")}
+        outputs = {k[len("outputs_") :]: z[k] for k in z.files if k.startswith("outputs_")}
         inputs = z["inputs"]
     if "fp32" not in outputs:
         raise BundleError(f"{art.file} has no fp32 outputs")
@@ -148,9 +157,15 @@ def reference_precision(golden: Golden, backend_precision: str, station_calibrat
     return "fp32"
 
 
-def compare_golden(golden: Golden, probabilities: np.ndarray, backend_precision: str, output_kind: str = "logits",
-                   station_calibrated: bool = False, min_agreement: float | None = None,
-                   max_diff: float | None = None) -> GoldenReport:
+def compare_golden(
+    golden: Golden,
+    probabilities: np.ndarray,
+    backend_precision: str,
+    output_kind: str = "logits",
+    station_calibrated: bool = False,
+    min_agreement: float | None = None,
+    max_diff: float | None = None,
+) -> GoldenReport:
     """Compare the station's class probabilities with the golden outputs.
 
     Args:
@@ -176,12 +191,20 @@ def compare_golden(golden: Golden, probabilities: np.ndarray, backend_precision:
         if ref.shape != got.shape:
             raise UsageError(f"station outputs {got.shape} do not match golden {name} outputs {ref.shape}")
         diff = np.abs(ref - got)
-        stats[name] = {"top1_agreement": round(_agreement(ref, got), 4), "max_abs_diff": float(diff.max()),
-                       "mean_abs_diff": float(diff.mean())}
+        stats[name] = {
+            "top1_agreement": round(_agreement(ref, got), 4),
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+        }
     s = stats[ref_name]
     return GoldenReport(
-        reference=ref_name, samples=int(got.shape[0]), top1_agreement=s["top1_agreement"],
-        max_abs_diff=s["max_abs_diff"], mean_abs_diff=s["mean_abs_diff"], min_agreement=agree_min, max_diff=diff_max,
+        reference=ref_name,
+        samples=int(got.shape[0]),
+        top1_agreement=s["top1_agreement"],
+        max_abs_diff=s["max_abs_diff"],
+        mean_abs_diff=s["mean_abs_diff"],
+        min_agreement=agree_min,
+        max_diff=diff_max,
         passed=s["top1_agreement"] >= agree_min and s["max_abs_diff"] <= diff_max,
         others={k: v for k, v in stats.items() if k != ref_name},
     )

@@ -34,8 +34,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 def make_artifact(path: Path, kind: str, precision: str | None, **details: Any) -> Artifact:
     """Describe a file already inside the bundle directory."""
     return Artifact(
-        file=path.name, kind=kind, precision=precision, sha256=sha256_file(path),
-        bytes=path.stat().st_size, details=details,
+        file=path.name,
+        kind=kind,
+        precision=precision,
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size,
+        details=details,
     )
 
 
@@ -62,7 +66,9 @@ def verify_artifact(root: Path, art: Artifact) -> None:
         raise BundleError(f"bundle {root}: artifact {art.file} is missing")
     size = p.stat().st_size
     if size != art.bytes:
-        raise BundleError(f"bundle {root}: artifact {art.file} is {size} bytes, manifest says {art.bytes} (truncated or replaced)")
+        raise BundleError(
+            f"bundle {root}: artifact {art.file} is {size} bytes, manifest says {art.bytes} (truncated or replaced)"
+        )
     digest = sha256_file(p)
     if digest != art.sha256:
         raise BundleError(f"bundle {root}: artifact {art.file} fails its sha256 check (corrupted or tampered)")
@@ -123,8 +129,9 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return root / MANIFEST
 
 
-def add_artifact(bundle: Bundle, source: Path, kind: str, precision: str | None, name: str | None = None,
-                 **details: Any) -> Bundle:
+def add_artifact(
+    bundle: Bundle, source: Path, kind: str, precision: str | None, name: str | None = None, **details: Any
+) -> Bundle:
     """Copy a file into an existing bundle, list it, and rewrite the manifest.
 
     An artifact with the same file name is replaced.

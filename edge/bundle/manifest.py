@@ -234,8 +234,19 @@ def parse_manifest(d: dict[str, Any]) -> Manifest:
         if unknown:
             raise BundleError(f"manifest class group {g!r} names classes the model lacks: {unknown}")
     known = {
-        "format", "schema_version", "name", "architecture", "classes", "class_groups", "input", "crop",
-        "output", "artifacts", "calibration", "metrics", "provenance",
+        "format",
+        "schema_version",
+        "name",
+        "architecture",
+        "classes",
+        "class_groups",
+        "input",
+        "crop",
+        "output",
+        "artifacts",
+        "calibration",
+        "metrics",
+        "provenance",
     }
     return Manifest(
         name=str(d.get("name", "unnamed")),

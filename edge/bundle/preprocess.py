@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
 from hemaedge.edge.bundle.manifest import CropGeometry, InputSpec
 
 _INTERP = {"area": 3, "linear": 1, "cubic": 2, "nearest": 0}  # cv2 constants
@@ -90,8 +89,9 @@ def preprocess(images: Sequence[np.ndarray] | np.ndarray, spec: InputSpec, colou
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
-def crop_box(box: Sequence[float], frame_shape: tuple[int, ...], geom: CropGeometry,
-             typical_side: float | None = None) -> tuple[int, int, int]:
+def crop_box(
+    box: Sequence[float], frame_shape: tuple[int, ...], geom: CropGeometry, typical_side: float | None = None
+) -> tuple[int, int, int]:
     """The square crop ``(cx, cy, side)`` in pixels for a detection box.
 
     With ``geom.scale == "session"`` the side follows ``typical_side`` (the session's typical
@@ -104,8 +104,9 @@ def crop_box(box: Sequence[float], frame_shape: tuple[int, ...], geom: CropGeome
     return int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2)), side
 
 
-def cut_crop(frame: np.ndarray, box: Sequence[float], geom: CropGeometry,
-             typical_side: float | None = None) -> np.ndarray:
+def cut_crop(
+    frame: np.ndarray, box: Sequence[float], geom: CropGeometry, typical_side: float | None = None
+) -> np.ndarray:
     """Cut the square crop around ``box`` with the bundle's crop geometry.
 
     Parts outside the frame are filled by ``geom.pad`` (``reflect`` or ``constant``).
@@ -117,7 +118,7 @@ def cut_crop(frame: np.ndarray, box: Sequence[float], geom: CropGeometry,
     x0, y0 = cx - side // 2, cy - side // 2
     x1, y1 = x0 + side, y0 + side
     pads = (max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w))
-    inner = frame[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
+    inner = frame[max(0, y0) : min(h, y1), max(0, x0) : min(w, x1)]
     if not any(pads):
         return np.ascontiguousarray(inner)
     mode = "reflect" if geom.pad == "reflect" and min(inner.shape[:2]) > max(pads) else "edge"

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from hemaedge.edge.errors import BackendError, MissingDependencyError
 
 _MODULES = ("cuda.bindings.runtime", "cuda.cudart")
-INSTALL_HINT = ("pip install 'hemaedge[jetson]' (cuda-python; on a Jetson match it to JetPack's CUDA: "
-                "'cuda-python>=11.4,<12' on JetPack 5, 'cuda-python>=12.2,<13' on JetPack 6)")
+INSTALL_HINT = (
+    "pip install 'hemaedge[jetson]' (cuda-python; on a Jetson match it to JetPack's CUDA: "
+    "'cuda-python>=11.4,<12' on JetPack 5, 'cuda-python>=12.2,<13' on JetPack 6)"
+)
 
 
 def load_cudart() -> Any:
@@ -36,8 +37,9 @@ def load_cudart() -> Any:
             return importlib.import_module(name)
         except ImportError as exc:
             errors.append(f"{name}: {exc}")
-    raise MissingDependencyError(f"the TensorRT backend needs cuda-python, which is not installed: {INSTALL_HINT}"
-                                 f" ({'; '.join(errors)})")
+    raise MissingDependencyError(
+        f"the TensorRT backend needs cuda-python, which is not installed: {INSTALL_HINT} ({'; '.join(errors)})"
+    )
 
 
 def _check(rt: Any, result: Any, what: str) -> Any:
@@ -149,7 +151,9 @@ class CudaRuntime:
     def htod_async(self, dst: int, host: np.ndarray, stream: Any) -> None:
         """Copy a contiguous host array to device memory on ``stream``."""
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        _check(self.rt, self.rt.cudaMemcpyAsync(dst, host.ctypes.data, host.nbytes, kind, stream), "cudaMemcpyAsync(H2D)")
+        _check(
+            self.rt, self.rt.cudaMemcpyAsync(dst, host.ctypes.data, host.nbytes, kind, stream), "cudaMemcpyAsync(H2D)"
+        )
 
     def htod(self, dst: int, host: np.ndarray) -> None:
         """Blocking host-to-device copy (calibration batches)."""
@@ -159,7 +163,9 @@ class CudaRuntime:
     def dtoh_async(self, host: np.ndarray, src: int, stream: Any) -> None:
         """Copy device memory into a contiguous host array on ``stream``."""
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _check(self.rt, self.rt.cudaMemcpyAsync(host.ctypes.data, src, host.nbytes, kind, stream), "cudaMemcpyAsync(D2H)")
+        _check(
+            self.rt, self.rt.cudaMemcpyAsync(host.ctypes.data, src, host.nbytes, kind, stream), "cudaMemcpyAsync(D2H)"
+        )
 
     def sync(self, stream: Any) -> None:
         """Wait for everything queued on ``stream``."""

@@ -24,15 +24,19 @@ from hemaedge.edge.errors import MissingDependencyError
 
 ENGINE_KIND = "engine"
 ENGINE_PRECISIONS = ("int8", "fp16", "fp32")
-_NAME = re.compile(r"^model\.trt(?P<version>[0-9][0-9.]*?)\.(?P<gpu>[a-z0-9-]+)\.(?P<precision>int8|fp16|fp32)\.engine$")
+_NAME = re.compile(
+    r"^model\.trt(?P<version>[0-9][0-9.]*?)\.(?P<gpu>[a-z0-9-]+)\.(?P<precision>int8|fp16|fp32)\.engine$"
+)
 
 
 def tensorrt_install_hint() -> str:
     """The install step for TensorRT's Python bindings on this kind of machine."""
     if Path("/etc/nv_tegra_release").exists():
-        return ("TensorRT comes with JetPack: sudo apt-get install python3-libnvinfer python3-libnvinfer-dev "
-                "(or the full 'sudo apt-get install nvidia-jetpack'), and make the venv see system packages "
-                "(deploy/jetson/install.sh creates it with --system-site-packages)")
+        return (
+            "TensorRT comes with JetPack: sudo apt-get install python3-libnvinfer python3-libnvinfer-dev "
+            "(or the full 'sudo apt-get install nvidia-jetpack'), and make the venv see system packages "
+            "(deploy/jetson/install.sh creates it with --system-site-packages)"
+        )
     return "pip install tensorrt (NVIDIA's wheel for your CUDA major version, e.g. tensorrt-cu12)"
 
 

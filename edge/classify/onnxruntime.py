@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from hemaedge.edge.bundle.io import Bundle
 from hemaedge.edge.classify.base import softmax
 from hemaedge.edge.errors import BackendError, require
@@ -41,8 +40,15 @@ class OrtBackend:
             CPU variant whatever the provider.
     """
 
-    def __init__(self, bundle: Bundle, precision: str = "int8", providers: list[str] | None = None, threads: int = 0,
-                 spin: bool = False, variant: str = "auto"):
+    def __init__(
+        self,
+        bundle: Bundle,
+        precision: str = "int8",
+        providers: list[str] | None = None,
+        threads: int = 0,
+        spin: bool = False,
+        variant: str = "auto",
+    ):
         self.bundle = bundle
         self.precision = precision
         self.model_path: Path = bundle.onnx_path(precision)

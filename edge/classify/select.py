@@ -35,7 +35,7 @@ _ORT_CHOICES = {
 }
 _ORT_INSTALL = {
     "TensorrtExecutionProvider": "install an onnxruntime-gpu build with TensorRT (on a Jetson: the wheel for your JetPack "
-                                 "from the Jetson Zoo / jetson-ai-lab index; see deploy/jetson/README.md)",
+    "from the Jetson Zoo / jetson-ai-lab index; see deploy/jetson/README.md)",
     "CUDAExecutionProvider": "pip install onnxruntime-gpu (on a Jetson: the wheel for your JetPack; see deploy/jetson/README.md)",
     "CPUExecutionProvider": "pip install onnxruntime",
 }
@@ -54,8 +54,10 @@ def _ort_precision(bundle: Bundle, choice: str, precision: str) -> tuple[str, st
     have = bundle.manifest.precisions("onnx")
     if precision == "int8":
         if "int8" not in have:
-            raise UsageError(f"bundle '{bundle.manifest.name}' has no int8 ONNX model (it has {have}); "
-                             "use --precision fp32 or re-export with --int8")
+            raise UsageError(
+                f"bundle '{bundle.manifest.name}' has no int8 ONNX model (it has {have}); "
+                "use --precision fp32 or re-export with --int8"
+            )
         return "int8", ""
     if precision == "fp16":
         return "fp32", "fp16 is a TensorRT engine precision; ONNX Runtime runs the fp32 model"
@@ -66,8 +68,10 @@ def _ort_precision(bundle: Bundle, choice: str, precision: str) -> tuple[str, st
     if choice == "ort-cpu" and "int8" in have:
         speed = (bundle.manifest.metrics or {}).get("cpu_speed") or {}
         if speed.get("int8") and speed.get("fp32") and speed["int8"] < speed["fp32"]:
-            return "fp32", (f"INT8 ran slower than FP32 on CPU at export ({speed['int8']:.0f} vs {speed['fp32']:.0f} "
-                            "crops/s): ONNX Runtime's CPU kernels do not fuse this model's INT8; --precision int8 forces it")
+            return "fp32", (
+                f"INT8 ran slower than FP32 on CPU at export ({speed['int8']:.0f} vs {speed['fp32']:.0f} "
+                "crops/s): ONNX Runtime's CPU kernels do not fuse this model's INT8; --precision int8 forces it"
+            )
         return "int8", ""
     return "fp32", ""
 
@@ -99,9 +103,16 @@ def _try_tensorrt(bundle: Bundle, precision: str, build_missing: bool, trt: Any,
     return backend, f"TensorRT {station.trt_version} engine {art.file} ({art.precision}) on {station.gpu.name}"
 
 
-def select_backend(bundle: Bundle | str | os.PathLike, preference: str = "auto", precision: str = "auto", *,
-                   build_missing: bool = False, threads: int = 0, trt: Any = None,
-                   cudart: Any = None) -> tuple[Backend, str]:
+def select_backend(
+    bundle: Bundle | str | os.PathLike,
+    preference: str = "auto",
+    precision: str = "auto",
+    *,
+    build_missing: bool = False,
+    threads: int = 0,
+    trt: Any = None,
+    cudart: Any = None,
+) -> tuple[Backend, str]:
     """Choose the backend for a bundle on this machine.
 
     Args:
@@ -152,7 +163,9 @@ def select_backend(bundle: Bundle | str | os.PathLike, preference: str = "auto",
         providers, provider, label = _ORT_CHOICES[choice]
         if provider not in have:
             if pref == choice:
-                raise BackendError(f"--backend {choice}: this ONNX Runtime offers {have}, not {provider}: {_ORT_INSTALL[provider]}")
+                raise BackendError(
+                    f"--backend {choice}: this ONNX Runtime offers {have}, not {provider}: {_ORT_INSTALL[provider]}"
+                )
             continue
         ort_precision, note = _ort_precision(bundle, choice, precision)
         backend = OrtBackend(bundle, precision=ort_precision, providers=providers, threads=threads)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from hemaedge.edge.bundle.io import Bundle, load_bundle
 from hemaedge.edge.bundle.manifest import Artifact
 from hemaedge.edge.classify.base import softmax
@@ -69,7 +68,9 @@ class TensorIO:
 
     def set_batch(self, shape: tuple[int, ...]) -> None:
         if not self.context.set_input_shape(self.input, shape):
-            raise BackendError(f"TensorRT refused input shape {shape} (profile batch {self.min_batch}..{self.max_batch})")
+            raise BackendError(
+                f"TensorRT refused input shape {shape} (profile batch {self.min_batch}..{self.max_batch})"
+            )
 
     def output_shape(self) -> tuple[int, ...]:
         return _dims(self.context.get_tensor_shape(self.output))
@@ -104,7 +105,9 @@ class BindingIO:
 
     def set_batch(self, shape: tuple[int, ...]) -> None:
         if not self.context.set_binding_shape(self.in_idx, shape):
-            raise BackendError(f"TensorRT refused input shape {shape} (profile batch {self.min_batch}..{self.max_batch})")
+            raise BackendError(
+                f"TensorRT refused input shape {shape} (profile batch {self.min_batch}..{self.max_batch})"
+            )
 
     def output_shape(self) -> tuple[int, ...]:
         return _dims(self.context.get_binding_shape(self.out_idx))
@@ -150,8 +153,16 @@ class TensorRTBackend:
         cudart: The cuda-python runtime module (default: imported).
     """
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, precision: str = "auto", artifact: Artifact | None = None,
-                 rebuild: bool = False, build_options: dict | None = None, trt: Any = None, cudart: Any = None):
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        precision: str = "auto",
+        artifact: Artifact | None = None,
+        rebuild: bool = False,
+        build_options: dict | None = None,
+        trt: Any = None,
+        cudart: Any = None,
+    ):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.precision = artifact.precision if artifact is not None and artifact.precision else precision
         self.artifact = artifact
@@ -183,12 +194,15 @@ class TensorRTBackend:
                 return art
         precision = self.precision if self.precision != "auto" else "int8"
         if not self.rebuild:
-            raise EngineMismatchError(f"{why}: build this station's engine with: {build_command(self.bundle.path, precision)}")
+            raise EngineMismatchError(
+                f"{why}: build this station's engine with: {build_command(self.bundle.path, precision)}"
+            )
         from hemaedge.edge.classify.trt_build import build_for_bundle
 
         self.notes.append(f"{why}: rebuilding from the bundle's ONNX")
-        result = build_for_bundle(self.bundle.path, precision=precision, trt=trt, cudart=self._cudart,
-                                  **self.build_options)
+        result = build_for_bundle(
+            self.bundle.path, precision=precision, trt=trt, cudart=self._cudart, **self.build_options
+        )
         self.notes.extend(result.notes)
         self.bundle = load_bundle(self.bundle.path)
         return next(a for a in self.bundle.manifest.artifacts if a.file == result.path.name)
@@ -205,8 +219,10 @@ class TensorRTBackend:
         self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             self.runtime = None
-            raise EngineMismatchError(f"TensorRT {station.trt_version} cannot load {art.file} ({logger.last_error()}): "
-                                      f"rebuild it here with: {build_command(self.bundle.path, self.precision)}")
+            raise EngineMismatchError(
+                f"TensorRT {station.trt_version} cannot load {art.file} ({logger.last_error()}): "
+                f"rebuild it here with: {build_command(self.bundle.path, self.precision)}"
+            )
         self.context = self.engine.create_execution_context()
         self.io = make_io(trt, self.engine, self.context)
         self.stream = self.cuda.stream()
@@ -252,7 +268,9 @@ class TensorRTBackend:
             out_bytes = int(np.prod(out_shape)) * self.io.output_dtype.itemsize
             h_in_ptr, h_in = self.cuda.malloc_host(in_bytes, self.io.input_dtype, in_shape)
             h_out_ptr, h_out = self.cuda.malloc_host(out_bytes, self.io.output_dtype, out_shape)
-            buf = _Buffers(cap, self.cuda.malloc(in_bytes), self.cuda.malloc(out_bytes), h_in_ptr, h_out_ptr, h_in, h_out)
+            buf = _Buffers(
+                cap, self.cuda.malloc(in_bytes), self.cuda.malloc(out_bytes), h_in_ptr, h_out_ptr, h_in, h_out
+            )
             self.buffers[cap] = buf
         return buf
 
@@ -265,7 +283,7 @@ class TensorRTBackend:
         handle = native_handle(self.stream)
         outs = []
         for start in range(0, len(batch), self.io.max_batch):
-            chunk = batch[start:start + self.io.max_batch]
+            chunk = batch[start : start + self.io.max_batch]
             n = len(chunk)
             if n < self.io.min_batch:
                 raise BackendError(f"engine profile needs at least {self.io.min_batch} samples per batch, got {n}")

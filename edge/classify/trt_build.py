@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable  # typing's: Log below is evaluated at run time (3.8 has no Callable[...] in abc)
 
 import numpy as np
-
 from hemaedge.edge.bundle.io import Bundle, add_artifact, load_bundle
 from hemaedge.edge.bundle.manifest import Artifact, InputSpec, Manifest
 from hemaedge.edge.bundle.preprocess import preprocess
@@ -94,15 +93,23 @@ class EngineBuild:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         return {
-            "engine": self.path.name, "precision_requested": self.precision_requested,
-            "precision_built": self.precision_built, "mode": self.mode, "tensorrt_version": self.trt_version,
-            "gpu": self.gpu.name, "gpu_slug": self.gpu.slug, "compute_capability": self.gpu.compute_capability,
+            "engine": self.path.name,
+            "precision_requested": self.precision_requested,
+            "precision_built": self.precision_built,
+            "mode": self.mode,
+            "tensorrt_version": self.trt_version,
+            "gpu": self.gpu.name,
+            "gpu_slug": self.gpu.slug,
+            "compute_capability": self.gpu.compute_capability,
             "profile": {"min": self.profile.min, "opt": self.profile.opt, "max": self.profile.max},
-            "seconds": round(self.seconds, 1), "calibration": self.calibration, "notes": self.notes,
+            "seconds": round(self.seconds, 1),
+            "calibration": self.calibration,
+            "notes": self.notes,
         }
 
 
 # -- what the GPU can do --------------------------------------------------------------------------
+
 
 def fast_precisions(builder: Any, gpu: GpuInfo) -> tuple[bool, bool]:
     """``(fast_int8, fast_fp16)`` from the builder, or from the compute capability.
@@ -121,8 +128,9 @@ def fast_precisions(builder: Any, gpu: GpuInfo) -> tuple[bool, bool]:
     return bool(int8), bool(fp16)
 
 
-def plan_precision(requested: str, fast_int8: bool, fast_fp16: bool, allow_fp16_fallback: bool,
-                   gpu: GpuInfo) -> tuple[str, str]:
+def plan_precision(
+    requested: str, fast_int8: bool, fast_fp16: bool, allow_fp16_fallback: bool, gpu: GpuInfo
+) -> tuple[str, str]:
     """The precision to build and a note when it differs from the request.
 
     Raises:
@@ -131,10 +139,14 @@ def plan_precision(requested: str, fast_int8: bool, fast_fp16: bool, allow_fp16_
     where = f"{gpu.name} (sm_{gpu.major}{gpu.minor})"
     if requested == "int8" and not fast_int8:
         if allow_fp16_fallback and fast_fp16:
-            return "fp16", (f"{where} has no fast INT8 (Jetson Nano / TX2 class): building FP16 instead, "
-                            "as --allow-fp16-fallback permits")
-        raise UsageError(f"{where} has no fast INT8 (Jetson Nano / TX2 class): build with --precision fp16, "
-                         "or add --allow-fp16-fallback to accept FP16 when INT8 is unavailable")
+            return "fp16", (
+                f"{where} has no fast INT8 (Jetson Nano / TX2 class): building FP16 instead, "
+                "as --allow-fp16-fallback permits"
+            )
+        raise UsageError(
+            f"{where} has no fast INT8 (Jetson Nano / TX2 class): build with --precision fp16, "
+            "or add --allow-fp16-fallback to accept FP16 when INT8 is unavailable"
+        )
     if requested == "fp16" and not fast_fp16:
         raise UsageError(f"{where} has no fast FP16: build with --precision fp32")
     return requested, ""
@@ -142,10 +154,17 @@ def plan_precision(requested: str, fast_int8: bool, fast_fp16: bool, allow_fp16_
 
 # -- calibration cache rules ----------------------------------------------------------------------
 
+
 def preprocess_fingerprint(spec: InputSpec) -> str:
     """Short digest of everything preprocessing does; calibration data depends on it."""
-    d = {"size": [spec.channels, spec.height, spec.width], "colour": spec.colour_order, "mean": list(spec.mean),
-         "std": list(spec.std), "resize": spec.resize, "layout": spec.layout}
+    d = {
+        "size": [spec.channels, spec.height, spec.width],
+        "colour": spec.colour_order,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "resize": spec.resize,
+        "layout": spec.layout,
+    }
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -181,6 +200,7 @@ def cache_status(manifest: Manifest, key: dict[str, Any]) -> tuple[Artifact | No
 
 
 # -- calibration data -----------------------------------------------------------------------------
+
 
 def calibration_files(folder: str | os.PathLike) -> list[Path]:
     """Image files (recursively) and ``.npy`` arrays under ``folder``, sorted."""
@@ -228,14 +248,15 @@ def calibration_batches(images: list[np.ndarray], spec: InputSpec, batch_size: i
     if not images:
         return
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         while len(chunk) < batch_size:
-            chunk = chunk + images[:batch_size - len(chunk)]
+            chunk = chunk + images[: batch_size - len(chunk)]
         yield preprocess(chunk, spec, colour_order="RGB")
 
 
-def make_calibrator(trt: Any, cuda: CudaRuntime, batches: Iterable[np.ndarray], batch_shape: tuple[int, ...],
-                    cache: bytes | None = None):
+def make_calibrator(
+    trt: Any, cuda: CudaRuntime, batches: Iterable[np.ndarray], batch_shape: tuple[int, ...], cache: bytes | None = None
+):
     """An ``IInt8EntropyCalibrator2`` feeding ``batches`` (or replaying ``cache``).
 
     TensorRT calls ``read_calibration_cache`` first; when it returns bytes the
@@ -292,6 +313,7 @@ def make_calibrator(trt: Any, cuda: CudaRuntime, batches: Iterable[np.ndarray], 
 
 
 # -- the build ------------------------------------------------------------------------------------
+
 
 def network_flags(trt: Any) -> int:
     """``EXPLICIT_BATCH`` on TensorRT 8.x; 0 on 10.x, where it is deprecated and networks are always explicit-batch."""
@@ -350,9 +372,18 @@ def _set_workspace(trt: Any, config: Any, workspace_mb: int | None) -> None:
         config.max_workspace_size = nbytes
 
 
-def build_serialized(trt: Any, builder: Any, logger: Any, onnx_path: Path, precision: str, profile: BatchProfile, *,
-                     calibrator: Any = None, workspace_mb: int | None = None,
-                     log: Log | None = None) -> tuple[bytes, BatchProfile]:
+def build_serialized(
+    trt: Any,
+    builder: Any,
+    logger: Any,
+    onnx_path: Path,
+    precision: str,
+    profile: BatchProfile,
+    *,
+    calibrator: Any = None,
+    workspace_mb: int | None = None,
+    log: Log | None = None,
+) -> tuple[bytes, BatchProfile]:
     """Parse an ONNX file and build a serialized engine.
 
     Returns:
@@ -370,11 +401,15 @@ def build_serialized(trt: Any, builder: Any, logger: Any, onnx_path: Path, preci
     dims = tuple(int(d) for d in inp.shape)
     sample = dims[1:]
     if any(d < 0 for d in sample):
-        raise BackendError(f"{onnx_path.name} input {inp.name} has dynamic non-batch dims {dims}; export a fixed C x H x W")
+        raise BackendError(
+            f"{onnx_path.name} input {inp.name} has dynamic non-batch dims {dims}; export a fixed C x H x W"
+        )
     if dims[0] >= 0 and (profile.min, profile.max) != (dims[0], dims[0]):
         if log:
-            log(f"{onnx_path.name} has a fixed batch of {dims[0]}: the engine takes exactly {dims[0]} crops per call "
-                "(export with a dynamic batch axis for 1..N)")
+            log(
+                f"{onnx_path.name} has a fixed batch of {dims[0]}: the engine takes exactly {dims[0]} crops per call "
+                "(export with a dynamic batch axis for 1..N)"
+            )
         profile = BatchProfile(dims[0], dims[0], dims[0])
     config = builder.create_builder_config()
     _set_workspace(trt, config, workspace_mb)
@@ -409,11 +444,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build_for_bundle(bundle_path: str | os.PathLike | Bundle, precision: str = "int8", *, implicit_int8: bool = False,
-                     calib_dir: str | os.PathLike | None = None, calib_samples: int = 512, calib_batch: int = 16,
-                     recalibrate: bool = False, profile: BatchProfile = DEFAULT_PROFILE,
-                     allow_fp16_fallback: bool = False, workspace_mb: int | None = None, log: Log | None = None,
-                     trt: Any = None, cudart: Any = None) -> EngineBuild:
+def build_for_bundle(
+    bundle_path: str | os.PathLike | Bundle,
+    precision: str = "int8",
+    *,
+    implicit_int8: bool = False,
+    calib_dir: str | os.PathLike | None = None,
+    calib_samples: int = 512,
+    calib_batch: int = 16,
+    recalibrate: bool = False,
+    profile: BatchProfile = DEFAULT_PROFILE,
+    allow_fp16_fallback: bool = False,
+    workspace_mb: int | None = None,
+    log: Log | None = None,
+    trt: Any = None,
+    cudart: Any = None,
+) -> EngineBuild:
     """Build this machine's engine for a bundle and list it (and any new calibration cache) in the manifest.
 
     Args:
@@ -450,14 +496,20 @@ def build_for_bundle(bundle_path: str | os.PathLike | Bundle, precision: str = "
     manifest = bundle.manifest
     if precision == "int8" and not implicit_int8:
         if "int8" not in manifest.precisions("onnx"):
-            raise UsageError(f"bundle '{manifest.name}' has no int8 (QDQ) ONNX model: re-export with --int8, "
-                             "or calibrate here with --implicit-int8 --calib DIR")
+            raise UsageError(
+                f"bundle '{manifest.name}' has no int8 (QDQ) ONNX model: re-export with --int8, "
+                "or calibrate here with --implicit-int8 --calib DIR"
+            )
         problems = qdq_problems(bundle.onnx_path("int8"))
         if problems:
-            raise UsageError(f"{bundle.onnx_path('int8').name} is not TensorRT-compatible INT8 ({'; '.join(problems)}): "
-                             "re-export with symmetric int8 quantization, or use --implicit-int8 --calib DIR")
+            raise UsageError(
+                f"{bundle.onnx_path('int8').name} is not TensorRT-compatible INT8 ({'; '.join(problems)}): "
+                "re-export with symmetric int8 quantization, or use --implicit-int8 --calib DIR"
+            )
     if not os.access(bundle.path, os.W_OK):
-        raise UsageError(f"bundle {bundle.path} is not writable; copy it somewhere writable to add this station's engine")
+        raise UsageError(
+            f"bundle {bundle.path} is not writable; copy it somewhere writable to add this station's engine"
+        )
 
     trt = trt if trt is not None else load_tensorrt()
     cuda = CudaRuntime(cudart)
@@ -479,7 +531,9 @@ def build_for_bundle(bundle_path: str | os.PathLike | Bundle, precision: str = "
         spec = manifest.input
         batch_shape = (calib_batch, spec.channels, spec.height, spec.width)
         if cached is not None and not recalibrate:
-            calibration = f"reused calibration cache {cached.file} (model, input shape, preprocessing and TensorRT match)"
+            calibration = (
+                f"reused calibration cache {cached.file} (model, input shape, preprocessing and TensorRT match)"
+            )
             calibrator = make_calibrator(trt, cuda, (), batch_shape, cache=bundle.file(cached).read_bytes())
         else:
             if stale:
@@ -497,16 +551,21 @@ def build_for_bundle(bundle_path: str | os.PathLike | Bundle, precision: str = "
         log(calibration)
         notes.append(calibration)
         if int(str(station.trt_version).split(".")[0]) >= 10:
-            notes.append("implicit INT8 calibration is deprecated since TensorRT 10.1; the bundle's explicit QDQ INT8 is preferred")
+            notes.append(
+                "implicit INT8 calibration is deprecated since TensorRT 10.1; the bundle's explicit QDQ INT8 is preferred"
+            )
 
     mode = {"int8": "implicit-int8" if implicit_int8 else "explicit-int8"}.get(built, built)
     source = bundle.onnx_path("int8") if mode == "explicit-int8" else bundle.onnx_path("fp32")
     source_art = manifest.artifact("int8" if mode == "explicit-int8" else "fp32", "onnx")
-    log(f"building {mode} engine from {source.name} for {station.gpu.name} with TensorRT {station.trt_version} "
-        "(this can take minutes)")
+    log(
+        f"building {mode} engine from {source.name} for {station.gpu.name} with TensorRT {station.trt_version} "
+        "(this can take minutes)"
+    )
     try:
-        plan, profile = build_serialized(trt, builder, logger, source, built, profile, calibrator=calibrator,
-                                         workspace_mb=workspace_mb, log=log)
+        plan, profile = build_serialized(
+            trt, builder, logger, source, built, profile, calibrator=calibrator, workspace_mb=workspace_mb, log=log
+        )
     finally:
         if calibrator is not None:
             calibrator.free()
@@ -514,18 +573,45 @@ def build_for_bundle(bundle_path: str | os.PathLike | Bundle, precision: str = "
     out = bundle.path / engine_file_name(station.trt_version, station.gpu_slug, built)
     _write_atomic(out, plan)
     bundle = add_artifact(
-        bundle, out, ENGINE_KIND, built,
-        tensorrt_version=station.trt_version, gpu=station.gpu.name, gpu_slug=station.gpu_slug,
-        compute_capability=station.gpu.compute_capability, precision_requested=precision, mode=mode,
-        source_onnx=source_art.file, source_sha256=source_art.sha256,
+        bundle,
+        out,
+        ENGINE_KIND,
+        built,
+        tensorrt_version=station.trt_version,
+        gpu=station.gpu.name,
+        gpu_slug=station.gpu_slug,
+        compute_capability=station.gpu.compute_capability,
+        precision_requested=precision,
+        mode=mode,
+        source_onnx=source_art.file,
+        source_sha256=source_art.sha256,
         profile={"min": profile.min, "opt": profile.opt, "max": profile.max},
-        built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), notes=notes,
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        notes=notes,
     )
     if calibrator is not None and calibrator.written is not None:
         cache_path = bundle.path / CACHE_FILE
         _write_atomic(cache_path, calibrator.written)
-        add_artifact(bundle, cache_path, CACHE_KIND, "int8", **key, algorithm=CALIBRATION_ALGORITHM,
-                     samples=calibrator.samples, batch_size=calib_batch)
+        add_artifact(
+            bundle,
+            cache_path,
+            CACHE_KIND,
+            "int8",
+            **key,
+            algorithm=CALIBRATION_ALGORITHM,
+            samples=calibrator.samples,
+            batch_size=calib_batch,
+        )
         log(f"wrote {CACHE_FILE} ({calibrator.samples} samples) into the bundle")
-    return EngineBuild(out, precision, built, mode, station.trt_version, station.gpu, profile,
-                       time.monotonic() - t0, calibration, notes)
+    return EngineBuild(
+        out,
+        precision,
+        built,
+        mode,
+        station.trt_version,
+        station.gpu,
+        profile,
+        time.monotonic() - t0,
+        calibration,
+        notes,
+    )

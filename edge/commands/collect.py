@@ -28,30 +28,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge collect``."""
     parser.add_argument("source", help="camera, video, image folder/glob or synthetic://")
     parser.add_argument("--out", required=True, help="output image folder (crops go to OUT/unlabelled/)")
-    parser.add_argument("--bundle", help="bundle whose crop geometry (and, with --by-class, model) to use "
-                        "(default: the shipped bloodcnn5)")
+    parser.add_argument(
+        "--bundle",
+        help="bundle whose crop geometry (and, with --by-class, model) to use (default: the shipped bloodcnn5)",
+    )
     parser.add_argument("--max", type=int, default=None, help="stop after this many crops")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     parser.add_argument("--by-class", action="store_true", help="one folder per predicted class (runs the model)")
     parser.add_argument("--precision", default="auto", help="with --by-class: model precision (default auto)")
     parser.add_argument("--backend", default="auto", help="with --by-class: backend (default auto)")
-    parser.add_argument("--review-threshold", type=float, default=DEFAULT_REVIEW_THRESHOLD,
-                        help="with --by-class: below this top probability a crop stays unlabelled")
+    parser.add_argument(
+        "--review-threshold",
+        type=float,
+        default=DEFAULT_REVIEW_THRESHOLD,
+        help="with --by-class: below this top probability a crop stays unlabelled",
+    )
     parser.add_argument("--segmenter", default="stain", help="white-cell segmenter (default stain)")
-    parser.add_argument("--count-edge-cells", action="store_true",
-                        help="also keep cells cut by the frame border (always on for still images)")
+    parser.add_argument(
+        "--count-edge-cells",
+        action="store_true",
+        help="also keep cells cut by the frame border (always on for still images)",
+    )
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hemaedge collect``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from hemaedge.edge.bundle import load_bundle, preprocess
     from hemaedge.edge.pipeline import CellFinder, is_stills, make_backend, make_quality_check
     from hemaedge.edge.segment import make_segmenter
     from hemaedge.edge.sources import open_source
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if args.max is not None and args.max < 1:
         raise UsageError("--max must be at least 1")
@@ -68,17 +76,26 @@ def run(args: argparse.Namespace) -> int:
     m = bundle.manifest
     folder = CropFolder(args.out, by_class=args.by_class)
     source = open_source(args.source)
-    finder = CellFinder(make_segmenter(args.segmenter), m.crop,
-                        SlideTracker(edge_margin=-1 if args.count_edge_cells or is_stills(source) else 2),
-                        make_quality_check(source))
+    finder = CellFinder(
+        make_segmenter(args.segmenter),
+        m.crop,
+        SlideTracker(edge_margin=-1 if args.count_edge_cells or is_stills(source) else 2),
+        make_quality_check(source),
+    )
     backend, why = make_backend(bundle, args.backend, args.precision) if args.by_class else (None, "")
     err = Console(stderr=True)
     per_class: dict[str, int] = {}
     frames = skipped = 0
     done = False
-    progress = Progress(TextColumn("collecting"), BarColumn(), TextColumn("{task.completed} crops, {task.fields[f]} frames"),
-                        TimeElapsedColumn(), console=err, disable=args.json or not err.is_terminal)
-    with source, progress, (backend if backend is not None else nullcontext()):
+    progress = Progress(
+        TextColumn("collecting"),
+        BarColumn(),
+        TextColumn("{task.completed} crops, {task.fields[f]} frames"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=args.json or not err.is_terminal,
+    )
+    with source, progress, backend if backend is not None else nullcontext():
         task = progress.add_task("crops", total=args.max, f=0)
         for frame in source:
             frames += 1
@@ -103,20 +120,28 @@ def run(args: argparse.Namespace) -> int:
                 break
             if args.max_frames is not None and frames >= args.max_frames:
                 break
-    doc = {"out": str(Path(args.out)), "crops": folder.written, "frames": frames, "frames_skipped": skipped,
-           "folders": per_class, "bundle": m.name, "crop_geometry": asdict(m.crop),
-           "complete": done or args.max is None}
+    doc = {
+        "out": str(Path(args.out)),
+        "crops": folder.written,
+        "frames": frames,
+        "frames_skipped": skipped,
+        "folders": per_class,
+        "bundle": m.name,
+        "crop_geometry": asdict(m.crop),
+        "complete": done or args.max is None,
+    }
     if why:
         doc["backend_choice"] = why
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
-        err.print(f"wrote {folder.written} crops from {frames} frames to {args.out} "
-                  f"({', '.join(f'{k} {v}' for k, v in sorted(per_class.items())) or 'none'})")
+        err.print(
+            f"wrote {folder.written} crops from {frames} frames to {args.out} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(per_class.items())) or 'none'})"
+        )
         if folder.written:
             err.print(f"calibrate INT8 on them: export-model ... --int8 --calib {args.out}")
     if folder.written == 0:
         print("warning: no white cells found; nothing written", file=sys.stderr)
         return 1
     return 0
-

@@ -33,8 +33,10 @@ from hemaedge.edge.store import SessionStore, StoredCell
 from hemaedge.edge.store.crops import CropFolder
 
 DEMO_SOURCE = "synthetic://?seed=0&frames=8000&pan=6&wbc=4"
-DEMO_NOTE = ("demo: the cells are drawn by the synthetic smear, not photographed; the differential shows what the "
-             "model makes of drawn cells and is not a blood count")
+DEMO_NOTE = (
+    "demo: the cells are drawn by the synthetic smear, not photographed; the differential shows what the "
+    "model makes of drawn cells and is not a blood count"
+)
 DEMO_FPS = 30.0
 DEFAULT_OUT = "sessions"
 PRECISION_CHOICES = ("auto", "int8", "fp16", "fp32")
@@ -43,35 +45,65 @@ DEFAULT_THREADS = max(1, (os.cpu_count() or 2) - 1)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge count``."""
-    parser.add_argument("source", nargs="?", help="camera (0, v4l2:///dev/video0, csi://0, picam://0), rtsp://..., "
-                        "a video, an image, a folder or a glob, or synthetic://?seed=N")
+    parser.add_argument(
+        "source",
+        nargs="?",
+        help="camera (0, v4l2:///dev/video0, csi://0, picam://0), rtsp://..., "
+        "a video, an image, a folder or a glob, or synthetic://?seed=N",
+    )
     parser.add_argument("--bundle", help="model bundle directory (default: the shipped bloodcnn5)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="model precision to run (default: auto = the fastest this backend has)")
-    parser.add_argument("--backend", default="auto",
-                        help="auto, tensorrt, ort-tensorrt, ort-cuda or ort-cpu (default auto)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=None,
+        help="model precision to run (default: auto = the fastest this backend has)",
+    )
+    parser.add_argument(
+        "--backend", default="auto", help="auto, tensorrt, ort-tensorrt, ort-cuda or ort-cpu (default auto)"
+    )
     parser.add_argument("--target", type=int, default=None, help=f"white cells to count (default {DEFAULT_TARGET})")
-    parser.add_argument("--review-threshold", type=float, default=None,
-                        help=f"top probability below which a cell goes to review (default {DEFAULT_REVIEW_THRESHOLD})")
+    parser.add_argument(
+        "--review-threshold",
+        type=float,
+        default=None,
+        help=f"top probability below which a cell goes to review (default {DEFAULT_REVIEW_THRESHOLD})",
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"where sessions are created (default {DEFAULT_OUT}/)")
     parser.add_argument("--resume", metavar="SESSION", help="continue a session (its directory, or its name in --out)")
     parser.add_argument("--no-tui", action="store_true", help="plain output: one line per counted cell")
-    parser.add_argument("--json", action="store_true",
-                        help="print a JSON document at the end (totals + every counted cell); implies --no-tui")
-    parser.add_argument("--save-crops", metavar="DIR",
-                        help="also write each counted cell's crop to DIR/unlabelled/ (for export-model --calib DIR)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON document at the end (totals + every counted cell); implies --no-tui",
+    )
+    parser.add_argument(
+        "--save-crops",
+        metavar="DIR",
+        help="also write each counted cell's crop to DIR/unlabelled/ (for export-model --calib DIR)",
+    )
     parser.add_argument("--by-class", action="store_true", help="with --save-crops: one folder per predicted class")
     parser.add_argument("--demo", action="store_true", help="synthetic smear + shipped model; no camera, no GPU")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
-    parser.add_argument("--max-fps", type=float, default=None,
-                        help=f"read at most this many frames/s (default: as fast as possible; {DEMO_FPS:g} for --demo)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help=f"ONNX Runtime intra-op threads (default {DEFAULT_THREADS}: all cores but one, which the "
-                             "capture thread needs; 0 = ONNX Runtime's default)")
+    parser.add_argument(
+        "--max-fps",
+        type=float,
+        default=None,
+        help=f"read at most this many frames/s (default: as fast as possible; {DEMO_FPS:g} for --demo)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"ONNX Runtime intra-op threads (default {DEFAULT_THREADS}: all cores but one, which the "
+        "capture thread needs; 0 = ONNX Runtime's default)",
+    )
     parser.add_argument("--segmenter", default="stain", help="white-cell segmenter (default stain)")
-    parser.add_argument("--count-edge-cells", action="store_true",
-                        help="also count cells cut by the frame border (default: on a moving view, wait until the "
-                             "cell is fully in view; still images always count them, there is no later view)")
+    parser.add_argument(
+        "--count-edge-cells",
+        action="store_true",
+        help="also count cells cut by the frame border (default: on a moving view, wait until the "
+        "cell is fully in view; still images always count them, there is no later view)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,7 +114,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.demo and args.resume:
         raise UsageError("--demo starts a new session; resume it with --resume SESSION alone")
     if not (args.source or args.demo or args.resume):
-        raise UsageError("nothing to count: give a SOURCE (0, csi://0, a video, images...) or --demo or --resume SESSION")
+        raise UsageError(
+            "nothing to count: give a SOURCE (0, csi://0, a video, images...) or --demo or --resume SESSION"
+        )
     if args.by_class and not args.save_crops:
         raise UsageError("--by-class only applies with --save-crops DIR")
     if args.target is not None and args.target < 1:
@@ -139,8 +173,10 @@ def _check_resume(root: Path, s: dict[str, Any], args: argparse.Namespace) -> Bu
     """The session's bundle, after refusing options that would mix two ways of counting in one session."""
     bundle = load_bundle(args.bundle or s["bundle"])
     if _manifest_sha(bundle) != s.get("bundle_sha256"):
-        raise UsageError(f"session {root} was counted with bundle {s.get('bundle_name')!r} ({s.get('bundle')}); "
-                         f"{bundle.path} is a different model: counts cannot be mixed (start a new session)")
+        raise UsageError(
+            f"session {root} was counted with bundle {s.get('bundle_name')!r} ({s.get('bundle')}); "
+            f"{bundle.path} is a different model: counts cannot be mixed (start a new session)"
+        )
     if args.precision not in (None, "auto") and args.precision != s["precision"]:
         raise UsageError(f"session {root} ran at {s['precision']}; resuming at {args.precision} would mix models")
     if args.review_threshold is not None and abs(args.review_threshold - s["review_threshold"]) > 1e-9:
@@ -179,12 +215,11 @@ def plan(args: argparse.Namespace) -> Plan:
 # ---------------------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Run ``hemaedge count``."""
-    from rich.console import Console
-
     from hemaedge.edge.display.report import build_summary, write_reports
     from hemaedge.edge.pipeline import CellFinder, CountingSession, is_stills, make_backend, make_quality_check, restore
     from hemaedge.edge.segment import make_segmenter
     from hemaedge.edge.sources import open_source
+    from rich.console import Console
 
     p = plan(args)
     use_json = bool(args.json)
@@ -199,11 +234,22 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"this machine runs the model at {precision}, the session at {p.precision}")
             m = p.bundle.manifest
             if store is None:
-                store = SessionStore.create(p.session_dir, {
-                    "bundle": str(p.bundle.path.resolve()), "bundle_name": m.name,
-                    "bundle_sha256": _manifest_sha(p.bundle), "precision": precision, "backend": backend.name,
-                    "classes": list(m.classes), "class_groups": m.class_groups, "target": p.target,
-                    "review_threshold": p.review_threshold, "source": p.source, "demo": bool(args.demo)})
+                store = SessionStore.create(
+                    p.session_dir,
+                    {
+                        "bundle": str(p.bundle.path.resolve()),
+                        "bundle_name": m.name,
+                        "bundle_sha256": _manifest_sha(p.bundle),
+                        "precision": precision,
+                        "backend": backend.name,
+                        "classes": list(m.classes),
+                        "class_groups": m.class_groups,
+                        "target": p.target,
+                        "review_threshold": p.review_threshold,
+                        "source": p.source,
+                        "demo": bool(args.demo),
+                    },
+                )
             else:
                 if p.target != int(store.settings["target"]):
                     store.update_settings(target=p.target)
@@ -213,21 +259,39 @@ def run(args: argparse.Namespace) -> int:
             tracker = SlideTracker(edge_margin=-1 if args.count_edge_cells or is_stills(source) else 2)
             before = restore(store, counter, tracker) if p.resume else []
             if counter.done:
-                err.print(f"session {store.root} already has {counter.total}/{p.target} white cells; "
-                          "raise --target to count more")
+                err.print(
+                    f"session {store.root} already has {counter.total}/{p.target} white cells; "
+                    "raise --target to count more"
+                )
             finder = CellFinder(make_segmenter(args.segmenter), m.crop, tracker, make_quality_check(source))
-            crops = CropFolder(args.save_crops, args.by_class, prefix=f"{store.root.name}-") if args.save_crops else None
+            crops = (
+                CropFolder(args.save_crops, args.by_class, prefix=f"{store.root.name}-") if args.save_crops else None
+            )
             max_fps = args.max_fps if args.max_fps is not None else (DEMO_FPS if args.demo and use_tui else None)
             printer = None if (use_tui or use_json) else _CellPrinter()
-            session = CountingSession(source, finder, backend, p.bundle, store, counter, precision=precision,
-                                      session_name=str(store.root), max_frames=args.max_frames, max_fps=max_fps,
-                                      crop_folder=crops, on_cell=printer,
-                                      note=DEMO_NOTE if p.source == DEMO_SOURCE else "")
+            session = CountingSession(
+                source,
+                finder,
+                backend,
+                p.bundle,
+                store,
+                counter,
+                precision=precision,
+                session_name=str(store.root),
+                max_frames=args.max_frames,
+                max_fps=max_fps,
+                crop_folder=crops,
+                on_cell=printer,
+                note=DEMO_NOTE if p.source == DEMO_SOURCE else "",
+            )
             if args.demo and not use_json:
                 err.print(f"[yellow]{DEMO_NOTE}[/]")
             if not use_json:
-                err.print(f"[dim]session {store.root} | {why} | source {p.source}"
-                          + (f" | resumed with {len(before)} cells" if p.resume else "") + "[/]")
+                err.print(
+                    f"[dim]session {store.root} | {why} | source {p.source}"
+                    + (f" | resumed with {len(before)} cells" if p.resume else "")
+                    + "[/]"
+                )
             interrupted, ran = False, not counter.done
             with source, _graceful_sigterm():
                 if not ran:
@@ -261,8 +325,11 @@ def run(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise StoreError(f"cannot write the reports into {store.root}: {exc.strerror or exc}") from exc
             if use_json:
-                doc = {**summary, "reports": {k: str(v) for k, v in paths.items()},
-                       "cells": [_cell_json(c) for c in cells]}
+                doc = {
+                    **summary,
+                    "reports": {k: str(v) for k, v in paths.items()},
+                    "cells": [_cell_json(c) for c in cells],
+                }
                 print(json.dumps(doc, indent=1))
             else:
                 _print_final(err if use_tui else Console(), summary, paths)
@@ -277,9 +344,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _info(session: Any, result: Any, p: Plan, why: str) -> dict[str, Any]:
     st = session.status()
-    info: dict[str, Any] = {"backend": st.backend, "backend_choice": why, "source": p.source, "state": st.state,
-                            "frames": st.frames, "skipped_frames": st.skipped, "edge_cells_deferred": st.at_edge,
-                            "resumed": p.resume}
+    info: dict[str, Any] = {
+        "backend": st.backend,
+        "backend_choice": why,
+        "source": p.source,
+        "state": st.state,
+        "frames": st.frames,
+        "skipped_frames": st.skipped,
+        "edge_cells_deferred": st.at_edge,
+        "resumed": p.resume,
+    }
     if p.source == DEMO_SOURCE:
         info["note"] = DEMO_NOTE
     if result is not None:
@@ -328,7 +402,9 @@ def _print_final(console: Any, summary: dict[str, Any], paths: dict[str, Path]) 
         t.add_column(col, justify=just, no_wrap=True)
     for row in d["classes"]:
         if row["in_differential"]:
-            t.add_row(row["class"], str(row["count"]), f"{row['percent']:.1f}", f"{row['ci95'][0]:.1f}-{row['ci95'][1]:.1f}")
+            t.add_row(
+                row["class"], str(row["count"]), f"{row['percent']:.1f}", f"{row['ci95'][0]:.1f}-{row['ci95'][1]:.1f}"
+            )
         else:
             t.add_row(row["class"], str(row["count"]), f"{row['per_100_wbc']:.1f}", "/100 WBC", style="dim")
     console.print(t)

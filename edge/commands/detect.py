@@ -70,20 +70,34 @@ def run(args: argparse.Namespace) -> int:
             continue
         quality = None if args.no_quality else assess_quality(img)
         if quality is not None and not quality.ok:
-            _warn(console, f"{path}: {quality.reason} (sharpness {quality.sharpness:.3f}, "
-                           f"brightness {quality.brightness:.0f}); cells may be missed")
+            _warn(
+                console,
+                f"{path}: {quality.reason} (sharpness {quality.sharpness:.3f}, "
+                f"brightness {quality.brightness:.0f}); cells may be missed",
+            )
         dets = [d for d in segmenter.detect(img) if d.score >= args.min_score]
         cells = [[round(float(v), 1) for v in d.box] + [round(float(d.score), 4)] for d in dets]
         entry = {"file": str(path), "width": int(img.shape[1]), "height": int(img.shape[0]), "cells": cells}
         if quality is not None:
-            entry["quality"] = {"ok": quality.ok, "reason": quality.reason,
-                                "sharpness": round(quality.sharpness, 4), "brightness": round(quality.brightness, 1)}
+            entry["quality"] = {
+                "ok": quality.ok,
+                "reason": quality.reason,
+                "sharpness": round(quality.sharpness, 4),
+                "brightness": round(quality.brightness, 1),
+            }
         results.append(entry)
     elapsed = time.perf_counter() - started
     total = sum(len(r["cells"]) for r in results)
     if args.json:
-        json.dump({"segmenter": getattr(segmenter, "name", args.segmenter), "images": results,
-                   "failed": [{"file": f, "error": e} for f, e in failed], "total_cells": total}, sys.stdout)
+        json.dump(
+            {
+                "segmenter": getattr(segmenter, "name", args.segmenter),
+                "images": results,
+                "failed": [{"file": f, "error": e} for f, e in failed],
+                "total_cells": total,
+            },
+            sys.stdout,
+        )
         sys.stdout.write("\n")
     else:
         _table(results, failed, total, elapsed)

@@ -28,9 +28,9 @@ OK, MISSING, WARN, OPTIONAL, INFO = "ok", "missing", "warn", "optional", "info"
 JETPACK_BY_L4T = {"32": "4", "34": "5 (developer preview)", "35": "5", "36": "6", "38": "7"}
 ORT_JETSON = {
     "5": "the onnxruntime-gpu wheel for JetPack 5 from the Jetson Zoo (https://elinux.org/Jetson_Zoo#ONNX_Runtime): "
-         "pip install ./onnxruntime_gpu-<version>-cp38-cp38-linux_aarch64.whl",
+    "pip install ./onnxruntime_gpu-<version>-cp38-cp38-linux_aarch64.whl",
     "6": "pip install onnxruntime-gpu --index-url https://pypi.jetson-ai-lab.io/jp6/cu126 "
-         "(pick the index matching your CUDA: jp6/cu122 for JetPack 6.0)",
+    "(pick the index matching your CUDA: jp6/cu122 for JetPack 6.0)",
 }
 
 
@@ -76,24 +76,47 @@ def check_board(root: str = "/") -> tuple[list[Check], dict]:
     """Board model, JetPack / L4T release; returns the rows and facts later checks use."""
     model = _read(os.path.join(root, "proc/device-tree/model"))
     l4t = parse_l4t(_read(os.path.join(root, "etc/nv_tegra_release")))
-    facts = {"model": model, "jetson": bool(l4t) or "jetson" in model.lower(), "pi": "raspberry pi" in model.lower(),
-             "l4t": l4t, "jetpack": jetpack_major(l4t)}
+    facts = {
+        "model": model,
+        "jetson": bool(l4t) or "jetson" in model.lower(),
+        "pi": "raspberry pi" in model.lower(),
+        "l4t": l4t,
+        "jetpack": jetpack_major(l4t),
+    }
     rows = []
     if facts["jetson"]:
         rows.append(Check("board", OK, model or "NVIDIA Jetson"))
         pkg = _run(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"])
         jp = f"JetPack {pkg.split('-')[0]}" if pkg else f"JetPack {facts['jetpack'] or '?'}.x (from L4T)"
-        rows.append(Check("JetPack / L4T", OK if l4t else WARN, f"{jp}, L4T {l4t or 'unknown'}",
-                          "" if pkg else "optional: sudo apt-get install nvidia-jetpack (TensorRT, cuDNN, VPI, samples)"))
+        rows.append(
+            Check(
+                "JetPack / L4T",
+                OK if l4t else WARN,
+                f"{jp}, L4T {l4t or 'unknown'}",
+                "" if pkg else "optional: sudo apt-get install nvidia-jetpack (TensorRT, cuDNN, VPI, samples)",
+            )
+        )
         if facts["jetpack"] == "4":
-            rows.append(Check("JetPack / L4T", WARN, "JetPack 4 ships Python 3.6 and TensorRT 8.2; hemaedge needs Python >= 3.8",
-                              "use the container (deploy/jetson/Dockerfile) or ONNX Runtime CPU; JetPack 4 boards "
-                              "(Nano, TX2) cannot be upgraded to JetPack 5"))
+            rows.append(
+                Check(
+                    "JetPack / L4T",
+                    WARN,
+                    "JetPack 4 ships Python 3.6 and TensorRT 8.2; hemaedge needs Python >= 3.8",
+                    "use the container (deploy/jetson/Dockerfile) or ONNX Runtime CPU; JetPack 4 boards "
+                    "(Nano, TX2) cannot be upgraded to JetPack 5",
+                )
+            )
     elif facts["pi"]:
         rows.append(Check("board", OK, model))
     else:
-        os_name = next((ln.split("=", 1)[1].strip('"') for ln in _read(os.path.join(root, "etc/os-release")).splitlines()
-                        if ln.startswith("PRETTY_NAME=")), platform.system())
+        os_name = next(
+            (
+                ln.split("=", 1)[1].strip('"')
+                for ln in _read(os.path.join(root, "etc/os-release")).splitlines()
+                if ln.startswith("PRETTY_NAME=")
+            ),
+            platform.system(),
+        )
         rows.append(Check("board", INFO, f"{platform.machine()} {os_name} (not a Jetson or Raspberry Pi)"))
     return rows, facts
 
@@ -104,17 +127,29 @@ def check_python(facts: dict) -> list[Check]:
 
     ver = platform.python_version()
     # 3.8 is JetPack 5's Python: the station runtime supports it (the workstation extra needs >= 3.9).
-    rows = [Check("python", OK if sys.version_info >= (3, 8) else MISSING, f"Python {ver}, hemaedge {__version__}",
-                  "" if sys.version_info >= (3, 8) else "hemaedge needs Python >= 3.8")]
+    rows = [
+        Check(
+            "python",
+            OK if sys.version_info >= (3, 8) else MISSING,
+            f"Python {ver}, hemaedge {__version__}",
+            "" if sys.version_info >= (3, 8) else "hemaedge needs Python >= 3.8",
+        )
+    ]
     if sys.prefix != sys.base_prefix:
         cfg = _read(os.path.join(sys.prefix, "pyvenv.cfg"))
         system = bool(re.search(r"include-system-site-packages\s*=\s*true", cfg))
         need = facts["jetson"] or facts["pi"]
-        rows.append(Check("virtualenv", OK if system or not need else WARN,
-                          f"{sys.prefix} ({'sees' if system else 'does not see'} system site-packages)",
-                          "" if system or not need else
-                          f"recreate it with: python3 -m venv --system-site-packages {sys.prefix} (JetPack's TensorRT / "
-                          "OpenCV and Raspberry Pi OS's picamera2 are system packages)"))
+        rows.append(
+            Check(
+                "virtualenv",
+                OK if system or not need else WARN,
+                f"{sys.prefix} ({'sees' if system else 'does not see'} system site-packages)",
+                ""
+                if system or not need
+                else f"recreate it with: python3 -m venv --system-site-packages {sys.prefix} (JetPack's TensorRT / "
+                "OpenCV and Raspberry Pi OS's picamera2 are system packages)",
+            )
+        )
     return rows
 
 
@@ -125,7 +160,11 @@ def check_tensorrt(facts: dict) -> list[Check]:
     try:
         trt = importlib.import_module("tensorrt")
     except ImportError as exc:
-        return [Check("TensorRT", MISSING if facts["jetson"] else OPTIONAL, f"not importable ({exc})", tensorrt_install_hint())]
+        return [
+            Check(
+                "TensorRT", MISSING if facts["jetson"] else OPTIONAL, f"not importable ({exc})", tensorrt_install_hint()
+            )
+        ]
     return [Check("TensorRT", OK, f"TensorRT {trt.__version__}")]
 
 
@@ -143,8 +182,14 @@ def check_cuda() -> list[Check]:
     try:
         n = cuda.device_count()
         if n == 0:
-            return [Check("CUDA", WARN, "cuda-python present, but no CUDA device is visible",
-                          "check the NVIDIA driver (nvidia-smi) or, in a container, run it with --runtime nvidia")]
+            return [
+                Check(
+                    "CUDA",
+                    WARN,
+                    "cuda-python present, but no CUDA device is visible",
+                    "check the NVIDIA driver (nvidia-smi) or, in a container, run it with --runtime nvidia",
+                )
+            ]
         gpu = cuda.gpu(0)
     except HemaedgeError as exc:
         return [Check("CUDA", WARN, f"cuda-python present, device query failed: {exc}", "check the NVIDIA driver")]
@@ -162,8 +207,14 @@ def check_onnxruntime(facts: dict) -> list[Check]:
     rows = [Check("ONNX Runtime", OK, f"{ort.__version__}; providers: {short}")]
     if facts["jetson"] and "CUDAExecutionProvider" not in providers:
         fix = ORT_JETSON.get(facts["jetpack"], "an onnxruntime-gpu wheel built for your JetPack (Jetson Zoo)")
-        rows.append(Check("ONNX Runtime GPU", WARN, "CPU-only build on a Jetson (fallback when no TensorRT engine exists)",
-                          f"pip uninstall -y onnxruntime && {fix}"))
+        rows.append(
+            Check(
+                "ONNX Runtime GPU",
+                WARN,
+                "CPU-only build on a Jetson (fallback when no TensorRT engine exists)",
+                f"pip uninstall -y onnxruntime && {fix}",
+            )
+        )
     return rows
 
 
@@ -172,18 +223,31 @@ def check_opencv(facts: dict) -> list[Check]:
     try:
         cv2 = importlib.import_module("cv2")
     except ImportError as exc:
-        return [Check("OpenCV", MISSING, f"not importable ({exc})", "pip install opencv-python-headless "
-                      "(on a Jetson: sudo apt-get install python3-opencv and a --system-site-packages venv)")]
+        return [
+            Check(
+                "OpenCV",
+                MISSING,
+                f"not importable ({exc})",
+                "pip install opencv-python-headless "
+                "(on a Jetson: sudo apt-get install python3-opencv and a --system-site-packages venv)",
+            )
+        ]
     build = cv2.getBuildInformation()
     m = re.search(r"GStreamer:\s*(\w+)", build)
     gst = bool(m and m[1].upper() == "YES")
     where = os.path.dirname(cv2.__file__)
     detail = f"{cv2.__version__} from {where}; GStreamer {'yes' if gst else 'no'}"
     if facts["jetson"] and not gst:
-        return [Check("OpenCV", WARN, detail,
-                      "pip's opencv wheels have no GStreamer, so CSI cameras cannot open: pip uninstall -y "
-                      "opencv-python opencv-python-headless (JetPack's python3-opencv then shows through the "
-                      "--system-site-packages venv)")]
+        return [
+            Check(
+                "OpenCV",
+                WARN,
+                detail,
+                "pip's opencv wheels have no GStreamer, so CSI cameras cannot open: pip uninstall -y "
+                "opencv-python opencv-python-headless (JetPack's python3-opencv then shows through the "
+                "--system-site-packages venv)",
+            )
+        ]
     return [Check("OpenCV", OK, detail)]
 
 
@@ -198,28 +262,57 @@ def check_cameras(facts: dict, root: str = "/") -> list[Check]:
             access = "" if os.access(d, os.R_OK | os.W_OK) else " (no access)"
             names.append(f"{d} {name}{access}".strip())
         blocked = any("(no access)" in n for n in names)
-        rows.append(Check("V4L2 cameras", WARN if blocked else OK, "; ".join(names),
-                          "sudo usermod -aG video $USER, then log out and in" if blocked else ""))
+        rows.append(
+            Check(
+                "V4L2 cameras",
+                WARN if blocked else OK,
+                "; ".join(names),
+                "sudo usermod -aG video $USER, then log out and in" if blocked else "",
+            )
+        )
     else:
-        rows.append(Check("V4L2 cameras", MISSING if (facts["jetson"] or facts["pi"]) else INFO, "no /dev/video* devices",
-                          "plug in the USB camera (or check the CSI ribbon cable); 'v4l2-ctl --list-devices' lists them"))
+        rows.append(
+            Check(
+                "V4L2 cameras",
+                MISSING if (facts["jetson"] or facts["pi"]) else INFO,
+                "no /dev/video* devices",
+                "plug in the USB camera (or check the CSI ribbon cable); 'v4l2-ctl --list-devices' lists them",
+            )
+        )
     if facts["jetson"]:
         if _run(["gst-inspect-1.0", "nvarguscamerasrc"]):
             rows.append(Check("CSI camera", OK, "nvarguscamerasrc GStreamer element present (csi:// sources)"))
         else:
-            rows.append(Check("CSI camera", WARN, "nvarguscamerasrc not found (needed for csi:// sources)",
-                              "sudo apt-get install nvidia-l4t-gstreamer && sudo systemctl restart nvargus-daemon"))
+            rows.append(
+                Check(
+                    "CSI camera",
+                    WARN,
+                    "nvarguscamerasrc not found (needed for csi:// sources)",
+                    "sudo apt-get install nvidia-l4t-gstreamer && sudo systemctl restart nvargus-daemon",
+                )
+            )
     if facts["pi"] or importlib.util.find_spec("picamera2") is not None:
         try:
             picamera2 = importlib.import_module("picamera2")
             cams = picamera2.Picamera2.global_camera_info()
-            rows.append(Check("picamera2", OK if cams else WARN, f"{len(cams)} camera(s): "
-                              + ", ".join(str(c.get("Model", "?")) for c in cams),
-                              "" if cams else "check the ribbon cable; 'rpicam-hello --list-cameras' lists cameras"))
+            rows.append(
+                Check(
+                    "picamera2",
+                    OK if cams else WARN,
+                    f"{len(cams)} camera(s): " + ", ".join(str(c.get("Model", "?")) for c in cams),
+                    "" if cams else "check the ribbon cable; 'rpicam-hello --list-cameras' lists cameras",
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - picamera2/libcamera raise many kinds; report it as one row
-            rows.append(Check("picamera2", MISSING, f"not usable ({type(exc).__name__}: {exc})",
-                              "sudo apt-get install python3-picamera2 and a --system-site-packages venv "
-                              "(deploy/raspberrypi/install.sh)"))
+            rows.append(
+                Check(
+                    "picamera2",
+                    MISSING,
+                    f"not usable ({type(exc).__name__}: {exc})",
+                    "sudo apt-get install python3-picamera2 and a --system-site-packages venv "
+                    "(deploy/raspberrypi/install.sh)",
+                )
+            )
     return rows
 
 
@@ -234,7 +327,7 @@ def check_bundle(path: str) -> list[Check]:
         return [Check("bundle", MISSING, str(exc))]
     fix = ""
     if "hemaedge build-engine" in reason:
-        fix = reason[reason.index("hemaedge build-engine"):].split(")")[0]
+        fix = reason[reason.index("hemaedge build-engine") :].split(")")[0]
     return [Check("backend", OK, f"{path}: {reason}", fix)]
 
 
@@ -298,5 +391,7 @@ def run(args: argparse.Namespace) -> int:
     optional = [r.area for r in rows if r.status == OPTIONAL]
     con.print(f"[yellow]To look at:[/] {', '.join(todo)}" if todo else "[green]Nothing required is missing.[/]")
     if optional:
-        con.print(f"[cyan]Optional here[/] (GPU acceleration; hemaedge runs on ONNX Runtime without them): {', '.join(optional)}")
+        con.print(
+            f"[cyan]Optional here[/] (GPU acceleration; hemaedge runs on ONNX Runtime without them): {', '.join(optional)}"
+        )
     return 0

@@ -10,7 +10,6 @@ import argparse
 import json
 
 import numpy as np
-
 from hemaedge.edge.classify.select import PRECISIONS, PREFERENCES
 
 
@@ -25,8 +24,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
 
 
-def verify(bundle_path: str, backend: str = "auto", precision: str = "auto", min_agreement: float | None = None,
-           max_diff: float | None = None, batch: int = 32) -> dict:
+def verify(
+    bundle_path: str,
+    backend: str = "auto",
+    precision: str = "auto",
+    min_agreement: float | None = None,
+    max_diff: float | None = None,
+    batch: int = 32,
+) -> dict:
     """Run the golden inputs through the selected backend; the report as a dict."""
     from hemaedge.edge.bundle.golden import compare_golden, load_golden
     from hemaedge.edge.bundle.io import load_bundle
@@ -36,14 +41,28 @@ def verify(bundle_path: str, backend: str = "auto", precision: str = "auto", min
     golden = load_golden(bundle)
     chosen, reason = select_backend(bundle, backend, precision)
     with chosen:
-        probs = np.concatenate([chosen.classify(golden.inputs[i:i + batch]) for i in range(0, len(golden.inputs), batch)])
+        probs = np.concatenate(
+            [chosen.classify(golden.inputs[i : i + batch]) for i in range(0, len(golden.inputs), batch)]
+        )
         art = getattr(chosen, "artifact", None)
         calibrated_here = bool(art is not None and art.details.get("mode") == "implicit-int8")
-        report = compare_golden(golden, probs, getattr(chosen, "golden_key", chosen.precision), bundle.manifest.output_kind,
-                                station_calibrated=calibrated_here, min_agreement=min_agreement, max_diff=max_diff)
+        report = compare_golden(
+            golden,
+            probs,
+            getattr(chosen, "golden_key", chosen.precision),
+            bundle.manifest.output_kind,
+            station_calibrated=calibrated_here,
+            min_agreement=min_agreement,
+            max_diff=max_diff,
+        )
         name = chosen.name
-    return {"bundle": str(bundle.path), "backend": name, "precision": chosen.precision, "reason": reason,
-            **report.to_dict()}
+    return {
+        "bundle": str(bundle.path),
+        "backend": name,
+        "precision": chosen.precision,
+        "reason": reason,
+        **report.to_dict(),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,16 +81,26 @@ def run(args: argparse.Namespace) -> int:
     t.add_column("top-1 agreement", justify="right")
     t.add_column("max |Δp|", justify="right")
     t.add_column("mean |Δp|", justify="right")
-    t.add_row(f"{r['reference']} (checked)", f"{r['top1_agreement']:.1%}", f"{r['max_abs_diff']:.4f}",
-              f"{r['mean_abs_diff']:.5f}")
+    t.add_row(
+        f"{r['reference']} (checked)",
+        f"{r['top1_agreement']:.1%}",
+        f"{r['max_abs_diff']:.4f}",
+        f"{r['mean_abs_diff']:.5f}",
+    )
     for name, s in r["others"].items():
-        t.add_row(f"[dim]{name}[/]", f"[dim]{s['top1_agreement']:.1%}[/]", f"[dim]{s['max_abs_diff']:.4f}[/]",
-                  f"[dim]{s['mean_abs_diff']:.5f}[/]")
+        t.add_row(
+            f"[dim]{name}[/]",
+            f"[dim]{s['top1_agreement']:.1%}[/]",
+            f"[dim]{s['max_abs_diff']:.4f}[/]",
+            f"[dim]{s['mean_abs_diff']:.5f}[/]",
+        )
     con.print(t)
     limits = f"needs agreement >= {r['min_agreement']:.0%} and max |Δp| <= {r['max_diff']}"
     if r["passed"]:
         con.print(f"[bold green]PASS[/] this station computes what the workstation computed ({limits})")
         return 0
-    con.print(f"[bold red]FAIL[/] outputs differ from the workstation's ({limits}); check the backend, "
-              "rebuild the engine (hemaedge build-engine) or re-export the bundle")
+    con.print(
+        f"[bold red]FAIL[/] outputs differ from the workstation's ({limits}); check the backend, "
+        "rebuild the engine (hemaedge build-engine) or re-export the bundle"
+    )
     return 1

@@ -6,7 +6,20 @@ from hemaedge.edge.count.stats import wilson_interval
 from hemaedge.edge.count.tracking import CellMap, Keyframe, Registration, SlideRegistrar, SlideTracker, TrackResult
 
 __all__ = [
-    "DEFAULT_REVIEW_THRESHOLD", "DEFAULT_TARGET", "REFERENCE_RANGES", "REVIEW", "CellMap", "ClassGroups",
-    "DifferentialCounter", "Keyframe", "Registration", "SlideRegistrar", "SlideTracker", "TrackResult",
-    "canonical_group", "compute_flags", "decide", "wilson_interval",
+    "DEFAULT_REVIEW_THRESHOLD",
+    "DEFAULT_TARGET",
+    "REFERENCE_RANGES",
+    "REVIEW",
+    "CellMap",
+    "ClassGroups",
+    "DifferentialCounter",
+    "Keyframe",
+    "Registration",
+    "SlideRegistrar",
+    "SlideTracker",
+    "TrackResult",
+    "canonical_group",
+    "compute_flags",
+    "decide",
+    "wilson_interval",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 from hemaedge.edge.count.groups import ClassGroups, compute_flags
 from hemaedge.edge.count.stats import wilson_interval
 from hemaedge.edge.records import CountSnapshot
@@ -42,9 +41,13 @@ class DifferentialCounter:
         class_groups: The manifest's ``class_groups`` (empty: derived from names).
     """
 
-    def __init__(self, classes: Sequence[str], target: int = DEFAULT_TARGET,
-                 review_threshold: float = DEFAULT_REVIEW_THRESHOLD,
-                 class_groups: Mapping[str, Sequence[str]] | None = None):
+    def __init__(
+        self,
+        classes: Sequence[str],
+        target: int = DEFAULT_TARGET,
+        review_threshold: float = DEFAULT_REVIEW_THRESHOLD,
+        class_groups: Mapping[str, Sequence[str]] | None = None,
+    ):
         if target < 1:
             raise ValueError("target must be at least 1")
         if not 0.0 <= review_threshold <= 1.0:
@@ -97,5 +100,13 @@ class DifferentialCounter:
         intervals[REVIEW] = wilson_interval(self.review, n)
         group_counts = {k: sum(self.counts[c] for c in members) for k, members in self.groups.groups.items()}
         flags = compute_flags(self.groups, self.counts, n, self.review, wilson_interval)
-        return CountSnapshot(counts=dict(self.counts), total=n, target=self.target, percentages=percentages,
-                             intervals=intervals, review=self.review, flags=tuple(flags), group_counts=group_counts)
+        return CountSnapshot(
+            counts=dict(self.counts),
+            total=n,
+            target=self.target,
+            percentages=percentages,
+            intervals=intervals,
+            review=self.review,
+            flags=tuple(flags),
+            group_counts=group_counts,
+        )

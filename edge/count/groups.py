@@ -20,9 +20,15 @@ from hemaedge.edge.bundle.groups import group_of
 
 # canonical group key (hemaedge.edge.bundle.groups) -> label
 LABELS: dict[str, str] = {
-    "neutrophils": "Neutrophils", "lymphocytes": "Lymphocytes", "monocytes": "Monocytes",
-    "eosinophils": "Eosinophils", "basophils": "Basophils", "blasts": "Blasts",
-    "immature_granulocytes": "Immature granulocytes", "nrbc": "Nucleated RBCs", "platelets": "Platelets",
+    "neutrophils": "Neutrophils",
+    "lymphocytes": "Lymphocytes",
+    "monocytes": "Monocytes",
+    "eosinophils": "Eosinophils",
+    "basophils": "Basophils",
+    "blasts": "Blasts",
+    "immature_granulocytes": "Immature granulocytes",
+    "nrbc": "Nucleated RBCs",
+    "platelets": "Platelets",
 }
 
 # groups that are not white cells: shown, but outside the differential (per 100 WBC)
@@ -106,8 +112,7 @@ class ClassGroups:
         return None
 
 
-def compute_flags(groups: ClassGroups, counts: Mapping[str, int], total: int, review: int,
-                  intervals_of) -> list[str]:
+def compute_flags(groups: ClassGroups, counts: Mapping[str, int], total: int, review: int, intervals_of) -> list[str]:
     """The flags a clinician must see, as short sentences.
 
     Args:
@@ -138,12 +143,18 @@ def compute_flags(groups: ClassGroups, counts: Mapping[str, int], total: int, re
         low, high = intervals_of(k, total)
         label = groups.labels.get(key, key)
         if low > hi:
-            flags.append(f"{label} high: {100 * k / total:.0f} % (95% CI {low:.0f}-{high:.0f}) above adult {lo:g}-{hi:g} %")
+            flags.append(
+                f"{label} high: {100 * k / total:.0f} % (95% CI {low:.0f}-{high:.0f}) above adult {lo:g}-{hi:g} %"
+            )
         elif high < lo:
-            flags.append(f"{label} low: {100 * k / total:.0f} % (95% CI {low:.0f}-{high:.0f}) below adult {lo:g}-{hi:g} %")
+            flags.append(
+                f"{label} low: {100 * k / total:.0f} % (95% CI {low:.0f}-{high:.0f}) below adult {lo:g}-{hi:g} %"
+            )
     if review and 100 * review / total > REVIEW_FLAG_SHARE:
-        flags.append(f"Review: {review} cell{'s' * (review != 1)} ({100 * review / total:.0f} %) below the confidence threshold "
-                     f"(> {REVIEW_FLAG_SHARE:g} %) - check the gallery")
+        flags.append(
+            f"Review: {review} cell{'s' * (review != 1)} ({100 * review / total:.0f} %) below the confidence threshold "
+            f"(> {REVIEW_FLAG_SHARE:g} %) - check the gallery"
+        )
     nrbc = gcount.get("nrbc", 0)
     if nrbc:
         flags.append(f"Nucleated RBCs: {nrbc} seen ({100 * nrbc / total:.0f} per 100 WBC)")

@@ -82,8 +82,8 @@ def overlap_ncc(a: np.ndarray, b: np.ndarray, dx: float, dy: float) -> float:
     ix, iy = int(round(dx)), int(round(dy))
     if abs(ix) >= w or abs(iy) >= h:
         return 0.0
-    pa = a[max(0, -iy):h - max(0, iy), max(0, -ix):w - max(0, ix)]
-    pb = b[max(0, iy):h - max(0, -iy), max(0, ix):w - max(0, -ix)]
+    pa = a[max(0, -iy) : h - max(0, iy), max(0, -ix) : w - max(0, ix)]
+    pb = b[max(0, iy) : h - max(0, -iy), max(0, ix) : w - max(0, -ix)]
     pa = pa - pa.mean()
     pb = pb - pb.mean()
     den = float(np.sqrt((pa * pa).sum() * (pb * pb).sum()))
@@ -154,8 +154,13 @@ class SlideRegistrar:
         keyframe_shift: Share of the frame's smaller side the view may move before a new keyframe.
     """
 
-    def __init__(self, thumb_width: int = THUMB_WIDTH, min_response: float = MIN_RESPONSE, min_ncc: float = MIN_NCC,
-                 keyframe_shift: float = KEYFRAME_SHIFT):
+    def __init__(
+        self,
+        thumb_width: int = THUMB_WIDTH,
+        min_response: float = MIN_RESPONSE,
+        min_ncc: float = MIN_NCC,
+        keyframe_shift: float = KEYFRAME_SHIFT,
+    ):
         self.thumb_width = thumb_width
         self.min_response = min_response
         self.min_ncc = min_ncc
@@ -213,7 +218,9 @@ class SlideRegistrar:
         small = cv2.resize(prepared, _search_size(prepared.shape)[::-1], interpolation=cv2.INTER_AREA)
         return np.fft.rfft2(small * self._win(small.shape)).astype(np.complex64)
 
-    def _search(self, prepared: np.ndarray, frame_shape: tuple[int, int]) -> tuple[Keyframe, float, float, float] | None:
+    def _search(
+        self, prepared: np.ndarray, frame_shape: tuple[int, int]
+    ) -> tuple[Keyframe, float, float, float] | None:
         """Best match among all keyframes of the same frame shape, confirmed by phaseCorrelate.
 
         Candidates are ranked by the peak of their phase correlation at quarter
@@ -223,8 +230,11 @@ class SlideRegistrar:
         """
         key = (frame_shape, prepared.shape)
         members, stack = self._index.get(key, ([], None))
-        fresh = [k for k in self.keyframes[self._indexed.get(key, 0):]
-                 if k.frame_shape == frame_shape and k.thumb.shape == prepared.shape]
+        fresh = [
+            k
+            for k in self.keyframes[self._indexed.get(key, 0) :]
+            if k.frame_shape == frame_shape and k.thumb.shape == prepared.shape
+        ]
         self._indexed[key] = len(self.keyframes)
         if fresh:
             for k in fresh:
@@ -298,8 +308,16 @@ class SlideRegistrar:
         self._last = Keyframe(0, ref.field, ox, oy, shape, scale, thumb, _prepared=prepared)
         return Registration(ref.field, ox, oy, resp, how)
 
-    def _new_keyframe(self, fld: int, ox: float, oy: float, shape: tuple[int, int], scale: float,
-                      thumb: np.ndarray, prepared: np.ndarray) -> Keyframe:
+    def _new_keyframe(
+        self,
+        fld: int,
+        ox: float,
+        oy: float,
+        shape: tuple[int, int],
+        scale: float,
+        thumb: np.ndarray,
+        prepared: np.ndarray,
+    ) -> Keyframe:
         kf = Keyframe(self.next_keyframe, fld, ox, oy, shape, scale, thumb, _prepared=prepared)
         self.next_keyframe += 1
         self.keyframes.append(kf)
@@ -388,8 +406,13 @@ class CellMap:
                         out.append((d, cid))
         return out
 
-    def match(self, fld: int, boxes: Sequence[tuple[float, float, float, float]],
-              fraction: float = MATCH_FRACTION, contained: float = CONTAINED) -> list[int | None]:
+    def match(
+        self,
+        fld: int,
+        boxes: Sequence[tuple[float, float, float, float]],
+        fraction: float = MATCH_FRACTION,
+        contained: float = CONTAINED,
+    ) -> list[int | None]:
         """Which known cell each ``(x, y, w, h)`` detection is, or None for a new cell.
 
         First one-to-one, nearest pairs first: a detection is a known cell when their
@@ -481,8 +504,9 @@ class SlideTracker:
         """Register a frame without looking at its cells (for frames that are not segmented)."""
         return self.registrar.register(pixels, may_start_field)
 
-    def place(self, reg: Registration, frame_shape: tuple[int, ...],
-              boxes: Sequence[tuple[float, float, float, float]]) -> TrackResult:
+    def place(
+        self, reg: Registration, frame_shape: tuple[int, ...], boxes: Sequence[tuple[float, float, float, float]]
+    ) -> TrackResult:
         """Split a registered frame's detections into new cells, known cells and cut cells.
 
         New cells are remembered at once, so the next frame will not count them again.
@@ -495,8 +519,11 @@ class SlideTracker:
             if m >= 0 and (x0 <= m or y0 <= m or x1 >= w - 1 - m or y1 >= h - 1 - m):
                 at_edge += 1
                 continue
-            inside.append(TrackedDetection(i, (x0, y0, x1, y1), (x0 + x1) / 2 + reg.ox, (y0 + y1) / 2 + reg.oy,
-                                           max(x1 - x0, y1 - y0)))
+            inside.append(
+                TrackedDetection(
+                    i, (x0, y0, x1, y1), (x0 + x1) / 2 + reg.ox, (y0 + y1) / 2 + reg.oy, max(x1 - x0, y1 - y0)
+                )
+            )
         dims = [(t.box[2] - t.box[0], t.box[3] - t.box[1]) for t in inside]
         matches = self.cells.match(reg.field, [(t.sx, t.sy, w_, h_) for t, (w_, h_) in zip(inside, dims)])
         new = []
@@ -508,8 +535,9 @@ class SlideTracker:
                 self.cells.update(cid, t.sx, t.sy, w_, h_)
         return TrackResult(reg, tuple(new), len(inside) - len(new), at_edge)
 
-    def observe(self, pixels: np.ndarray, boxes: Sequence[tuple[float, float, float, float]],
-                may_start_field: bool = True) -> TrackResult:
+    def observe(
+        self, pixels: np.ndarray, boxes: Sequence[tuple[float, float, float, float]], may_start_field: bool = True
+    ) -> TrackResult:
         """Register a frame and place its detections (see :meth:`place`)."""
         reg = self.register(pixels, may_start_field)
         if reg is None:

@@ -31,8 +31,13 @@ GALLERY_LIMIT = 400  # crops embedded per class; the rest are listed in cells.cs
 GALLERY_PX = 160  # embedded crops are at most this many pixels on a side
 
 
-def recount(cells: Sequence[StoredCell], classes: Sequence[str], target: int, review_threshold: float,
-            class_groups: Mapping[str, Sequence[str]] | None = None) -> DifferentialCounter:
+def recount(
+    cells: Sequence[StoredCell],
+    classes: Sequence[str],
+    target: int,
+    review_threshold: float,
+    class_groups: Mapping[str, Sequence[str]] | None = None,
+) -> DifferentialCounter:
     """A counter holding exactly the stored cells (the review decision is the one stored with each cell)."""
     counter = DifferentialCounter(classes, target, review_threshold, class_groups)
     for c in cells:
@@ -53,23 +58,39 @@ def snapshot_dict(snap: CountSnapshot, counter: DifferentialCounter) -> dict[str
             row["per_100_wbc"] = round(100.0 * snap.counts.get(c, 0) / snap.total, 2) if snap.total else 0.0
         rows.append(row)
     lo, hi = snap.intervals[REVIEW]
-    rows.append({"class": REVIEW, "count": snap.review, "group": None, "in_differential": True,
-                 "percent": round(snap.percentages[REVIEW], 2), "ci95": [round(lo, 2), round(hi, 2)]})
+    rows.append(
+        {
+            "class": REVIEW,
+            "count": snap.review,
+            "group": None,
+            "in_differential": True,
+            "percent": round(snap.percentages[REVIEW], 2),
+            "ci95": [round(lo, 2), round(hi, 2)],
+        }
+    )
     return {
-        "total_wbc": snap.total, "target": snap.target, "complete": snap.total >= snap.target,
-        "review_threshold": counter.review_threshold, "classes": rows,
-        "groups": {k: {"label": counter.groups.labels.get(k, k), "count": v,
-                       "reference_range_percent": list(REFERENCE_RANGES[k]) if k in REFERENCE_RANGES else None}
-                   for k, v in snap.group_counts.items()},
+        "total_wbc": snap.total,
+        "target": snap.target,
+        "complete": snap.total >= snap.target,
+        "review_threshold": counter.review_threshold,
+        "classes": rows,
+        "groups": {
+            k: {
+                "label": counter.groups.labels.get(k, k),
+                "count": v,
+                "reference_range_percent": list(REFERENCE_RANGES[k]) if k in REFERENCE_RANGES else None,
+            }
+            for k, v in snap.group_counts.items()
+        },
         "flags": list(snap.flags),
         "notes": "Percentages are of the white cells counted (review bucket included); 95% Wilson score intervals. "
-                 "Reference-range flags are raised only when the whole interval lies outside the adult range.",
+        "Reference-range flags are raised only when the whole interval lies outside the adult range.",
     }
 
 
-def build_summary(store: SessionStore, info: Mapping[str, Any] | None = None,
-                  cells: Sequence[StoredCell] | None = None) -> tuple[dict[str, Any], list[StoredCell],
-                                                                       DifferentialCounter]:
+def build_summary(
+    store: SessionStore, info: Mapping[str, Any] | None = None, cells: Sequence[StoredCell] | None = None
+) -> tuple[dict[str, Any], list[StoredCell], DifferentialCounter]:
     """The summary of a session from its store: ``(summary dict, cells, counter)``."""
     s = store.settings
     cells = list(store.read_cells() if cells is None else cells)
@@ -94,13 +115,48 @@ def write_cells_csv(path: Path, cells: Sequence[StoredCell], classes: Sequence[s
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["id", "time", "source", "frame", "frame_name", "x0", "y0", "x1", "y1", "field", "slide_x",
-                    "slide_y", "class", "top_class", "confidence", "review", *[f"p_{c}" for c in classes], "crop"])
+        w.writerow(
+            [
+                "id",
+                "time",
+                "source",
+                "frame",
+                "frame_name",
+                "x0",
+                "y0",
+                "x1",
+                "y1",
+                "field",
+                "slide_x",
+                "slide_y",
+                "class",
+                "top_class",
+                "confidence",
+                "review",
+                *[f"p_{c}" for c in classes],
+                "crop",
+            ]
+        )
         for c in cells:
-            w.writerow([c.id, f"{c.t:.3f}", c.source, c.frame_index, c.frame_name,
-                        *(f"{v:.1f}" for v in c.box), c.field, f"{c.sx:.1f}", f"{c.sy:.1f}",
-                        REVIEW if c.review else c.class_name, c.class_name, f"{c.confidence:.4f}", int(c.review),
-                        *(f"{p:.4f}" for p in c.probabilities), c.crop])
+            w.writerow(
+                [
+                    c.id,
+                    f"{c.t:.3f}",
+                    c.source,
+                    c.frame_index,
+                    c.frame_name,
+                    *(f"{v:.1f}" for v in c.box),
+                    c.field,
+                    f"{c.sx:.1f}",
+                    f"{c.sy:.1f}",
+                    REVIEW if c.review else c.class_name,
+                    c.class_name,
+                    f"{c.confidence:.4f}",
+                    int(c.review),
+                    *(f"{p:.4f}" for p in c.probabilities),
+                    c.crop,
+                ]
+            )
     os.replace(tmp, path)
     return path
 
@@ -131,8 +187,9 @@ def _img(path: Path, max_side: int = GALLERY_PX) -> str:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is not None and max(img.shape[:2]) > max_side:
         f = max_side / max(img.shape[:2])
-        img = cv2.resize(img, (max(1, round(img.shape[1] * f)), max(1, round(img.shape[0] * f))),
-                         interpolation=cv2.INTER_AREA)
+        img = cv2.resize(
+            img, (max(1, round(img.shape[1] * f)), max(1, round(img.shape[0] * f))), interpolation=cv2.INTER_AREA
+        )
         ok, buf = cv2.imencode(".png", img)
         if ok:
             data = buf.tobytes()
@@ -143,18 +200,26 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
     """The self-contained HTML report."""
     e = html.escape
     d = summary["differential"]
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>hemaedge differential</title>"
-             f"<style>{_CSS}</style></head><body>"]
+    parts = [
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>hemaedge differential</title>"
+        f"<style>{_CSS}</style></head><body>"
+    ]
     parts.append("<h1>White-cell differential</h1>")
-    meta = [f"session {e(str(summary.get('session', '')))}", f"model {e(str(summary['bundle'].get('name')))}",
-            f"{e(str(summary.get('backend', '')))} {e(str(summary.get('precision', '')))}",
-            f"source {e(str(summary.get('source', '')))}", f"written {e(str(summary.get('written', '')))}"]
+    meta = [
+        f"session {e(str(summary.get('session', '')))}",
+        f"model {e(str(summary['bundle'].get('name')))}",
+        f"{e(str(summary.get('backend', '')))} {e(str(summary.get('precision', '')))}",
+        f"source {e(str(summary.get('source', '')))}",
+        f"written {e(str(summary.get('written', '')))}",
+    ]
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
     if summary.get("note"):
         parts.append(f"<p class=warn>{e(str(summary['note']))}</p>")
     if not d["complete"]:
-        parts.append(f"<p class=warn>Target not reached: {d['total_wbc']} of {d['target']} white cells counted. "
-                     "Intervals are wide; interpret with care.</p>")
+        parts.append(
+            f"<p class=warn>Target not reached: {d['total_wbc']} of {d['target']} white cells counted. "
+            "Intervals are wide; interpret with care.</p>"
+        )
     parts.append(f"<h2>Differential ({d['total_wbc']} white cells, target {d['target']})</h2>")
     parts.append("<table><tr><th>class</th><th>n</th><th>%</th><th>95% CI</th><th>adult range</th><th></th></tr>")
     groups = summary["differential"]["groups"]
@@ -166,23 +231,34 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
             out = rr is not None and (lo > rr[1] or hi < rr[0]) and len(_members(d, row["group"])) == 1
             pct = f"<span class={'out' if out else ''}>{row['percent']:.1f}</span>"
             bar = f"<span class=bar style='width:{row['percent'] * 2:.0f}px'></span>"
-            parts.append(f"<tr class='{cls}'><td>{e(row['class'])}</td><td>{row['count']}</td><td>{pct}</td>"
-                         f"<td>{lo:.1f}&ndash;{hi:.1f}</td><td>{f'{rr[0]:g}&ndash;{rr[1]:g} %' if rr else ''}</td>"
-                         f"<td>{bar}</td></tr>")
+            parts.append(
+                f"<tr class='{cls}'><td>{e(row['class'])}</td><td>{row['count']}</td><td>{pct}</td>"
+                f"<td>{lo:.1f}&ndash;{hi:.1f}</td><td>{f'{rr[0]:g}&ndash;{rr[1]:g} %' if rr else ''}</td>"
+                f"<td>{bar}</td></tr>"
+            )
         else:
-            parts.append(f"<tr class=other><td>{e(row['class'])}</td><td>{row['count']}</td>"
-                         f"<td colspan=4>{row['per_100_wbc']:.1f} per 100 WBC (not in the differential)</td></tr>")
+            parts.append(
+                f"<tr class=other><td>{e(row['class'])}</td><td>{row['count']}</td>"
+                f"<td colspan=4>{row['per_100_wbc']:.1f} per 100 WBC (not in the differential)</td></tr>"
+            )
     parts.append("</table>")
-    parts.append(f"<p class=meta>{e(d['notes'])} Cells whose top probability is below "
-                 f"{d['review_threshold']:.2f} are in <b>review</b> rather than forced into a class.</p>")
+    parts.append(
+        f"<p class=meta>{e(d['notes'])} Cells whose top probability is below "
+        f"{d['review_threshold']:.2f} are in <b>review</b> rather than forced into a class.</p>"
+    )
     parts.append("<h2>Flags</h2>")
     if d["flags"]:
-        parts.append("<ul class=flags>" + "".join(
-            f"<li class='{'flag-blast' if f.startswith('BLAST') else ''}'>{e(f)}</li>" for f in d["flags"]) + "</ul>")
+        parts.append(
+            "<ul class=flags>"
+            + "".join(f"<li class='{'flag-blast' if f.startswith('BLAST') else ''}'>{e(f)}</li>" for f in d["flags"])
+            + "</ul>"
+        )
     else:
         parts.append("<p class=none>No flags.</p>")
-    parts.append("<h2>Cells for review</h2><p class=meta>Every counted cell as the classifier saw it, grouped by "
-                 "the class it was counted as (review first). Hover for the probability and source frame.</p>")
+    parts.append(
+        "<h2>Cells for review</h2><p class=meta>Every counted cell as the classifier saw it, grouped by "
+        "the class it was counted as (review first). Hover for the probability and source frame.</p>"
+    )
     by: dict[str, list[StoredCell]] = {}
     for c in cells:
         by.setdefault(REVIEW if c.review else c.class_name, []).append(c)
@@ -195,13 +271,17 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         for c in group[:GALLERY_LIMIT]:
             tip = e(f"#{c.id} {c.class_name} p={c.confidence:.2f} frame {c.frame_name or c.frame_index}")
             label = f"#{c.id}" + (f" {e(c.class_name)}?" if c.review else f" {c.confidence:.2f}")
-            parts.append(f"<figure title='{tip}'><img alt='cell {c.id}' src='{_img(root / c.crop)}'>"
-                         f"<figcaption>{label}</figcaption></figure>")
+            parts.append(
+                f"<figure title='{tip}'><img alt='cell {c.id}' src='{_img(root / c.crop)}'>"
+                f"<figcaption>{label}</figcaption></figure>"
+            )
         if len(group) > GALLERY_LIMIT:
             parts.append(f"<p class=meta>+{len(group) - GALLERY_LIMIT} more in cells.csv</p>")
         parts.append("</div>")
-    parts.append("<p class=meta>Generated by hemaedge. A screening aid: abnormal results must be confirmed by "
-                 "a qualified person on the smear.</p></body></html>")
+    parts.append(
+        "<p class=meta>Generated by hemaedge. A screening aid: abnormal results must be confirmed by "
+        "a qualified person on the smear.</p></body></html>"
+    )
     return "\n".join(parts)
 
 
@@ -209,9 +289,12 @@ def _members(d: Mapping[str, Any], group: str | None) -> list[str]:
     return [r["class"] for r in d["classes"] if r.get("group") == group]
 
 
-def write_reports(store: SessionStore, out: str | os.PathLike | None = None,
-                  info: Mapping[str, Any] | None = None,
-                  built: tuple[dict[str, Any], Sequence[StoredCell]] | None = None) -> dict[str, Path]:
+def write_reports(
+    store: SessionStore,
+    out: str | os.PathLike | None = None,
+    info: Mapping[str, Any] | None = None,
+    built: tuple[dict[str, Any], Sequence[StoredCell]] | None = None,
+) -> dict[str, Path]:
     """Write ``summary.json``, ``cells.csv`` and ``report.html`` (default: into the session directory).
 
     Args:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hemaedge.edge.display.status import RunStatus
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -29,11 +30,17 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from hemaedge.edge.display.status import RunStatus
-
 KEYS_HELP = "[b]q[/] quit+save  [b]p[/] pause  [b]r[/] reset  [b]s[/] snapshot"
-STATE_STYLE = {"counting": "green", "paused": "yellow", "stopping": "yellow", "done": "bold green",
-               "ended": "cyan", "stopped": "cyan", "failed": "bold red", "starting": "dim"}
+STATE_STYLE = {
+    "counting": "green",
+    "paused": "yellow",
+    "stopping": "yellow",
+    "done": "bold green",
+    "ended": "cyan",
+    "stopped": "cyan",
+    "failed": "bold red",
+    "starting": "dim",
+}
 WIDE = 100  # from this width: proportion bars and a side panel
 TALL = 34  # from this height: group totals and recent cells
 
@@ -48,8 +55,7 @@ def _lines(text: str, width: int) -> int:
 
 def _class_table(st: RunStatus, width: int, bars: bool) -> Table:
     snap = st.snapshot
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), expand=False,
-              header_style="bold")
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), expand=False, header_style="bold")
     name_w = max([len(c) for c in st.classes] + [len("review (<0.60)")])
     t.add_column("class", no_wrap=True, min_width=min(name_w, 24), max_width=max(name_w, 12))
     t.add_column("n", justify="right", no_wrap=True, min_width=3)
@@ -81,8 +87,9 @@ def _class_table(st: RunStatus, width: int, bars: bool) -> Table:
     lo, hi = snap.intervals.get("review", (0.0, 100.0))
     review_cells = [str(snap.review), f"{pct:5.1f}", _fmt_ci(lo, hi)]
     if bar_w >= 10:
-        review_cells.append(ProgressBar(total=1.0, completed=pct / 100.0, width=min(bar_w, 40),
-                                        complete_style="yellow"))
+        review_cells.append(
+            ProgressBar(total=1.0, completed=pct / 100.0, width=min(bar_w, 40), complete_style="yellow")
+        )
     t.add_row(Text(review_label, style="yellow"), *review_cells)
     for c, diff in zip(st.classes, st.differential):
         if not diff:
@@ -109,8 +116,11 @@ def _progress(st: RunStatus, width: int) -> Table:
     g.add_column(no_wrap=True, justify="right")
     pct = f"{min(100.0, 100.0 * snap.total / max(1, snap.target)):3.0f} %"
     bar_w = max(5, width - len(label) - len(pct) - 2)
-    g.add_row(Text(label, style="bold"), ProgressBar(total=snap.target, completed=min(snap.total, snap.target),
-                                                     width=bar_w), pct)
+    g.add_row(
+        Text(label, style="bold"),
+        ProgressBar(total=snap.target, completed=min(snap.total, snap.target), width=bar_w),
+        pct,
+    )
     return g
 
 
@@ -162,8 +172,9 @@ def render_status(st: RunStatus, width: int = 80, height: int = 24, confirm_rese
         rest = len(notes) - i - 1
         if used + need + (1 if rest else 0) > budget:
             more = len(notes) - i
-            shown.append(Text(f"+{more} more flag{'s' * (more != 1)}/warning{'s' * (more != 1)} "
-                              "(see report)", style="magenta"))
+            shown.append(
+                Text(f"+{more} more flag{'s' * (more != 1)}/warning{'s' * (more != 1)} (see report)", style="magenta")
+            )
             used += 1
             break
         shown.append(Text(text, style=style))
@@ -186,7 +197,7 @@ def render_status(st: RunStatus, width: int = 80, height: int = 24, confirm_rese
         recent.add_column("last cells", no_wrap=True)
         recent.add_column("class", no_wrap=True)
         recent.add_column("p", justify="right", no_wrap=True)
-        for rc in reversed(st.recent[-max(1, min(len(st.recent), n_rows - 2)):]):
+        for rc in reversed(st.recent[-max(1, min(len(st.recent), n_rows - 2)) :]):
             recent.add_row(f"#{rc.id} {rc.frame}"[:28], rc.bucket, f"{rc.confidence:.2f}")
         side = Table.grid(padding=(0, 3))
         side.add_column()
@@ -238,8 +249,9 @@ class KeyReader:
         self.fd = None
 
 
-def run_live(session: Any, console: Console, snapshot: Callable[[], str], refresh_s: float = 0.2,
-             keys: KeyReader | None = None) -> None:
+def run_live(
+    session: Any, console: Console, snapshot: Callable[[], str], refresh_s: float = 0.2, keys: KeyReader | None = None
+) -> None:
     """Run a counting session under the live TUI until it ends or ``q`` is pressed.
 
     Args:
@@ -257,9 +269,14 @@ def run_live(session: Any, console: Console, snapshot: Callable[[], str], refres
         msg = message if time.monotonic() < message_until else ""
         return render_status(session.status(msg), console.size.width, console.size.height, confirm)
 
-    with (keys or KeyReader()) as reader, Live(get_renderable=view, console=console, screen=True,
-                                                auto_refresh=False, redirect_stdout=False,
-                                                redirect_stderr=False) as live:
+    with keys or KeyReader() as reader, Live(
+        get_renderable=view,
+        console=console,
+        screen=True,
+        auto_refresh=False,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    ) as live:
         session.start()
         try:
             while session.running():

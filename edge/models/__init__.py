@@ -13,6 +13,8 @@ def default_bundle_path(name: str = DEFAULT_BUNDLE) -> Path:
     """Directory of a shipped bundle (default: the BloodMNIST 28x28 INT8 CNN)."""
     path = Path(__file__).parent / name
     if not (path / "manifest.json").is_file():
-        raise BundleError(f"the shipped bundle {name!r} is missing from this installation ({path}); reinstall hemaedge "
-                          "or pass --bundle DIR")
+        raise BundleError(
+            f"the shipped bundle {name!r} is missing from this installation ({path}); reinstall hemaedge "
+            "or pass --bundle DIR"
+        )
     return path

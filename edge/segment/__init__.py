@@ -29,7 +29,20 @@ def make_segmenter(name: str = "stain", **options: float) -> Segmenter:
 
 
 __all__ = [
-    "SEGMENTERS", "Quality", "QualityConfig", "QualityMonitor", "Segmenter", "SegmenterConfig", "StainSegmenter",
-    "as_frame", "assess_quality", "boxes_of", "cell_fractions", "central_detection", "cut_crops", "make_segmenter",
-    "measure_cell_fraction", "scores_of",
+    "SEGMENTERS",
+    "Quality",
+    "QualityConfig",
+    "QualityMonitor",
+    "Segmenter",
+    "SegmenterConfig",
+    "StainSegmenter",
+    "as_frame",
+    "assess_quality",
+    "boxes_of",
+    "cell_fractions",
+    "central_detection",
+    "cut_crops",
+    "make_segmenter",
+    "measure_cell_fraction",
+    "scores_of",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
 from hemaedge.edge.records import Detection, Frame
 
 

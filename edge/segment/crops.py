@@ -12,15 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-
 from hemaedge.edge.bundle.manifest import CropGeometry
 from hemaedge.edge.bundle.preprocess import cut_crop
 from hemaedge.edge.records import Crop, Detection, Frame
 from hemaedge.edge.segment.base import Segmenter, as_frame
 
 
-def cut_crops(frame: Frame, detections: Sequence[Detection], geom: CropGeometry,
-              typical_side: float | None = None) -> list[Crop]:
+def cut_crops(
+    frame: Frame, detections: Sequence[Detection], geom: CropGeometry, typical_side: float | None = None
+) -> list[Crop]:
     """One ``Crop`` (RGB pixels, not yet resized) per detection, cut with ``geom``.
 
     ``typical_side``: the session's typical white-cell box side (``geom.scale == "session"``).

@@ -87,8 +87,9 @@ def bccd_items(root: str | Path, split: str = "val", names: Sequence[str] = ("WB
         yield Labelled(img, read_voc(root / "Annotations" / f"{stem}.xml", names), "BCCD-VOC", split)
 
 
-def txl_items(root: str | Path, split: str = "all", half: str | None = None,
-              classes: Sequence[int] = (0,)) -> Iterator[Labelled]:
+def txl_items(
+    root: str | Path, split: str = "all", half: str | None = None, classes: Sequence[int] = (0,)
+) -> Iterator[Labelled]:
     """TXL-PBC images (``split``: its own ``train``/``val`` folders or ``all``; ``half``: ``"a"``/``"b"`` by name hash).
 
     ``classes`` are the YOLO classes whose boxes are the truth: 0 white cells (default), 2 platelets.
@@ -142,16 +143,21 @@ def centre_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     if not len(pred) or not len(truth):
         return np.zeros((len(pred), len(truth)))
     cx, cy = (pred[:, 0] + pred[:, 2]) / 2, (pred[:, 1] + pred[:, 3]) / 2
-    inside = ((cx[:, None] >= truth[None, :, 0]) & (cx[:, None] <= truth[None, :, 2])
-              & (cy[:, None] >= truth[None, :, 1]) & (cy[:, None] <= truth[None, :, 3]))
+    inside = (
+        (cx[:, None] >= truth[None, :, 0])
+        & (cx[:, None] <= truth[None, :, 2])
+        & (cy[:, None] >= truth[None, :, 1])
+        & (cy[:, None] <= truth[None, :, 3])
+    )
     tx, ty = (truth[:, 0] + truth[:, 2]) / 2, (truth[:, 1] + truth[:, 3]) / 2
     half = np.hypot(truth[:, 2] - truth[:, 0], truth[:, 3] - truth[:, 1]) / 2
     d = np.hypot(cx[:, None] - tx[None, :], cy[:, None] - ty[None, :]) / np.maximum(half[None, :], 1e-9)
     return np.where(inside, np.clip(1.0 - d, 1e-6, 1.0), 0.0)
 
 
-def match(pred: np.ndarray, scores: np.ndarray | None, truth: np.ndarray, iou: float = 0.5,
-          rule: str = "iou") -> tuple[int, int, int]:
+def match(
+    pred: np.ndarray, scores: np.ndarray | None, truth: np.ndarray, iou: float = 0.5, rule: str = "iou"
+) -> tuple[int, int, int]:
     """Greedy one-to-one matching by score: ``(true positives, false positives, false negatives)``.
 
     ``rule="iou"``: a prediction matches a truth box at IoU >= ``iou``. ``rule="centre"``: it matches
@@ -214,14 +220,27 @@ class Tally:
 
     def as_dict(self) -> dict:
         """Plain numbers for JSON."""
-        return {"images": self.images, "truth": self.truth, "tp": self.tp, "fp": self.fp, "fn": self.fn,
-                "recall": round(self.recall, 4), "precision": round(self.precision, 4),
-                "ms_per_image": round(1000 * self.seconds / self.images, 2) if self.images else 0.0}
+        return {
+            "images": self.images,
+            "truth": self.truth,
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "recall": round(self.recall, 4),
+            "precision": round(self.precision, 4),
+            "ms_per_image": round(1000 * self.seconds / self.images, 2) if self.images else 0.0,
+        }
 
 
-def evaluate(segmenter, items: Iterator[Labelled] | Sequence[Labelled], iou: float = 0.5,  # noqa: ANN001
-             on_image=None, kind: str | None = None, rule: str = "iou",  # noqa: ANN001
-             rules: Sequence[str] = ()) -> dict[str, Tally]:
+def evaluate(
+    segmenter,
+    items: Iterator[Labelled] | Sequence[Labelled],
+    iou: float = 0.5,  # noqa: ANN001
+    on_image=None,
+    kind: str | None = None,
+    rule: str = "iou",  # noqa: ANN001
+    rules: Sequence[str] = (),
+) -> dict[str, Tally]:
     """Recall and precision of ``segmenter``'s boxes at ``iou``, per source and in total (key ``"all"``).
 
     Args:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from hemaedge.edge.records import Frame
 from hemaedge.edge.segment.base import as_frame
 
@@ -78,8 +77,9 @@ def sharpness(grey: np.ndarray) -> float:
     return float(fine * fine) / (float(mid * mid) + 1.0)
 
 
-def assess_quality(frame: Frame | np.ndarray, config: QualityConfig | None = None,
-                   reference_sharpness: float | None = None) -> Quality:
+def assess_quality(
+    frame: Frame | np.ndarray, config: QualityConfig | None = None, reference_sharpness: float | None = None
+) -> Quality:
     """Flag frames that are out of focus or badly exposed.
 
     Native sharpness differs a lot between microscopes (in-focus Raabin frames

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field, replace
 from typing import Tuple
 
 import numpy as np
-
 from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment.base import as_frame
 
@@ -180,7 +179,7 @@ def otsu3(hist: np.ndarray) -> tuple[int, int]:
         lo = int(nz[0]) if len(nz) else 0
         return lo, lo + 1
     lo, hi = int(nz[0]), int(nz[-1])
-    p = hist[lo:hi + 1] / hist.sum()
+    p = hist[lo : hi + 1] / hist.sum()
     i = np.arange(lo, hi + 1, dtype=np.float64)
     w = np.cumsum(p)
     mu = np.cumsum(p * i)
@@ -355,8 +354,15 @@ class StainSegmenter:
         accepted: list[tuple[list[int], float, Box]] = []
         for g in groups:
             a = float(count[g].sum())
-            why = ("small" if a < cfg.min_area * area_img else "small vs others" if a < cfg.rel_area * biggest
-                   else "too big" if a > cfg.max_area * area_img else "")
+            why = (
+                "small"
+                if a < cfg.min_area * area_img
+                else "small vs others"
+                if a < cfg.rel_area * biggest
+                else "too big"
+                if a > cfg.max_area * area_img
+                else ""
+            )
             x0 = float(stats[g, cv2.CC_STAT_LEFT].min())
             y0 = float(stats[g, cv2.CC_STAT_TOP].min())
             x1 = float((stats[g, cv2.CC_STAT_LEFT] + stats[g, cv2.CC_STAT_WIDTH]).max())
@@ -392,8 +398,16 @@ class StainSegmenter:
         return finish(dets)
 
     @staticmethod
-    def _platelets(blue: np.ndarray, t1: int, t2: int, wbc_boxes: list[Box], nuc_areas: list[float], s: float,
-                   cfg: SegmenterConfig, info: Analysis) -> list[Detection]:
+    def _platelets(
+        blue: np.ndarray,
+        t1: int,
+        t2: int,
+        wbc_boxes: list[Box],
+        nuc_areas: list[float],
+        s: float,
+        cfg: SegmenterConfig,
+        info: Analysis,
+    ) -> list[Detection]:
         """Small, strongly stained blobs that belong to no white cell (step 7, only with ``platelets``).
 
         Platelets stain purple like nuclei but are much smaller: 2-3 um against a
@@ -419,7 +433,7 @@ class StainSegmenter:
         lo, hi = cfg.plt_min_area * area_img, cfg.plt_max_area * area_img
         if nuc_areas:
             ref = float(np.median(nuc_areas))
-            lo, hi = max(lo, cfg.plt_rel_min ** 2 * ref), min(hi, cfg.plt_rel_max ** 2 * ref)
+            lo, hi = max(lo, cfg.plt_rel_min**2 * ref), min(hi, cfg.plt_rel_max**2 * ref)
         cand = np.flatnonzero((count >= lo) & (count <= hi))
         cand = cand[cand > 0]
         if not len(cand):
@@ -439,10 +453,17 @@ class StainSegmenter:
             x0, y0, bw, bh = (float(v) for v in stats[c, :4])
             box = (x0, y0, x0 + bw, y0 + bh)
             cut = x0 <= 0 or y0 <= 0 or x0 + bw >= w or y0 + bh >= h
-            why = ("edge" if cut and not cfg.plt_edge
-                   else "pale" if peak[c] - t2 < cfg.plt_peak or mean[c] < cfg.plt_mean
-                   else "thin" if count[c] < cfg.plt_fill * bw * bh or thick[c] < cfg.plt_thick
-                   else "in white cell" if any(_meets(box, g) for g in grown) else "")
+            why = (
+                "edge"
+                if cut and not cfg.plt_edge
+                else "pale"
+                if peak[c] - t2 < cfg.plt_peak or mean[c] < cfg.plt_mean
+                else "thin"
+                if count[c] < cfg.plt_fill * bw * bh or thick[c] < cfg.plt_thick
+                else "in white cell"
+                if any(_meets(box, g) for g in grown)
+                else ""
+            )
             if why:
                 info.platelet_rejected.append((box, why))
                 continue
@@ -453,8 +474,15 @@ class StainSegmenter:
         return out
 
     @staticmethod
-    def _cyto_regions(lab: np.ndarray, nuc_all: np.ndarray, labels: np.ndarray, stats: np.ndarray, accepted: list,
-                      cfg: SegmenterConfig, info: Analysis) -> list[Box | None]:
+    def _cyto_regions(
+        lab: np.ndarray,
+        nuc_all: np.ndarray,
+        labels: np.ndarray,
+        stats: np.ndarray,
+        accepted: list,
+        cfg: SegmenterConfig,
+        info: Analysis,
+    ) -> list[Box | None]:
         """Grow each nucleus into its cytoplasm by nearest-colour classification (see step 6)."""
         import cv2
 
@@ -467,8 +495,13 @@ class StainSegmenter:
         # red cells: what is neither background nor nucleus, away from the white cells (not their cytoplasm)
         rest = ((bright == 0) & ~nuc_all & (light < bg[0] - 10)).astype(np.uint8)
         for _g, _a, (x0, y0, x1, y1) in accepted:
-            cv2.circle(rest, (int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2))),
-                       int(round(cfg.reach * max(x1 - x0, y1 - y0))), 0, -1)
+            cv2.circle(
+                rest,
+                (int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2))),
+                int(round(cfg.reach * max(x1 - x0, y1 - y0))),
+                0,
+                -1,
+            )
         rbc = np.asarray(cv2.mean(labb, mask=rest)[:3], np.float32) if int(rest.sum()) > 20 else None
         # which nucleus is nearest each pixel: a distance-transform watershed between nuclei
         owner = None
@@ -519,10 +552,12 @@ class StainSegmenter:
             out.append((rx0, ry0, rx0 + float(st[j, 2]), ry0 + float(st[j, 3])))
             cell_mask[by0:by1, bx0:bx1][lab_c == j] = k + 1
             rw, rh = float(st[j, 2]), float(st[j, 3])
-            qualities[k] = {"fill": float(st[j, 4]) / (np.pi / 4 * rw * rh),
-                            "touches_reach": bool(max(rw, rh) >= 2 * r - 2),
-                            "de_bg": float(np.linalg.norm(cyto - bg)),
-                            "de_rbc": float(np.linalg.norm(cyto - rbc)) if rbc is not None else -1.0}
+            qualities[k] = {
+                "fill": float(st[j, 4]) / (np.pi / 4 * rw * rh),
+                "touches_reach": bool(max(rw, rh) >= 2 * r - 2),
+                "de_bg": float(np.linalg.norm(cyto - bg)),
+                "de_rbc": float(np.linalg.norm(cyto - rbc)) if rbc is not None else -1.0,
+            }
         info.cell_mask = cell_mask
         info.region_quality = qualities
         return out
@@ -542,14 +577,28 @@ class StainSegmenter:
             lo_f, hi_f, k = cfg.region_min, cfg.region_max, cfg.region_weight
         lo = _scaled(nbox, lo_f, w, h)
         hi = _scaled(nbox, hi_f, w, h)
-        clamped = (min(max(region[0], hi[0]), lo[0]), min(max(region[1], hi[1]), lo[1]),
-                   max(min(region[2], hi[2]), lo[2]), max(min(region[3], hi[3]), lo[3]))
-        return ((1 - k) * expanded[0] + k * clamped[0], (1 - k) * expanded[1] + k * clamped[1],
-                (1 - k) * expanded[2] + k * clamped[2], (1 - k) * expanded[3] + k * clamped[3])
+        clamped = (
+            min(max(region[0], hi[0]), lo[0]),
+            min(max(region[1], hi[1]), lo[1]),
+            max(min(region[2], hi[2]), lo[2]),
+            max(min(region[3], hi[3]), lo[3]),
+        )
+        return (
+            (1 - k) * expanded[0] + k * clamped[0],
+            (1 - k) * expanded[1] + k * clamped[1],
+            (1 - k) * expanded[2] + k * clamped[2],
+            (1 - k) * expanded[3] + k * clamped[3],
+        )
 
     @staticmethod
-    def _group(labels: np.ndarray, stats: np.ndarray, idx: np.ndarray, count: np.ndarray,
-               cfg: SegmenterConfig, thick: np.ndarray | None = None) -> list[list[int]]:
+    def _group(
+        labels: np.ndarray,
+        stats: np.ndarray,
+        idx: np.ndarray,
+        count: np.ndarray,
+        cfg: SegmenterConfig,
+        thick: np.ndarray | None = None,
+    ) -> list[list[int]]:
         """Join blobs (component labels ``idx``) that are lobes of one nucleus.
 
         The background is split among the blobs by a distance-transform watershed
@@ -617,12 +666,13 @@ def _nearest_owner(labels: np.ndarray, stats: np.ndarray, lut: np.ndarray) -> tu
     import cv2
 
     seeds = lut[labels]
-    dist, near = cv2.distanceTransformWithLabels((seeds == 0).astype(np.uint8), cv2.DIST_L2, 3,
-                                                 labelType=cv2.DIST_LABEL_CCOMP)
+    dist, near = cv2.distanceTransformWithLabels(
+        (seeds == 0).astype(np.uint8), cv2.DIST_L2, 3, labelType=cv2.DIST_LABEL_CCOMP
+    )
     back = np.zeros(int(near.max()) + 1, np.int32)
     for comp in np.flatnonzero(lut):
         x, y, bw, bh = (int(v) for v in stats[comp, :4])
-        win = labels[y:y + bh, x:x + bw] == comp
+        win = labels[y : y + bh, x : x + bw] == comp
         j = int(np.argmax(win))  # first pixel of the blob inside its box
         back[near[y + j // bw, x + j % bw]] = lut[comp]
     return dist, back[near]
@@ -647,7 +697,7 @@ def _open_relative(mask: np.ndarray, rel: float, min_px: int, floor: float = 0.0
         if comp == 0:
             continue  # background; specks below min_blob are dropped later anyway
         x, y, bw, bh = (int(v) for v in stats[comp, :4])
-        core = float(dt[y:y + bh, x:x + bw][labels[y:y + bh, x:x + bw] == comp].max())
+        core = float(dt[y : y + bh, x : x + bw][labels[y : y + bh, x : x + bw] == comp].max())
         ks[comp] = 2 * int(round(rel * max(core, least))) + 1
     sizes = sorted(set(int(k) for k in ks[1:] if k > min_px))
     if not sizes:
@@ -667,8 +717,8 @@ def _thickness(mask: np.ndarray, labels: np.ndarray, stats: np.ndarray, idx: np.
     out = np.zeros(len(stats), np.float64)
     for comp in idx:
         x, y, bw, bh = (int(v) for v in stats[comp, :4])
-        win = labels[y:y + bh, x:x + bw] == comp
-        out[comp] = float(dt[y:y + bh, x:x + bw][win].max())
+        win = labels[y : y + bh, x : x + bw] == comp
+        out[comp] = float(dt[y : y + bh, x : x + bw][win].max())
     return out
 
 

@@ -52,14 +52,41 @@ from hemaedge.edge.sources.files import (
 from hemaedge.edge.sources.synthetic import SmearModel, SyntheticSource
 
 __all__ = [
-    "EVENT_KINDS", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "CaptureSource", "EventCallback", "FrameSource",
-    "ImageFilesSource", "SmearModel", "SourceEvent", "SyntheticSource", "VideoFileSource", "csi_pipeline",
-    "expand_images", "is_glob", "open_images", "open_source", "parse_uri", "print_warning", "read_image",
+    "EVENT_KINDS",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "CaptureSource",
+    "EventCallback",
+    "FrameSource",
+    "ImageFilesSource",
+    "SmearModel",
+    "SourceEvent",
+    "SyntheticSource",
+    "VideoFileSource",
+    "csi_pipeline",
+    "expand_images",
+    "is_glob",
+    "open_images",
+    "open_source",
+    "parse_uri",
+    "print_warning",
+    "read_image",
 ]
 
 _CAPTURE_OPTS = ("lost_after", "max_retries", "backoff_s", "backoff_max_s", "sleep", "clock")
-_SYNTH_OPTS = {"seed": int, "frames": int, "width": int, "height": int, "wbc": float, "pan": float,
-               "rbc_px": float, "blur": float, "noise": float, "fps": float, "lymph": float}
+_SYNTH_OPTS = {
+    "seed": int,
+    "frames": int,
+    "width": int,
+    "height": int,
+    "wbc": float,
+    "pan": float,
+    "rbc_px": float,
+    "blur": float,
+    "noise": float,
+    "fps": float,
+    "lymph": float,
+}
 
 
 def _number(text: str) -> Any:
@@ -115,7 +142,9 @@ def open_source(uri: str | os.PathLike[str] | int, **opts: Any) -> FrameSource:
     if scheme == "synthetic":
         unknown = sorted(set(opts) - set(_SYNTH_OPTS))
         if unknown:
-            raise UsageError(f"synthetic:// does not understand {', '.join(unknown)}; options: {', '.join(_SYNTH_OPTS)}")
+            raise UsageError(
+                f"synthetic:// does not understand {', '.join(unknown)}; options: {', '.join(_SYNTH_OPTS)}"
+            )
         kw = {k: _SYNTH_OPTS[k](v) for k, v in opts.items()}
         if max_frames is not None:
             kw["frames"] = int(max_frames)
@@ -126,29 +155,50 @@ def open_source(uri: str | os.PathLike[str] | int, **opts: Any) -> FrameSource:
 
     if scheme == "" and re.fullmatch(r"\d+", target):
         _no_more(opts, text)
-        return CaptureSource(text, usb_opener(int(target), width, height, fps), live=True, on_event=on_event,
-                             max_frames=max_frames, **cap_opts)
+        return CaptureSource(
+            text,
+            usb_opener(int(target), width, height, fps),
+            live=True,
+            on_event=on_event,
+            max_frames=max_frames,
+            **cap_opts,
+        )
     if scheme == "v4l2":
         dev = target if target.startswith("/") else "/" + target
         m = re.fullmatch(r"/dev/video(\d+)", dev)
         device: int | str = dev if os.name == "posix" or not m else int(m.group(1))
         _no_more(opts, text)
-        return CaptureSource(text, usb_opener(device, width, height, fps, api="v4l2"), live=True,
-                             on_event=on_event, max_frames=max_frames, **cap_opts)
+        return CaptureSource(
+            text,
+            usb_opener(device, width, height, fps, api="v4l2"),
+            live=True,
+            on_event=on_event,
+            max_frames=max_frames,
+            **cap_opts,
+        )
     if scheme in ("rtsp", "rtsps", "http", "https", "rtmp"):
         timeout_s = float(opts.pop("timeout_s", 5.0))
         _no_more(opts, text)
-        return CaptureSource(text, rtsp_opener(text, timeout_s), live=True, on_event=on_event,
-                             max_frames=max_frames, **cap_opts)
+        return CaptureSource(
+            text, rtsp_opener(text, timeout_s), live=True, on_event=on_event, max_frames=max_frames, **cap_opts
+        )
     if scheme == "csi":
         sensor = int(target or 0) if re.fullmatch(r"\d*", target) else None
         if sensor is None:
             raise SourceError(f"csi:// wants a sensor number, e.g. csi://0, not {text!r}")
-        pipeline = csi_pipeline(sensor, int(width or 1280), int(height or 720), int(fps or 30),
-                                int(opts.pop("flip", 0)), opts.pop("out_width", None), opts.pop("out_height", None))
+        pipeline = csi_pipeline(
+            sensor,
+            int(width or 1280),
+            int(height or 720),
+            int(fps or 30),
+            int(opts.pop("flip", 0)),
+            opts.pop("out_width", None),
+            opts.pop("out_height", None),
+        )
         _no_more(opts, text)
-        return CaptureSource(text, gstreamer_opener(pipeline), live=True, on_event=on_event, max_frames=max_frames,
-                             **cap_opts)
+        return CaptureSource(
+            text, gstreamer_opener(pipeline), live=True, on_event=on_event, max_frames=max_frames, **cap_opts
+        )
     if scheme == "picam":
         from hemaedge.edge.sources.picam import picam_source
 
@@ -158,13 +208,22 @@ def open_source(uri: str | os.PathLike[str] | int, **opts: Any) -> FrameSource:
         fmt = str(opts.pop("format", "RGB888"))
         timeout_s = float(opts.pop("timeout_s", 2.0))
         _no_more(opts, text)
-        return picam_source(num, width=int(width or 640), height=int(height or 480), fmt=fmt, timeout_s=timeout_s,
-                            on_event=on_event, max_frames=max_frames, **cap_opts)
+        return picam_source(
+            num,
+            width=int(width or 640),
+            height=int(height or 480),
+            fmt=fmt,
+            timeout_s=timeout_s,
+            on_event=on_event,
+            max_frames=max_frames,
+            **cap_opts,
+        )
     if scheme == "file":
         scheme, target = "", target
     if scheme:
-        raise SourceError(f"unknown source scheme {scheme}:// in {text!r} (synthetic, v4l2, rtsp, csi, picam, file "
-                          "or a path)")
+        raise SourceError(
+            f"unknown source scheme {scheme}:// in {text!r} (synthetic, v4l2, rtsp, csi, picam, file or a path)"
+        )
 
     _no_more(opts, text)
     path = Path(target).expanduser()

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
-
 from hemaedge.edge.errors import HemaedgeError, SourceError
 from hemaedge.edge.records import Frame
 from hemaedge.edge.sources.base import EventCallback, FrameSource
@@ -138,8 +137,12 @@ class CaptureSource(FrameSource):
         self.status = "reconnecting"
         for attempt in range(1, self.max_retries + 1):
             delay = self.backoff_delay(attempt)
-            self.emit("reconnecting", f"{self.uri}: camera lost, reconnecting (attempt {attempt}/{self.max_retries}, "
-                      f"waiting {delay:.1f} s)", attempt=attempt, delay_s=delay)
+            self.emit(
+                "reconnecting",
+                f"{self.uri}: camera lost, reconnecting (attempt {attempt}/{self.max_retries}, waiting {delay:.1f} s)",
+                attempt=attempt,
+                delay_s=delay,
+            )
             self._sleep(delay)
             cap = self._try_open()
             if cap is not None:
@@ -236,6 +239,7 @@ def _is_open(cap: Capture) -> bool:
 
 # -- openers for the camera kinds ------------------------------------------------
 
+
 def _set_props(cap: Any, width: int | None, height: int | None, fps: float | None) -> Any:
     import cv2
 
@@ -248,8 +252,9 @@ def _set_props(cap: Any, width: int | None, height: int | None, fps: float | Non
     return cap
 
 
-def usb_opener(device: int | str, width: int | None = None, height: int | None = None,
-               fps: float | None = None, api: str = "any") -> Callable[[], Capture]:
+def usb_opener(
+    device: int | str, width: int | None = None, height: int | None = None, fps: float | None = None, api: str = "any"
+) -> Callable[[], Capture]:
     """An opener for a USB / V4L2 camera (an index or a ``/dev/videoN`` path)."""
 
     def open_() -> Capture:
@@ -283,8 +288,15 @@ def rtsp_opener(url: str, timeout_s: float = 5.0) -> Callable[[], Capture]:
     return open_
 
 
-def csi_pipeline(sensor_id: int = 0, width: int = 1280, height: int = 720, fps: int = 30, flip: int = 0,
-                 out_width: int | None = None, out_height: int | None = None) -> str:
+def csi_pipeline(
+    sensor_id: int = 0,
+    width: int = 1280,
+    height: int = 720,
+    fps: int = 30,
+    flip: int = 0,
+    out_width: int | None = None,
+    out_height: int | None = None,
+) -> str:
     """The GStreamer pipeline for a Jetson CSI camera (``nvarguscamerasrc``) ending in a BGR ``appsink``."""
     ow, oh = out_width or width, out_height or height
     return (
@@ -304,8 +316,10 @@ def gstreamer_opener(pipeline: str) -> Callable[[], Capture]:
         info = cv2.getBuildInformation()
         line = next((ln for ln in info.splitlines() if "GStreamer" in ln), "")
         if "YES" not in line:
-            raise SourceError("this OpenCV has no GStreamer support, which csi:// needs; on a Jetson use JetPack's "
-                              "python3-opencv (deploy/jetson/install.sh), not the pip opencv wheel")
+            raise SourceError(
+                "this OpenCV has no GStreamer support, which csi:// needs; on a Jetson use JetPack's "
+                "python3-opencv (deploy/jetson/install.sh), not the pip opencv wheel"
+            )
         return cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
 
     return open_

@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-
 from hemaedge.edge.errors import InputError, SourceError
 from hemaedge.edge.records import Frame
 from hemaedge.edge.sources.base import EventCallback, FrameSource
@@ -88,8 +87,13 @@ class ImageFilesSource(FrameSource):
     live = False
     colour_order = "BGR"
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], uri: str | None = None,
-                 on_event: EventCallback | None = None, max_frames: int | None = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        uri: str | None = None,
+        on_event: EventCallback | None = None,
+        max_frames: int | None = None,
+    ) -> None:
         self.paths = [Path(p) for p in paths]
         super().__init__(uri or (str(self.paths[0].parent) if self.paths else "images"), on_event)
         self.max_frames = max_frames
@@ -119,8 +123,9 @@ class ImageFilesSource(FrameSource):
         self.emit("ended", f"{self.uri}: {index} images read, {len(self.failed)} skipped")
 
 
-def open_images(specs: Sequence[str | os.PathLike[str]] | str, on_event: EventCallback | None = None,
-                max_frames: int | None = None) -> ImageFilesSource:
+def open_images(
+    specs: Sequence[str | os.PathLike[str]] | str, on_event: EventCallback | None = None, max_frames: int | None = None
+) -> ImageFilesSource:
     """An ``ImageFilesSource`` over files, folders and globs (each expanded, order kept).
 
     Files that do not exist are not an error here: they are reported and

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from hemaedge.edge.errors import require
 from hemaedge.edge.sources.base import EventCallback
 from hemaedge.edge.sources.capture import CaptureSource
@@ -27,8 +26,9 @@ class _PicamCapture:
     def __init__(self, camera_num: int, width: int, height: int, fmt: str, timeout_s: float) -> None:
         picamera2 = require("picamera2", "pi", "picam:// (Raspberry Pi camera)")
         self._cam: Any = picamera2.Picamera2(camera_num)
-        config = self._cam.create_video_configuration(main={"size": (int(width), int(height)), "format": fmt},
-                                                      buffer_count=4)
+        config = self._cam.create_video_configuration(
+            main={"size": (int(width), int(height)), "format": fmt}, buffer_count=4
+        )
         self._cam.configure(config)
         self._cam.start()
         self._fmt = fmt
@@ -63,8 +63,16 @@ class _PicamCapture:
             self._cam.close()
 
 
-def picam_source(camera_num: int = 0, *, width: int = 640, height: int = 480, fmt: str = "RGB888",
-                 timeout_s: float = 2.0, on_event: EventCallback | None = None, **capture_opts: Any) -> CaptureSource:
+def picam_source(
+    camera_num: int = 0,
+    *,
+    width: int = 640,
+    height: int = 480,
+    fmt: str = "RGB888",
+    timeout_s: float = 2.0,
+    on_event: EventCallback | None = None,
+    **capture_opts: Any,
+) -> CaptureSource:
     """A live source for Raspberry Pi camera ``camera_num`` (needs ``hemaedge[pi]`` / ``python3-picamera2``)."""
     if fmt not in PICAMERA2_ARRAY_ORDER:
         from hemaedge.edge.errors import UsageError

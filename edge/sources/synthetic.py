@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-
 from hemaedge.edge.errors import UsageError
 from hemaedge.edge.records import Frame
 from hemaedge.edge.sources.base import EventCallback, FrameSource
@@ -81,8 +80,17 @@ class SmearModel:
         lymph: Share of white cells with a round nucleus.
     """
 
-    def __init__(self, seed: int = 0, width: int = 640, height: int = 480, wbc: float = 2, rbc_px: float | None = None,
-                 blur: float = 1.0, noise: float = 3.0, lymph: float = 0.35) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        width: int = 640,
+        height: int = 480,
+        wbc: float = 2,
+        rbc_px: float | None = None,
+        blur: float = 1.0,
+        noise: float = 3.0,
+        lymph: float = 0.35,
+    ) -> None:
         if width < 32 or height < 32:
             raise UsageError(f"synthetic frames must be at least 32x32, not {width}x{height}")
         self.seed = int(seed)
@@ -130,8 +138,18 @@ class SmearModel:
             else:
                 continue
             ecc = rng.uniform(0.9, 1.0)
-            wbcs.append(_cell("wbc", cx, cy, r, r * ecc, float(rng.uniform(0, 180)),
-                             "lymphocyte" if lymph else "neutrophil", uid_base + len(wbcs)))
+            wbcs.append(
+                _cell(
+                    "wbc",
+                    cx,
+                    cy,
+                    r,
+                    r * ecc,
+                    float(rng.uniform(0, 180)),
+                    "lymphocyte" if lymph else "neutrophil",
+                    uid_base + len(wbcs),
+                )
+            )
         # red cells cover ~45% of the area; they may touch white cells but not cover them
         n_rbc = int(0.45 * w * h / (math.pi * (d / 2) ** 2))
         rb = rng.uniform(0, 1, (n_rbc, 5))
@@ -143,13 +161,31 @@ class SmearModel:
         for c in wbcs:
             keep &= np.hypot(cxs - c.cx, cys - c.cy) >= c.rx + 0.15 * rxs
         for i in np.flatnonzero(keep).tolist():
-            cells.append(_cell("rbc", float(cxs[i]), float(cys[i]), float(rxs[i]), float(rys[i]), float(angs[i]),
-                               uid=uid_base + (1 << 16) + i))
+            cells.append(
+                _cell(
+                    "rbc",
+                    float(cxs[i]),
+                    float(cys[i]),
+                    float(rxs[i]),
+                    float(rys[i]),
+                    float(angs[i]),
+                    uid=uid_base + (1 << 16) + i,
+                )
+            )
         for i in range(int(rng.poisson(3))):
             cx, cy = x0 + rng.uniform(0, w), y0 + rng.uniform(0, h)
             r = d * rng.uniform(0.07, 0.12)
-            cells.append(_cell("platelet", cx, cy, r, r * rng.uniform(0.6, 1.0), float(rng.uniform(0, 180)),
-                              uid=uid_base + (1 << 19) + i))
+            cells.append(
+                _cell(
+                    "platelet",
+                    cx,
+                    cy,
+                    r,
+                    r * rng.uniform(0.6, 1.0),
+                    float(rng.uniform(0, 180)),
+                    uid=uid_base + (1 << 19) + i,
+                )
+            )
         cells.extend(wbcs)
         self._cells[key] = cells
         if len(self._cells) > 512:
@@ -193,8 +229,18 @@ class SmearModel:
         sc = 1 << shift
 
         def ell(cx: float, cy: float, rx: float, ry: float, ang: float, col: tuple[float, float, float]) -> None:
-            cv2.ellipse(canvas, (int((cx - ox) * sc), int((cy - oy) * sc)),
-                        (max(1, int(rx * sc)), max(1, int(ry * sc))), ang, 0, 360, col, -1, cv2.LINE_8, shift)
+            cv2.ellipse(
+                canvas,
+                (int((cx - ox) * sc), int((cy - oy) * sc)),
+                (max(1, int(rx * sc)), max(1, int(ry * sc))),
+                ang,
+                0,
+                360,
+                col,
+                -1,
+                cv2.LINE_8,
+                shift,
+            )
 
         for c in self.cells_in(ox, oy, ox + cw, oy + ch):
             rng = random.Random(self.seed * 1_000_003 + c.uid)
@@ -202,8 +248,14 @@ class SmearModel:
                 ell(c.cx, c.cy, c.rx, c.ry, c.angle, self._colour((168, 158, 214)))
                 ell(c.cx, c.cy, c.rx * 0.8, c.ry * 0.8, c.angle, self._colour((178, 168, 219)))
                 p = rng.uniform(0.3, 0.45)
-                ell(c.cx + rng.gauss(0, 1), c.cy + rng.gauss(0, 1), c.rx * p, c.ry * p, c.angle,
-                    self._colour((204, 196, 228)))
+                ell(
+                    c.cx + rng.gauss(0, 1),
+                    c.cy + rng.gauss(0, 1),
+                    c.rx * p,
+                    c.ry * p,
+                    c.angle,
+                    self._colour((204, 196, 228)),
+                )
             elif c.kind == "platelet":
                 ell(c.cx, c.cy, c.rx, c.ry, c.angle, self._colour((165, 95, 140)))
             else:
@@ -212,7 +264,7 @@ class SmearModel:
         if sigma > 0.2:
             cv2.GaussianBlur(canvas, (0, 0), sigma, dst=canvas)
         # stain granularity: fixed per slide region, so it moves with the cells
-        out = np.ascontiguousarray(canvas[margin:margin + h, margin:margin + w])
+        out = np.ascontiguousarray(canvas[margin : margin + h, margin : margin + w])
         return _add_noise(out, self._grain) if (h, w) == (self.height, self.width) else out
 
     def _draw_wbc(self, ell, c: Cell, rng: random.Random) -> None:  # noqa: ANN001
@@ -226,8 +278,14 @@ class SmearModel:
             ell(ncx, ncy, nr, nr * rng.uniform(0.88, 1.0), rng.uniform(0, 180), self._colour((150, 58, 100)))
             for _ in range(6):  # chromatin clumps
                 aa, rr = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.6) * nr
-                ell(ncx + math.cos(aa) * rr, ncy + math.sin(aa) * rr, nr * 0.22, nr * 0.16, rng.uniform(0, 180),
-                    self._colour((128, 40, 84)))
+                ell(
+                    ncx + math.cos(aa) * rr,
+                    ncy + math.sin(aa) * rr,
+                    nr * 0.22,
+                    nr * 0.16,
+                    rng.uniform(0, 180),
+                    self._colour((128, 40, 84)),
+                )
             return
         ell(c.cx, c.cy, c.rx, c.ry, c.angle, self._colour((206, 190, 218)))  # pale lilac granular cytoplasm
         n_lobes = rng.choice((2, 3, 3, 4, 4, 5))
@@ -241,8 +299,14 @@ class SmearModel:
             pts.append((c.cx + math.cos(a) * arc_r, c.cy + math.sin(a) * arc_r))
         col = self._colour((152, 60, 112))
         for (xa, ya), (xb, yb) in zip(pts[:-1], pts[1:]):  # thin chromatin strands between lobes
-            ell((xa + xb) / 2, (ya + yb) / 2, math.hypot(xb - xa, yb - ya) / 2, lobe * 0.25,
-                math.degrees(math.atan2(yb - ya, xb - xa)), col)
+            ell(
+                (xa + xb) / 2,
+                (ya + yb) / 2,
+                math.hypot(xb - xa, yb - ya) / 2,
+                lobe * 0.25,
+                math.degrees(math.atan2(yb - ya, xb - xa)),
+                col,
+            )
         for x, y in pts:
             ell(x, y, lobe * rng.uniform(0.9, 1.1), lobe * rng.uniform(0.7, 0.9), rng.uniform(0, 180), col)
 
@@ -268,7 +332,7 @@ class SmearModel:
                 t = self.tile(tx, ty)
                 sx0, sy0 = max(x, tx * w), max(y, ty * h)
                 sx1, sy1 = min(x + w, (tx + 1) * w), min(y + h, (ty + 1) * h)
-                out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = t[sy0 - ty * h:sy1 - ty * h, sx0 - tx * w:sx1 - tx * w]
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = t[sy0 - ty * h : sy1 - ty * h, sx0 - tx * w : sx1 - tx * w]
         return out
 
     def truth(self, x: int, y: int, min_visible: float = 0.3) -> tuple[np.ndarray, tuple[str, ...], tuple[int, ...]]:
@@ -335,10 +399,22 @@ class SyntheticSource(FrameSource):
     live = False
     colour_order = "BGR"
 
-    def __init__(self, seed: int = 0, frames: int = 100, width: int = 640, height: int = 480, wbc: float = 2,
-                 pan: float = 0.0, rbc_px: float | None = None, blur: float = 1.0, noise: float = 3.0,
-                 fps: float = 30.0, lymph: float = 0.35, uri: str | None = None,
-                 on_event: EventCallback | None = None) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        frames: int = 100,
+        width: int = 640,
+        height: int = 480,
+        wbc: float = 2,
+        pan: float = 0.0,
+        rbc_px: float | None = None,
+        blur: float = 1.0,
+        noise: float = 3.0,
+        fps: float = 30.0,
+        lymph: float = 0.35,
+        uri: str | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
         super().__init__(uri or f"synthetic://?seed={seed}", on_event)
         self.frames = int(frames)
         self.pan = float(pan)
@@ -362,8 +438,9 @@ class SyntheticSource(FrameSource):
         x, y = self.field_origin(index)
         img = self.model.through_optics(self.model.window(x, y), index)
         boxes, kinds, _ = self.model.truth(x, y)
-        return Frame(img, "BGR", index / self.fps, self.uri, index, name=f"synthetic-{index:06d}",
-                     truth=boxes, truth_kinds=kinds)
+        return Frame(
+            img, "BGR", index / self.fps, self.uri, index, name=f"synthetic-{index:06d}", truth=boxes, truth_kinds=kinds
+        )
 
     def truth_ids(self, index: int) -> tuple[int, ...]:
         """Stable ids of the cells in ``frame(index).truth`` (same order), for de-duplication tests."""

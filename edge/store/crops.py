@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
 from hemaedge.edge.errors import StoreError
 from hemaedge.edge.store.session import write_png
 
@@ -42,7 +41,9 @@ class CropFolder:
         self.written = 0
         self._made: set[Path] = set()
 
-    def write(self, rgb: np.ndarray, frame_index: int, frame_name: str, cell: int, class_name: str | None = None) -> Path:
+    def write(
+        self, rgb: np.ndarray, frame_index: int, frame_name: str, cell: int, class_name: str | None = None
+    ) -> Path:
         """Write one RGB crop; returns its path.
 
         Raises:

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from hemaedge.edge.count.tracking import Keyframe
 from hemaedge.edge.errors import StoreError
 
@@ -128,12 +127,19 @@ class StoredCell:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
-            "id": self.id, "time": self.t, "source": self.source, "frame": self.frame_index,
-            "frame_name": self.frame_name, "box": [round(v, 1) for v in self.box],
+            "id": self.id,
+            "time": self.t,
+            "source": self.source,
+            "frame": self.frame_index,
+            "frame_name": self.frame_name,
+            "box": [round(v, 1) for v in self.box],
             "slide": {"field": self.field, "x": round(self.sx, 1), "y": round(self.sy, 1)},
-            "class": "review" if self.review else self.class_name, "top_class": self.class_name,
-            "confidence": round(self.confidence, 4), "review": self.review,
-            "probabilities": [round(p, 4) for p in self.probabilities], "crop": self.crop,
+            "class": "review" if self.review else self.class_name,
+            "top_class": self.class_name,
+            "confidence": round(self.confidence, 4),
+            "review": self.review,
+            "probabilities": [round(p, 4) for p in self.probabilities],
+            "crop": self.crop,
         }
 
 
@@ -287,7 +293,9 @@ class SessionStore:
         with self._tx("reset") as c:
             self.epoch += 1
             c.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (json.dumps(self.epoch),))
-            c.execute("INSERT INTO events (t, kind, detail) VALUES (?, 'reset', ?)", (time.time(), f"epoch {self.epoch}"))
+            c.execute(
+                "INSERT INTO events (t, kind, detail) VALUES (?, 'reset', ?)", (time.time(), f"epoch {self.epoch}")
+            )
         return self.epoch
 
     # -- cells -----------------------------------------------------------------------------------------------------
@@ -304,26 +312,69 @@ class SessionStore:
         writes: list[tuple[Path, np.ndarray]] = []
         with self._tx(f"store {len(cells)} cell(s)") as c:
             for kf in keyframes:
-                c.execute("INSERT OR REPLACE INTO keyframes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                          (self.epoch, kf.id, kf.field, kf.ox, kf.oy, kf.frame_shape[0], kf.frame_shape[1], kf.scale,
-                           kf.thumb.shape[0], kf.thumb.shape[1], np.ascontiguousarray(kf.thumb, np.uint8).tobytes()))
+                c.execute(
+                    "INSERT OR REPLACE INTO keyframes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        self.epoch,
+                        kf.id,
+                        kf.field,
+                        kf.ox,
+                        kf.oy,
+                        kf.frame_shape[0],
+                        kf.frame_shape[1],
+                        kf.scale,
+                        kf.thumb.shape[0],
+                        kf.thumb.shape[1],
+                        np.ascontiguousarray(kf.thumb, np.uint8).tobytes(),
+                    ),
+                )
             for cell in cells:
                 probs = [round(float(p), 6) for p in np.asarray(cell.probabilities, np.float64)]
                 cur = c.execute(
                     "INSERT INTO cells (epoch, t, source, frame_index, frame_name, x0, y0, x1, y1, field, sx, sy,"
                     " class_index, class_name, confidence, review, probabilities, crop)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'')",
-                    (self.epoch, cell.t, cell.source, int(cell.frame_index), cell.frame_name, *map(float, cell.box),
-                     int(cell.field), float(cell.sx), float(cell.sy), int(cell.class_index), cell.class_name,
-                     float(cell.confidence), int(cell.review), json.dumps(probs)))
+                    (
+                        self.epoch,
+                        cell.t,
+                        cell.source,
+                        int(cell.frame_index),
+                        cell.frame_name,
+                        *map(float, cell.box),
+                        int(cell.field),
+                        float(cell.sx),
+                        float(cell.sy),
+                        int(cell.class_index),
+                        cell.class_name,
+                        float(cell.confidence),
+                        int(cell.review),
+                        json.dumps(probs),
+                    ),
+                )
                 cid = int(cur.lastrowid)
                 rel = f"{CROPS}/{cid:06d}.png"
                 c.execute("UPDATE cells SET crop=? WHERE id=?", (rel, cid))
                 writes.append((self.root / rel, cell.crop))
-                out.append(StoredCell(cid, self.epoch, cell.t, cell.source, int(cell.frame_index), cell.frame_name,
-                                      tuple(float(v) for v in cell.box), int(cell.field), float(cell.sx),
-                                      float(cell.sy), int(cell.class_index), cell.class_name,
-                                      float(cell.confidence), bool(cell.review), tuple(probs), rel))
+                out.append(
+                    StoredCell(
+                        cid,
+                        self.epoch,
+                        cell.t,
+                        cell.source,
+                        int(cell.frame_index),
+                        cell.frame_name,
+                        tuple(float(v) for v in cell.box),
+                        int(cell.field),
+                        float(cell.sx),
+                        float(cell.sy),
+                        int(cell.class_index),
+                        cell.class_name,
+                        float(cell.confidence),
+                        bool(cell.review),
+                        tuple(probs),
+                        rel,
+                    )
+                )
             if writes:
                 self._write_crops(writes)
         return out
@@ -357,22 +408,48 @@ class SessionStore:
             rows = conn.execute(
                 "SELECT id, epoch, t, source, frame_index, frame_name, x0, y0, x1, y1, field, sx, sy, class_index,"
                 " class_name, confidence, review, probabilities, crop FROM cells WHERE epoch=? ORDER BY id",
-                (epoch,)).fetchall()
+                (epoch,),
+            ).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read session {self.root}: {_reason(exc)}") from exc
         finally:
             conn.close()
-        return [StoredCell(r[0], r[1], r[2], r[3], r[4], r[5], (r[6], r[7], r[8], r[9]), r[10], r[11], r[12], r[13],
-                           r[14], r[15], bool(r[16]), tuple(json.loads(r[17])), r[18]) for r in rows]
+        return [
+            StoredCell(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                (r[6], r[7], r[8], r[9]),
+                r[10],
+                r[11],
+                r[12],
+                r[13],
+                r[14],
+                r[15],
+                bool(r[16]),
+                tuple(json.loads(r[17])),
+                r[18],
+            )
+            for r in rows
+        ]
 
     def read_keyframes(self, epoch: int | None = None) -> list[Keyframe]:
         """Keyframes of an epoch, for relocalising a resumed session on the slide."""
         epoch = self.epoch if epoch is None else epoch
         rows = self._conn.execute(
             "SELECT id, field, ox, oy, frame_h, frame_w, scale, thumb_h, thumb_w, thumb FROM keyframes"
-            " WHERE epoch=? ORDER BY id", (epoch,)).fetchall()
-        return [Keyframe(r[0], r[1], r[2], r[3], (r[4], r[5]), r[6],
-                         np.frombuffer(r[9], np.uint8).reshape(r[7], r[8]).copy()) for r in rows]
+            " WHERE epoch=? ORDER BY id",
+            (epoch,),
+        ).fetchall()
+        return [
+            Keyframe(
+                r[0], r[1], r[2], r[3], (r[4], r[5]), r[6], np.frombuffer(r[9], np.uint8).reshape(r[7], r[8]).copy()
+            )
+            for r in rows
+        ]
 
     def iter_crops(self, cells: Sequence[StoredCell]) -> Iterator[tuple[StoredCell, Path]]:
         """``(cell, absolute crop path)`` pairs."""
@@ -413,8 +490,10 @@ class _Transaction:
         return False
 
     def _error(self, exc: BaseException) -> StoreError:
-        return StoreError(f"session store {self.store.root} cannot {self.what}: {_reason(exc)}; nothing of it was "
-                          f"counted, and every cell counted before is safe (resume with --resume {self.store.root})")
+        return StoreError(
+            f"session store {self.store.root} cannot {self.what}: {_reason(exc)}; nothing of it was "
+            f"counted, and every cell counted before is safe (resume with --resume {self.store.root})"
+        )
 
 
 def _reason(exc: BaseException) -> str:

@@ -26,8 +26,11 @@ from hemaedge.edge.errors import UsageError
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge bench``."""
     p.add_argument("--bundle", help="bundle directory (default: the shipped bundle)")
-    p.add_argument("--checkpoint", help="PyTorch checkpoint of the same model (default: the shipped one); "
-                                        "its sha256 must match the bundle's provenance")
+    p.add_argument(
+        "--checkpoint",
+        help="PyTorch checkpoint of the same model (default: the shipped one); "
+        "its sha256 must match the bundle's provenance",
+    )
     p.add_argument("--batch", type=int, default=256, help="crops per inference call (default 256)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="threads for ORT and torch (0 = all cores)")
@@ -38,8 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "runs": len(samples)}
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "runs": len(samples)}
 
 
 def _time(fn, n_items: int, repeats: int) -> dict[str, float]:
@@ -65,8 +67,9 @@ def synthetic_frames(n: int, seed: int = 7, pan: float = 0.0) -> list:
         return list(src)
 
 
-def bench_crops(bundle, checkpoint: Path | None, batch: int, repeats: int, threads: int,
-                skip_torch: bool = False) -> dict[str, Any]:
+def bench_crops(
+    bundle, checkpoint: Path | None, batch: int, repeats: int, threads: int, skip_torch: bool = False
+) -> dict[str, Any]:
     """crops/s for ORT FP32, ORT INT8 and PyTorch eager FP32 on the same crops."""
     from hemaedge.edge.bundle import cut_crop, preprocess
     from hemaedge.edge.classify.onnxruntime import OrtBackend
@@ -84,23 +87,28 @@ def bench_crops(bundle, checkpoint: Path | None, batch: int, repeats: int, threa
     out: dict[str, Any] = {"batch": batch, "crop_source": "cells cut from synthetic 640x480 frames"}
     for prec in bundle.manifest.precisions():
         with OrtBackend(bundle, prec, threads=threads) as be:
-            out[f"onnxruntime_{prec}"] = {**_time(lambda be=be: be.classify(x), batch, repeats),
-                                          "model_file": be.model_path.name}
+            out[f"onnxruntime_{prec}"] = {
+                **_time(lambda be=be: be.classify(x), batch, repeats),
+                "model_file": be.model_path.name,
+            }
             runs_variant = bool(be.variant)
         if runs_variant:  # the station runs the CPU variant here; show the portable (TensorRT) model too
             with OrtBackend(bundle, prec, threads=threads, variant="portable") as be:
-                out[f"onnxruntime_{prec}_portable"] = {**_time(lambda be=be: be.classify(x), batch, repeats),
-                                                       "model_file": be.model_path.name}
+                out[f"onnxruntime_{prec}_portable"] = {
+                    **_time(lambda be=be: be.classify(x), batch, repeats),
+                    "model_file": be.model_path.name,
+                }
     if not skip_torch:
         import torch
-
         from hemaedge.edge.bundle import sha256_file
         from hemaedge.export import checkpoint as ckpt_mod
 
         if checkpoint is None:
             checkpoint = Path(ckpt_mod.__file__).parent / "checkpoints" / f"{bundle.manifest.name}.pt"
         if not checkpoint.is_file():
-            raise UsageError(f"no PyTorch checkpoint for the eager baseline at {checkpoint}: pass --checkpoint or --skip-torch")
+            raise UsageError(
+                f"no PyTorch checkpoint for the eager baseline at {checkpoint}: pass --checkpoint or --skip-torch"
+            )
         want = (bundle.manifest.provenance.get("source_model") or {}).get("sha256")
         if want and sha256_file(checkpoint) != want:
             raise UsageError(f"{checkpoint} is not the model this bundle was exported from (sha256 differs)")
@@ -115,8 +123,9 @@ def bench_crops(bundle, checkpoint: Path | None, batch: int, repeats: int, threa
 
         out["pytorch_eager_fp32"] = _time(eager, batch, repeats)
         base = out["pytorch_eager_fp32"]["median"]
-        out["speedup_vs_pytorch_eager"] = {k: round(v["median"] / base, 2) for k, v in out.items()
-                                           if k.startswith("onnxruntime_")}
+        out["speedup_vs_pytorch_eager"] = {
+            k: round(v["median"] / base, 2) for k, v in out.items() if k.startswith("onnxruntime_")
+        }
     return out
 
 
@@ -135,8 +144,13 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
 
     threads = threads or DEFAULT_THREADS
     backend, why = make_backend(bundle, "auto", precision, threads=threads)
-    out: dict[str, Any] = {"frame_size": "640x480", "precision": precision, "backend": why, "threads": threads,
-                           "frames_per_run": frames}
+    out: dict[str, Any] = {
+        "frame_size": "640x480",
+        "precision": precision,
+        "backend": why,
+        "threads": threads,
+        "frames_per_run": frames,
+    }
     m = bundle.manifest
     with backend as be:
         for name, pan in (("panning_slide", 4.0), ("new_field_every_frame", 0.0)):
@@ -144,8 +158,15 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
             rates, counted = [], []
             for r in range(repeats + 1):
                 with tempfile.TemporaryDirectory() as tmp:
-                    store = SessionStore.create(Path(tmp) / "s", {"bundle": str(bundle.path), "classes": list(m.classes),
-                                                                  "target": 10**9, "precision": precision})
+                    store = SessionStore.create(
+                        Path(tmp) / "s",
+                        {
+                            "bundle": str(bundle.path),
+                            "classes": list(m.classes),
+                            "target": 10**9,
+                            "precision": precision,
+                        },
+                    )
                     counter = DifferentialCounter(m.classes, 10**9, 0.6, m.class_groups)
                     finder = CellFinder(make_segmenter(), m.crop, SlideTracker(), make_quality_check(pool))
                     session = CountingSession(iter(pool), finder, be, bundle, store, counter, stop_at_target=False)
@@ -160,16 +181,21 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
 
 def run(args: argparse.Namespace) -> int:
     """Benchmark and print."""
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.edge.models import default_bundle_path
     from rich.console import Console
     from rich.table import Table
 
-    from hemaedge.edge.bundle import load_bundle
-    from hemaedge.edge.models import default_bundle_path
-
     bundle = load_bundle(args.bundle or default_bundle_path())
     res: dict[str, Any] = {"bundle": str(bundle.path), "threads": args.threads or "default"}
-    res["crops"] = bench_crops(bundle, Path(args.checkpoint) if args.checkpoint else None, args.batch, args.repeats,
-                               args.threads, args.skip_torch)
+    res["crops"] = bench_crops(
+        bundle,
+        Path(args.checkpoint) if args.checkpoint else None,
+        args.batch,
+        args.repeats,
+        args.threads,
+        args.skip_torch,
+    )
     if not args.skip_pipeline:
         prec = "int8" if "int8" in bundle.manifest.precisions() else "fp32"
         res["pipeline"] = bench_pipeline(bundle, args.frames, max(3, args.repeats // 2), args.threads, prec)
@@ -181,12 +207,21 @@ def run(args: argparse.Namespace) -> int:
     speed = res["crops"].get("speedup_vs_pytorch_eager", {})
     for k, v in res["crops"].items():
         if isinstance(v, dict) and "median" in v:
-            t.add_row(k, f"{v['median']:.0f}", f"{v['min']:.0f}", f"{v['max']:.0f}", str(speed.get(k, "1.0" if "pytorch" in k else "")))
+            t.add_row(
+                k,
+                f"{v['median']:.0f}",
+                f"{v['min']:.0f}",
+                f"{v['max']:.0f}",
+                str(speed.get(k, "1.0" if "pytorch" in k else "")),
+            )
     con.print(t)
     if "pipeline" in res:
         p = res["pipeline"]
         for name in ("panning_slide", "new_field_every_frame"):
             f = p[name]["frames_per_s"]
-            con.print(f"pipeline {name} ({p['precision']}, 640x480, {p['backend']}): {f['median']:.1f} frames/s "
-                      f"(min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)", highlight=False)
+            con.print(
+                f"pipeline {name} ({p['precision']}, 640x480, {p['backend']}): {f['median']:.1f} frames/s "
+                f"(min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)",
+                highlight=False,
+            )
     return 0

@@ -14,22 +14,33 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a MedMNIST .npz or a class-folder tree")
     p.add_argument("--split", choices=["train", "val", "test"], default="val")
     p.add_argument("--precision", choices=["fp32", "int8"], default="int8")
-    p.add_argument("--variant", choices=["auto", "portable", "cpu"], default="auto",
-                   help="INT8 model: auto = what the station runs here (the CPU variant on a CPU-only machine)")
+    p.add_argument(
+        "--variant",
+        choices=["auto", "portable", "cpu"],
+        default="auto",
+        help="INT8 model: auto = what the station runs here (the CPU variant on a CPU-only machine)",
+    )
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
-def evaluate_bundle(bundle, data, split: str, precision: str, batch: int = 256, limit: int = 0, progress: bool = False,
-                    variant: str = "auto"):
+def evaluate_bundle(
+    bundle,
+    data,
+    split: str,
+    precision: str,
+    batch: int = 256,
+    limit: int = 0,
+    progress: bool = False,
+    variant: str = "auto",
+):
     """Run a bundle over a labelled split and return ``classification_report``'s dict.
 
     ``variant``: ``auto`` evaluates the model the station runs here (the CPU variant on a CPU-only
     machine, when the bundle has one), ``portable`` the TensorRT-compatible one.
     """
     import numpy as np
-
     from hemaedge.calibration.datasets import batches, open_dataset
     from hemaedge.edge.classify.onnxruntime import OrtBackend
     from hemaedge.export.metrics import classification_report
@@ -46,8 +57,16 @@ def evaluate_bundle(bundle, data, split: str, precision: str, batch: int = 256, 
             labels.append(y)
         model_file = be.model_path.name
     report = classification_report(np.concatenate(probs), np.concatenate(labels), classes)
-    report.update({"bundle": str(bundle.path), "data": str(data), "split": split, "precision": precision,
-                   "backend": "onnxruntime", "model_file": model_file})
+    report.update(
+        {
+            "bundle": str(bundle.path),
+            "data": str(data),
+            "split": split,
+            "precision": precision,
+            "backend": "onnxruntime",
+            "model_file": model_file,
+        }
+    )
     return report
 
 
@@ -58,13 +77,21 @@ def print_report(report: dict) -> None:
 
     con = Console()
     auroc = report["macro_auroc"]
-    con.print(f"[bold]{report['bundle']}[/] on {report['data']} [{report['split']}], {report['precision']}: "
-              f"accuracy [bold]{report['accuracy']:.4f}[/]  macro F1 {report['macro_f1']:.4f}  "
-              f"macro AUROC {'n/a' if auroc is None else f'{auroc:.4f}'}  (n={report['n']})")
+    con.print(
+        f"[bold]{report['bundle']}[/] on {report['data']} [{report['split']}], {report['precision']}: "
+        f"accuracy [bold]{report['accuracy']:.4f}[/]  macro F1 {report['macro_f1']:.4f}  "
+        f"macro AUROC {'n/a' if auroc is None else f'{auroc:.4f}'}  (n={report['n']})"
+    )
     t = Table("class", "precision", "recall", "F1", "AUROC", "support")
     for name, m in report["per_class"].items():
-        t.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
-                  "n/a" if m["auroc"] is None else f"{m['auroc']:.4f}", str(m["support"]))
+        t.add_row(
+            name,
+            f"{m['precision']:.3f}",
+            f"{m['recall']:.3f}",
+            f"{m['f1']:.3f}",
+            "n/a" if m["auroc"] is None else f"{m['auroc']:.4f}",
+            str(m["support"]),
+        )
     con.print(t)
     cm = Table("true \\ pred", *[c[:6] for c in report["classes"]], title="confusion matrix")
     for name, row in zip(report["classes"], report["confusion_matrix"]):
@@ -78,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     from hemaedge.edge.models import default_bundle_path
 
     bundle = load_bundle(args.bundle or default_bundle_path())
-    report = evaluate_bundle(bundle, args.data, args.split, args.precision, args.batch, args.limit, variant=args.variant)
+    report = evaluate_bundle(
+        bundle, args.data, args.split, args.precision, args.batch, args.limit, variant=args.variant
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:

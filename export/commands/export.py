@@ -30,10 +30,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``export-model``."""
     p.add_argument("model", nargs="?", help="checkpoint (.pt), TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx)")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--data", help="data set (.npz or class folders): train split calibrates, val split checks "
-                                  "(default: the one the checkpoint was trained on)")
+    p.add_argument(
+        "--data",
+        help="data set (.npz or class folders): train split calibrates, val split checks "
+        "(default: the one the checkpoint was trained on)",
+    )
     p.add_argument("--int8", action="store_true", help="also build a static INT8 QDQ model and gate its accuracy")
-    p.add_argument("--calib", help="calibrate on this image folder instead of the train split (e.g. 'hemaedge collect' output)")
+    p.add_argument(
+        "--calib", help="calibrate on this image folder instead of the train split (e.g. 'hemaedge collect' output)"
+    )
     p.add_argument("--calib-size", type=int, default=500, help="calibration images, stratified (default 500)")
     p.add_argument("--calib-method", default="entropy", help="minmax, entropy or percentile (default entropy)")
     p.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
@@ -45,11 +50,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="comma-separated class names (default: from the model or data set)")
     p.add_argument("--mean", type=_floats, help="R,G,B mean for models that do not record it")
     p.add_argument("--std", type=_floats, help="R,G,B std for models that do not record it")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="model input size (default: recorded, else the data's)")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="model input size (default: recorded, else the data's)",
+    )
     p.add_argument("--cell-fraction", type=float, help="crop geometry: share of the crop side the cell spans")
-    p.add_argument("--crop-scale", choices=["session", "cell"], default="session",
-                   help="station crops: one field of view per session (session: training images at a fixed "
-                        "magnification) or sized to each cell (cell: training crops cut around each cell)")
+    p.add_argument(
+        "--crop-scale",
+        choices=["session", "cell"],
+        default="session",
+        help="station crops: one field of view per session (session: training images at a fixed "
+        "magnification) or sized to each cell (cell: training crops cut around each cell)",
+    )
     p.add_argument("--name", help="bundle name (default: the output folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0)
@@ -58,20 +73,36 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export and print a summary."""
-    from rich.console import Console
-
     from hemaedge.export.pipeline import ExportOptions, run_export
+    from rich.console import Console
 
     data = args.data
     if data is None and args.model and not args.ensemble:
         data = _data_from_checkpoint(args.model)
     opts = ExportOptions(
-        source=args.model, out=args.out, data=data, int8=args.int8, calib=args.calib, calib_size=args.calib_size,
-        calib_method=args.calib_method, per_channel=not args.no_per_channel, max_drop=args.max_drop, arch=args.arch,
-        classes=args.classes.split(",") if args.classes else None, mean=args.mean, std=args.std,
-        cell_fraction=args.cell_fraction, crop_scale=args.crop_scale, input_size=tuple(args.input_size) if args.input_size else None, target=args.target, search=args.search, ensemble=args.ensemble or [],
-        overwrite=args.overwrite, name=args.name, seed=args.seed,
-        command=" ".join(["export-model", *sys.argv[2 if sys.argv[1:2] == ["export"] else 1:]]),
+        source=args.model,
+        out=args.out,
+        data=data,
+        int8=args.int8,
+        calib=args.calib,
+        calib_size=args.calib_size,
+        calib_method=args.calib_method,
+        per_channel=not args.no_per_channel,
+        max_drop=args.max_drop,
+        arch=args.arch,
+        classes=args.classes.split(",") if args.classes else None,
+        mean=args.mean,
+        std=args.std,
+        cell_fraction=args.cell_fraction,
+        crop_scale=args.crop_scale,
+        input_size=tuple(args.input_size) if args.input_size else None,
+        target=args.target,
+        search=args.search,
+        ensemble=args.ensemble or [],
+        overwrite=args.overwrite,
+        name=args.name,
+        seed=args.seed,
+        command=" ".join(["export-model", *sys.argv[2 if sys.argv[1:2] == ["export"] else 1 :]]),
     )
     con = Console(stderr=True)
     summary = run_export(opts, log=(lambda m: con.print(m, highlight=False)) if not args.json else (lambda m: None))
@@ -85,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
         m = summary["metrics"]
         line = f"bundle {summary['bundle']}: FP32 val accuracy {m['fp32']['accuracy']:.4f}"
         if "int8" in m:
-            line += f", INT8 {m['int8']['accuracy']:.4f} (drop {m['drop_points']:.2f} pts, gate {m['max_drop']}: passed)"
+            line += (
+                f", INT8 {m['int8']['accuracy']:.4f} (drop {m['drop_points']:.2f} pts, gate {m['max_drop']}: passed)"
+            )
         cpu = m.get("int8_cpu")
         if cpu and cpu.get("shipped"):
             line += f"; CPU INT8 variant {cpu['accuracy']:.4f} (drop {cpu['drop_points']:.2f} pts)"
@@ -98,8 +131,13 @@ def run(args: argparse.Namespace) -> int:
                 f"int8 search: {found['method']}, {'per-channel' if found['per_channel'] else 'per-tensor'} weights, "
                 f"{len(found['float_nodes'])} nodes kept in float"
                 + (f" ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})" if labels else "")
-                + (f"; {speed['searched_vs_plain']:.2f}x the speed of plain INT8" if speed.get("searched_vs_plain") else ""),
-                highlight=False)
+                + (
+                    f"; {speed['searched_vs_plain']:.2f}x the speed of plain INT8"
+                    if speed.get("searched_vs_plain")
+                    else ""
+                ),
+                highlight=False,
+            )
     return 0
 
 

@@ -11,7 +11,9 @@ from hemaedge.edge.config import data_root
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge train``."""
     p.add_argument("--arch", default="bloodcnn5", help="registered architecture (default bloodcnn5)")
-    p.add_argument("--data", default=None, help="a MedMNIST .npz or a class-folder tree (default $HEMAEDGE_DATA/bloodmnist28.npz)")
+    p.add_argument(
+        "--data", default=None, help="a MedMNIST .npz or a class-folder tree (default $HEMAEDGE_DATA/bloodmnist28.npz)"
+    )
     p.add_argument("--out", default=None, help="run directory (default runs/ARCH); an existing last.pt resumes")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int, default=128)
@@ -25,11 +27,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--width", type=float, default=None, help="channel multiplier (bloodcnn5)")
     p.add_argument("--arch-arg", action="append", default=[], metavar="K=V", help="extra architecture keyword")
-    p.add_argument("--white-balance", action="store_true",
-                   help="neutralise each image's background colour (training and station alike; helps other microscopes)")
-    p.add_argument("--extra-data", action="append", default=[], metavar="DIR",
-                   help="extra labelled crops (class folders named like the data set's classes), e.g. sorted "
-                        "'hemaedge collect' output from the station's own microscope; may repeat")
+    p.add_argument(
+        "--white-balance",
+        action="store_true",
+        help="neutralise each image's background colour (training and station alike; helps other microscopes)",
+    )
+    p.add_argument(
+        "--extra-data",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra labelled crops (class folders named like the data set's classes), e.g. sorted "
+        "'hemaedge collect' output from the station's own microscope; may repeat",
+    )
     p.add_argument("--extra-repeat", type=int, default=1, help="times each extra image is seen per epoch")
     p.add_argument("--init", default="", metavar="CHECKPOINT", help="start from these weights (fine-tuning)")
     p.add_argument("--img-size", type=int, default=0)
@@ -55,17 +65,36 @@ def run(args: argparse.Namespace) -> int:
             kwargs[k] = v
     lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 5e-4)
     recipe = Recipe(
-        arch=args.arch, data=args.data or str(data_root() / "bloodmnist28.npz"), out=args.out or f"runs/{args.arch}",
-        epochs=args.epochs, batch=args.batch, optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, aug=tuple(a for a in args.aug.split(",") if a), balanced=args.balanced,
-        early_stop=args.early_stop, label_smoothing=args.label_smoothing, img_size=args.img_size, arch_kwargs=kwargs,
-        white_balance=args.white_balance, extra_data=tuple(args.extra_data),
-        extra_repeat=args.extra_repeat, init=args.init, seed=args.seed, threads=args.threads, workers=args.workers, max_minutes=args.max_minutes,
+        arch=args.arch,
+        data=args.data or str(data_root() / "bloodmnist28.npz"),
+        out=args.out or f"runs/{args.arch}",
+        epochs=args.epochs,
+        batch=args.batch,
+        optimizer=args.optimizer,
+        lr=lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        aug=tuple(a for a in args.aug.split(",") if a),
+        balanced=args.balanced,
+        early_stop=args.early_stop,
+        label_smoothing=args.label_smoothing,
+        img_size=args.img_size,
+        arch_kwargs=kwargs,
+        white_balance=args.white_balance,
+        extra_data=tuple(args.extra_data),
+        extra_repeat=args.extra_repeat,
+        init=args.init,
+        seed=args.seed,
+        threads=args.threads,
+        workers=args.workers,
+        max_minutes=args.max_minutes,
     )
     summary = train(recipe, progress=not args.json)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"best val accuracy {summary['val_accuracy']:.4f} at epoch {summary['best_epoch']} "
-              f"({summary['minutes']} min); checkpoint {summary['best_checkpoint']}")
+        print(
+            f"best val accuracy {summary['val_accuracy']:.4f} at epoch {summary['best_epoch']} "
+            f"({summary['minutes']} min); checkpoint {summary['best_checkpoint']}"
+        )
     return 0

@@ -9,9 +9,8 @@ channel counts (the published net is width 1: 16-16-32-32-64 ... here
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from hemaedge.export.models import register
+from torch import nn
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -30,13 +29,19 @@ class BloodCNN5(nn.Module):
         dropout: Dropout before the classifier.
     """
 
-    def __init__(self, num_classes: int = 8, width: float = 1.0, in_size: int = 28, hidden: int = 128,
-                 dropout: float = 0.0):
+    def __init__(
+        self, num_classes: int = 8, width: float = 1.0, in_size: int = 28, hidden: int = 128, dropout: float = 0.0
+    ):
         super().__init__()
         c1, c2, c3 = (int(round(c * width)) for c in (16, 32, 64))
         self.features = nn.Sequential(
-            *_block(3, c1), *_block(c1, c1), nn.MaxPool2d(2),
-            *_block(c1, c2), *_block(c2, c2), *_block(c2, c3), nn.MaxPool2d(2),
+            *_block(3, c1),
+            *_block(c1, c1),
+            nn.MaxPool2d(2),
+            *_block(c1, c2),
+            *_block(c2, c2),
+            *_block(c2, c3),
+            nn.MaxPool2d(2),
         )
         side = in_size // 4
         flat = c3 * side * side

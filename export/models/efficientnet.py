@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from hemaedge.export.models import register
+from torch import nn
 
 # (expand_ratio, kernel, stride, in_channels, out_channels, layers) per stage, EfficientNet paper Table 1.
 _STAGES_B0 = (
@@ -157,13 +156,26 @@ class EfficientNet(nn.Module):
             (no parameters; the exported graph contains the resize).
     """
 
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, depth_mult: float = 1.0,
-                 dropout: float = 0.2, stochastic_depth_prob: float = 0.2, internal_size: int | None = None):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width_mult: float = 1.0,
+        depth_mult: float = 1.0,
+        dropout: float = 0.2,
+        stochastic_depth_prob: float = 0.2,
+        internal_size: int | None = None,
+    ):
         super().__init__()
         self.internal_size = int(internal_size) if internal_size else None
         stages = [
-            (e, k, s, make_divisible(cin * width_mult), make_divisible(cout * width_mult),
-             int(math.ceil(n * depth_mult)))
+            (
+                e,
+                k,
+                s,
+                make_divisible(cin * width_mult),
+                make_divisible(cout * width_mult),
+                int(math.ceil(n * depth_mult)),
+            )
             for e, k, s, cin, cout, n in _STAGES_B0
         ]
         total_blocks = sum(st[-1] for st in stages)
@@ -206,8 +218,7 @@ class EfficientNet(nn.Module):
         if self.training:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.internal_size and (x.shape[-1] != self.internal_size or x.shape[-2] != self.internal_size):
-            x = F.interpolate(x, size=(self.internal_size, self.internal_size), mode="bilinear",
-                              align_corners=False)
+            x = F.interpolate(x, size=(self.internal_size, self.internal_size), mode="bilinear", align_corners=False)
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
 
@@ -215,8 +226,13 @@ class EfficientNet(nn.Module):
 def _factory(name: str):
     width, depth, dropout = VARIANTS[name]
 
-    def build(num_classes: int = 1000, dropout: float = dropout, stochastic_depth_prob: float = 0.2,
-              internal_size: int | None = None, **unused: Any) -> EfficientNet:
+    def build(
+        num_classes: int = 1000,
+        dropout: float = dropout,
+        stochastic_depth_prob: float = 0.2,
+        internal_size: int | None = None,
+        **unused: Any,
+    ) -> EfficientNet:
         if unused:
             raise TypeError(f"{name}: unknown arguments {sorted(unused)}")
         return EfficientNet(num_classes, width, depth, dropout, stochastic_depth_prob, internal_size)
@@ -231,8 +247,9 @@ efficientnet_b1 = register("efficientnet_b1", input_size=256)(_factory("efficien
 efficientnet_b2 = register("efficientnet_b2", input_size=256)(_factory("efficientnet_b2"))
 
 
-def load_torchvision_state_dict(model: EfficientNet, state_dict: dict[str, torch.Tensor],
-                                strict_head: bool = False) -> list[str]:
+def load_torchvision_state_dict(
+    model: EfficientNet, state_dict: dict[str, torch.Tensor], strict_head: bool = False
+) -> list[str]:
     """Load a torchvision EfficientNet state_dict, tolerating a classifier of another size.
 
     Args:
@@ -245,11 +262,14 @@ def load_torchvision_state_dict(model: EfficientNet, state_dict: dict[str, torch
     """
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
     own = model.state_dict()
-    skipped = [k for k in ("classifier.1.weight", "classifier.1.bias")
-               if k in sd and k in own and sd[k].shape != own[k].shape]
+    skipped = [
+        k for k in ("classifier.1.weight", "classifier.1.bias") if k in sd and k in own and sd[k].shape != own[k].shape
+    ]
     if skipped and strict_head:
-        raise ValueError(f"classifier shape differs: {[tuple(sd[k].shape) for k in skipped]} vs "
-                         f"{[tuple(own[k].shape) for k in skipped]}")
+        raise ValueError(
+            f"classifier shape differs: {[tuple(sd[k].shape) for k in skipped]} vs "
+            f"{[tuple(own[k].shape) for k in skipped]}"
+        )
     for k in skipped:
         sd.pop(k)
     model.load_state_dict(sd, strict=not skipped)
