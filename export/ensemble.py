@@ -202,7 +202,7 @@ def _build_wrapper(members: list[Member], plan: dict[str, Any]):
 def export_ensemble(specs: list[tuple[str, float]], out: Path, resize: bool = False):
     """Fuse checkpoints into one FP32 ONNX graph averaging their softmax outputs.
 
-    This is the hook ``hemaedge.export.pipeline.run_export`` calls for ``--ensemble``.
+    This is the hook ``hemaedge.export.exporter.run_export`` calls for ``--ensemble``.
 
     Args:
         specs: ``[(checkpoint path, weight), ...]``; weights are normalised to sum to 1.

@@ -1,8 +1,8 @@
-"""Default clinical grouping written into manifests (edge/bundle/groups.py)."""
+"""Default clinical grouping written into manifests (edge/bundle/class_groups.py)."""
 
 from __future__ import annotations
 
-from hemaedge.edge.bundle.groups import GROUP_SPELLINGS, default_class_groups, group_of
+from hemaedge.edge.bundle.class_groups import GROUP_SPELLINGS, default_class_groups, group_of
 from hemaedge.edge.bundle.manifest import parse_manifest
 
 PBC8 = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
@@ -62,7 +62,7 @@ def test_groups_pass_manifest_validation():
 
 def test_group_keys_are_the_counters_canonical_keys():
     try:
-        from hemaedge.edge.count.groups import canonical_group
+        from hemaedge.edge.count.flags import canonical_group
     except ImportError:  # the counter's grouping is optional here
         return
     for key in GROUP_SPELLINGS:

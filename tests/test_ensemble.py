@@ -135,7 +135,7 @@ def test_incompatible_members_are_refused(tmp_path, case):
 
 def test_export_model_writes_probability_bundle_with_members(tmp_path):
     """End to end through the lead's export pipeline: manifest records members, weights and output kind."""
-    pipeline = pytest.importorskip("hemaedge.export.pipeline")
+    pipeline = pytest.importorskip("hemaedge.export.exporter")
     from hemaedge.edge.bundle import load_bundle
 
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from hemaedge.calibration.datasets import load_folder, load_npz, open_dataset, stratified_sample  # noqa: E402
 from hemaedge.edge.bundle import load_bundle  # noqa: E402
 from hemaedge.edge.errors import AccuracyGateError, InputError, UsageError  # noqa: E402
-from hemaedge.export.pipeline import ExportOptions, accuracy_gate, run_export  # noqa: E402
+from hemaedge.export.exporter import ExportOptions, accuracy_gate, run_export  # noqa: E402
 
 CLASSES = 4
 
@@ -314,7 +314,7 @@ def test_evaluate_cli_json_has_every_metric(trained, tmp_path, capsys):
 def test_crop_geometry_is_measured_on_the_training_images(data_root):
     """BloodMNIST (MedMNIST centre-crops 200 of 360 px) frames its cells much tighter than whole-field PBC:
     the station must cut crops at each model's own framing, so the export measures it."""
-    from hemaedge.export.pipeline import measure_training_framing
+    from hemaedge.export.exporter import measure_training_framing
 
     npz, folder = data_root / "bloodmnist28.npz", data_root / "pbc256"
     if not npz.is_file() or not folder.is_dir():

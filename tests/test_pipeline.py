@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from hemaedge.edge.bundle import load_bundle
 from hemaedge.edge.count import DifferentialCounter, SlideTracker
+from hemaedge.edge.counting import CountingSession, restore
 from hemaedge.edge.errors import BundleError, StoreError, UsageError
-from hemaedge.edge.pipeline import CellFinder, CountingSession, make_backend, restore
 from hemaedge.edge.sources import open_source
+from hemaedge.edge.station import CellFinder, make_backend
 from hemaedge.edge.store import SessionStore
 
 URI = "synthetic://?seed=11&frames=1500&pan=4&wbc=4"

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from hemaedge.edge.bundle import load_bundle
 from hemaedge.edge.count import DifferentialCounter, SlideTracker
-from hemaedge.edge.pipeline import PLATELET_TO_WBC, CellFinder, CountingSession, platelet_classes
+from hemaedge.edge.counting import CountingSession
 from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment import SegmenterConfig, StainSegmenter
 from hemaedge.edge.segment.groundtruth import centre_matrix, evaluate, match
 from hemaedge.edge.sources import open_source
+from hemaedge.edge.station import PLATELET_TO_WBC, CellFinder, platelet_classes
 from hemaedge.edge.store import SessionStore
 
 SMEAR = "synthetic://?seed={seed}&frames={frames}&rbc_px=144"

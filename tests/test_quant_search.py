@@ -160,7 +160,7 @@ def test_export_model_search_through_the_pipeline(tmp_path):
     channels are scaled x300 and the next conv's weights on them /300 (ReLU and max-pool are positively
     homogeneous, so FP32 is unchanged) - an outlier channel, as trained networks grow them.
     """
-    pipeline = pytest.importorskip("hemaedge.export.pipeline")
+    pipeline = pytest.importorskip("hemaedge.export.exporter")
     from hemaedge.edge.bundle import InputSpec, load_bundle, preprocess
     from hemaedge.export import checkpoint
     from hemaedge.export.models import build

@@ -102,7 +102,7 @@ def test_export_of_the_shipped_checkpoint_gives_the_same_contract(shipped, data_
     npz = data_root / "bloodmnist28.npz"
     if not npz.is_file():
         pytest.skip(f"data not found: {npz}")
-    from hemaedge.export.pipeline import ExportOptions, run_export
+    from hemaedge.export.exporter import ExportOptions, run_export
 
     out = tmp_path / "rebuilt"
     s = run_export(

@@ -414,7 +414,7 @@ def test_runtime_modules_import_without_tensorrt_or_cuda(tmp_path):
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import hemaedge.edge.classify.select, hemaedge.edge.classify.tensorrt, hemaedge.edge.classify.trt_build, hemaedge.edge.bundle.golden\n"
-        "import hemaedge.edge.commands.verify, hemaedge.edge.commands.doctor, hemaedge.edge.commands.build_engine, hemaedge.export.to_engine\n"
+        "import hemaedge.edge.commands.verify, hemaedge.edge.commands.doctor, hemaedge.edge.commands.build_engine, hemaedge.export.commands.export\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])

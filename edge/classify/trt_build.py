@@ -1,7 +1,7 @@
 """Build TensorRT engines from a bundle's ONNX, on the workstation or the station.
 
 Shared by ``hemaedge build-engine`` (station) and ``export-model --target
-tensorrt`` (workstation, through ``export/to_engine.py``). No torch: this runs
+tensorrt`` (workstation, ``export/commands/export.py``). No torch: this runs
 on a Jetson with only JetPack's TensorRT and cuda-python.
 
 Precision, in the order tried:

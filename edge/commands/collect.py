@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hemaedge.edge.count import DEFAULT_REVIEW_THRESHOLD, SlideTracker, decide
 from hemaedge.edge.errors import UsageError
-from hemaedge.edge.store.crops import UNLABELLED, CropFolder
+from hemaedge.edge.store.crop_folder import UNLABELLED, CropFolder
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``hemaedge collect``."""
     from hemaedge.edge.bundle import load_bundle, preprocess
-    from hemaedge.edge.pipeline import CellFinder, is_stills, make_backend, make_quality_check
     from hemaedge.edge.segment import make_segmenter
     from hemaedge.edge.sources import open_source
+    from hemaedge.edge.station import CellFinder, is_stills, make_backend, make_quality_check
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

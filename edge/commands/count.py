@@ -30,7 +30,7 @@ from hemaedge.edge.bundle.io import sha256_file
 from hemaedge.edge.count import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, DifferentialCounter, SlideTracker
 from hemaedge.edge.errors import HemaedgeError, StoreError, UsageError
 from hemaedge.edge.store import SessionStore, StoredCell
-from hemaedge.edge.store.crops import CropFolder
+from hemaedge.edge.store.crop_folder import CropFolder
 
 DEMO_SOURCE = "synthetic://?seed=0&frames=8000&pan=6&wbc=4"
 DEMO_NOTE = (
@@ -215,10 +215,11 @@ def plan(args: argparse.Namespace) -> Plan:
 # ---------------------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Run ``hemaedge count``."""
+    from hemaedge.edge.counting import CountingSession, restore
     from hemaedge.edge.display.report import build_summary, write_reports
-    from hemaedge.edge.pipeline import CellFinder, CountingSession, is_stills, make_backend, make_quality_check, restore
     from hemaedge.edge.segment import make_segmenter
     from hemaedge.edge.sources import open_source
+    from hemaedge.edge.station import CellFinder, is_stills, make_backend, make_quality_check
     from rich.console import Console
 
     p = plan(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from hemaedge.edge.count.groups import ClassGroups, compute_flags
+from hemaedge.edge.count.flags import ClassGroups, compute_flags
 from hemaedge.edge.count.stats import wilson_interval
 from hemaedge.edge.records import CountSnapshot
 

@@ -138,8 +138,9 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
     """
     from hemaedge.edge.commands.count import DEFAULT_THREADS
     from hemaedge.edge.count import DifferentialCounter, SlideTracker
-    from hemaedge.edge.pipeline import CellFinder, CountingSession, make_backend, make_quality_check
+    from hemaedge.edge.counting import CountingSession
     from hemaedge.edge.segment import make_segmenter
+    from hemaedge.edge.station import CellFinder, make_backend, make_quality_check
     from hemaedge.edge.store import SessionStore
 
     threads = threads or DEFAULT_THREADS

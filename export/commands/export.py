@@ -73,7 +73,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export and print a summary."""
-    from hemaedge.export.pipeline import ExportOptions, run_export
+    from hemaedge.export.exporter import ExportOptions, run_export
     from rich.console import Console
 
     data = args.data
@@ -107,9 +107,11 @@ def run(args: argparse.Namespace) -> int:
     con = Console(stderr=True)
     summary = run_export(opts, log=(lambda m: con.print(m, highlight=False)) if not args.json else (lambda m: None))
     if args.target == "tensorrt":
-        from hemaedge.export.to_engine import build_for_bundle  # issue 5
+        # the station's own builder (hemaedge build-engine runs the same code); the engine suits this GPU only
+        from hemaedge.edge.classify.trt_build import BatchProfile, build_for_bundle
 
-        summary["engine"] = build_for_bundle(summary["bundle"], "int8" if args.int8 else "fp32")
+        built = build_for_bundle(summary["bundle"], "int8" if args.int8 else "fp32", profile=BatchProfile.for_max(64))
+        summary["engine"] = built.to_dict()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

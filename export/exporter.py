@@ -370,7 +370,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             f"of the crop side ({crop_source}), scale {geom.scale}"
         )
         try:
-            from hemaedge.edge.bundle.groups import default_class_groups
+            from hemaedge.edge.bundle.class_groups import default_class_groups
 
             groups = default_class_groups(classes)
         except ImportError:

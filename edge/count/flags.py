@@ -3,7 +3,7 @@
 A bundle's classes are whatever its training set called them (BloodMNIST,
 PBC, Raabin, TXL-PBC...). The manifest may map them to clinical groups
 (``class_groups``); when it does not, the groups are derived from the class
-names by ``hemaedge.edge.bundle.groups`` (the rules ``export-model`` writes into
+names by ``hemaedge.edge.bundle.class_groups`` (the rules ``export-model`` writes into
 manifests). Groups drive the flags (blasts present, left shift, values
 outside the adult reference ranges) and which classes belong to the white-cell
 differential at all: platelets and nucleated red cells do not count towards the
@@ -16,9 +16,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from hemaedge.edge.bundle.groups import group_of
+from hemaedge.edge.bundle.class_groups import group_of
 
-# canonical group key (hemaedge.edge.bundle.groups) -> label
+# canonical group key (hemaedge.edge.bundle.class_groups) -> label
 LABELS: dict[str, str] = {
     "neutrophils": "Neutrophils",
     "lymphocytes": "Lymphocytes",
