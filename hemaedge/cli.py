@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "hemaedge.export.commands.export",
         "export a model to a checked ONNX / INT8 bundle (same as export-model)",
     ),
-    "bench": ("hemaedge.export.commands.bench", "throughput: ONNX Runtime FP32/INT8 vs PyTorch eager, whole pipeline"),
+    "bench": ("hemaedge.edge.commands.bench", "throughput: ONNX Runtime FP32/INT8 vs PyTorch eager, whole pipeline"),
 }
 
 

@@ -67,6 +67,48 @@ def synthetic_frames(n: int, seed: int = 7, pan: float = 0.0) -> list:
         return list(src)
 
 
+def eager_baseline(bundle, checkpoint: Path | None, x, repeats: int, threads: int) -> dict[str, Any]:
+    """crops/s of the same model in PyTorch eager FP32 on the same preprocessed crops ``x``.
+
+    PyTorch is workstation code (the ``export`` extra): it runs in a child process
+    (``python -m hemaedge.export.eager``), so the station runtime never imports it.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    if importlib.util.find_spec("torch") is None:
+        raise UsageError(
+            "the PyTorch eager baseline needs the workstation extra (pip install 'hemaedge[export]'); "
+            "or pass --skip-torch"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        crops = Path(tmp) / "crops.npy"
+        np.save(crops, x)
+        cmd = [
+            sys.executable,
+            "-m",
+            "hemaedge.export.eager",
+            "--bundle",
+            str(bundle.path),
+            "--crops",
+            str(crops),
+            "--repeats",
+            str(repeats),
+            "--threads",
+            str(threads),
+        ]
+        if checkpoint is not None:
+            cmd += ["--checkpoint", str(checkpoint)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        lines = (res.stderr or res.stdout).strip().splitlines()
+        raise UsageError(f"PyTorch eager baseline failed: {lines[-1] if lines else 'exit ' + str(res.returncode)}")
+    return json.loads(res.stdout)
+
+
 def bench_crops(
     bundle, checkpoint: Path | None, batch: int, repeats: int, threads: int, skip_torch: bool = False
 ) -> dict[str, Any]:
@@ -99,29 +141,7 @@ def bench_crops(
                     "model_file": be.model_path.name,
                 }
     if not skip_torch:
-        import torch
-        from hemaedge.edge.bundle import sha256_file
-        from hemaedge.export import checkpoint as ckpt_mod
-
-        if checkpoint is None:
-            checkpoint = Path(ckpt_mod.__file__).parent / "checkpoints" / f"{bundle.manifest.name}.pt"
-        if not checkpoint.is_file():
-            raise UsageError(
-                f"no PyTorch checkpoint for the eager baseline at {checkpoint}: pass --checkpoint or --skip-torch"
-            )
-        want = (bundle.manifest.provenance.get("source_model") or {}).get("sha256")
-        if want and sha256_file(checkpoint) != want:
-            raise UsageError(f"{checkpoint} is not the model this bundle was exported from (sha256 differs)")
-        if threads:
-            torch.set_num_threads(threads)
-        model = ckpt_mod.build_model(ckpt_mod.load(checkpoint))
-        xt = torch.from_numpy(x)
-
-        def eager():
-            with torch.no_grad():
-                torch.softmax(model(xt), 1)
-
-        out["pytorch_eager_fp32"] = _time(eager, batch, repeats)
+        out["pytorch_eager_fp32"] = eager_baseline(bundle, checkpoint, x, repeats, threads)
         base = out["pytorch_eager_fp32"]["median"]
         out["speedup_vs_pytorch_eager"] = {
             k: round(v["median"] / base, 2) for k, v in out.items() if k.startswith("onnxruntime_")

@@ -1,0 +1,68 @@
+"""``hemaedge bench``: it runs on a bundle and reports what it measured (speeds are checked by running it, not here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hemaedge.cli import main
+
+
+def test_bench_reports_every_precision_and_the_pipeline(tiny_bundle_dir, capsys):
+    code = main(
+        [
+            "bench",
+            "--bundle",
+            str(tiny_bundle_dir),
+            "--skip-torch",
+            "--batch",
+            "8",
+            "--repeats",
+            "1",
+            "--frames",
+            "6",
+            "--json",
+        ]
+    )
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
+    crops = res["crops"]
+    assert crops["batch"] == 8
+    assert {"onnxruntime_fp32", "onnxruntime_int8"} <= set(crops)
+    assert all(crops[k]["median"] > 0 for k in ("onnxruntime_fp32", "onnxruntime_int8"))
+    assert "pytorch_eager_fp32" not in crops
+    for run in ("panning_slide", "new_field_every_frame"):
+        assert res["pipeline"][run]["frames_per_s"]["median"] > 0
+
+
+def test_eager_baseline_runs_in_a_child_process_and_checks_the_checkpoint(capsys):
+    """The shipped bundle's eager baseline comes from its own checkpoint (sha256 checked) in a torch child process."""
+    pytest.importorskip("torch")
+    code = main(["bench", "--skip-pipeline", "--batch", "16", "--repeats", "1", "--json"])
+    assert code == 0
+    crops = json.loads(capsys.readouterr().out)["crops"]
+    assert crops["pytorch_eager_fp32"]["median"] > 0
+    assert set(crops["speedup_vs_pytorch_eager"]) >= {"onnxruntime_fp32", "onnxruntime_int8"}
+
+
+def test_eager_baseline_refuses_a_checkpoint_of_another_model(tiny_bundle_dir, tmp_path, capsys):
+    pytest.importorskip("torch")
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"not the model")
+    code = main(
+        [
+            "bench",
+            "--bundle",
+            str(tiny_bundle_dir),
+            "--checkpoint",
+            str(other),
+            "--skip-pipeline",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+        ]
+    )
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "eager baseline failed" in err
