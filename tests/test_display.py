@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 import pytest
-from helpers import BLOODMNIST_CLASSES
+from helpers import BLOODMNIST_CLASSES, new_cell
 from hemaedge.edge.count import DifferentialCounter
 from hemaedge.edge.display.report import render_html, write_reports
 from hemaedge.edge.display.status import RecentCell, RunStatus
 from hemaedge.edge.display.tui import KeyReader, render_status, run_live
-from hemaedge.edge.store import NewCell, SessionStore
+from hemaedge.edge.store import SessionStore
 from rich.console import Console
 
 LEUKAEMIA = (
@@ -224,22 +224,16 @@ def _store(tmp_path, n=30):
     cells = []
     for i in range(n):
         p = rng.dirichlet(np.ones(8) * 0.3).astype(np.float32)
-        k = int(p.argmax())
         cells.append(
-            NewCell(
-                time.time(),
-                "synthetic://",
+            new_cell(
                 i,
                 f"frame-{i}.png",
                 (1.0, 2.0, 40.0, 41.0),
                 1,
                 i * 50.0,
                 0.0,
-                k,
-                BLOODMNIST_CLASSES[k],
-                float(p[k]),
-                bool(p[k] < 0.6),
                 p,
+                BLOODMNIST_CLASSES,
                 rng.integers(0, 255, (30, 30, 3), dtype=np.uint8),
             )
         )
