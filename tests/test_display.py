@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from helpers import BLOODMNIST_CLASSES, new_cell
+from hemaedge.edge.bundle.vocabulary import display_name
 from hemaedge.edge.count import DifferentialCounter
 from hemaedge.edge.display.report import render_html, write_reports
 from hemaedge.edge.display.status import RecentCell, RunStatus
@@ -84,9 +85,10 @@ def assert_complete(lines: list[str], st: RunStatus, width: int, height: int) ->
     snap = st.snapshot
     rows = {ln.split()[0]: ln for ln in lines if ln.strip()}
     for c, diff in zip(st.classes, st.differential):
-        row = next((ln for ln in lines if ln.startswith(c + " ")), None)
-        assert row is not None, f"class {c!r} is missing or cut:\n{text}"
-        nums = row[len(c) :].split()
+        label = display_name(c)  # people read display names ("Immature granulocyte"), never raw ids
+        row = next((ln for ln in lines if ln.startswith(label + " ")), None)
+        assert row is not None, f"class {label!r} is missing or cut:\n{text}"
+        nums = row[len(label) :].split()
         assert nums[0] == str(snap.counts[c])
         if diff:
             lo, hi = snap.intervals[c]

@@ -475,6 +475,7 @@ def _snapshot(store: SessionStore, session: Any) -> str:
 
 def _print_final(console: Any, summary: dict[str, Any], paths: dict[str, Path]) -> None:
     """The final table, in the live table's order (white cells, review, then the classes per 100 white cells)."""
+    from hemaedge.edge.bundle.vocabulary import display_name
     from hemaedge.edge.display.status import display_order
     from rich.table import Table
 
@@ -486,14 +487,14 @@ def _print_final(console: Any, summary: dict[str, Any], paths: dict[str, Path]) 
     for col, just in (("class", "left"), ("n", "right"), ("%", "right"), ("95% CI", "right")):
         t.add_column(col, justify=just, no_wrap=True)
     for name in order:
-        row = rows[name]
+        row, label = rows[name], display_name(name) if name != REVIEW else REVIEW
         if not row.get("estimated", True):
-            t.add_row(name, "-", "", "not estimated", style="dim")
+            t.add_row(label, "-", "", "not estimated", style="dim")
         elif row["in_differential"]:
             lo, hi = row["ci95"]
-            t.add_row(name, str(row["count"]), f"{row['percent']:.1f}", f"{lo:.1f}-{hi:.1f}")
+            t.add_row(label, str(row["count"]), f"{row['percent']:.1f}", f"{lo:.1f}-{hi:.1f}")
         else:
-            t.add_row(name, str(row["count"]), "", f"{row['per_100_wbc']:.1f} /100 WBC", style="dim")
+            t.add_row(label, str(row["count"]), "", f"{row['per_100_wbc']:.1f} /100 WBC", style="dim")
     console.print(t)
     if d["total_wbc"] == 0:
         console.print("[yellow]no white cells were counted: nothing could be flagged[/]")

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hemaedge.edge.bundle.vocabulary import display_name
 from hemaedge.edge.count import REFERENCE_RANGES, REVIEW, DifferentialCounter
 from hemaedge.edge.records import CountSnapshot
 from hemaedge.edge.store import SessionStore, StoredCell
@@ -244,18 +245,18 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
             pct = f"<span class={'out' if out else ''}>{row['percent']:.1f}</span>"
             bar = f"<span class=bar style='width:{row['percent'] * 2:.0f}px'></span>"
             parts.append(
-                f"<tr class='{cls}'><td>{e(row['class'])}</td><td>{row['count']}</td><td>{pct}</td>"
+                f"<tr class='{cls}'><td>{e(_label(row['class']))}</td><td>{row['count']}</td><td>{pct}</td>"
                 f"<td>{lo:.1f}&ndash;{hi:.1f}</td><td>{f'{rr[0]:g}&ndash;{rr[1]:g} %' if rr else ''}</td>"
                 f"<td>{bar}</td></tr>"
             )
         elif row.get("estimated", True):
             parts.append(
-                f"<tr class=other><td>{e(row['class'])}</td><td>{row['count']}</td>"
+                f"<tr class=other><td>{e(_label(row['class']))}</td><td>{row['count']}</td>"
                 f"<td colspan=4>{row['per_100_wbc']:.1f} per 100 WBC (not in the differential)</td></tr>"
             )
         else:
             parts.append(
-                f"<tr class=other><td>{e(row['class'])}</td><td>-</td>"
+                f"<tr class=other><td>{e(_label(row['class']))}</td><td>-</td>"
                 "<td colspan=4>not estimated (hemaedge count --platelets estimates it roughly)</td></tr>"
             )
     parts.append("</table>")
@@ -286,7 +287,7 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         group = by.get(name, [])
         if not group:
             continue
-        parts.append(f"<h3>{e(name)} ({len(group)})</h3><div class=gallery>")
+        parts.append(f"<h3>{e(_label(name))} ({len(group)})</h3><div class=gallery>")
         for c in group[:GALLERY_LIMIT]:
             tip = e(f"#{c.id} {c.class_name} p={c.confidence:.2f} frame {c.frame_name or c.frame_index}")
             label = f"#{c.id}" + (f" {e(c.class_name)}?" if c.review else f" {c.confidence:.2f}")
@@ -302,6 +303,11 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         "a qualified person on the smear.</p></body></html>"
     )
     return "\n".join(parts)
+
+
+def _label(name: str) -> str:
+    """A class's display name (the review bucket keeps its own)."""
+    return name if name == REVIEW else display_name(name)
 
 
 def _inputs_html(inputs: Mapping[str, Any]) -> list[str]:

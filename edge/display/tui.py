@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hemaedge.edge.bundle.vocabulary import display_name
 from hemaedge.edge.display.status import REVIEW, RunStatus, display_order
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -56,7 +57,7 @@ def _lines(text: str, width: int) -> int:
 def _class_table(st: RunStatus, width: int, bars: bool) -> Table:
     snap = st.snapshot
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), expand=False, header_style="bold")
-    name_w = max([len(c) for c in st.classes] + [len("review (<0.60)")])
+    name_w = max([len(display_name(c)) for c in st.classes] + [len("review (<0.60)")])
     t.add_column("class", no_wrap=True, min_width=min(name_w, 24), max_width=max(name_w, 12))
     t.add_column("n", justify="right", no_wrap=True, min_width=3)
     t.add_column("%", justify="right", no_wrap=True, min_width=5)
@@ -88,7 +89,7 @@ def _class_table(st: RunStatus, width: int, bars: bool) -> Table:
         if c == REVIEW:
             row(REVIEW, f"review (<{st.review_threshold:.2f})", snap.review, "yellow", "yellow")
         else:
-            row(c, c, snap.counts.get(c, 0), "" if in_differential[c] else "dim")
+            row(c, display_name(c), snap.counts.get(c, 0), "" if in_differential[c] else "dim")
     return t
 
 
