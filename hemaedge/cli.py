@@ -25,8 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("hemaedge.edge.commands.doctor", "what this machine has and what is missing"),
     "build-engine": ("hemaedge.edge.commands.build_engine", "build a TensorRT engine for this GPU from a bundle"),
     "evaluate": (
-        "hemaedge.export.commands.evaluate",
-        "accuracy, F1, AUROC and confusion matrix of a bundle on a data set",
+        "hemaedge.evaluation.command",
+        "accuracy on labelled cells: the station's path (--station DATA) or the model alone (--data)",
     ),
     "train": ("hemaedge.export.commands.train", "train a registered architecture (workstation)"),
     "export": (
@@ -43,7 +43,7 @@ def _console():
     return Console(stderr=True)
 
 
-_WORKSTATION_MODULES = ("torch", "onnx", "onnxslim", "onnxscript", "export", "calibration")
+_WORKSTATION_MODULES = ("torch", "onnx", "onnxslim", "onnxscript")
 
 
 def _missing_extra(name: str, exc: ModuleNotFoundError) -> int | None:

@@ -31,7 +31,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_PACKAGES = ("edge", "hemaedge")
+RUNTIME_PACKAGES = (
+    "edge",
+    "hemaedge",
+    "evaluation",
+    "calibration",
+)  # calibration: evaluate reads labelled folders with it
 RUNTIME_FILES = sorted(p for pkg in RUNTIME_PACKAGES for p in (ROOT / pkg).rglob("*.py"))
 
 # Builtins and stdlib classes that are subscriptable at run time only from 3.9 (PEP 585).
@@ -361,8 +366,9 @@ PY38_RUN = textwrap.dedent("""
     assert sys.version_info[:2] == (3, 8), sys.version
     import hemaedge
     import hemaedge.edge
+    import hemaedge.evaluation
     names = []
-    for pkg in (hemaedge, hemaedge.edge):
+    for pkg in (hemaedge, hemaedge.edge, hemaedge.evaluation):
         for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
             if not m.name.endswith(".__main__"):  # runs the CLI
                 importlib.import_module(m.name)
