@@ -22,6 +22,7 @@ from typing import Any
 
 from hemaedge.edge.bundle.vocabulary import display_name
 from hemaedge.edge.count import REFERENCE_RANGES, REVIEW, DifferentialCounter
+from hemaedge.edge.count.triage import session_triage
 from hemaedge.edge.records import CountSnapshot
 from hemaedge.edge.store import SessionStore, StoredCell
 
@@ -119,6 +120,12 @@ def build_summary(
         **{k: v for k, v in (info or {}).items() if k not in ("backend", "source")},
         "differential": snapshot_dict(snap, counter, not_estimated),
     }
+    t = session_triage(cells, s)
+    summary["triage"] = t.to_dict() if t is not None else None
+    if t is None:
+        summary["triage_note"] = (
+            f"bundle {s.get('bundle_name')!r} has no triage rules (it has no blast class): no slide-level call"
+        )
     return summary, cells, counter
 
 
@@ -275,6 +282,7 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         )
     else:
         parts.append("<p class=none>No flags.</p>")
+    parts += _triage_html(summary.get("triage"), cells, root)
     parts.append(
         "<h2>Cells for review</h2><p class=meta>Every counted cell as the classifier saw it, grouped by "
         "the class it was counted as (review first). Hover for the probability and source frame.</p>"
@@ -303,6 +311,35 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         "a qualified person on the smear.</p></body></html>"
     )
     return "\n".join(parts)
+
+
+def _triage_html(t: Mapping[str, Any] | None, cells: Sequence[StoredCell], root: Path) -> list[str]:
+    """The slide-level call, what it rests on, and the cells behind it."""
+    if not t:
+        return []
+    e = html.escape
+    ev = t["evidence"]
+    css = "flag-blast" if t["call"] in ("acute", "chronic") else ""
+    out = [
+        "<h2>Slide triage</h2>",
+        f"<p class='{css}'>Call: <b>{e(t['call'].upper())}</b></p>",
+        f"<p class=meta>{e(t['rule'])}. {ev['evidence_cells']} blast-like cells ({', '.join(map(e, ev['evidence_classes']))}) "
+        f"in {ev['white_cells']} white cells; a normal smear shows about {ev['expected_on_a_normal_smear']} "
+        f"(p = {ev['p_value']}). Blasts {ev['blast_percent']} %."
+        + (f" Chronic patterns: {', '.join(map(e, ev['chronic_patterns']))}." if ev["chronic_patterns"] else "")
+        + (f" APL probability {t['apl_probability']:.2f}." if t.get("apl_probability") is not None else "")
+        + " A screening aid for who needs an expert, not a diagnosis.</p>",
+    ]
+    behind = [c for c in cells if c.id in set(t.get("cells") or [])]
+    if behind:
+        out.append("<div class=gallery>")
+        for c in behind[:GALLERY_LIMIT]:
+            out.append(
+                f"<figure><img alt='cell {c.id}' src='{_img(root / c.crop)}'>"
+                f"<figcaption>#{c.id} {e(display_name(c.class_name))} {c.confidence:.2f}</figcaption></figure>"
+            )
+        out.append("</div>")
+    return out
 
 
 def _label(name: str) -> str:
