@@ -215,8 +215,12 @@ class ReviewApp:
             summary = v.summary()
             station = v.signed.station if v.signed is not None else station_name(v.settings)
             so = self.log.sign_off(who, seen, station, summary["differential"], second=second)
-            write_verified_reports(self.log)  # the signed report.html, summary.json and cells.csv
-        return {"signoff": so.to_dict()}
+            out: dict[str, Any] = {"signoff": so.to_dict()}
+            try:
+                write_verified_reports(self.log)  # the signed report.html, summary.json and cells.csv
+            except OSError as exc:  # the signature is on disk; the files can be written later (--write-report)
+                out["warning"] = f"signed, but the reports could not be written: {exc.strerror or exc}"
+        return out
 
     def report_html(self) -> str:
         v = Verified(self.log)
@@ -280,6 +284,8 @@ def make_handler(app: ReviewApp) -> type:
             return app.access.allowed(self.headers.get("Cookie"))
 
         def _body(self) -> dict[str, Any] | None:
+            keep = self.close_connection
+            self.close_connection = True  # until the body is read whole, the connection cannot be reused
             if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
                 self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON")
                 return None
@@ -298,6 +304,7 @@ def make_handler(app: ReviewApp) -> type:
             except ValueError:
                 self._error(HTTPStatus.BAD_REQUEST, "the request is not valid JSON")
                 return None
+            self.close_connection = keep
             if not isinstance(doc, dict):
                 self._error(HTTPStatus.BAD_REQUEST, "send a JSON object")
                 return None

@@ -266,7 +266,7 @@
     S.buckets = {};
     order().forEach(function (dest) {
       var count = el("span", { cls: "meta" });
-      var grid = el("div", { cls: "grid", role: "list" });
+      var grid = el("div", { cls: "grid" });
       var empty = el("p", { cls: "empty", text: dest === REVIEW ? "No cell left in review." : "" });
       var sec = el("section", { cls: "bucket " + (dest === REVIEW ? "review" : dest === ARTEFACT ? "artefact" : ""), "data-bucket": dest },
         [el("h3", {}, [document.createTextNode(label(dest) + " "), count]), empty, grid]);
@@ -284,7 +284,7 @@
   function tile(c) {
     var b = S.tiles[c.id];
     if (!b) {
-      b = el("button", { type: "button", cls: "tile", role: "listitem", "data-id": String(c.id) },
+      b = el("button", { type: "button", cls: "tile", "data-id": String(c.id) },
         [el("img", { src: c.crop, alt: "", loading: "lazy", width: "96", height: "96" }), el("span", { cls: "cap" })]);
       b.addEventListener("click", function () { openCell(c.id); });
       S.tiles[c.id] = b;
