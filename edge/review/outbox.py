@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hemaedge.edge.errors import StoreError, UsageError
+from hemaedge.edge.store.session import _fsync_dir
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -47,14 +48,6 @@ def default_queue() -> Path:
         return Path(os.environ[QUEUE_ENV]).expanduser()
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "hemaedge" / "fhir-outbox"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durably(path: Path, doc: Mapping[str, Any]) -> None:

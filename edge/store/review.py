@@ -37,7 +37,7 @@ from typing import Any
 
 from hemaedge.edge.count import REVIEW
 from hemaedge.edge.errors import HemaedgeError, StoreError
-from hemaedge.edge.store.session import SessionStore, StoredCell, _reason
+from hemaedge.edge.store.session import SessionStore, StoredCell, _reason, _Transaction
 
 ARTEFACT = "artefact"  # a destination for what is not a white cell: kept on record, never counted
 FIRST, SECOND = "verified", "second"
@@ -389,44 +389,29 @@ class ReviewLog:
             raise SessionLocked(f"the session was signed off by {row[0]} at {_clock(row[1])}: it takes no more changes")
 
 
-class _Tx:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the log's lock; SQLite failures become one StoreError line."""
+class _Tx(_Transaction):
+    """The session store's transaction, under the log's lock (threads of the review server share one connection)."""
 
     def __init__(self, log: ReviewLog, what: str):
+        super().__init__(log.store, what)
         self.log = log
-        self.what = what
 
     def __enter__(self) -> sqlite3.Connection:
         self.log._lock.acquire()
-        conn = self.log.store._conn
-        if conn is None:
-            self.log._lock.release()
-            raise StoreError(f"session {self.log.root} is closed")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
+            return super().__enter__()
+        except BaseException:
             self.log._lock.release()
-            raise StoreError(f"session {self.log.root} cannot {self.what}: {_reason(exc)}") from exc
-        return conn
+            raise
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        conn = self.log.store._conn
         try:
-            if exc_type is None:
-                try:
-                    conn.execute("COMMIT")
-                    return False
-                except sqlite3.Error as err:
-                    exc = err
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # a failed COMMIT may have rolled back already
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"session {self.log.root} cannot {self.what}: {_reason(exc)}") from exc
-            return False
+            return super().__exit__(exc_type, exc, tb)
         finally:
             self.log._lock.release()
+
+    def _error(self, exc: BaseException) -> StoreError:
+        return StoreError(f"session {self.store.root} cannot {self.what}: {_reason(exc)}; nothing of it was recorded")
 
 
 def _clock(t: float) -> str:
