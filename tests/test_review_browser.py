@@ -233,3 +233,24 @@ def test_the_static_report_on_a_phone_enlarges_cells_and_prints(browser, expect,
     no_sideways_scroll(page)
     pdf = page.pdf(format="A4")  # the print stylesheet: what "save as PDF" gives
     assert pdf[:4] == b"%PDF" and len(pdf) > 10_000
+
+
+def test_sigkill_of_the_server_right_after_a_change_is_shown_loses_nothing(browser, expect, tmp_path):
+    """The bar: the page shows a reclassification, the server is killed at once, restarted: the change is there."""
+    import signal
+
+    from review_helpers import review_process
+
+    root = make_session(tmp_path / "s")
+    with review_process(root) as (proc, url):
+        page = open_page(browser, url + "/", "Ann Tech", **DESK)
+        page.focus(".tile[data-id='3']")
+        page.keyboard.press("6")  # lymphocyte -> monocyte
+        expect(in_bucket(page, 3, "monocyte")).to_have_count(1)  # shown ...
+        os.kill(proc.pid, signal.SIGKILL)  # ... and the station loses power
+        proc.wait(30)
+        page.context.close()
+    with review_process(root) as (_, url):
+        page = open_page(browser, url + "/", **DESK)
+        expect(in_bucket(page, 3, "monocyte")).to_have_count(1)
+        expect(page.locator("#audit-count")).to_have_text("(1 change)")
