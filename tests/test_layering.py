@@ -138,6 +138,8 @@ def test_the_wheel_a_station_installs_holds_every_package_and_the_shipped_models
     ):
         for py in (ROOT / folder).rglob("*.py"):
             assert f"{alias}/{py.relative_to(ROOT / folder).as_posix()}" in names, py
+    for static in [*(ROOT / "edge").glob("*/static/*")]:  # the review page and the report's stylesheet
+        assert f"hemaedge/edge/{static.relative_to(ROOT / 'edge').as_posix()}" in names, static
     for manifest in (ROOT / "edge" / "models").glob("*/manifest.json"):
         bundle = json.loads(manifest.read_text())
         for art in bundle["artifacts"]:

@@ -198,6 +198,10 @@ def plan(args: argparse.Namespace) -> Plan:
         root = _resolve_resume(args)
         store = SessionStore.open(root)
         try:
+            if store.signed_off():
+                raise UsageError(
+                    f"session {root} is signed off: its cells are verified and locked; count more in a new session"
+                )
             bundle = _check_resume(root, store.settings, args)
         except BaseException:
             store.close()
