@@ -128,7 +128,9 @@ def test_three_changes_one_by_keyboard_sign_off_reload(browser, expect, tmp_path
         snap = counter.snapshot()
         rows = page.locator("#diff tr").all_inner_texts()[1:]
         shown = {r.split("\t")[0]: int(r.split("\t")[1]) for r in rows}
-        assert shown == {**snap.counts, "review": 0}
+        from hemaedge.edge.bundle.vocabulary import display_name
+
+        assert shown == {**{display_name(c): n for c, n in snap.counts.items()}, "review": 0}  # people read labels
         mono = next(r for r in rows if r.startswith("monocyte")).split("\t")
         lo, hi = snap.intervals["monocyte"]
         shown_lo, shown_hi = (float(x) for x in mono[3].split("\u2013"))
