@@ -131,7 +131,7 @@ def test_three_changes_one_by_keyboard_sign_off_reload(browser, expect, tmp_path
         from hemaedge.edge.bundle.vocabulary import display_name
 
         assert shown == {**{display_name(c): n for c, n in snap.counts.items()}, "review": 0}  # people read labels
-        mono = next(r for r in rows if r.startswith("monocyte")).split("\t")
+        mono = next(r for r in rows if r.startswith("Monocyte")).split("\t")
         lo, hi = snap.intervals["monocyte"]
         shown_lo, shown_hi = (float(x) for x in mono[3].split("\u2013"))
         assert float(mono[2]) == pytest.approx(snap.percentages["monocyte"], abs=0.051)
