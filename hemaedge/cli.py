@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "accuracy on labelled cells: the station's path (--station DATA) or the model alone (--data)",
     ),
     "train": ("hemaedge.export.commands.train", "train a registered architecture (workstation)"),
+    "adapt": ("hemaedge.export.commands.adapt", "fit a bundle to this microscope from verified cells (workstation)"),
     "export": (
         "hemaedge.export.commands.export",
         "export a model to a checked ONNX / INT8 bundle (same as export-model)",

@@ -1,0 +1,297 @@
+"""``hemaedge adapt``: fit a bundle to a new microscope from a few verified cells of that microscope.
+
+The station counts with a bundle trained elsewhere; a technician verifies cells in the review page and exports
+them (``hemaedge export-cells``), or sorts ``hemaedge collect --by-class`` crops. ``adapt`` fine-tunes the
+bundle's own checkpoint on those cells, mixed with a replay of the parent's training data so it keeps what it
+knew, then re-exports through the same ``export-model`` path (ONNX, INT8 and its accuracy gate) and records the
+adaptation in the manifest: the parent bundle, the cells per class, their digest and the sessions they came from.
+
+Two guards: too few verified cells of a class are refused before any work (``--min-per-class``), and the adapted
+model may not lose more than ``--max-parent-drop`` points on the parent's own validation split.
+
+What is adapted, and how much, is a measured choice (``docs/adapt.md``): ``--strategy all`` fine-tunes every
+layer at a low learning rate with the new cells up-weighted; ``head`` only the classifier; ``norm`` the batch-norm
+statistics and affine parameters plus the classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset, stratified_sample
+from hemaedge.edge.bundle import InputSpec, preprocess, sha256_file
+from hemaedge.edge.errors import AccuracyGateError, InputError, UsageError
+
+STRATEGIES = ("all", "head", "norm")
+
+
+@dataclass
+class AdaptOptions:
+    """What ``hemaedge adapt`` was asked for (recorded in the adapted bundle's manifest)."""
+
+    bundle: str
+    cells: str
+    out: str
+    checkpoint: str | None = None
+    data: str | None = None
+    strategy: str = "all"
+    epochs: int = 12
+    lr: float = 0.0005
+    new_share: float = 0.5
+    replay: int = 4000
+    min_per_class: int = 5
+    max_parent_drop: float = 1.0
+    max_drop: float = 1.0
+    batch: int = 64
+    seed: int = 0
+    threads: int = 0
+    overwrite: bool = False
+    name: str | None = None
+
+    def validate(self) -> None:
+        """Refuse contradictory options before any work."""
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if not 0.0 < self.new_share < 1.0:
+            raise UsageError("--new-share must lie strictly between 0 and 1")
+        if self.epochs < 1 or self.min_per_class < 1:
+            raise UsageError("--epochs and --min-per-class must be at least 1")
+        if Path(self.out).exists() and any(Path(self.out).iterdir()) and not self.overwrite:
+            raise UsageError(f"{self.out} exists and is not empty: pass --overwrite or choose another --out")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The bundle being adapted, its checkpoint and its training data."""
+
+    bundle: Any
+    checkpoint: Path
+    ck: dict[str, Any]
+    data: str
+    spec: InputSpec
+    classes: tuple[str, ...]
+
+
+def find_parent(opts: AdaptOptions) -> Parent:
+    """The parent bundle and the checkpoint it was exported from (checked by sha256), and its data set."""
+    from hemaedge.edge.station import resolve_bundle
+    from hemaedge.export import checkpoint as ckpt_mod
+
+    bundle = resolve_bundle(opts.bundle)
+    m = bundle.manifest
+    source = m.provenance.get("source_model") or {}
+    path = Path(opts.checkpoint) if opts.checkpoint else Path(ckpt_mod.__file__).parent / "checkpoints" / f"{m.name}.pt"
+    if not path.is_file():
+        raise UsageError(
+            f"adapt needs the checkpoint bundle '{m.name}' was exported from: {path} does not exist (pass --checkpoint)"
+        )
+    if source.get("sha256") and sha256_file(path) != source["sha256"]:
+        raise UsageError(f"{path} is not the checkpoint bundle '{m.name}' was exported from (sha256 differs)")
+    ck = ckpt_mod.load(path)
+    data = opts.data or (m.metrics or {}).get("data") or ((m.provenance.get("data") or {}).get("path"))
+    if not data or not Path(data).exists():
+        raise UsageError(
+            f"adapt replays the parent's training data and checks its validation split: pass --data "
+            f"(the manifest names {data!r}, which is not here)"
+        )
+    inp = ck.get("input") or {}
+    spec = InputSpec(
+        height=int(inp.get("height", m.input.height)),
+        width=int(inp.get("width", m.input.width)),
+        mean=tuple(inp.get("mean", m.input.mean)),
+        std=tuple(inp.get("std", m.input.std)),
+        white_balance=bool(inp.get("white_balance", m.input.white_balance)),
+    )
+    return Parent(bundle, path, ck, str(data), spec, tuple(ck.get("classes") or m.classes))
+
+
+def read_cells(opts: AdaptOptions, classes: tuple[str, ...]) -> tuple[ImageSet, dict[str, int]]:
+    """The verified cells of the new microscope; refuses too few per class, naming the class and the count."""
+    try:
+        cells = load_folder(opts.cells, None, classes=classes)
+    except InputError as exc:
+        raise UsageError(f"--cells {opts.cells}: {exc}") from exc
+    if (cells.labels < 0).any():
+        raise UsageError(
+            f"--cells {opts.cells}: cells must be sorted into class folders named like the bundle's classes"
+        )
+    per = {classes[k]: int(n) for k, n in zip(*np.unique(cells.labels, return_counts=True))}
+    few = {c: n for c, n in per.items() if n < opts.min_per_class}
+    if few:
+        listed = ", ".join(f"{c} {n}" for c, n in few.items())
+        raise UsageError(
+            f"too few verified cells to adapt: {listed} (at least {opts.min_per_class} per class; verify more cells "
+            "of those classes, or leave their folders out: classes without new cells keep what the bundle knew)"
+        )
+    if len(per) < 2:
+        raise UsageError(f"--cells {opts.cells} holds one class only ({', '.join(per)}): adapt needs at least two")
+    return cells, per
+
+
+def _trainable(model: Any, strategy: str) -> list:
+    """The parameters ``strategy`` adapts (the rest are frozen)."""
+    from torch import nn
+
+    for p in model.parameters():
+        p.requires_grad = strategy == "all"
+    head = list(model.modules())
+    last = [m for m in head if isinstance(m, nn.Linear)][-1:]
+    keep = list(last)
+    if strategy == "norm":
+        keep += [m for m in head if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d))]
+    for m in keep:
+        for p in m.parameters():
+            p.requires_grad = True
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune the parent's model on the new cells with a replay of its training data; returns the model and
+    the parent-validation numbers before and after."""
+    import torch
+    from hemaedge.export.checkpoint import build_model
+    from hemaedge.export.train import augment
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    model = build_model(parent.ck)
+    train = open_dataset(parent.data, "train", classes=parent.classes)
+    val = open_dataset(parent.data, "val", classes=parent.classes)
+    replay = train.subset(stratified_sample(train.labels, opts.replay, opts.seed))
+    xr = torch.from_numpy(_pre(replay, parent.spec))
+    yr = torch.from_numpy(replay.labels)
+    xn = torch.from_numpy(_pre(cells, parent.spec))
+    yn = torch.from_numpy(cells.labels)
+    before = _accuracy(model, val, parent.spec)
+    log(f"parent on its own val ({parent.data}): {before:.4f}; {len(cells)} new cells, {len(replay)} replayed")
+    params = _trainable(model, opts.strategy)
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=1e-4)
+    own = tuple((parent.ck.get("recipe") or {}).get("aug") or ("flip", "rot90"))
+    # the few new cells get the parent's augmentation plus stain and zoom jitter (so ten cells teach a colour
+    # range, not ten pictures); the replayed images get exactly what the parent was trained with
+    new_aug = tuple(dict.fromkeys(own + ("stain", "zoom")))
+    gen = torch.Generator().manual_seed(opts.seed)
+    steps = max(20, int(np.ceil(len(replay) / opts.batch)))
+    n_new = max(1, int(round(opts.batch * opts.new_share)))
+    t0 = time.time()
+    for epoch in range(opts.epochs):
+        # batch-norm statistics stay the parent's (a few cells would drag them) unless the strategy adapts them
+        model.train(opts.strategy == "norm")
+        tot = 0.0
+        for _ in range(steps):
+            i = torch.from_numpy(rng.integers(0, len(xn), n_new))
+            j = torch.from_numpy(rng.integers(0, len(xr), opts.batch - n_new))
+            x = torch.cat([augment(xn[i], new_aug, gen, parent.spec), augment(xr[j], own, gen, parent.spec)])
+            y = torch.cat([yn[i], yr[j]])
+            loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss)
+        log(f"  adapt epoch {epoch + 1}/{opts.epochs}: loss {tot / steps:.3f} ({time.time() - t0:.0f} s)")
+    model.eval()
+    after = _accuracy(model, val, parent.spec)
+    drop = (before - after) * 100
+    log(f"adapted model on the parent's val: {after:.4f} (change {-drop:+.2f} points, limit -{opts.max_parent_drop})")
+    if drop > opts.max_parent_drop:
+        raise AccuracyGateError(
+            f"adapting lost {drop:.2f} points on the parent's own validation data ({before:.4f} -> {after:.4f}), more "
+            f"than --max-parent-drop {opts.max_parent_drop}: try --strategy head or fewer --epochs"
+        )
+    return model, {"parent_val_accuracy": before, "adapted_val_accuracy": after, "seconds": round(time.time() - t0, 1)}
+
+
+def _pre(images: ImageSet, spec: InputSpec) -> np.ndarray:
+    idx = np.arange(len(images))
+    return np.concatenate([preprocess(images.images(idx[s : s + 256]), spec) for s in range(0, len(idx), 256)])
+
+
+def _accuracy(model: Any, images: ImageSet, spec: InputSpec) -> float:
+    import torch
+
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for s in range(0, len(images), 256):
+            idx = np.arange(s, min(s + 256, len(images)))
+            x = torch.from_numpy(preprocess(images.images(idx), spec))
+            right += int((model(x).argmax(1).numpy() == images.labels[idx]).sum())
+    return right / max(1, len(images))
+
+
+def sessions_of(cells_dir: str | Path) -> list[dict[str, Any]]:
+    """The sessions the cells came from, when ``hemaedge export-cells`` wrote them (its ``export-cells.json``)."""
+    try:
+        from hemaedge.edge.review.export_cells import sessions_of as from_export
+    except ImportError:  # pragma: no cover - the review ships with the package
+        return []
+    if not (Path(cells_dir) / "export-cells.json").is_file():
+        return []  # sorted by hand (hemaedge collect --by-class): no session record
+    return list(from_export(cells_dir))
+
+
+def adapt(opts: AdaptOptions, log=print) -> dict[str, Any]:
+    """Adapt, re-export through the gate, and return the export summary plus the adaptation record."""
+    from hemaedge.export import checkpoint as ckpt_mod
+    from hemaedge.export.exporter import ExportOptions, run_export
+    from hemaedge.export.train import stage_lineage
+
+    opts.validate()
+    parent = find_parent(opts)
+    cells, per_class = read_cells(opts, parent.classes)
+    model, numbers = fine_tune(parent, cells, opts, log)
+    out = Path(opts.out)
+    work = out.parent / f".{out.name}.adapt"
+    work.mkdir(parents=True, exist_ok=True)
+    record = {
+        "parent_bundle": parent.bundle.manifest.name,
+        "parent_manifest_sha256": sha256_file(Path(parent.bundle.path) / "manifest.json"),
+        "parent_checkpoint_sha256": sha256_file(parent.checkpoint),
+        "cells": str(opts.cells),
+        "cells_per_class": per_class,
+        "cells_digest": cells.digest,
+        "sessions": sessions_of(opts.cells),
+        "recipe": {k: v for k, v in asdict(opts).items() if k not in ("out", "overwrite")},
+        **{k: round(v, 5) if isinstance(v, float) else v for k, v in numbers.items()},
+    }
+    ck_path = work / "adapted.pt"
+    meta = {k: v for k, v in parent.ck.items() if k not in ("state_dict", "format", "lineage", "adaptation")}
+    ckpt_mod.save(
+        ck_path,
+        **meta,
+        state_dict=model.state_dict(),
+        lineage=stage_lineage(parent.checkpoint, parent.ck),
+        adaptation=record,
+    )
+    m = parent.bundle.manifest
+    summary = run_export(
+        ExportOptions(
+            source=str(ck_path),
+            out=str(out),
+            data=parent.data,
+            int8=any(a.precision == "int8" for a in m.artifacts),
+            max_drop=opts.max_drop,
+            cell_fraction=m.crop.cell_fraction,
+            crop_scale=m.crop.scale,
+            overwrite=opts.overwrite,
+            name=opts.name or f"{m.name}-adapted",
+            seed=opts.seed,
+            command="hemaedge adapt " + json.dumps({k: v for k, v in asdict(opts).items() if v is not None}),
+        ),
+        log=log,
+    )
+    (work / "adaptation.json").write_text(json.dumps(record, indent=1))
+    summary["adaptation"] = record
+    log(
+        f"adapted bundle {out}: {sum(per_class.values())} cells ({', '.join(f'{c} {n}' for c, n in per_class.items())})"
+    )
+    return summary

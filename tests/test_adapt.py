@@ -1,0 +1,95 @@
+"""``hemaedge adapt``: a bundle fitted to a "new microscope" (a colour-shifted toy set) from a few verified cells."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hemaedge.calibration.datasets import load_npz  # noqa: E402
+from hemaedge.edge.bundle import load_bundle  # noqa: E402
+from hemaedge.edge.errors import UsageError  # noqa: E402
+from hemaedge.export.adapt import AdaptOptions, adapt  # noqa: E402
+from hemaedge.export.exporter import ExportOptions, run_export  # noqa: E402
+from test_export import _make_npz  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    from hemaedge.export.train import Recipe, train
+
+    root = tmp_path_factory.mktemp("adapt")
+    data = _make_npz(root / "toymnist.npz")
+    s = train(
+        Recipe(
+            data=str(data), out=str(root / "run"), epochs=3, batch=32, lr=0.05, arch_kwargs={"width": 0.5, "hidden": 32}
+        ),
+        progress=False,
+    )
+    ckpt = Path(s["best_checkpoint"])
+    run_export(
+        ExportOptions(source=str(ckpt), out=str(root / "parent"), data=str(data), int8=True, calib_size=64),
+        log=lambda m: None,
+    )
+    return root, data, ckpt
+
+
+def _new_microscope(folder: Path, data: Path, per_class: int, seed: int = 1) -> None:
+    """Cells of the toy set under another 'lamp': channels rotated and a warm cast."""
+    images = load_npz(data, "val")
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(images.classes):
+        idx = rng.choice(np.flatnonzero(images.labels == k), per_class, replace=False)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            img = images.array[i][..., [1, 2, 0]].astype(np.float32) * np.array([1.0, 0.9, 0.75])
+            cv2.imwrite(str(folder / name / f"{i}.png"), np.clip(img, 0, 255).astype(np.uint8)[..., ::-1])
+
+
+def test_adapt_refits_records_its_cells_and_keeps_the_parents_accuracy(parent, tmp_path):
+    root, data, ckpt = parent
+    _new_microscope(tmp_path / "cells", data, 8)
+    opts = AdaptOptions(
+        bundle=str(root / "parent"),
+        cells=str(tmp_path / "cells"),
+        out=str(tmp_path / "adapted"),
+        checkpoint=str(ckpt),
+        data=str(data),
+        epochs=2,
+        replay=200,
+        max_parent_drop=5.0,
+        threads=1,
+    )
+    summary = adapt(opts, log=lambda m: None)
+    b = load_bundle(tmp_path / "adapted")
+    rec = b.manifest.provenance["adaptation"]
+    assert rec["parent_bundle"] == "parent" and rec["cells_per_class"] == {c: 8 for c in b.manifest.classes}
+    assert rec["parent_val_accuracy"] - rec["adapted_val_accuracy"] <= 0.05
+    assert rec["cells_digest"] and rec["recipe"]["epochs"] == 2
+    assert "int8" in summary["metrics"] and b.manifest.artifact("int8") is not None  # re-exported through the gate
+    assert json.loads((tmp_path / ".adapted.adapt" / "adaptation.json").read_text())["cells"] == str(tmp_path / "cells")
+
+
+def test_too_few_cells_or_one_class_are_refused_before_any_work(parent, tmp_path):
+    root, data, ckpt = parent
+    _new_microscope(tmp_path / "few", data, 3)
+    base = dict(bundle=str(root / "parent"), out=str(tmp_path / "x"), checkpoint=str(ckpt), data=str(data))
+    with pytest.raises(UsageError, match="too few verified cells to adapt: .* 3 .*at least 5 per class"):
+        adapt(AdaptOptions(cells=str(tmp_path / "few"), **base), log=lambda m: None)
+    one = tmp_path / "one"
+    _new_microscope(one, data, 6)
+    for d in sorted(one.iterdir())[1:]:
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    with pytest.raises(UsageError, match="one class only"):
+        adapt(AdaptOptions(cells=str(one), **base), log=lambda m: None)
+    with pytest.raises(UsageError, match="not the checkpoint"):
+        other = tmp_path / "other.pt"
+        other.write_bytes(ckpt.read_bytes() + b"x")
+        adapt(AdaptOptions(cells=str(tmp_path / "few"), **{**base, "checkpoint": str(other)}), log=lambda m: None)
