@@ -343,3 +343,18 @@ def test_export_records_where_its_crop_geometry_came_from(trained, tmp_path):
     )
     if "crop_measurement" in auto.extra:
         assert auto.crop.cell_fraction == auto.extra["crop_measurement"]["median"]
+
+
+def test_export_records_and_gates_the_recall_of_critical_classes(trained, tmp_path):
+    root, data, ckpt, _ = trained
+    out = tmp_path / "b"
+    s = run_export(
+        ExportOptions(
+            source=str(ckpt), out=str(out), data=str(data), int8=True, calib_size=64, critical_classes=["class_1"]
+        ),
+        log=lambda m: None,
+    )
+    crit = s["metrics"]["critical_classes"]["class_1"]
+    assert set(crit) == {"fp32_recall", "int8_recall", "drop_points", "support"} and crit["support"] > 0
+    assert s["metrics"]["max_class_drop"] == 2.0
+    assert load_bundle(out).manifest.extra["critical_classes"] == ["class_1"]

@@ -43,6 +43,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-method", default="entropy", help="minmax, entropy or percentile (default entropy)")
     p.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy gate: max INT8 loss in points (default 1.0)")
+    p.add_argument(
+        "--max-class-drop",
+        type=float,
+        default=2.0,
+        help="per-class gate: max INT8 loss of recall of a critical class, in points (default 2.0)",
+    )
+    p.add_argument(
+        "--critical-classes",
+        help="comma-separated classes whose recall is gated (default: the bundle's blast classes and promyelocytes)",
+    )
     p.add_argument("--search", action="store_true", help="if the gate fails, search methods and float fallbacks")
     p.add_argument("--target", default="onnx", help="onnx (default) or tensorrt (needs TensorRT here)")
     p.add_argument("--ensemble", nargs="+", type=_member, metavar="PATH:WEIGHT", help="soft-voting ensemble members")
@@ -98,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         input_size=tuple(args.input_size) if args.input_size else None,
         target=args.target,
         search=args.search,
+        max_class_drop=args.max_class_drop,
+        critical_classes=[c.strip() for c in args.critical_classes.split(",") if c.strip()]
+        if args.critical_classes
+        else None,
         ensemble=args.ensemble or [],
         overwrite=args.overwrite,
         name=args.name,
