@@ -1,0 +1,149 @@
+"""OpenVINO backend (CPU): runs the bundle's ONNX models with Intel's OpenVINO runtime.
+
+OpenVINO's CPU plugin fuses a QDQ INT8 model's quantized convolutions with what follows them (SiLU,
+the sigmoid of squeeze-and-excitation, residual adds), where ONNX Runtime's CPU kernels run those
+in float between a dequantize and a quantize. So the bundle's *portable* INT8 model (the one
+TensorRT builds from) runs fast here, and EfficientNet's INT8 is faster than its FP32 instead of
+3x slower. It also runs the FP32 model. x86-64 and ARM64 wheels are on PyPI (``pip install
+'hemaedge[openvino]'``); there are none for 32-bit ARM.
+
+Floating-point parts run in FP32 (``INFERENCE_PRECISION_HINT=f32``): on CPUs with bfloat16 units
+OpenVINO would otherwise pick bf16 by itself, and the FP32 model would no longer reproduce the
+workstation's golden outputs (measured: max |Δp| 0.028 on EfficientNet-B0, above the FP32 limit).
+
+``openvino`` is imported only in ``__enter__`` (and in the probes below), so the package imports and
+its ONNX Runtime paths run without it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hemaedge.edge.bundle.io import Bundle
+from hemaedge.edge.classify.base import softmax
+from hemaedge.edge.errors import BackendError, MissingDependencyError
+
+EXTRA = "openvino"
+INSTALL_HINT = "pip install 'hemaedge[openvino]'"
+NO_WHEEL_MACHINES = ("armv6l", "armv7l", "armhf", "arm")  # no OpenVINO wheels on PyPI for 32-bit ARM
+
+
+def install_hint() -> str:
+    """How to get OpenVINO on this machine (or why it cannot be had from PyPI)."""
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in NO_WHEEL_MACHINES:
+        return f"OpenVINO publishes no wheels for 32-bit ARM ({machine}); use a 64-bit OS or ONNX Runtime"
+    return INSTALL_HINT
+
+
+def _import_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the OpenVINO backend needs 'openvino', which is not installed: {install_hint()} ({exc})"
+        ) from exc
+    return openvino
+
+
+def openvino_version() -> str:
+    """OpenVINO's version (``"2026.4.1"``), or ``""`` when it is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return ""
+    full = str(getattr(openvino, "__version__", "") or openvino.get_version())
+    return full.split("-")[0]
+
+
+class OpenVinoBackend:
+    """Classify with OpenVINO on the CPU.
+
+    Args:
+        bundle: A loaded bundle.
+        precision: ``"fp32"`` or ``"int8"``: which ONNX artifact to run. INT8 runs the portable
+            (symmetric QDQ) model, the one the workstation's ``int8`` golden outputs come from.
+        threads: Inference threads (0 = OpenVINO's default: one per physical core).
+        device: OpenVINO device name (``"CPU"``; others are not tested).
+        pinning: Let OpenVINO pin its threads to cores. Off by default: on a station the capture
+            thread shares the cores, and a pinned inference thread cannot move away from it.
+    """
+
+    def __init__(
+        self, bundle: Bundle, precision: str = "int8", threads: int = 0, device: str = "CPU", pinning: bool = False
+    ):
+        if precision not in ("fp32", "int8"):
+            raise BackendError(f"the OpenVINO backend runs the fp32 or int8 ONNX model, not {precision!r}")
+        self.bundle = bundle
+        self.precision = precision
+        self.model_path: Path = bundle.onnx_path(precision)
+        self.threads = threads
+        self.device = device
+        self.pinning = pinning
+        self.output_kind = bundle.manifest.output_kind
+        self.reason = ""
+        self.version = ""
+        self._compiled: Any = None
+        self._request: Any = None
+        self._output: Any = None
+        spec = bundle.manifest.input
+        self._shape = (spec.channels, spec.height, spec.width)
+
+    @property
+    def name(self) -> str:
+        """Human name of the backend, e.g. ``openvino/CPU``."""
+        return f"openvino/{self.device}"
+
+    @property
+    def golden_key(self) -> str:
+        """Which golden outputs this backend must reproduce: those of the model file it runs."""
+        return self.precision
+
+    def config(self) -> dict[str, Any]:
+        """The properties the model is compiled with."""
+        cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if self.threads:
+            cfg["INFERENCE_NUM_THREADS"] = int(self.threads)
+        if self.device == "CPU":
+            cfg["ENABLE_CPU_PINNING"] = bool(self.pinning)
+        return cfg
+
+    def __enter__(self) -> OpenVinoBackend:
+        ov = _import_openvino()
+        self.version = openvino_version()
+        try:
+            core = ov.Core()
+            model = core.read_model(os.fspath(self.model_path))
+            self._compiled = core.compile_model(model, self.device, self.config())
+            self._request = self._compiled.create_infer_request()
+            self._output = self._compiled.output(0)
+        except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace; report one line
+            self._compiled = self._request = None
+            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise BackendError(f"OpenVINO {self.version} cannot load {self.model_path.name}: {first}") from exc
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._request = self._compiled = self._output = None
+
+    def run_raw(self, batch: np.ndarray) -> np.ndarray:
+        """The model's raw output for a batch (a copy: OpenVINO reuses its output buffer)."""
+        if self._request is None:
+            raise BackendError("backend used outside its 'with' block")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self._shape:
+            raise BackendError(f"input shape {tuple(batch.shape)} does not match the bundle's N x {self._shape}")
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        res = self._request.infer({0: x}, share_inputs=True)
+        return np.array(res[self._output], dtype=np.float32, copy=True)
+
+    def classify(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``N x K`` for a preprocessed batch."""
+        if len(batch) == 0:
+            return np.zeros((0, len(self.bundle.manifest.classes)), np.float32)
+        out = self.run_raw(batch)
+        return out if self.output_kind == "probabilities" else softmax(out)
