@@ -328,6 +328,7 @@ class CountingSession:
                 review_threshold=self.counter.review_threshold,
                 message=message,
                 note=self.note,
+                backend_reason=str(getattr(self.backend, "reason", "") or ""),
             )
 
     # -- threads -------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class RunStatus:
         session: Session directory or id.
         source: Source URI.
         backend: Backend in use (e.g. ``onnxruntime/CPU``).
+        backend_reason: Why that backend runs (``select_backend``'s reason: on a CPU, what was measured).
         precision: Precision actually run (``int8``, ``fp32``...).
         frames: Frames read.
         fps: Frames per second over the last seconds.
@@ -63,3 +64,4 @@ class RunStatus:
     review_threshold: float = 0.6
     message: str = ""
     note: str = ""
+    backend_reason: str = ""
