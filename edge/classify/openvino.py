@@ -61,6 +61,27 @@ def openvino_version() -> str:
     return full.split("-")[0]
 
 
+def compile_config(threads: int = 0, device: str = "CPU", pinning: bool = False) -> dict[str, Any]:
+    """The properties hemaedge compiles a model with (the station, ``bench`` and the export's gate alike)."""
+    cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    if device == "CPU":
+        cfg["ENABLE_CPU_PINNING"] = bool(pinning)
+    return cfg
+
+
+def compile_onnx(path: str | os.PathLike, threads: int = 0, device: str = "CPU", pinning: bool = False) -> Any:
+    """Read and compile an ONNX file with OpenVINO; ``BackendError`` (one line) when it cannot."""
+    ov = _import_openvino()
+    try:
+        core = ov.Core()
+        return core.compile_model(core.read_model(os.fspath(path)), device, compile_config(threads, device, pinning))
+    except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace; report one line
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise BackendError(f"OpenVINO {openvino_version()} cannot load {Path(path).name}: {first}") from exc
+
+
 class OpenVinoBackend:
     """Classify with OpenVINO on the CPU.
 
@@ -104,28 +125,11 @@ class OpenVinoBackend:
         """Which golden outputs this backend must reproduce: those of the model file it runs."""
         return self.precision
 
-    def config(self) -> dict[str, Any]:
-        """The properties the model is compiled with."""
-        cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        if self.threads:
-            cfg["INFERENCE_NUM_THREADS"] = int(self.threads)
-        if self.device == "CPU":
-            cfg["ENABLE_CPU_PINNING"] = bool(self.pinning)
-        return cfg
-
     def __enter__(self) -> OpenVinoBackend:
-        ov = _import_openvino()
+        self._compiled = compile_onnx(self.model_path, self.threads, self.device, self.pinning)
         self.version = openvino_version()
-        try:
-            core = ov.Core()
-            model = core.read_model(os.fspath(self.model_path))
-            self._compiled = core.compile_model(model, self.device, self.config())
-            self._request = self._compiled.create_infer_request()
-            self._output = self._compiled.output(0)
-        except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace; report one line
-            self._compiled = self._request = None
-            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-            raise BackendError(f"OpenVINO {self.version} cannot load {self.model_path.name}: {first}") from exc
+        self._request = self._compiled.create_infer_request()
+        self._output = self._compiled.output(0)
         return self
 
     def __exit__(self, *exc: object) -> None:
