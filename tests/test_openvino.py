@@ -51,11 +51,13 @@ def golden_bundle(tiny_bundle_dir):
 
 @needs_openvino
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_openvino_computes_what_onnxruntime_computes(golden_bundle, precision):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_openvino_computes_what_onnxruntime_computes(golden_bundle, precision, threads):
+    """One thread: one request (latency); more: the batch is split over OpenVINO's streams and put back in order."""
     from hemaedge.edge.classify.openvino import OpenVinoBackend
 
     g = load_golden(golden_bundle)
-    be = OpenVinoBackend(golden_bundle, precision, threads=1)
+    be = OpenVinoBackend(golden_bundle, precision, threads=threads)
     assert be._request is None  # cheap constructor: nothing loaded yet
     with be:
         probs = be.classify(g.inputs)
@@ -63,6 +65,8 @@ def test_openvino_computes_what_onnxruntime_computes(golden_bundle, precision):
         assert be.classify(g.inputs[:0]).shape == (0, 8)
         assert be.model_path.name == ("model.onnx" if precision == "fp32" else "model.int8.onnx")
         assert be.name == "openvino/CPU" and be.golden_key == precision and be.version
+        assert len(be._requests) == 1 or threads != 1  # one thread: one request, compiled for latency
+        assert np.allclose(be.classify(g.inputs[5:8]), probs[5:8], atol=1e-6)  # rows stay in order
     assert be._request is None  # released on exit
     ref = g.outputs[precision]
     ref = np.exp(ref - ref.max(1, keepdims=True))
