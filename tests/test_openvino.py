@@ -58,16 +58,22 @@ def test_openvino_computes_what_onnxruntime_computes(golden_bundle, precision, t
 
     g = load_golden(golden_bundle)
     be = OpenVinoBackend(golden_bundle, precision, threads=threads)
-    assert be._request is None  # cheap constructor: nothing loaded yet
+    assert be._dynamic is None  # cheap constructor: nothing loaded yet
     with be:
         probs = be.classify(g.inputs)
         assert be.classify(g.inputs[:3]).shape == (3, 8)  # any batch size (the model's batch is dynamic)
         assert be.classify(g.inputs[:0]).shape == (0, 8)
         assert be.model_path.name == ("model.onnx" if precision == "fp32" else "model.int8.onnx")
         assert be.name == "openvino/CPU" and be.golden_key == precision and be.version
-        assert len(be._requests) == 1 or threads != 1  # one thread: one request, compiled for latency
+        assert len(be._dynamic.requests) == 1 or threads != 1  # one thread: one request, compiled for latency
         assert np.allclose(be.classify(g.inputs[5:8]), probs[5:8], atol=1e-6)  # rows stay in order
-    assert be._request is None  # released on exit
+        # a batch size seen again gets a static-shape model (compiled in the background); same numbers
+        for _ in range(3):
+            be.classify(g.inputs[:6])
+        be.settle()
+        assert be.static_batches  # 6 (one request) or its per-stream chunks
+        assert np.allclose(be.classify(g.inputs[:6]), probs[:6], atol=1e-5)
+    assert be._dynamic is None and be.static_batches == []  # released on exit
     ref = g.outputs[precision]
     ref = np.exp(ref - ref.max(1, keepdims=True))
     ref /= ref.sum(1, keepdims=True)

@@ -237,6 +237,17 @@ def _timing_batch(bundle: Bundle, golden: Any, batch: int) -> np.ndarray:
     return np.random.default_rng(0).normal(0, 1, (batch, spec.channels, spec.height, spec.width)).astype(np.float32)
 
 
+def warm_up(backend: Any, x: np.ndarray) -> None:
+    """Run a batch a few times before timing (allocations, kernel choice), and let a backend that prepares
+    itself for a batch size it keeps seeing (OpenVINO's static-shape models) finish doing so."""
+    for _ in range(2):
+        backend.classify(x)
+    settle = getattr(backend, "settle", None)
+    if settle is not None:
+        settle()
+    backend.classify(x)
+
+
 def golden_check(backend: Any, golden: Any, output_kind: str, batch: int = 32) -> dict[str, Any]:
     """Run the golden inputs through an entered backend; the comparison as a small dict."""
     from hemaedge.edge.bundle.golden import compare_golden
@@ -282,7 +293,7 @@ def measure(
                 m.model_file = Path(str(getattr(be, "model_path", ""))).name
                 if golden is not None:
                     m.golden = golden_check(be, golden, bundle.manifest.output_kind)
-                be.classify(x)  # warm-up (allocations, kernel choice)
+                warm_up(be, x)
             except Exception as exc:  # noqa: BLE001 - any runtime failure excludes the candidate, with the reason
                 m.error = _one_line(exc)
                 continue

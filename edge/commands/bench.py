@@ -175,7 +175,7 @@ def bench_crops(
 
     from hemaedge.edge.bundle import cut_crop, preprocess
     from hemaedge.edge.bundle.golden import load_golden
-    from hemaedge.edge.classify.measure import golden_check
+    from hemaedge.edge.classify.measure import golden_check, warm_up
     from hemaedge.edge.errors import BundleError, HemaedgeError
     from hemaedge.edge.segment import make_segmenter
 
@@ -214,7 +214,7 @@ def bench_crops(
             }
             if golden is not None:
                 row["golden"] = golden_check(be, golden, bundle.manifest.output_kind)
-            be.classify(x)  # warm-up (allocations, kernel choice)
+            warm_up(be, x)
             out[name] = row
             live.append((name, be, []))
         for _ in range(max(1, repeats)):  # interleaved rounds: a neighbour's load falls on every row alike
