@@ -51,3 +51,12 @@ def _private_measurement_cache(tmp_path_factory):
         os.environ.pop(CACHE_ENV, None)
     else:
         os.environ[CACHE_ENV] = old
+
+
+@pytest.fixture()
+def fresh_measurement_cache(tmp_path, monkeypatch):
+    """An empty measurement cache for one test (tests that fake the measurement must not read a real one)."""
+    from hemaedge.edge.classify.measure import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "measurement-cache"))
+    return tmp_path / "measurement-cache"

@@ -195,7 +195,9 @@ def test_doctor_reads_jetson_release_files(tmp_path):
     assert cams[0].status == "missing" and "v4l2-ctl" in cams[0].fix
 
 
-def test_doctor_bundle_row_says_which_backend_and_what_was_measured(tiny_bundle_dir, monkeypatch):
+def test_doctor_bundle_row_says_which_backend_and_what_was_measured(
+    tiny_bundle_dir, monkeypatch, fresh_measurement_cache
+):
     import hemaedge.edge.classify.measure as measure_mod
     from helpers import fake_measure
 

@@ -274,7 +274,9 @@ def test_measure_without_golden_outputs_times_and_says_nothing_was_checked(tiny_
     assert "the only one here, measured" in choice.reason and "no golden outputs" in choice.reason
 
 
-def test_select_backend_measures_the_cpu_candidates_and_tells_the_backend_why(bundle, monkeypatch):
+def test_select_backend_measures_the_cpu_candidates_and_tells_the_backend_why(
+    bundle, monkeypatch, fresh_measurement_cache
+):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     fake = fake_measure({"onnxruntime/int8": 200.0, "onnxruntime/fp32": 900.0})
     monkeypatch.setattr(measure_mod, "measure", fake)

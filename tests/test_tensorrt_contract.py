@@ -309,7 +309,7 @@ def _block(monkeypatch, *names):
 
 
 @pytest.fixture()
-def ort_int8_fastest(monkeypatch):
+def ort_int8_fastest(monkeypatch, fresh_measurement_cache):
     """On the CPU ``auto`` measures; here the measurement is fixed (ONNX Runtime INT8 fastest), not timed."""
     import hemaedge.edge.classify.measure as measure_mod
     from helpers import fake_measure
