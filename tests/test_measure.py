@@ -96,7 +96,8 @@ def _cands(bundle, spoil=(), broken=(), excluded=None):
     return cands, made
 
 
-def test_the_fastest_candidate_that_passes_the_golden_check_wins(bundle, tmp_path):
+def test_the_fastest_candidate_that_passes_the_golden_check_wins(bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(measure_mod, "load_average", lambda: 0.3)  # a quiet machine
     cands, _ = _cands(bundle)
     fake = fake_measure(
         {"fakert/int8": 500, "fakert/fp32": 300, "onnxruntime/int8": 900}, failing=("onnxruntime/int8",)
@@ -111,6 +112,15 @@ def test_the_fastest_candidate_that_passes_the_golden_check_wins(bundle, tmp_pat
     )
     assert "failed the golden check: onnxruntime int8 (top-1 0.50, max |Δp| 0.400)" in choice.reason
     assert len(said) == 1 and said[0].startswith("measuring 3 backends for bundle 'tiny-test'")
+
+
+def test_a_measurement_taken_on_a_busy_machine_says_so_even_from_the_cache(bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(measure_mod, "load_average", lambda: 64.0)
+    cands, _ = _cands(bundle)
+    kw = {"cache": MeasurementCache(tmp_path / "m.json"), "notify": lambda t: None, "measure_fn": fake_measure({})}
+    for _ in range(2):
+        reason = choose(cands, bundle, RUNTIMES, 1, **kw).reason
+        assert "the machine was busy then (load 64.0 on" in reason and "--remeasure" in reason
 
 
 def test_an_excluded_candidate_is_measured_but_never_chosen(bundle, tmp_path):

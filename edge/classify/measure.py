@@ -14,7 +14,7 @@ sha256 (which lists every model file's sha256), the runtimes' names and versions
 its core count, the threads and the measuring batch: a changed bundle, runtime, machine or
 thread count is measured again. Stored per candidate: crops/s (median, min, max of a few
 rounds), the golden check (reference, top-1 agreement, max |Δp|, passed) or why it could not
-load. A corrupt, unreadable or unwritable cache file is never an error: the station measures
+load, and the load average while measuring (a measurement taken on a busy machine says so). A corrupt, unreadable or unwritable cache file is never an error: the station measures
 again (and says the result was not cached).
 
 Timing runs in interleaved rounds (each candidate in turn, a few times), so a neighbour's load
@@ -181,26 +181,28 @@ class MeasurementCache:
             return {}
         return doc["entries"]
 
-    def load(self, key: dict[str, Any]) -> tuple[dict[str, Measurement], str]:
-        """The measurements stored for a station key and when they were taken (``{}``, ``""`` when none)."""
+    def load(self, key: dict[str, Any]) -> tuple[dict[str, Measurement], dict[str, Any]]:
+        """The measurements stored for a station key, and when and under what load they were taken."""
         entry = self._read_all().get(key_id(key))
         if not isinstance(entry, dict) or entry.get("key") != key:
-            return {}, ""
+            return {}, {}
         out = {}
         for k, d in (entry.get("results") or {}).items():
             try:
                 out[k] = Measurement.from_dict(d)
             except (TypeError, KeyError, AttributeError):
                 continue  # a malformed entry is measured again
-        return out, str(entry.get("measured", ""))
+        meta = {"measured": str(entry.get("measured", "")), "load": entry.get("load")}
+        return out, meta
 
-    def store(self, key: dict[str, Any], results: dict[str, Measurement]) -> bool:
+    def store(self, key: dict[str, Any], results: dict[str, Measurement], load: float | None = None) -> bool:
         """Merge measurements for a station key into the file (atomically). False when it could not be written."""
         entries = self._read_all()
         entries.pop(key_id(key), None)
         entries[key_id(key)] = {
             "key": key,
             "measured": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "load": load,
             "results": {k: m.to_dict() for k, m in results.items()},
         }
         while len(entries) > MAX_ENTRIES:  # dicts keep insertion order: the first is the oldest
@@ -411,10 +413,11 @@ def choose(
         raise BackendError("no CPU backend to measure (install onnxruntime, or 'hemaedge[openvino]')")
     cache = cache if cache is not None else MeasurementCache()
     key = station_key(bundle, runtimes, threads, batch)
-    known, when = cache.load(key) if not remeasure else ({}, "")
+    known, meta = cache.load(key) if not remeasure else ({}, {})
     missing = [c for c in candidates if c.key not in known]
     cached = not missing
     if missing:
+        load = load_average()
         say = notify if notify is not None else _stderr
         say(
             f"measuring {len(missing)} backend{'s' if len(missing) != 1 else ''} for bundle "
@@ -423,15 +426,23 @@ def choose(
         )
         fresh = (measure_fn or measure)(missing, bundle, batch=batch)
         known.update(fresh)
-        cache.store(key, known)
-        when = ""
+        cache.store(key, known, load)
+        meta = {"measured": "", "load": load}
     for c in candidates:  # exclusions come from the bundle as it is now, not from the cache
         known[c.key].excluded = c.excluded
     ms = [known[c.key] for c in candidates]
     best = pick(ms)
+    when, load = meta.get("measured") or "", meta.get("load")
+    cores = os.cpu_count() or 1
     where = (
         f"batch {batch}, {_threads_text(threads)}, "
         + (f"cached from {when[:16].replace('T', ' ')}" if cached and when else "measured just now")
+        + (
+            f"; the machine was busy then (load {load:.1f} on {cores} cores): remeasure when idle with "
+            f"hemaedge doctor --bundle {bundle.path} --remeasure"
+            if isinstance(load, (int, float)) and load > cores
+            else ""
+        )
         + (f"; {cache.problem}" if cache.problem else "")
     )
     if best is None:
@@ -443,6 +454,14 @@ def choose(
     of = f"the fastest of {len(ms)} measured here" if len(ms) > 1 else "the only one here, measured"
     reason = f"using {best.label} ({best.precision} ONNX), {of} ({where}): {summary(ms)}"
     return Choice(cand, best, ms, reason, cached)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): stored with a measurement, as a caveat."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _stderr(text: str) -> None:
