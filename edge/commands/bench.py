@@ -294,13 +294,13 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
     out: dict[str, Any] = {
         "frame_size": "640x480",
         "precision": backend.precision,
-        "backend": backend.name,
         "backend_choice": why,
         "threads": threads,
         "frames_per_run": frames,
     }
     m = bundle.manifest
     with backend as be:
+        out["backend"] = be.name  # known once loaded (ONNX Runtime names its provider then)
         for name, pan in (("panning_slide", 4.0), ("new_field_every_frame", 0.0)):
             pool = synthetic_frames(frames, seed=11, pan=pan)
             rates, counted = [], []
