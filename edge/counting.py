@@ -424,6 +424,7 @@ class CountingSession:
                 note=self.note,
                 not_estimated=self.not_estimated,
                 triage=_triage_line(self._triage),
+                backend_reason=self.station.backend_reason or str(getattr(self.backend, "reason", "") or ""),
             )
 
     # -- threads -------------------------------------------------------------------------------------------------------

@@ -50,7 +50,18 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="--station: default auto (what count runs); --data: default int8",
     )
-    p.add_argument("--backend", default="auto", help="--station: backend (as for count; default auto)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="backend (as for count; default auto). --data: onnxruntime (auto) or openvino (the portable INT8 model)",
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="--data with --backend openvino --precision int8 on the full val split: write the numbers into the "
+        "bundle's manifest as its INT8 gate on OpenVINO (metrics.int8_openvino), for bundles exported before "
+        "export-model measured it",
+    )
     p.add_argument("--segmenter", default="stain", help="--station: white-cell segmenter (default stain)")
     p.add_argument(
         "--variant",
@@ -72,11 +83,13 @@ def evaluate_bundle(
     limit: int = 0,
     progress: bool = False,
     variant: str = "auto",
+    backend: str = "onnxruntime",
 ):
     """Run a bundle over a labelled split and return ``classification_report``'s dict.
 
     ``variant``: ``auto`` evaluates the model the station runs here (the CPU variant on a CPU-only
-    machine, when the bundle has one), ``portable`` the TensorRT-compatible one.
+    machine, when the bundle has one), ``portable`` the TensorRT-compatible one (ONNX Runtime only).
+    ``backend``: ``onnxruntime`` or ``openvino`` (which runs the portable INT8 model, as the station does).
     """
     import numpy as np
     from hemaedge.calibration.datasets import batches, open_dataset
@@ -89,7 +102,15 @@ def evaluate_bundle(
         raise UsageError(f"data set has {len(images.classes)} classes, bundle has {len(classes)}")
     idx = np.arange(min(limit, len(images)) if limit else len(images))
     probs, labels = [], []
-    with OrtBackend(bundle, precision, variant=variant) as be:
+    if backend == "openvino":
+        from hemaedge.edge.classify.openvino import OpenVinoBackend
+
+        if variant not in ("auto", "portable"):
+            raise UsageError("OpenVINO runs the portable INT8 model: --variant cpu is an ONNX Runtime model")
+        runner = OpenVinoBackend(bundle, precision)
+    else:
+        runner = OrtBackend(bundle, precision, variant=variant)
+    with runner as be:
         for x, y in batches(images, bundle.manifest.input, idx, batch):
             probs.append(be.classify(x))
             labels.append(y)
@@ -101,11 +122,44 @@ def evaluate_bundle(
             "data": str(data),
             "split": split,
             "precision": precision,
-            "backend": "onnxruntime",
+            "backend": backend,
+            "runtime_version": getattr(be, "version", "") or _ort_version(),
             "model_file": model_file,
         }
     )
     return report
+
+
+def _ort_version() -> str:
+    from hemaedge.edge.classify.onnxruntime import onnxruntime_version
+
+    return onnxruntime_version()
+
+
+def record_openvino_gate(bundle, report: dict) -> dict:  # noqa: ANN001
+    """Write OpenVINO's INT8 gate numbers (``report`` from the full val split) into the bundle's manifest."""
+    import dataclasses
+
+    from hemaedge.edge.bundle.io import write_manifest
+    from hemaedge.export.exporter import openvino_gate_record
+
+    metrics = dict(bundle.manifest.metrics or {})
+    if report["backend"] != "openvino" or report["precision"] != "int8":
+        raise UsageError("--record stores OpenVINO's INT8 gate: use it with --backend openvino --precision int8")
+    if report["split"] != metrics.get("split", "val") or "fp32" not in metrics:
+        raise UsageError(
+            f"--record needs the split the bundle's gate used ({metrics.get('split', 'val')}) and its FP32 metrics"
+        )
+    if metrics.get("n") is not None and report["n"] != metrics["n"]:
+        raise UsageError(
+            f"--record: {report['n']} images evaluated, the bundle's gate used {metrics['n']} (the same data, no --limit)"
+        )
+    drop = (metrics["fp32"]["accuracy"] - report["accuracy"]) * 100
+    max_drop = float(metrics.get("max_drop", 1.0))
+    gate = openvino_gate_record(report, drop, max_drop, report["runtime_version"], report["model_file"])
+    gate["recorded_by"] = "hemaedge evaluate --backend openvino --record"
+    write_manifest(bundle.path, dataclasses.replace(bundle.manifest, metrics={**metrics, "int8_openvino": gate}))
+    return gate
 
 
 def print_report(report: dict) -> None:
@@ -116,7 +170,8 @@ def print_report(report: dict) -> None:
     con = Console()
     auroc = report["macro_auroc"]
     con.print(
-        f"[bold]{report['bundle']}[/] on {report['data']} [{report['split']}], {report['precision']}: "
+        f"[bold]{report['bundle']}[/] on {report['data']} \\[{report['split']}], {report['precision']} "
+        f"({report['backend']} {report.get('runtime_version', '')}, {report['model_file']}): "
         f"accuracy [bold]{report['accuracy']:.4f}[/]  macro F1 {report['macro_f1']:.4f}  "
         f"macro AUROC {'n/a' if auroc is None else f'{auroc:.4f}'}  (n={report['n']})"
     )
@@ -145,14 +200,28 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--map and --classes apply to --station")
     from hemaedge.edge.station import resolve_bundle
 
+    backend = "openvino" if args.backend == "openvino" else "onnxruntime"
+    if args.backend not in ("auto", "openvino", "onnxruntime", "ort", "ort-cpu", "cpu"):
+        raise UsageError(f"--data evaluates on onnxruntime or openvino, not --backend {args.backend}")
+    precision = args.precision or "int8"
+    if args.record and (backend != "openvino" or precision != "int8" or args.limit):
+        raise UsageError("--record needs --backend openvino --precision int8 and no --limit")
     bundle = resolve_bundle(args.bundle)
     report = evaluate_bundle(
-        bundle, args.data, args.split or "val", args.precision or "int8", args.batch, args.limit, variant=args.variant
+        bundle, args.data, args.split or "val", precision, args.batch, args.limit, variant=args.variant, backend=backend
     )
+    if args.record:
+        report["recorded"] = record_openvino_gate(bundle, report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
+        if "recorded" in report:
+            g = report["recorded"]
+            print(
+                f"recorded in {bundle.path / 'manifest.json'}: INT8 on {g['runtime']} drops {g['drop_points']:.2f} "
+                f"points (gate {g['max_drop']}): {'passed' if g['passed'] else 'MISSED: the station will not run it'}"
+            )
     return 0
 
 

@@ -369,6 +369,19 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
                 gate_classes=lambda m: misses_class_gate(class_drops(m32, m, critical, classes), opts.max_class_drop),
             )
             timings["cpu_variant_s"] = round(time.time() - t, 2)
+            t = time.time()
+            ov_gate = openvino_gate(
+                int8_path,
+                lambda p: _ov_probs(p, val, spec, vidx, output_kind),
+                val.labels,
+                classes,
+                m32["accuracy"],
+                opts.max_drop,
+                log,
+            )
+            if ov_gate is not None:
+                metrics["int8_openvino"] = ov_gate
+                timings["openvino_gate_s"] = round(time.time() - t, 2)
             metrics["cpu_speed"] = _cpu_speed(fp32, cpu_path or int8_path, spec, log)
 
         crop = source.meta.get("crop") or {}
@@ -568,6 +581,66 @@ def _cpu_variant(
     log(f"INT8 CPU variant (asymmetric activations) on val: accuracy {m['accuracy']:.4f} (drop {drop:+.2f} points)")
     metrics["int8_cpu"]["shipped"] = True
     return out
+
+
+def _ov_probs(path: Path, images: ImageSet, spec: InputSpec, idx: np.ndarray, output_kind: str) -> np.ndarray:
+    """Class probabilities of an ONNX file run by OpenVINO, compiled as the station compiles it."""
+    from hemaedge.edge.classify.base import softmax
+    from hemaedge.edge.classify.openvino import compile_onnx
+
+    compiled = compile_onnx(path)
+    request, output = compiled.create_infer_request(), compiled.output(0)
+    outs = [np.array(request.infer({0: x})[output], dtype=np.float32) for x, _ in batches(images, spec, idx, 256)]
+    out = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    return out if output_kind == "probabilities" else softmax(out)
+
+
+def openvino_gate(
+    int8: Path,
+    probs_of,  # noqa: ANN001
+    labels: np.ndarray,
+    classes: list[str],
+    fp32_accuracy: float,
+    max_drop: float,
+    log,  # noqa: ANN001
+) -> dict | None:
+    """The INT8 accuracy gate of the portable INT8 model run by OpenVINO, as for the ONNX Runtime CPU variant.
+
+    OpenVINO executes the same QDQ model with its own kernels (fused, its own rounding), so its accuracy is measured
+    on the validation split rather than assumed. A miss does not fail the export (ONNX Runtime's INT8 passed its
+    gate): it is recorded with ``passed: false`` and the station never runs INT8 on OpenVINO for this bundle.
+    None (nothing recorded) when OpenVINO is not installed here: ``hemaedge evaluate --backend openvino --record``
+    adds the numbers later.
+    """
+    from hemaedge.edge.classify.openvino import openvino_version
+    from hemaedge.evaluation.metrics import classification_report
+
+    version = openvino_version()
+    if not version:
+        log(
+            "OpenVINO not installed: its INT8 gate is not measured (later: hemaedge evaluate --backend openvino --record)"
+        )
+        return None
+    m = classification_report(probs_of(int8), labels, classes)
+    drop = (fp32_accuracy - m["accuracy"]) * 100
+    gate = openvino_gate_record(m, drop, max_drop, version, int8.name)
+    log(
+        f"INT8 on OpenVINO {version} on val: accuracy {m['accuracy']:.4f} (drop {drop:+.2f} points): "
+        + ("passes the gate" if gate["passed"] else "misses the gate: the station will not run INT8 on OpenVINO")
+    )
+    return gate
+
+
+def openvino_gate_record(report: dict, drop: float, max_drop: float, version: str, model_file: str) -> dict:
+    """What the manifest records of OpenVINO's INT8 gate (``metrics.int8_openvino``)."""
+    return {
+        **{k: report[k] for k in ("accuracy", "macro_f1", "macro_auroc")},
+        "drop_points": round(drop, 4),
+        "max_drop": max_drop,
+        "passed": drop <= max_drop,
+        "runtime": f"openvino {version}",
+        "model_file": model_file,
+    }
 
 
 def _cpu_speed(fp32: Path, int8: Path, spec: InputSpec, log) -> dict:  # noqa: ANN001

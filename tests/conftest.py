@@ -35,3 +35,28 @@ def tiny_bundle_dir(tmp_path: Path) -> Path:
     from helpers import tiny_bundle
 
     return tiny_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_measurement_cache(tmp_path_factory):
+    """``--backend auto`` on a CPU caches what it measured per user: the tests use a cache of their own."""
+    import os
+
+    from hemaedge.edge.classify.measure import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("measurement-cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
+@pytest.fixture()
+def fresh_measurement_cache(tmp_path, monkeypatch):
+    """An empty measurement cache for one test (tests that fake the measurement must not read a real one)."""
+    from hemaedge.edge.classify.measure import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "measurement-cache"))
+    return tmp_path / "measurement-cache"

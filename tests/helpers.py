@@ -133,3 +133,36 @@ def new_cell(
     return NewCell(
         Crop(crop, Detection(box, 1.0), frame_index, frame_name), pred, review, field, sx, sy, source, time.time()
     )
+
+
+def fake_measure(rates: dict[str, float], failing: tuple[str, ...] = ()):
+    """A stand-in for ``hemaedge.edge.classify.measure.measure``: fixed crops/s per candidate key, no timing.
+
+    Candidates named in ``failing`` fail the golden check; every other one passes it. Selection tests
+    monkeypatch it in, so what ``--backend auto`` picks does not depend on this machine's load.
+    """
+    from hemaedge.edge.classify.measure import Measurement
+
+    calls: list[list[str]] = []
+
+    def measure(candidates, bundle, batch=8, **_):  # noqa: ANN001
+        calls.append([c.key for c in candidates])
+        out = {}
+        for c in candidates:
+            bad = c.key in failing
+            golden = {
+                "reference": c.precision,
+                "samples": 24,
+                "top1_agreement": 0.5 if bad else 1.0,
+                "max_abs_diff": 0.4 if bad else 0.0,
+                "passed": not bad,
+                "top1_vs_fp32": 0.5 if bad else 1.0,
+            }
+            rate = rates.get(c.key, 1.0)
+            out[c.key] = Measurement(
+                c.key, c.label, c.precision, rate, rate * 0.9, rate * 1.1, golden, excluded=c.excluded
+            )
+        return out
+
+    measure.calls = calls
+    return measure

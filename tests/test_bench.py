@@ -34,6 +34,16 @@ def test_bench_reports_every_precision_and_the_pipeline(tiny_bundle_dir, capsys)
     assert "pytorch_eager_fp32" not in crops
     for run in ("panning_slide", "new_field_every_frame"):
         assert res["pipeline"][run]["frames_per_s"]["median"] > 0
+    pipe = res["pipeline"]
+    assert pipe["backend"] in ("onnxruntime/CPU", "openvino/CPU") and "measured here" in pipe["backend_choice"]
+    assert res["machine"]["cores"] >= 1 and "load_average_at_start" in res["machine"]
+    chosen = crops["chosen"]
+    assert crops[chosen["row"]]["station_candidate"] and crops[chosen["row"]]["median"] == chosen["crops_per_s"]
+    assert all(
+        crops[k]["median"] <= chosen["crops_per_s"]
+        for k in crops
+        if k in crops["vs_onnxruntime_fp32"] and crops[k]["station_candidate"]
+    )
 
 
 def test_eager_baseline_runs_in_a_child_process_and_checks_the_checkpoint(capsys):

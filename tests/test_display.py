@@ -282,6 +282,23 @@ def test_a_standing_note_is_shown_when_it_fits_and_never_pushes_a_class_out():
     assert "not photographed" in "\n".join(rendered(st, 160, 50))
 
 
+def test_the_tui_says_why_this_backend_runs_when_it_fits():
+    from dataclasses import replace
+
+    why = (
+        "TensorRT not installed: using OpenVINO CPU (int8 ONNX), the fastest of 4 measured here (batch 8, 1 thread, "
+        "cached from 2026-12-06 23:11): OpenVINO CPU int8 382, ONNX Runtime CPU fp32 220 crops/s"
+    )
+    st = replace(status(), backend_reason=why)
+    for w, h in ((80, 24), (132, 43), (200, 60)):
+        assert_complete(rendered(st, w, h), st, w, h)  # never at the expense of a class row
+    text = " ".join(ln.strip() for ln in rendered(st, 200, 60))
+    assert (
+        "backend: TensorRT not installed: using OpenVINO CPU (int8 ONNX)" in text
+        and "ONNX Runtime CPU fp32 220" in text
+    )
+
+
 def test_only_the_tui_module_imports_rich_live():
     import ast
     from pathlib import Path

@@ -180,6 +180,41 @@ def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
     assert np.asarray(rep["confusion_matrix"]).sum() == rep["n"]
 
 
+def test_export_measures_the_int8_gate_on_openvino_and_evaluate_can_record_it(trained, tmp_path, capsys):
+    """OpenVINO runs the portable INT8 model with its own kernels: export measures its accuracy on val like the ONNX
+    Runtime CPU variant's, and ``evaluate --backend openvino --record`` adds it to a bundle exported without it."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'hemaedge[openvino]')")
+    import dataclasses
+
+    from hemaedge.edge.bundle.io import write_manifest
+
+    from hemaedge.cli import main
+
+    _, data, ckpt, _ = trained
+    s = run_export(
+        ExportOptions(
+            source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True, calib_size=64, max_drop=5.0
+        ),
+        log=lambda m: None,
+    )
+    m = load_bundle(s["bundle"]).manifest
+    gate = m.metrics["int8_openvino"]
+    assert gate["model_file"] == "model.int8.onnx" and gate["runtime"].startswith("openvino ")
+    assert gate["drop_points"] == pytest.approx((m.metrics["fp32"]["accuracy"] - gate["accuracy"]) * 100, abs=1e-3)
+    assert gate["passed"] is (gate["drop_points"] <= 5.0)
+    # a bundle from before: no OpenVINO numbers; evaluate measures and records the same ones
+    metrics = {k: v for k, v in m.metrics.items() if k != "int8_openvino"}
+    write_manifest(Path(s["bundle"]), dataclasses.replace(m, metrics=metrics))
+    args = ["evaluate", "--bundle", s["bundle"], "--data", str(data), "--backend", "openvino", "--json"]
+    assert main([*args, "--record"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    again = load_bundle(s["bundle"]).manifest.metrics["int8_openvino"]
+    assert rep["backend"] == "openvino" and rep["model_file"] == "model.int8.onnx"
+    assert again["accuracy"] == pytest.approx(gate["accuracy"], abs=1e-9) and again["passed"] == gate["passed"]
+    assert main([*args, "--record", "--limit", "10"]) == 2  # a partial evaluation is never recorded as the gate
+    assert main(["evaluate", "--bundle", s["bundle"], "--data", str(data), "--record", "--json"]) == 2  # ORT: no
+
+
 def test_gate_refuses_a_drop_above_max_and_prints_both_numbers():
     assert accuracy_gate(0.95, 0.945, 1.0) == pytest.approx(0.5)
     with pytest.raises(AccuracyGateError, match=r"FP32 0\.9500, INT8 0\.9300, drop 2\.00"):

@@ -67,13 +67,16 @@ def test_write_golden_through_the_bundle_writer(tmp_path, tiny_bundle_dir):
 
 def test_verify_passes_on_onnxruntime(tiny_bundle_dir, capsys):
     _with_golden(tiny_bundle_dir)
-    assert main(["verify", str(tiny_bundle_dir), "--json"]) == 0
+    assert main(["verify", str(tiny_bundle_dir), "--backend", "ort-cpu", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["backend"] == "onnxruntime/CPU" and r["precision"] == "int8" and r["reference"] == "int8"
     assert r["top1_agreement"] == 1.0 and r["max_abs_diff"] < 1e-5 and r["passed"]
     assert "int8 ONNX" in r["reason"] and set(r["others"]) == {"fp32"}
-    assert main(["verify", str(tiny_bundle_dir), "--precision", "fp32"]) == 0
+    assert main(["verify", str(tiny_bundle_dir), "--backend", "ort-cpu", "--precision", "fp32"]) == 0
     assert "PASS" in capsys.readouterr().out
+    assert main(["verify", str(tiny_bundle_dir), "--json"]) == 0  # auto: whatever measured fastest here
+    r = json.loads(capsys.readouterr().out)
+    assert r["passed"] and "measured here" in r["reason"]
 
 
 def test_verify_fails_when_the_station_disagrees(tiny_bundle_dir, capsys):
@@ -81,10 +84,27 @@ def test_verify_fails_when_the_station_disagrees(tiny_bundle_dir, capsys):
     outs = _raw_outputs(tiny_bundle_dir, x)
     outs["int8"] = outs["int8"][:, ::-1].copy()  # the "workstation" saw different numbers
     write_golden(tiny_bundle_dir, x, outs)
-    assert main(["verify", str(tiny_bundle_dir), "--json"]) == 1
+    assert main(["verify", str(tiny_bundle_dir), "--backend", "ort-cpu", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["passed"] is False
-    assert main(["verify", str(tiny_bundle_dir)]) == 1
+    assert main(["verify", str(tiny_bundle_dir), "--backend", "ort-cpu"]) == 1
     assert "FAIL" in capsys.readouterr().out
+    assert main(["verify", str(tiny_bundle_dir), "--all", "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)["backends"]
+    assert {(r["precision"], r["passed"]) for r in rows} == {("int8", False), ("fp32", True)}
+
+
+def test_auto_never_picks_a_backend_that_fails_the_golden_check(tiny_bundle_dir, capsys):
+    """The INT8 outputs disagree with the workstation's: however fast INT8 runs here, ``auto`` runs FP32, and says why."""
+    x = _inputs(tiny_bundle_dir)
+    outs = _raw_outputs(tiny_bundle_dir, x)
+    outs["int8"] = outs["int8"][:, ::-1].copy()
+    write_golden(tiny_bundle_dir, x, outs)
+    assert main(["verify", str(tiny_bundle_dir), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["precision"] == "fp32" and r["passed"]
+    assert "failed the golden check: ONNX Runtime CPU int8" in r["reason"]
+    assert main(["verify", str(tiny_bundle_dir), "--precision", "int8"]) == 2  # only INT8 asked: refused
+    assert "no backend here reproduces bundle" in capsys.readouterr().err
 
 
 def test_verify_without_golden_outputs_is_a_one_line_error(tiny_bundle_dir, capsys):
@@ -175,7 +195,20 @@ def test_doctor_reads_jetson_release_files(tmp_path):
     assert cams[0].status == "missing" and "v4l2-ctl" in cams[0].fix
 
 
-def test_doctor_bundle_row_says_which_backend(tiny_bundle_dir, monkeypatch):
+def test_doctor_bundle_row_says_which_backend_and_what_was_measured(
+    tiny_bundle_dir, monkeypatch, fresh_measurement_cache
+):
+    import hemaedge.edge.classify.measure as measure_mod
+    from helpers import fake_measure
+
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    (row,) = doctor.check_bundle(str(tiny_bundle_dir))
-    assert row.status == "ok" and "TensorRT not installed: using ONNX Runtime CPU" in row.detail
+    fake = fake_measure({"onnxruntime/int8": 900.0, "onnxruntime/fp32": 300.0, "openvino/int8": 500.0})
+    monkeypatch.setattr(measure_mod, "measure", fake)
+    row, *measured = doctor.check_bundle(str(tiny_bundle_dir))
+    assert row.status == "ok" and "TensorRT not installed: using ONNX Runtime CPU (int8 ONNX)" in row.detail
+    assert {m.area for m in measured} == {"measured"} and len(measured) == len(fake.calls[0])
+    assert any("900 crops/s" in m.detail and m.detail.endswith("<- chosen") for m in measured)
+    doctor.check_bundle(str(tiny_bundle_dir))
+    assert len(fake.calls) == 1  # the second look reads the cache
+    doctor.check_bundle(str(tiny_bundle_dir), remeasure=True)
+    assert len(fake.calls) == 2

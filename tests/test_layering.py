@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # module prefixes edge/ must never import (the package installs as hemaedge.edge, hemaedge.export, ...)
 FORBIDDEN_IN_EDGE = ("torch", "torchvision", "hemaedge.export", "hemaedge.calibration", "export", "calibration")
-HARDWARE = ("tensorrt", "picamera2", "pycuda", "cuda", "torch")
+HARDWARE = ("tensorrt", "picamera2", "pycuda", "cuda", "torch", "openvino")
 
 
 def _imports(path: Path) -> set[str]:
@@ -53,7 +53,7 @@ def test_bundle_contract_is_stdlib_and_numpy_only():
 
 
 def test_runtime_imports_and_runs_with_hardware_and_torch_blocked(tmp_path):
-    """Block torch/tensorrt/picamera2/cuda imports, then import every edge module and classify with ORT."""
+    """Block torch/tensorrt/picamera2/cuda/openvino imports, then import every edge module and classify with ORT."""
     script = f"""
 import sys, importlib, pkgutil
 for name in {HARDWARE!r}:
@@ -71,6 +71,15 @@ b = load_bundle(tiny_bundle(__import__('pathlib').Path({str(tmp_path)!r}) / 'b',
 with OrtBackend(b, 'fp32') as be:
     p = be.classify(np.zeros((2, 3, 28, 28), np.float32))
 assert p.shape == (2, 8)
+from hemaedge.edge.classify.select import select_backend
+from hemaedge.edge.errors import MissingDependencyError
+be, why = select_backend(b, notify=lambda text: None)  # auto measures the CPU backends there are: ORT alone here
+assert type(be).__name__ == 'OrtBackend' and 'OpenVINO' not in why, why
+try:
+    select_backend(b, 'openvino')
+    raise AssertionError('--backend openvino without openvino')
+except MissingDependencyError as exc:
+    assert "pip install 'hemaedge[openvino]'" in str(exc) and len(str(exc).splitlines()) == 1, exc
 print('imported', len(mods))
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)

@@ -163,3 +163,25 @@ def test_shipped_efficientnet_metrics_reproduce_on_val(efficientnet, data_root):
         pytest.skip(f"data not found: {folder}")
     rep = evaluate_bundle(efficientnet, str(folder), "val", "int8", variant="portable")
     assert rep["accuracy"] == pytest.approx(efficientnet.manifest.metrics["int8"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["bloodcnn5", "effb0-pbc256"])
+def test_shipped_bundles_carry_their_int8_gate_on_openvino(name):
+    """Measured on val with ``hemaedge evaluate --backend openvino --record`` (they predate export measuring it)."""
+    m = load_bundle(default_bundle_path(name)).manifest
+    gate = m.metrics["int8_openvino"]
+    assert gate["passed"] and gate["model_file"] == "model.int8.onnx" and gate["drop_points"] <= m.metrics["max_drop"]
+    assert gate["drop_points"] == pytest.approx((m.metrics["fp32"]["accuracy"] - gate["accuracy"]) * 100, abs=1e-3)
+
+
+@pytest.mark.data
+def test_shipped_efficientnet_int8_gate_on_openvino_reproduces_on_val(efficientnet, data_root):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'hemaedge[openvino]')")
+    from hemaedge.evaluation.command import evaluate_bundle
+
+    folder = data_root / "pbc256"
+    if not folder.is_dir():
+        pytest.skip(f"data not found: {folder}")
+    rep = evaluate_bundle(efficientnet, str(folder), "val", "int8", backend="openvino")
+    # OpenVINO's kernels may round differently across versions and CPUs: allow two images of 1,731
+    assert rep["accuracy"] == pytest.approx(efficientnet.manifest.metrics["int8_openvino"]["accuracy"], abs=0.0012)

@@ -5,7 +5,9 @@
 #
 # The venv gets what a JetPack 5 station gets from pip: this package (pip install -e ., so the
 # metadata must build with the last setuptools for 3.8) and its runtime dependencies under
-# 'numpy<2' (as deploy/jetson/install.sh), plus pytest and onnx (the tests build tiny ONNX models).
+# 'numpy<2' (as deploy/jetson/install.sh), plus pytest and onnx (the tests build tiny ONNX models), and the
+# 'openvino' extra (on 3.8 pip resolves it to OpenVINO 2024.4, the last release with cp38 wheels), so the
+# OpenVINO backend is tested on 3.8 for real.
 # No torch: workstation tests skip themselves (importorskip), everything else must pass on 3.8,
 # including tests/test_py38.py's real 3.8 run.
 #
@@ -42,7 +44,7 @@ fi
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo 'numpy<2' >"$CONSTRAINTS"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e . pytest onnx
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e '.[openvino]' pytest onnx
 "$VENV/bin/python" -m hemaedge --version
 echo "py38_check: venv ready in $((SECONDS - start)) s ($("$VENV/bin/python" -V), $VENV)"
 

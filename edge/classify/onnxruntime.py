@@ -23,6 +23,15 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def onnxruntime_version() -> str:
+    """ONNX Runtime's version, or ``""`` without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return ""
+    return str(ort.__version__)
+
+
 class OrtBackend:
     """Classify with ONNX Runtime.
 
@@ -60,6 +69,7 @@ class OrtBackend:
         self.output_kind = bundle.manifest.output_kind
         self.want_variant = variant
         self.variant = ""  # "cpu" when the CPU variant of the model runs (see __enter__)
+        self.reason = ""  # why it was chosen (select_backend sets it)
 
     @property
     def golden_key(self) -> str:

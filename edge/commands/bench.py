@@ -1,13 +1,17 @@
 """``hemaedge bench``: throughput measured in one run, so ratios compare like with like.
 
-* crops/s of the bundle through ONNX Runtime FP32 and INT8 against the same
-  model in PyTorch eager FP32 (the baseline a user would write), on the same
-  preprocessed crops cut from synthetic 640x480 frames;
-* whole-pipeline frames/s on 640x480 frames (quality check, registration,
-  segmentation, crops, classification on the worker thread, store, count).
+* crops/s of the bundle on every backend and precision this machine has (ONNX Runtime FP32 and
+  INT8, the portable INT8 model on ONNX Runtime too when the CPU runs a CPU variant, OpenVINO FP32
+  and INT8 when installed), each checked against the bundle's golden outputs, against the same
+  model in PyTorch eager FP32 (the baseline a user would write) when its checkpoint exists, on the
+  same preprocessed crops cut from synthetic 640x480 frames;
+* whole-pipeline frames/s on 640x480 frames (quality check, registration, segmentation, crops,
+  classification on the worker thread, store, count) on the backend ``hemaedge count`` chooses.
 
-Each figure is the median of ``--repeats`` timed runs after a warm-up, with
-min/max. Speed targets are checked here, not in timed unit tests.
+The crop rows run in interleaved rounds (each backend in turn for at least a quarter of a second,
+``--repeats`` times, after a warm-up): a busy neighbour then slows every row alike instead of one.
+Each figure is the median over the rounds with min/max. The machine's load average is recorded with the numbers. Speed targets are
+checked here, not in timed unit tests.
 """
 
 from __future__ import annotations
@@ -22,6 +26,27 @@ from typing import Any
 
 from hemaedge.edge.errors import UsageError
 
+BIG_BATCH = 256
+SMALL_INPUT = 64
+LARGE_INPUT_BATCH = 16  # a 256-px model: 16 crops are 12 MB of input, plenty to keep the cores busy
+ROUND_S = 0.25  # each row runs at least this long per round
+
+
+def default_batch(bundle) -> int:  # noqa: ANN001
+    """The crops per call when ``--batch`` is not given: many small crops, fewer large ones."""
+    spec = bundle.manifest.input
+    return BIG_BATCH if max(spec.height, spec.width) <= SMALL_INPUT else LARGE_INPUT_BATCH
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none)."""
+    import os
+
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge bench``."""
@@ -31,9 +56,17 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="PyTorch checkpoint of the same model (default: the shipped one); "
         "its sha256 must match the bundle's provenance",
     )
-    p.add_argument("--batch", type=int, default=256, help="crops per inference call (default 256)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"crops per inference call (default {BIG_BATCH} for inputs up to {SMALL_INPUT} px a side, "
+        f"{LARGE_INPUT_BATCH} for larger ones)",
+    )
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=0, help="threads for ORT and torch (0 = all cores)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="threads for ONNX Runtime, OpenVINO and torch (0 = all cores)"
+    )
     p.add_argument("--frames", type=int, default=300, help="640x480 frames for the pipeline run")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
@@ -42,16 +75,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _stats(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "runs": len(samples)}
-
-
-def _time(fn, n_items: int, repeats: int) -> dict[str, float]:
-    fn()  # warm-up (allocations, kernel choice)
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        rates.append(n_items / (time.perf_counter() - t))
-    return _stats(rates)
 
 
 def synthetic_frames(n: int, seed: int = 7, pan: float = 0.0) -> list:
@@ -109,12 +132,52 @@ def eager_baseline(bundle, checkpoint: Path | None, x, repeats: int, threads: in
     return json.loads(res.stdout)
 
 
-def bench_crops(
-    bundle, checkpoint: Path | None, batch: int, repeats: int, threads: int, skip_torch: bool = False
-) -> dict[str, Any]:
-    """crops/s for ORT FP32, ORT INT8 and PyTorch eager FP32 on the same crops."""
-    from hemaedge.edge.bundle import cut_crop, preprocess
+def crop_rows(bundle, threads: int) -> list[tuple[str, str, Any]]:  # noqa: ANN001
+    """``(row name, station candidate key or "", factory)`` for every backend x precision here.
+
+    The station candidate key (``openvino/int8``...) marks the rows ``--backend auto`` chooses among
+    on a CPU; the portable INT8 model on ONNX Runtime is shown for reference only (the CPU runs
+    the bundle's CPU variant instead).
+    """
     from hemaedge.edge.classify.onnxruntime import OrtBackend
+    from hemaedge.edge.classify.openvino import OpenVinoBackend, openvino_version
+
+    m = bundle.manifest
+    rows: list[tuple[str, str, Any]] = []
+    for prec in m.precisions():
+        rows.append(
+            (f"onnxruntime_{prec}", f"onnxruntime/{prec}", lambda p=prec: OrtBackend(bundle, p, threads=threads))
+        )
+        has_variant = any(a.details.get("target") == "cpu" for a in m.artifacts if a.precision == prec)
+        if has_variant:  # the station runs the CPU variant here; show the portable (TensorRT) model too
+            rows.append(
+                (
+                    f"onnxruntime_{prec}_portable",
+                    "",
+                    lambda p=prec: OrtBackend(bundle, p, threads=threads, variant="portable"),
+                )
+            )
+    if openvino_version():
+        for prec in m.precisions():
+            rows.append((f"openvino_{prec}", f"openvino/{prec}", lambda p=prec: OpenVinoBackend(bundle, p, threads)))
+    return rows
+
+
+def bench_crops(
+    bundle,
+    checkpoint: Path | None,
+    batch: int,
+    repeats: int,
+    threads: int,
+    skip_torch: bool = False,
+) -> dict[str, Any]:
+    """crops/s and golden agreement of every backend x precision, and PyTorch eager FP32, on the same crops."""
+    from contextlib import ExitStack
+
+    from hemaedge.edge.bundle import cut_crop, preprocess
+    from hemaedge.edge.bundle.golden import load_golden
+    from hemaedge.edge.classify.measure import golden_check, warm_up
+    from hemaedge.edge.errors import BundleError, HemaedgeError
     from hemaedge.edge.segment import make_segmenter
 
     seg = make_segmenter()
@@ -126,34 +189,104 @@ def bench_crops(
         raise UsageError("the segmenter found no cells in the synthetic frames; cannot benchmark")
     crops = (crops * (batch // len(crops) + 1))[:batch]
     x = preprocess(crops, bundle.manifest.input)
-    out: dict[str, Any] = {"batch": batch, "crop_source": "cells cut from synthetic 640x480 frames"}
-    for prec in bundle.manifest.precisions():
-        with OrtBackend(bundle, prec, threads=threads) as be:
-            out[f"onnxruntime_{prec}"] = {
-                **_time(lambda be=be: be.classify(x), batch, repeats),
-                "model_file": be.model_path.name,
+    try:
+        golden = load_golden(bundle)
+    except BundleError:
+        golden = None
+    out: dict[str, Any] = {
+        "batch": batch,
+        "threads": threads or "default",
+        "crop_source": "cells cut from synthetic 640x480 frames",
+        "golden": f"{len(golden.inputs)} golden inputs of the bundle" if golden is not None else "none in the bundle",
+    }
+    live = []
+    with ExitStack() as stack:
+        for name, key, factory in crop_rows(bundle, threads):
+            try:
+                be = stack.enter_context(factory())
+            except HemaedgeError as exc:
+                out[name] = {"error": str(exc), "station_candidate": key}
+                continue
+            row: dict[str, Any] = {
+                "backend": be.name,
+                "precision": be.precision,
+                "model_file": Path(str(be.model_path)).name,
+                "station_candidate": key,
             }
-            runs_variant = bool(be.variant)
-        if runs_variant:  # the station runs the CPU variant here; show the portable (TensorRT) model too
-            with OrtBackend(bundle, prec, threads=threads, variant="portable") as be:
-                out[f"onnxruntime_{prec}_portable"] = {
-                    **_time(lambda be=be: be.classify(x), batch, repeats),
-                    "model_file": be.model_path.name,
-                }
-    if not skip_torch:
-        out["pytorch_eager_fp32"] = eager_baseline(bundle, checkpoint, x, repeats, threads)
-        base = out["pytorch_eager_fp32"]["median"]
-        out["speedup_vs_pytorch_eager"] = {
-            k: round(v["median"] / base, 2) for k, v in out.items() if k.startswith("onnxruntime_")
+            if golden is not None:
+                row["golden"] = golden_check(be, golden, bundle.manifest.output_kind)
+            warm_up(be, x)
+            out[name] = row
+            live.append((name, be, []))
+        for _ in range(max(1, repeats)):  # interleaved rounds: a neighbour's load falls on every row alike
+            for _name, be, rates in live:
+                n, t = 0, time.perf_counter()
+                while True:  # at least ROUND_S per row and round: one call of a fast model is too short a sample
+                    be.classify(x)
+                    n += 1
+                    elapsed = time.perf_counter() - t
+                    if elapsed >= ROUND_S:
+                        break
+                rates.append(n * batch / elapsed)
+        for name, _be, rates in live:
+            out[name].update(_stats(rates))
+    rows = {k: v for k, v in out.items() if isinstance(v, dict) and "median" in v}
+    base = (rows.get("onnxruntime_fp32") or {}).get("median")
+    if base:
+        out["vs_onnxruntime_fp32"] = {k: round(v["median"] / base, 2) for k, v in rows.items()}
+    passing = [
+        (k, v) for k, v in rows.items() if v["station_candidate"] and (v.get("golden") is None or v["golden"]["passed"])
+    ]
+    if passing:
+        k, v = max(passing, key=lambda kv: kv[1]["median"])
+        out["chosen"] = {
+            "row": k,
+            "backend": v["backend"],
+            "precision": v["precision"],
+            "crops_per_s": v["median"],
+            "why": "the fastest row here that passes the golden check (what --backend auto picks at this batch "
+            "and thread count)",
+            "vs_onnxruntime_fp32": out.get("vs_onnxruntime_fp32", {}).get(k),
+            "golden_top1_vs_fp32": (v.get("golden") or {}).get("top1_vs_fp32"),
         }
+    if not skip_torch:
+        missing = _missing_checkpoint(bundle, checkpoint)
+        if missing:
+            out["pytorch_eager_fp32"] = {"skipped": missing}
+        else:
+            out["pytorch_eager_fp32"] = eager_baseline(bundle, checkpoint, x, repeats, threads)
+            eager = out["pytorch_eager_fp32"]["median"]
+            out["speedup_vs_pytorch_eager"] = {k: round(v["median"] / eager, 2) for k, v in rows.items()}
     return out
 
 
-def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: str) -> dict[str, Any]:
+def _missing_checkpoint(bundle, checkpoint: Path | None) -> str:  # noqa: ANN001
+    """Why there is no eager baseline (no checkpoint given and none shipped for this bundle), else ``""``.
+
+    The shipped checkpoints live in the workstation package (``hemaedge/export/checkpoints/NAME.pt``); it is
+    located without importing it (the station runtime never imports workstation code).
+    """
+    import importlib.util
+
+    if checkpoint is not None:
+        return ""
+    try:
+        spec = importlib.util.find_spec("hemaedge.export")
+    except (ImportError, ValueError):
+        spec = None
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    name = f"{bundle.manifest.name}.pt"
+    if any((Path(r) / "checkpoints" / name).is_file() for r in roots):
+        return ""
+    return f"no PyTorch checkpoint for bundle '{bundle.manifest.name}' (pass --checkpoint to compare with eager)"
+
+
+def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: str = "auto") -> dict[str, Any]:
     """Whole-pipeline frames/s on pre-rendered 640x480 frames through ``CountingSession``.
 
-    The station is assembled exactly as ``hemaedge count`` assembles it (``Station.from_bundle``, same
-    default threads). Two runs: a panning slide (what a camera gives) and a new field every frame (worst case).
+    The station is assembled exactly as ``hemaedge count`` assembles it (``Station.from_bundle``,
+    ``--backend auto``, the same default threads and precision), so this is the backend a count would run on.
+    Two runs: a panning slide (what a camera gives) and a new field every frame (worst case).
     """
     from hemaedge.edge.count import DifferentialCounter
     from hemaedge.edge.counting import CountingSession
@@ -165,12 +298,14 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
     out: dict[str, Any] = {
         "frame_size": "640x480",
         "precision": precision,
-        "backend": station.backend_reason,
+        "backend_choice": station.backend_reason,
         "threads": threads,
         "frames_per_run": frames,
     }
     m = bundle.manifest
     with station:
+        out["backend"] = station.backend_name  # known once loaded (ONNX Runtime names its provider then)
+        out["precision"] = station.precision
         for name, pan in (("panning_slide", 4.0), ("new_field_every_frame", 0.0)):
             pool = synthetic_frames(frames, seed=11, pan=pan)
             rates, counted = [], []
@@ -182,7 +317,7 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
                             "bundle": str(bundle.path),
                             "classes": list(m.classes),
                             "target": 10**9,
-                            "precision": precision,
+                            "precision": station.precision,
                         },
                     )
                     counter = DifferentialCounter(m.classes, 10**9, 0.6, m.class_groups)
@@ -192,6 +327,8 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
                     if r:  # the first run warms up
                         rates.append(res.frames / res.seconds)
                         counted.append(res.cells)
+                    elif hasattr(station.backend, "settle"):  # OpenVINO: static shapes for the sizes the warm-up saw
+                        station.backend.settle()
             out[name] = {"frames_per_s": _stats(rates), "cells_counted_per_run": counted}
     return out
 
@@ -199,46 +336,110 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
 def run(args: argparse.Namespace) -> int:
     """Benchmark and print."""
     from hemaedge.edge.bundle import load_bundle
+    from hemaedge.edge.classify.measure import cpu_name
     from hemaedge.edge.models import default_bundle_path
-    from rich.console import Console
-    from rich.table import Table
 
     bundle = load_bundle(args.bundle or default_bundle_path())
-    res: dict[str, Any] = {"bundle": str(bundle.path), "threads": args.threads or "default"}
+    batch = args.batch or default_batch(bundle)
+    if batch < 1:
+        raise UsageError("--batch must be at least 1")
+    res: dict[str, Any] = {
+        "bundle": str(bundle.path),
+        "threads": args.threads or "default",
+        "machine": {"cpu": cpu_name(), "cores": _cores(), "load_average_at_start": load_average()},
+    }
     res["crops"] = bench_crops(
         bundle,
         Path(args.checkpoint) if args.checkpoint else None,
-        args.batch,
+        batch,
         args.repeats,
         args.threads,
         args.skip_torch,
     )
     if not args.skip_pipeline:
-        prec = "int8" if "int8" in bundle.manifest.precisions() else "fp32"
-        res["pipeline"] = bench_pipeline(bundle, args.frames, max(3, args.repeats // 2), args.threads, prec)
+        res["pipeline"] = bench_pipeline(bundle, args.frames, max(3, args.repeats // 2), args.threads)
+    res["machine"]["load_average_at_end"] = load_average()
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
+    print_report(res)
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def print_report(res: dict[str, Any]) -> None:
+    """One table of every backend x precision, then the pipeline lines."""
+    from rich.console import Console
+    from rich.table import Table
+
     con = Console()
-    t = Table("path", "crops/s (median)", "min", "max", "x PyTorch eager", title=f"batch {args.batch}")
-    speed = res["crops"].get("speedup_vs_pytorch_eager", {})
-    for k, v in res["crops"].items():
-        if isinstance(v, dict) and "median" in v:
-            t.add_row(
-                k,
-                f"{v['median']:.0f}",
-                f"{v['min']:.0f}",
-                f"{v['max']:.0f}",
-                str(speed.get(k, "1.0" if "pytorch" in k else "")),
-            )
+    c = res["crops"]
+    chosen = (c.get("chosen") or {}).get("row")
+    speed = c.get("speedup_vs_pytorch_eager", {})
+    vs_ort = c.get("vs_onnxruntime_fp32", {})
+    t = Table(
+        "backend",
+        "precision",
+        "model file",
+        "crops/s",
+        "min",
+        "max",
+        "golden top-1 (vs)",
+        "x ORT FP32",
+        "x eager",
+        title=f"{Path(res['bundle']).name}: batch {c['batch']}, threads {c['threads']}",
+    )
+    for k, v in c.items():
+        if not isinstance(v, dict) or "station_candidate" not in v:
+            continue
+        if "error" in v:
+            t.add_row(k, "", "", "[red]not usable[/]", "", "", v["error"][:60], "", "")
+            continue
+        g = v.get("golden")
+        gtext = "n/a" if g is None else f"{g['top1_agreement']:.2f} ({g['reference']})"
+        if g is not None and not g["passed"]:
+            gtext = f"[red]{gtext} FAIL[/]"
+        name = f"[bold]{v['backend']}[/] ◀" if k == chosen else v["backend"]
+        if not v["station_candidate"]:
+            name = f"[dim]{v['backend']} (portable model)[/]"
+        t.add_row(
+            name,
+            v["precision"],
+            v["model_file"],
+            f"{v['median']:.0f}",
+            f"{v['min']:.0f}",
+            f"{v['max']:.0f}",
+            gtext,
+            f"{vs_ort[k]:.2f}" if k in vs_ort else "",
+            f"{speed[k]:.2f}" if k in speed else "",
+        )
+    eager = c.get("pytorch_eager_fp32")
+    if eager and "median" in eager:
+        t.add_row("pytorch eager", "fp32", "", f"{eager['median']:.0f}", f"{eager['min']:.0f}", f"{eager['max']:.0f}")
     con.print(t)
+    if chosen:
+        con.print(f"◀ {c['chosen']['why']}", style="dim", highlight=False)
+    if eager and "skipped" in eager:
+        con.print(f"PyTorch eager baseline skipped: {eager['skipped']}", style="dim", highlight=False)
     if "pipeline" in res:
         p = res["pipeline"]
+        con.print(f"pipeline backend: {p['backend_choice']}", style="dim", highlight=False)
         for name in ("panning_slide", "new_field_every_frame"):
             f = p[name]["frames_per_s"]
             con.print(
-                f"pipeline {name} ({p['precision']}, 640x480, {p['backend']}): {f['median']:.1f} frames/s "
-                f"(min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)",
+                f"pipeline {name} ({p['backend']} {p['precision']}, {p['threads']} thread(s), 640x480): "
+                f"{f['median']:.1f} frames/s (min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)",
                 highlight=False,
             )
-    return 0
+    m = res["machine"]
+    con.print(
+        f"{m['cpu']}, {m['cores']} cores; load average at start {m['load_average_at_start']}, "
+        f"at end {m['load_average_at_end']}",
+        style="dim",
+        highlight=False,
+    )

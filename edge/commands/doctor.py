@@ -2,11 +2,13 @@
 
 Checks: board (Jetson model and JetPack / L4T release, Raspberry Pi), Python
 environment, TensorRT, CUDA (cuda-python and the GPU), ONNX Runtime and its
-execution providers, OpenCV (and whether it can open GStreamer/CSI pipelines),
-cameras (/dev/video*, CSI through nvarguscamerasrc, picamera2), and which
-backend ``hemaedge count`` would use for a bundle (``--bundle``). Every probe
-is cheap and none of them fails the command: a missing piece is a row with
-its fix.
+execution providers, OpenVINO, OpenCV (and whether it can open GStreamer/CSI
+pipelines), cameras (/dev/video*, CSI through nvarguscamerasrc, picamera2), and
+which backend ``hemaedge count`` would use for a bundle (``--bundle``), with
+what was measured to choose it on a CPU (``--remeasure`` measures again). Every
+probe is cheap (choosing a CPU backend for a bundle the first time measures for
+a few seconds) and none of them fails the command: a missing piece is a row
+with its fix.
 """
 
 from __future__ import annotations
@@ -218,6 +220,28 @@ def check_onnxruntime(facts: dict) -> list[Check]:
     return rows
 
 
+def check_openvino(facts: dict) -> list[Check]:
+    """OpenVINO (the optional CPU backend) and its devices."""
+    from hemaedge.edge.classify.openvino import install_hint, openvino_version
+
+    version = openvino_version()
+    if not version:
+        return [
+            Check(
+                "OpenVINO",
+                OPTIONAL,
+                "not installed (optional CPU backend: fast INT8 for models such as EfficientNet)",
+                install_hint(),
+            )
+        ]
+    try:
+        ov = importlib.import_module("openvino")
+        devices = ", ".join(ov.Core().available_devices)
+    except Exception as exc:  # noqa: BLE001 - a broken OpenVINO install is a finding, not a crash
+        return [Check("OpenVINO", WARN, f"{version} installed but not usable ({type(exc).__name__}: {exc})")]
+    return [Check("OpenVINO", OK, f"{version}; devices: {devices}")]
+
+
 def check_opencv(facts: dict) -> list[Check]:
     """OpenCV, and GStreamer support (needed for CSI cameras on a Jetson)."""
     try:
@@ -316,33 +340,59 @@ def check_cameras(facts: dict, root: str = "/") -> list[Check]:
     return rows
 
 
-def check_bundle(path: str) -> list[Check]:
-    """Which backend ``hemaedge count`` would use for a bundle, and its engines."""
+def check_bundle(path: str, remeasure: bool = False) -> list[Check]:
+    """Which backend ``hemaedge count`` would use for a bundle and why: on a CPU, what was measured."""
     from hemaedge.edge.classify.select import select_backend
     from hemaedge.edge.errors import HemaedgeError
+    from hemaedge.edge.station import DEFAULT_THREADS
 
-    try:
-        backend, reason = select_backend(path)
+    try:  # the threads hemaedge count uses, so this reads (or fills) the same measurement
+        backend, reason = select_backend(path, threads=DEFAULT_THREADS, remeasure=remeasure)
     except HemaedgeError as exc:
         return [Check("bundle", MISSING, str(exc))]
     fix = ""
     if "hemaedge build-engine" in reason:
         fix = reason[reason.index("hemaedge build-engine") :].split(")")[0]
-    return [Check("backend", OK, f"{path}: {reason}", fix)]
+    rows = [Check("backend", OK, f"{path}: {reason}", fix)]
+    for m in getattr(backend, "measurements", None) or []:
+        if m.error:
+            rows.append(Check("measured", WARN, f"{m.label} {m.precision}: not usable ({m.error})"))
+            continue
+        g = m.golden
+        gold = (
+            "no golden outputs to check"
+            if g is None
+            else f"golden top-1 {g['top1_agreement']:.2f}, max |Δp| {g['max_abs_diff']:.4f} vs {g['reference']} "
+            + ("(passed)" if g["passed"] else "(FAILED)")
+        )
+        chosen = m.key == getattr(backend, "measured_key", "")
+        rows.append(
+            Check(
+                "measured",
+                OK if m.passed else WARN,
+                f"{m.label} {m.precision} ({m.model_file}): {m.crops_per_s or 0:.0f} crops/s "
+                f"(min {m.min or 0:.0f}, max {m.max or 0:.0f}); {gold}"
+                + (" <- chosen" if chosen else "")
+                + (f"; not eligible: {m.excluded}" if m.excluded else ""),
+                "" if m.passed else f"hemaedge verify {path} --backend {m.key.split('/')[0]} --precision {m.precision}",
+            )
+        )
+    return rows
 
 
-def diagnose(bundle: str | None = None, root: str = "/") -> list[Check]:
+def diagnose(bundle: str | None = None, root: str = "/", remeasure: bool = False) -> list[Check]:
     """All checks, in report order."""
     rows, facts = check_board(root)
     rows += check_python(facts)
     rows += check_tensorrt(facts)
     rows += check_cuda()
     rows += check_onnxruntime(facts)
+    rows += check_openvino(facts)
     rows += check_opencv(facts)
     rows += check_cameras(facts, root)
     rows.append(runtime_summary(rows))
     if bundle:
-        rows += check_bundle(bundle)
+        rows += check_bundle(bundle, remeasure)
     return rows
 
 
@@ -356,8 +406,15 @@ def runtime_summary(rows: list[Check]) -> Check:
         best = "ONNX Runtime TensorRT EP"
     elif "CUDA" in ort.split("providers:")[-1]:
         best = "ONNX Runtime CUDA"
+    elif ort and "OpenVINO" in have:
+        best = (
+            "ONNX Runtime CPU or OpenVINO CPU, whichever measures faster for the bundle (measured once per "
+            "bundle; hemaedge doctor --bundle BUNDLE shows it)"
+        )
     elif ort:
         best = "ONNX Runtime CPU"
+    elif "OpenVINO" in have:
+        best = "OpenVINO CPU"
     else:
         return Check("runtime", MISSING, "no inference runtime", "pip install onnxruntime")
     return Check("runtime", OK, f"hemaedge count will use {best}")
@@ -365,13 +422,22 @@ def runtime_summary(rows: list[Check]) -> Check:
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge doctor``."""
-    p.add_argument("--bundle", help="also say which backend this bundle would run on here")
+    p.add_argument("--bundle", help="also say which backend this bundle would run on here, and why")
+    p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="with --bundle: measure the CPU backends again instead of reading the cached measurement",
+    )
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the report (always exits 0: missing pieces are findings, not errors)."""
-    rows = diagnose(args.bundle)
+    if args.remeasure and not args.bundle:
+        from hemaedge.edge.errors import UsageError
+
+        raise UsageError("--remeasure needs --bundle BUNDLE (measurements are per bundle)")
+    rows = diagnose(args.bundle, remeasure=args.remeasure)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
         return 0
@@ -392,6 +458,6 @@ def run(args: argparse.Namespace) -> int:
     con.print(f"[yellow]To look at:[/] {', '.join(todo)}" if todo else "[green]Nothing required is missing.[/]")
     if optional:
         con.print(
-            f"[cyan]Optional here[/] (GPU acceleration; hemaedge runs on ONNX Runtime without them): {', '.join(optional)}"
+            f"[cyan]Optional here[/] (acceleration; hemaedge runs on ONNX Runtime without them): {', '.join(optional)}"
         )
     return 0

@@ -1,7 +1,11 @@
 """``hemaedge verify BUNDLE``: run the bundle's golden inputs here and compare with the workstation.
 
-Exit status: 0 when the selected backend agrees with the workstation within
-the thresholds, 1 when it does not, 2 for errors (no golden outputs, bad options).
+The backend is the one ``hemaedge count`` would choose (same threads; on a CPU, measured), or the one
+``--backend`` names (``openvino``, ``ort-cpu``...); ``--all`` checks every CPU backend and precision
+this station has (ONNX Runtime, OpenVINO), each against the golden outputs of the model file it runs.
+
+Exit status: 0 when the backend(s) agree with the workstation within the
+thresholds, 1 when one does not, 2 for errors (no golden outputs, bad options).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-agreement", type=float, help="pass threshold: top-1 agreement (default by precision)")
     p.add_argument("--max-diff", type=float, help="pass threshold: max |probability difference| (default by precision)")
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    p.add_argument(
+        "--all", action="store_true", help="check every CPU backend and precision here (ONNX Runtime, OpenVINO)"
+    )
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
 
 
@@ -36,10 +43,11 @@ def verify(
     from hemaedge.edge.bundle.golden import compare_golden, load_golden
     from hemaedge.edge.bundle.io import load_bundle
     from hemaedge.edge.classify.select import select_backend
+    from hemaedge.edge.station import DEFAULT_THREADS
 
     bundle = load_bundle(bundle_path)
     golden = load_golden(bundle)
-    chosen, reason = select_backend(bundle, backend, precision)
+    chosen, reason = select_backend(bundle, backend, precision, threads=DEFAULT_THREADS)
     with chosen:
         probs = np.concatenate(
             [chosen.classify(golden.inputs[i : i + batch]) for i in range(0, len(golden.inputs), batch)]
@@ -65,8 +73,75 @@ def verify(
     }
 
 
+def verify_all(bundle_path: str, precision: str = "auto") -> dict:
+    """The golden check of every CPU backend x precision this station has (``--all``)."""
+    from hemaedge.edge.bundle.golden import load_golden
+    from hemaedge.edge.bundle.io import load_bundle
+    from hemaedge.edge.classify.measure import golden_check
+    from hemaedge.edge.classify.select import cpu_candidates
+    from hemaedge.edge.errors import HemaedgeError
+
+    bundle = load_bundle(bundle_path)
+    golden = load_golden(bundle)
+    candidates, runtimes, _ = cpu_candidates(bundle, precision)
+    rows = []
+    for c in candidates:
+        row: dict = {"backend": c.key, "label": c.label, "precision": c.precision}
+        try:
+            with c.factory() as be:
+                row.update(golden_check(be, golden, bundle.manifest.output_kind))
+                row["model_file"] = be.model_path.name
+        except HemaedgeError as exc:
+            row.update(passed=False, error=str(exc))
+        rows.append(row)
+    return {
+        "bundle": str(bundle.path),
+        "runtimes": runtimes,
+        "backends": rows,
+        "passed": bool(rows) and all(r["passed"] for r in rows),
+    }
+
+
+def _run_all(args: argparse.Namespace) -> int:
+    r = verify_all(args.bundle, args.precision)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0 if r["passed"] else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(
+        title=f"golden check of every CPU backend here ({', '.join(f'{k} {v}' for k, v in r['runtimes'].items())})"
+    )
+    for col in ("backend", "precision", "model file", "vs", "top-1 agreement", "max |Δp|", "top-1 vs fp32", ""):
+        t.add_column(col)
+    for b in r["backends"]:
+        if "error" in b:
+            t.add_row(b["label"], b["precision"], "", "", "", "", "", f"[red]not usable: {b['error']}[/]")
+            continue
+        t.add_row(
+            b["label"],
+            b["precision"],
+            b["model_file"],
+            b["reference"],
+            f"{b['top1_agreement']:.1%}",
+            f"{b['max_abs_diff']:.4f}",
+            "" if b["top1_vs_fp32"] is None else f"{b['top1_vs_fp32']:.1%}",
+            "[green]PASS[/]" if b["passed"] else "[bold red]FAIL[/]",
+        )
+    con.print(t)
+    return 0 if r["passed"] else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """Verify and print the result; exit 1 when it fails."""
+    if args.all:
+        if args.backend != "auto":
+            from hemaedge.edge.errors import UsageError
+
+            raise UsageError("--all checks every CPU backend; drop --backend")
+        return _run_all(args)
     r = verify(args.bundle, args.backend, args.precision, args.min_agreement, args.max_diff, args.batch)
     if args.json:
         print(json.dumps(r, indent=2))

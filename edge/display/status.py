@@ -42,6 +42,7 @@ class RunStatus:
         session: Session directory or id.
         source: Source URI.
         backend: Backend in use (e.g. ``onnxruntime/CPU``).
+        backend_reason: Why that backend runs (``select_backend``'s reason: on a CPU, what was measured).
         precision: Precision actually run (``int8``, ``fp32``...).
         frames: Frames read.
         fps: Frames per second over the last seconds.
@@ -81,3 +82,4 @@ class RunStatus:
     not_estimated: tuple[str, ...] = ()
     inputs_unusable: int = 0
     triage: str = ""
+    backend_reason: str = ""

@@ -188,6 +188,10 @@ def render_status(st: RunStatus, width: int = 80, height: int = 24, confirm_rese
     if st.source and budget >= _lines(f"source: {st.source}", width):
         extra.append(Text(f"source: {st.source}", style="dim"))
         budget -= _lines(f"source: {st.source}", width)
+    why = f"backend: {st.backend_reason}" if st.backend_reason else ""
+    if why and budget >= _lines(why, width):
+        extra.append(Text(why, style="dim"))
+        budget -= _lines(why, width)
     gl = _groups_line(st)
     if tall and gl:
         if budget >= _lines(gl, width):

@@ -1,0 +1,170 @@
+"""The OpenVINO backend, for real, on the tiny test bundle (skipped, with the reason, where OpenVINO is not installed).
+
+Without OpenVINO the package still imports and its ONNX Runtime paths run (tests/test_layering.py blocks the import);
+``--backend openvino`` then fails in one line naming the extra (last test here, which runs everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from hemaedge.edge.bundle import load_bundle, preprocess
+from hemaedge.edge.bundle.golden import load_golden, write_golden
+from hemaedge.edge.classify.onnxruntime import OrtBackend
+from hemaedge.edge.classify.select import select_backend
+from hemaedge.edge.errors import BackendError, MissingDependencyError
+
+from hemaedge.cli import main
+
+try:
+    import openvino  # noqa: F401
+
+    HAVE_OPENVINO = True
+except ImportError:
+    HAVE_OPENVINO = False
+
+needs_openvino = pytest.mark.skipif(
+    not HAVE_OPENVINO, reason="OpenVINO is not installed (pip install 'hemaedge[openvino]'; the dev extra has it)"
+)
+
+
+def _inputs(bundle, n: int = 20) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    return preprocess([rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(n)], bundle.manifest.input)
+
+
+@pytest.fixture()
+def golden_bundle(tiny_bundle_dir):
+    """The tiny bundle with golden outputs from ONNX Runtime (what export-model writes)."""
+    b = load_bundle(tiny_bundle_dir)
+    x = _inputs(b)
+    outs = {}
+    for p in ("fp32", "int8"):
+        with OrtBackend(b, p, providers=["cpu"]) as be:
+            outs[p] = be.run_raw(x)
+    write_golden(b, x, outs)
+    return load_bundle(tiny_bundle_dir)
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_openvino_computes_what_onnxruntime_computes(golden_bundle, precision, threads):
+    """One thread: one request (latency); more: the batch is split over OpenVINO's streams and put back in order."""
+    from hemaedge.edge.classify.openvino import OpenVinoBackend
+
+    g = load_golden(golden_bundle)
+    be = OpenVinoBackend(golden_bundle, precision, threads=threads)
+    assert be._dynamic is None  # cheap constructor: nothing loaded yet
+    with be:
+        probs = be.classify(g.inputs)
+        assert be.classify(g.inputs[:3]).shape == (3, 8)  # any batch size (the model's batch is dynamic)
+        assert be.classify(g.inputs[:0]).shape == (0, 8)
+        assert be.model_path.name == ("model.onnx" if precision == "fp32" else "model.int8.onnx")
+        assert be.name == "openvino/CPU" and be.golden_key == precision and be.version
+        assert len(be._dynamic.requests) == 1 or threads != 1  # one thread: one request, compiled for latency
+        assert np.allclose(be.classify(g.inputs[5:8]), probs[5:8], atol=1e-6)  # rows stay in order
+        # a batch size seen again gets a static-shape model (compiled in the background); same numbers
+        for _ in range(3):
+            be.classify(g.inputs[:6])
+        be.settle()
+        assert be.static_batches  # 6 (one request) or its per-stream chunks
+        assert np.allclose(be.classify(g.inputs[:6]), probs[:6], atol=1e-5)
+    assert be._dynamic is None and be.static_batches == []  # released on exit
+    ref = g.outputs[precision]
+    ref = np.exp(ref - ref.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (probs.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    assert np.abs(probs - ref).max() < (1e-4 if precision == "fp32" else 0.05)
+
+
+@needs_openvino
+def test_openvino_refuses_misuse_in_one_line(golden_bundle):
+    from hemaedge.edge.classify.openvino import OpenVinoBackend
+
+    be = OpenVinoBackend(golden_bundle, "int8")
+    with pytest.raises(BackendError, match="outside its 'with' block"):
+        be.classify(np.zeros((1, 3, 28, 28), np.float32))
+    with be, pytest.raises(BackendError, match=r"input shape \(2, 3, 32, 32\) does not match"):
+        be.classify(np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.raises(BackendError, match="fp32 or int8"):
+        OpenVinoBackend(golden_bundle, "fp16")
+    (golden_bundle.path / "model.int8.onnx").write_bytes(b"not a model")
+    with pytest.raises(BackendError, match="cannot load model.int8.onnx") as err:
+        OpenVinoBackend(golden_bundle, "int8").__enter__()
+    assert "\n" not in str(err.value)
+
+
+@needs_openvino
+def test_verify_covers_openvino(golden_bundle, capsys):
+    assert main(["verify", str(golden_bundle.path), "--backend", "openvino", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == "openvino/CPU" and r["precision"] == "int8" and r["reference"] == "int8" and r["passed"]
+    assert main(["verify", str(golden_bundle.path), "--backend", "ov", "--precision", "fp32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["reference"] == "fp32" and r["max_abs_diff"] < 1e-4
+    assert main(["verify", str(golden_bundle.path), "--all", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["backends"]
+    assert {(r["backend"], r["passed"]) for r in rows} >= {("openvino/int8", True), ("openvino/fp32", True)}
+
+
+@needs_openvino
+def test_auto_measures_openvino_against_onnxruntime(golden_bundle, monkeypatch):
+    """Real measurement (not timed by the test: whichever wins, it must have passed the golden check)."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    backend, reason = select_backend(golden_bundle, threads=1, notify=lambda text: None)
+    keys = {m.key for m in backend.measurements}
+    assert keys == {"onnxruntime/int8", "onnxruntime/fp32", "openvino/int8", "openvino/fp32"}
+    chosen = next(m for m in backend.measurements if m.key == backend.measured_key)
+    assert chosen.eligible and chosen.golden["passed"] and chosen.crops_per_s > 0
+    assert all(m.golden is not None for m in backend.measurements)
+    assert "OpenVINO CPU int8" in reason and "ONNX Runtime CPU fp32" in reason
+    with backend:
+        assert backend.classify(load_golden(golden_bundle).inputs[:4]).shape == (4, 8)
+
+
+@needs_openvino
+def test_forced_openvino_skips_int8_that_missed_its_gate_at_export(golden_bundle):
+    import dataclasses
+
+    from hemaedge.edge.bundle.io import write_manifest
+
+    m = golden_bundle.manifest
+    gate = {"accuracy": 0.9, "drop_points": 2.5, "max_drop": 1.0, "passed": False}
+    write_manifest(golden_bundle.path, dataclasses.replace(m, metrics={**m.metrics, "int8_openvino": gate}))
+    backend, reason = select_backend(golden_bundle.path, "openvino")
+    assert backend.precision == "fp32" and "lost 2.50 points at export" in reason
+    assert select_backend(golden_bundle.path, "openvino", "int8")[0].precision == "int8"  # asked for: honoured
+
+
+@needs_openvino
+def test_bench_compares_openvino_in_the_same_table(golden_bundle, capsys):
+    code = main(
+        ["bench", "--bundle", str(golden_bundle.path), "--skip-torch", "--skip-pipeline", "--batch", "4"]
+        + ["--repeats", "1", "--json"]
+    )
+    assert code == 0
+    crops = json.loads(capsys.readouterr().out)["crops"]
+    assert {"openvino_fp32", "openvino_int8", "onnxruntime_fp32", "onnxruntime_int8"} <= set(crops)
+    assert crops["openvino_int8"]["golden"]["passed"] and crops["openvino_int8"]["model_file"] == "model.int8.onnx"
+    assert set(crops["vs_onnxruntime_fp32"]) >= {"openvino_int8", "onnxruntime_int8"}
+    assert crops["chosen"]["row"] in ("openvino_fp32", "openvino_int8", "onnxruntime_fp32", "onnxruntime_int8")
+
+
+def test_without_openvino_asking_for_it_names_the_extra(golden_bundle, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    from hemaedge.edge.classify.openvino import OpenVinoBackend, openvino_version
+
+    assert openvino_version() == ""
+    with pytest.raises(MissingDependencyError, match=r"pip install 'hemaedge\[openvino\]'") as err:
+        select_backend(golden_bundle, "openvino")
+    assert "\n" not in str(err.value)
+    with pytest.raises(MissingDependencyError, match="the OpenVINO backend needs 'openvino'"):
+        OpenVinoBackend(golden_bundle).__enter__()
+    assert main(["verify", str(golden_bundle.path), "--backend", "openvino"]) == 2
+    err = capsys.readouterr().err.replace("\n", "")  # rich wraps the one line at the terminal's width
+    assert err.startswith("error: --backend openvino: OpenVINO is not installed: pip install 'hemaedge[openvino]'")
