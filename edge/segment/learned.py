@@ -1,0 +1,272 @@
+"""The learned white-cell detector: a detector bundle run with ONNX Runtime (numpy + cv2, no torch).
+
+A detector bundle (``"task": "detect"`` in its manifest) holds a small fully convolutional net trained
+at one working scale (``detector.px_per_um``). Each frame is:
+
+1. brought to that scale: the session's pixels per micron (measured on red cells over the first
+   frames, ``hemaedge.edge.segment.scale``, or stated by the user; ``scale="frame"`` measures every
+   frame, for still images from several microscopes) gives the resize factor;
+2. white-balanced (the stain segmenter's ``white_balance``), padded to a multiple of
+   ``detector.pad_multiple`` with white-balanced background, normalised with the manifest's mean/std;
+3. run; the output at ``detector.stride`` holds a centre heatmap logit, log box width and height
+   (stride units) and the centre's sub-cell offset;
+4. decoded: heatmap peaks (3 x 3 local maxima) above ``detector.threshold``, boxes from size and
+   offset, overlapping boxes (IoU above ``detector.nms_iou``) suppressed, mapped back to frame pixels.
+
+``LearnedSegmenter`` returns the same ``Detection`` records as ``StainSegmenter``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hemaedge.edge.bundle.manifest import Manifest
+from hemaedge.edge.errors import BundleError, UsageError
+from hemaedge.edge.records import Detection, Frame
+from hemaedge.edge.segment.base import as_frame
+from hemaedge.edge.segment.scale import Scale, SessionScale, estimate_scale, frame_guess
+
+BACKGROUND = 235  # white-balanced background (``white_balance``'s target): the padding colour
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """The ``detector`` section of a detector bundle's manifest.
+
+    Attributes:
+        px_per_um: The working scale the net was trained at (frames are resized to it).
+        stride: Output cell size in working pixels.
+        threshold: Smallest heatmap peak (0..1) that is a white cell.
+        nms_iou: Boxes overlapping a better one by more than this are dropped.
+        pad_multiple: Working images are padded to a multiple of this.
+        max_cells: At most this many cells per frame.
+        max_side: The working image's long side is capped at this (a frame at a much finer scale than
+            the station expects is shrunk further rather than run at a huge size).
+        outputs: What the output channels hold (documentation).
+    """
+
+    px_per_um: float
+    stride: int = 4
+    threshold: float = 0.3
+    nms_iou: float = 0.5
+    pad_multiple: int = 16
+    max_cells: int = 200
+    max_side: int = 1600
+    outputs: tuple[str, ...] = ("centre_logit", "log_w", "log_h", "dx", "dy")
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> DetectorSpec:
+        """Read and check a manifest's ``detector`` section (BundleError when it is not a detector bundle)."""
+        if manifest.extra.get("task", "classify") != "detect":
+            raise BundleError(f"bundle '{manifest.name}' is not a detector bundle (its task is not 'detect')")
+        d = manifest.extra.get("detector")
+        if not isinstance(d, dict):
+            raise BundleError(f"detector bundle '{manifest.name}' has no 'detector' section in its manifest")
+        try:
+            spec = cls(
+                px_per_um=float(d["px_per_um"]),
+                stride=int(d.get("stride", 4)),
+                threshold=float(d.get("threshold", 0.3)),
+                nms_iou=float(d.get("nms_iou", 0.5)),
+                pad_multiple=int(d.get("pad_multiple", 16)),
+                max_cells=int(d.get("max_cells", 200)),
+                max_side=int(d.get("max_side", 1600)),
+                outputs=tuple(d.get("outputs", cls.outputs)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"detector bundle '{manifest.name}': malformed 'detector' section ({exc})") from exc
+        if not spec.px_per_um > 0 or spec.stride < 1 or not 0 < spec.threshold < 1 or spec.pad_multiple < 1:
+            raise BundleError(f"detector bundle '{manifest.name}': 'detector' values out of range: {d}")
+        return spec
+
+
+def prepare(
+    bgr: np.ndarray, factor: float, spec: DetectorSpec, mean: tuple, std: tuple
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The net's input for a BGR frame resized by ``factor``: ``1 x 3 x H x W`` float32 and the unpadded size."""
+    import cv2
+    from hemaedge.edge.segment.stain import white_balance
+
+    h, w = bgr.shape[:2]
+    nw, nh = max(1, int(round(w * factor))), max(1, int(round(h * factor)))
+    small = (
+        bgr
+        if (nw, nh) == (w, h)
+        else cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    )
+    small = white_balance(small)
+    m = spec.pad_multiple
+    ph, pw = -nh % m, -nw % m
+    if ph or pw:
+        small = cv2.copyMakeBorder(small, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(BACKGROUND,) * 3)
+    x = small[:, :, ::-1].astype(np.float32)
+    x *= np.float32(1.0 / 255.0)
+    x -= np.asarray(mean, np.float32)
+    x /= np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), (nh, nw)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best score first."""
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    while len(order):
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        x0 = np.maximum(boxes[i, 0], boxes[rest, 0])
+        y0 = np.maximum(boxes[i, 1], boxes[rest, 1])
+        x1 = np.minimum(boxes[i, 2], boxes[rest, 2])
+        y1 = np.minimum(boxes[i, 3], boxes[rest, 3])
+        inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+        ov = inter / np.maximum(area[i] + area[rest] - inter, 1e-9)
+        order = rest[ov <= iou]
+    return np.asarray(keep, np.int64)
+
+
+def decode(
+    out: np.ndarray, spec: DetectorSpec, size: tuple[int, int], threshold: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N x 4, working pixels, clipped to ``size`` = (h, w)) and scores of one output ``5 x h x w``."""
+    import cv2
+
+    thr = spec.threshold if threshold is None else threshold
+    logit = out[0].astype(np.float32)
+    heat = 1.0 / (1.0 + np.exp(-logit))
+    top = cv2.dilate(heat, np.ones((3, 3), np.uint8))
+    ys, xs = np.nonzero((heat >= top) & (heat >= thr))
+    if not len(ys):
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    scores = heat[ys, xs]
+    s = float(spec.stride)
+    bw = np.exp(np.clip(out[1, ys, xs], -4, 6)) * s
+    bh = np.exp(np.clip(out[2, ys, xs], -4, 6)) * s
+    cx = (xs + out[3, ys, xs]) * s
+    cy = (ys + out[4, ys, xs]) * s
+    h, w = size
+    boxes = np.stack(
+        [
+            np.clip(cx - bw / 2, 0, w),
+            np.clip(cy - bh / 2, 0, h),
+            np.clip(cx + bw / 2, 0, w),
+            np.clip(cy + bh / 2, 0, h),
+        ],
+        1,
+    ).astype(np.float32)
+    ok = (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
+    boxes, scores = boxes[ok], scores[ok]
+    keep = nms(boxes, scores, spec.nms_iou)[: spec.max_cells]
+    return boxes[keep], scores[keep].astype(np.float32)
+
+
+def to_frame(boxes: np.ndarray, work: tuple[int, int], frame: tuple[int, int]) -> np.ndarray:
+    """Boxes in working pixels (image ``work`` = (h, w)) mapped to frame pixels (``frame`` = (h, w))."""
+    sx, sy = frame[1] / work[1], frame[0] / work[0]
+    return (boxes * np.asarray([sx, sy, sx, sy], np.float32)).astype(np.float32)
+
+
+class LearnedSegmenter:
+    """White cells found by a detector bundle (see the module docstring).
+
+    Args:
+        bundle: A loaded detector ``Bundle`` or its path (a shipped bundle's name works too).
+        scale: ``None`` measures the session's scale on its first frames; a number is the stated
+            pixels per micron; ``"frame"`` measures every frame (stills from several microscopes).
+        precision: ``"int8"`` (default when the bundle has it) or ``"fp32"``.
+        threads: ONNX Runtime intra-op threads (0: its default).
+        threshold: Override the bundle's heatmap threshold.
+    """
+
+    name = "learned"
+
+    def __init__(
+        self,
+        bundle: Any = None,
+        scale: float | str | None = None,
+        precision: str = "auto",
+        threads: int = 1,
+        threshold: float | None = None,
+    ):
+        from hemaedge.edge.bundle import load_bundle
+
+        if bundle is None:
+            from hemaedge.edge.models import default_detector_path
+
+            bundle = default_detector_path()
+        self.bundle = bundle if hasattr(bundle, "manifest") else load_bundle(bundle)
+        m = self.bundle.manifest
+        self.spec = DetectorSpec.from_manifest(m)
+        if threshold is not None:
+            if not 0 < threshold < 1:
+                raise UsageError(f"detector threshold must be within 0..1, not {threshold}")
+            self.spec = DetectorSpec(**{**self.spec.__dict__, "threshold": float(threshold)})
+        self.mean, self.std = m.input.mean, m.input.std
+        if isinstance(scale, str) and scale != "frame":
+            raise UsageError(f"scale must be pixels per micron or 'frame', not {scale!r}")
+        self.per_frame = scale == "frame"
+        self.session = SessionScale(None if scale in (None, "frame") else float(scale))
+        self.last_scale: Scale | None = None
+        precs = m.precisions()
+        self.precision = ("int8" if "int8" in precs else "fp32") if precision == "auto" else precision
+        if self.precision not in precs:
+            raise UsageError(f"detector bundle '{m.name}' has no {self.precision} model (it has {', '.join(precs)})")
+        self.threads = threads
+        self._session: Any = None
+
+    @property
+    def model_path(self) -> Path:
+        """The ONNX file this segmenter runs (the CPU INT8 variant when there is one)."""
+        return self.bundle.onnx_path(self.precision, target="cpu")
+
+    def _ort(self) -> Any:
+        if self._session is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+                so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            self._session = ort.InferenceSession(str(self.model_path), so, providers=["CPUExecutionProvider"])
+            self._input = self._session.get_inputs()[0].name
+        return self._session
+
+    @property
+    def scale(self) -> Scale | None:
+        """The scale in use: the session's (fixed after its first frames, or stated) or the last frame's."""
+        return self.last_scale if self.per_frame else (self.session.current or self.last_scale)
+
+    def frame_scale(self, bgr: np.ndarray) -> Scale:
+        """The scale to use for this frame."""
+        if self.per_frame:
+            return estimate_scale(bgr) or frame_guess(bgr.shape)
+        return self.session.observe(bgr)
+
+    def run(self, bgr: np.ndarray, scale: Scale) -> tuple[np.ndarray, np.ndarray, float]:
+        """Raw detection on a BGR frame at a known scale: boxes (frame pixels), scores, and the resize factor."""
+        h, w = bgr.shape[:2]
+        f = scale.factor_to(self.spec.px_per_um)
+        f = min(f, self.spec.max_side / max(h, w))
+        x, size = prepare(bgr, f, self.spec, self.mean, self.std)
+        out = self._ort().run(None, {self._input: x})[0][0]
+        boxes, scores = decode(out, self.spec, size)
+        return to_frame(boxes, size, (h, w)), scores, f
+
+    def detect(self, frame: Frame | np.ndarray) -> list[Detection]:
+        """White cells in ``frame`` (a ``Frame`` or a BGR array), best score first."""
+        fr = as_frame(frame)
+        bgr = fr.bgr()
+        scale = self.frame_scale(bgr)
+        self.last_scale = scale
+        boxes, scores, _ = self.run(bgr, scale)
+        return [
+            Detection(tuple(float(v) for v in b), round(float(s), 4), "wbc")
+            for b, s in zip(boxes.tolist(), scores.tolist())
+        ]
+
+
+__all__ = ["DetectorSpec", "LearnedSegmenter", "decode", "nms", "prepare", "to_frame"]
