@@ -207,7 +207,9 @@ def load_folder(root: str | os.PathLike, split: str | None = None, classes: Sequ
     if not found:
         raise InputError(f"no images found under {base}")
     names = tuple(classes) if classes else tuple(found)
-    unknown = [c for c in found if c not in names and c != "unlabelled"]
+    # folders match classes by name or by any spelling of the same class ("ig" is "immature_granulocyte")
+    index = {d: _class_index(d, names) for d in found if d != "unlabelled"}
+    unknown = [d for d, i in index.items() if i is None]
     if unknown:
         raise InputError(f"{base} has class folders {unknown} that are not in the class list {list(names)}")
     paths: list[Path] = []
@@ -215,11 +217,11 @@ def load_folder(root: str | os.PathLike, split: str | None = None, classes: Sequ
     h = hashlib.sha256()
     for d in subdirs:
         name = "unlabelled" if d == base else d.name
-        if name not in names and name != "unlabelled":
+        if name not in index and name != "unlabelled":
             continue
         for p in _list_images(d):
             paths.append(p)
-            labels.append(names.index(name) if name in names else -1)
+            labels.append(index[name] if name in index else -1)
             h.update(f"{name}/{p.name}:{p.stat().st_size};".encode())
     return ImageSet(
         name=f"{root.name}:{split or 'all'}",
@@ -228,6 +230,15 @@ def load_folder(root: str | os.PathLike, split: str | None = None, classes: Sequ
         paths=paths,
         digest=h.hexdigest(),
     )
+
+
+def _class_index(folder: str, names: Sequence[str]) -> int | None:
+    """The index of the class a folder holds: the same name, else the same class under another spelling."""
+    from hemaedge.edge.bundle.vocabulary import same_class
+
+    if folder in names:
+        return names.index(folder)
+    return next((i for i, n in enumerate(names) if same_class(folder, n)), None)
 
 
 def open_dataset(

@@ -22,8 +22,8 @@ synthetic slide) are not skipped: capture waits for room in the queue, so every
 frame is segmented and the count does not depend on timing. A cell is counted
 and shown only after its row and crop are durably stored.
 
-Platelets: when the bundle has a platelet class, the segmenter is asked for
-platelets too; they are tracked, cut (as large as a white cell's crop, see
+Platelets (``platelets=True``, ``hemaedge count --platelets``; otherwise reported as "not estimated"):
+the segmenter is asked for platelets too; they are tracked, cut (as large as a white cell's crop, see
 ``PLATELET_TO_WBC``), classified and stored like white cells, and counted only
 when the classifier calls them platelets (``CountingSession``). The counter
 keeps them out of the white-cell target (platelets per 100 white cells).
@@ -39,12 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from hemaedge.edge.bundle import Bundle, preprocess
 from hemaedge.edge.count import DifferentialCounter, SlideTracker
 from hemaedge.edge.count.tracking import Keyframe
 from hemaedge.edge.display.status import RecentCell, RunStatus
-from hemaedge.edge.station import CellFinder, Found, platelet_classes
+from hemaedge.edge.records import CellKind, Prediction, SessionState, SkippedInput, SkipReason
+from hemaedge.edge.station import CellFinder, Found, Station, classify_crops
 from hemaedge.edge.store import NewCell, SessionStore, StoredCell
 from hemaedge.edge.store.crop_folder import CropFolder
 
@@ -64,11 +63,11 @@ def restore(store: SessionStore, counter: DifferentialCounter, tracker: SlideTra
     """
     cells = store.read_cells()
     counter.reset()
-    tracker.reset()
     for c in cells:
         counter.add(c.class_index, c.review)
-        tracker.cells.add(c.field, c.sx, c.sy, c.box[2] - c.box[0], c.box[3] - c.box[1])
-    tracker.registrar.load(store.read_keyframes())
+    tracker.restore(
+        ((c.field, c.sx, c.sy, c.box[2] - c.box[0], c.box[3] - c.box[1]) for c in cells), store.read_keyframes()
+    )
     return cells
 
 
@@ -86,15 +85,73 @@ _END = object()
 
 
 @dataclass
+class InputLog:
+    """What became of the inputs: nothing unread or unused goes unmentioned.
+
+    Attributes:
+        total: Inputs the source holds (still images: the files; a stream: None, unknown).
+        read: Frames read from the source.
+        used: Frames segmented (the rest were skipped: unreadable, quality, busy).
+        unusable: Still images not used, each named with its reason (unreadable files, and frames the quality
+            check refused: greyscale, too small, out of focus, badly exposed).
+        quality: Frames refused by the quality check, by reason (all sources).
+        not_read: Still images never read because the target was reached first.
+    """
+
+    total: int | None = None
+    read: int = 0
+    used: int = 0
+    unusable: list[SkippedInput] = field(default_factory=list)
+    quality: dict[str, int] = field(default_factory=dict)
+    not_read: int = 0
+
+    def message(self) -> str:
+        """One line for people, e.g. ``"3 of 8 images could not be used (2 unreadable, 1 greyscale)"``; ``""`` if
+        every input was used."""
+        parts = []
+        if self.unusable:
+            why = collections.Counter(_short(u) for u in self.unusable)
+            detail = ", ".join(f"{n} {k}" for k, n in why.most_common())
+            of = f" of {self.total}" if self.total is not None else ""
+            parts.append(f"{len(self.unusable)}{of} images could not be used ({detail})")
+        elif self.quality:
+            detail = ", ".join(f"{n} {k}" for k, n in sorted(self.quality.items(), key=lambda kv: -kv[1]))
+            parts.append(f"{sum(self.quality.values())} of {self.read} frames skipped ({detail})")
+        if self.not_read:
+            parts.append(f"{self.not_read} images not read: the target was reached first")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``summary.json``'s ``inputs``)."""
+        return {
+            "total": self.total,
+            "read": self.read,
+            "used": self.used,
+            "unusable": [u.to_dict() for u in self.unusable],
+            "quality_skipped": dict(self.quality),
+            "not_read": self.not_read,
+            "message": self.message(),
+        }
+
+
+def _short(item: SkippedInput) -> str:
+    """A short kind for counting unusable inputs: ``unreadable``, or the quality reason's first words."""
+    if item.reason == SkipReason.UNREADABLE:
+        return "unreadable"
+    return item.detail.split(":")[0].split(" (")[0] or str(item.reason)
+
+
+@dataclass
 class SessionResult:
     """How a counting session ended."""
 
-    state: str
+    state: SessionState
     frames: int
     cells: int
     seconds: float
     skipped: dict[str, int] = field(default_factory=dict)
     error: BaseException | None = None
+    inputs: InputLog = field(default_factory=InputLog)
 
 
 class CountingSession:
@@ -103,13 +160,12 @@ class CountingSession:
     Args:
         source: An opened or unopened ``FrameSource`` (iterated in the capture thread;
             its ``on_event`` is routed into the warnings).
-        finder: The capture-side stages.
-        backend: An *entered* backend (``classify(batch) -> N x K`` probabilities).
-        bundle: The bundle (input spec, classes).
+        station: The assembled stages (``Station.from_bundle``): its backend must be *entered*.
         store: The session store.
         counter: The counter (already restored when resuming).
-        backend_name: Shown in the display (default: ``backend.name``).
-        precision: Shown in the display (default: ``backend.precision``).
+        finder: The capture-side stages (default: ``station.cell_finder(source)``; give one to keep a restored tracker).
+        backend_name: Shown in the display (default: the station's backend name).
+        precision: Shown in the display (default: the backend's precision).
         session_name: Shown in the display.
         max_frames: Stop after this many frames (None: until the source ends).
         max_fps: Read at most this many frames per second (None: as fast as possible).
@@ -122,8 +178,11 @@ class CountingSession:
             frame not taken now is gone), wait for files, videos and synthetic frames
             (nothing is lost by waiting, and the count does not depend on timing).
         note: A standing remark for the display (e.g. that a demo counts drawn cells).
-        platelets: Find, classify and count platelets too. Default: when the bundle has a platelet class
-            (``class_groups["platelets"]``, else the default grouping of its class names). A platelet
+        on_warning: Called (from either thread) with each warning line as it happens (``--no-tui`` prints them).
+        not_estimated: Classes this session does not estimate (shown as "not estimated", never as a number):
+            ``hemaedge count`` passes the platelet classes unless ``--platelets``.
+        platelets: Find, classify and count platelets too (default off: ``hemaedge count --platelets``; the
+            bundle needs a platelet class, ``class_groups["platelets"]`` or the default grouping). A platelet
             detection is counted only when the classifier calls it a platelet class with at least the
             review confidence; otherwise it is dropped (neither stored nor counted, tallied in
             ``dropped_platelets``): it must not land in a white-cell class or in the review bucket, which
@@ -134,12 +193,11 @@ class CountingSession:
     def __init__(
         self,
         source: Any,
-        finder: CellFinder,
-        backend: Any,
-        bundle: Bundle,
+        station: Station,
         store: SessionStore,
         counter: DifferentialCounter,
         *,
+        finder: CellFinder | None = None,
         backend_name: str | None = None,
         precision: str | None = None,
         session_name: str = "",
@@ -151,16 +209,21 @@ class CountingSession:
         on_cell: Callable[[StoredCell, str], None] | None = None,
         skip_when_busy: bool | None = None,
         note: str = "",
-        platelets: bool | None = None,
+        on_warning: Callable[[str], None] | None = None,
+        not_estimated: tuple[str, ...] = (),
+        platelets: bool = False,
     ):
         self.source = source
-        self.finder = finder
-        self.backend = backend
-        self.bundle = bundle
+        self.station = station
+        self.finder = finder = finder if finder is not None else station.cell_finder(source)
+        self.backend = station.backend
+        self.bundle = station.bundle
         self.store = store
         self.counter = counter
-        self.backend_name = backend_name or str(getattr(backend, "name", type(backend).__name__))
-        self.precision = precision or str(getattr(backend, "precision", ""))
+        self.backend_name = backend_name or station.backend_name
+        self.precision = precision or station.precision
+        self.on_warning = on_warning
+        self.not_estimated = tuple(not_estimated)
         self.session_name = session_name
         self.max_frames = max_frames
         self.max_fps = max_fps
@@ -168,9 +231,7 @@ class CountingSession:
         self.crop_folder = crop_folder
         self.on_cell = on_cell
         self.note = note
-        self.platelet_classes = platelet_classes(bundle)
-        if platelets is None:
-            platelets = bool(self.platelet_classes)
+        self.platelet_classes = station.platelet_classes
         if platelets and not self.platelet_classes:
             raise ValueError("platelets asked for, but the bundle has no platelet class")
         if platelets != finder.platelets:
@@ -185,8 +246,9 @@ class CountingSession:
         self._reset_requested = threading.Event()
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
-        self._state = "starting"
+        self._state = SessionState.STARTING
         self._frames = 0
+        self._inputs = InputLog(total=len(source) if isinstance(getattr(source, "paths", None), list) else None)
         self._skipped: collections.Counter = collections.Counter()
         self._at_edge = 0
         self._frame_times: collections.deque = collections.deque()
@@ -204,7 +266,7 @@ class CountingSession:
     def start(self) -> CountingSession:
         """Start the capture and classification threads."""
         self._started = time.monotonic()
-        self._state = "counting"
+        self._state = SessionState.COUNTING
         self._threads = [
             threading.Thread(target=self._guard, args=(self._capture,), name="hemaedge-capture", daemon=True),
             threading.Thread(target=self._guard, args=(self._work,), name="hemaedge-classify", daemon=True),
@@ -215,8 +277,8 @@ class CountingSession:
 
     def stop(self) -> None:
         """Ask both threads to finish: capture stops reading, the worker classifies what is queued."""
-        if self._state in ("counting", "paused", "starting"):
-            self._state = "stopping"
+        if self._state in (SessionState.COUNTING, SessionState.PAUSED, SessionState.STARTING):
+            self._state = SessionState.STOPPING
         self._stop.set()
         self._unpaused.set()
 
@@ -224,12 +286,12 @@ class CountingSession:
         """Pause or resume reading frames; returns True when now paused."""
         if self._unpaused.is_set():
             self._unpaused.clear()
-            if self._state == "counting":
-                self._state = "paused"
+            if self._state == SessionState.COUNTING:
+                self._state = SessionState.PAUSED
             return True
         self._unpaused.set()
-        if self._state == "paused":
-            self._state = "counting"
+        if self._state == SessionState.PAUSED:
+            self._state = SessionState.COUNTING
         return False
 
     @property
@@ -263,7 +325,16 @@ class CountingSession:
             time.monotonic() - self._started,
             dict(self._skipped),
             None,
+            self.inputs(),
         )
+
+    def inputs(self) -> InputLog:
+        """What became of the inputs so far (a copy)."""
+        with self._lock:
+            log = self._inputs
+            unread = getattr(self.source, "unread", None)
+            not_read = int(unread()) if callable(unread) and self._state == SessionState.DONE else 0
+            return InputLog(log.total, log.read, log.used, list(log.unusable), dict(log.quality), not_read)
 
     def run(self, poll: Callable[[CountingSession], None] | None = None, interval: float = 0.1) -> SessionResult:
         """Start, wait for the end (calling ``poll`` every ``interval`` s), return the result.
@@ -287,8 +358,14 @@ class CountingSession:
     def _warn(self, text: str) -> None:
         with self._lock:
             self._warnings[text] = time.monotonic()
+        if self.on_warning is not None:
+            self.on_warning(text)
 
     def _on_source_event(self, event: Any) -> None:
+        if event.kind == "skipped":  # a still image that could not be read
+            with self._lock:
+                detail = event.message[: -len("; skipped")] if event.message.endswith("; skipped") else event.message
+                self._inputs.unusable.append(SkippedInput(event.subject or detail, SkipReason.UNREADABLE, detail))
         if getattr(event, "is_warning", False):
             self._warn(f"camera: {event.message}" if getattr(self.source, "live", False) else str(event.message))
 
@@ -322,12 +399,14 @@ class CountingSession:
                 fps=self._rate(self._frame_times, now),
                 cells_per_s=self._rate(self._cell_times, now),
                 skipped=dict(self._skipped),
+                inputs_unusable=len(self._inputs.unusable),
                 at_edge=self._at_edge,
                 warnings=warnings,
                 recent=tuple(self._recent),
                 review_threshold=self.counter.review_threshold,
                 message=message,
                 note=self.note,
+                not_estimated=self.not_estimated,
             )
 
     # -- threads -------------------------------------------------------------------------------------------------------
@@ -338,7 +417,7 @@ class CountingSession:
             with self._lock:
                 if self._error is None:
                     self._error = exc
-                self._state = "failed"
+                self._state = SessionState.FAILED
             self._stop.set()
             self._unpaused.set()
             if threading.current_thread().name == "hemaedge-capture":
@@ -386,15 +465,8 @@ class CountingSession:
                     self._wait_for_room()
                 busy = self.queue.full()
                 found = self.finder.find(frame, segment=not busy)
-                pending += self.finder.tracker.registrar.take_pending()
-                with self._lock:
-                    self._frames += 1
-                    self._frame_times.append(time.monotonic())
-                    self._at_edge += found.at_edge
-                    if found.skipped:
-                        self._skipped[found.skipped] += 1
-                if found.skipped == "quality":
-                    self._warn(f"frame skipped: {found.reason}")
+                pending += self.finder.tracker.take_new_keyframes()
+                self._tally(found)
                 if found.new:
                     self.queue.put_nowait(_Item(found, pending))  # we are the only producer: not full
                     pending = []
@@ -404,8 +476,27 @@ class CountingSession:
             self._source_done = True
             self._put_blocking(_END)
 
+    def _tally(self, found: Found) -> None:
+        """Account for one frame: read, used or skipped (and why), cells cut by the border."""
+        frame = found.frame
+        with self._lock:
+            self._frames += 1
+            self._inputs.read += 1
+            self._frame_times.append(time.monotonic())
+            self._at_edge += found.at_edge
+            if found.skipped:
+                self._skipped[str(found.skipped)] += 1
+            else:
+                self._inputs.used += 1
+            if found.skipped == SkipReason.QUALITY:
+                key = found.reason.split(":")[0].split(" (")[0]
+                self._inputs.quality[key] = self._inputs.quality.get(key, 0) + 1
+                if frame.name:  # a still image: name it
+                    self._inputs.unusable.append(SkippedInput(frame.name, SkipReason.QUALITY, found.reason))
+        if found.skipped == SkipReason.QUALITY:
+            self._warn(f"{frame.name}: {found.reason}; skipped" if frame.name else f"frame skipped: {found.reason}")
+
     def _work(self) -> None:
-        spec = self.bundle.manifest.input
         while True:
             item = self.queue.get()
             if item is _END:
@@ -416,59 +507,40 @@ class CountingSession:
                     self.counter.reset()
                     self._snapshot = self.counter.snapshot()
                     self._recent.clear()
-                    if self._state == "done":
-                        self._state = "counting"
+                    if self._state == SessionState.DONE:
+                        self._state = SessionState.COUNTING
                 continue
             if self.stop_at_target and self.counter.done:
                 continue  # target reached: queued cells are neither stored nor counted
             found: Found = item.found
-            batch = preprocess([c.pixels for c in found.crops], spec, "RGB")
-            probs = self.backend.classify(batch)
-            self._record(found, probs, item.keyframes)
+            self._record(found, classify_crops(self.backend, self.bundle, found.crops), item.keyframes)
         with self._lock:
-            if self._state not in ("failed", "done"):
-                self._state = "ended" if self._source_done and not self._stop.is_set() else "stopped"
+            if self._state not in (SessionState.FAILED, SessionState.DONE):
+                ended = self._source_done and not self._stop.is_set()
+                self._state = SessionState.ENDED if ended else SessionState.STOPPED
 
-    def _record(self, found: Found, probs: np.ndarray, keyframes: list[Keyframe]) -> None:
+    def _record(self, found: Found, predictions: list[Prediction], keyframes: list[Keyframe]) -> None:
         frame, reg = found.frame, found.registration
         now = time.time()
-        cells, decisions = [], []
+        cells: list[NewCell] = []
         would = self.counter.total
-        for t, crop, p in zip(found.new, found.crops, probs):
+        for t, crop, pred in zip(found.new, found.crops, predictions):
             if self.stop_at_target and would >= self.counter.target:
                 break
-            idx, name, conf, review = self.counter.decide(p)
-            if crop.detection.kind == "platelet" and (review or name not in self.platelet_classes):
+            review = self.counter.is_review(pred)
+            if crop.detection.kind == CellKind.PLATELET and (review or pred.class_name not in self.platelet_classes):
                 with self._lock:
                     self.dropped_platelets += 1  # see the class docstring: never a white cell, never review
                 continue
-            if review or self.counter.groups.differential[idx]:
+            if review or self.counter.groups.differential[pred.class_index]:
                 would += 1
-            decisions.append((idx, review))
-            cells.append(
-                NewCell(
-                    now,
-                    frame.source_id,
-                    frame.index,
-                    frame.name,
-                    t.box,
-                    reg.field,
-                    t.sx,
-                    t.sy,
-                    idx,
-                    name,
-                    conf,
-                    review,
-                    p,
-                    crop.pixels,
-                )
-            )
+            cells.append(NewCell(crop, pred, review, reg.field, t.sx, t.sy, frame.source_id, now))
         stored = self.store.add(cells, keyframes)  # durable before it is counted (StoreError stops the session)
-        for cell, new, (idx, review) in zip(stored, cells, decisions):
-            bucket = self.counter.add(idx, review)
+        for cell, new in zip(stored, cells):
+            bucket = self.counter.add(new.prediction.class_index, new.review)
             if self.crop_folder is not None:
                 self.crop_folder.write(
-                    new.crop, cell.frame_index, cell.frame_name, cell.id, None if review else cell.class_name
+                    new.crop.pixels, cell.frame_index, cell.frame_name, cell.id, None if new.review else cell.class_name
                 )
             with self._lock:
                 self._counted_this_run += 1
@@ -478,7 +550,7 @@ class CountingSession:
                 )
                 self._snapshot = self.counter.snapshot()
                 if self.stop_at_target and self.counter.done:
-                    self._state = "done"
+                    self._state = SessionState.DONE
             if self.on_cell is not None:
                 self.on_cell(cell, bucket)
         if self.stop_at_target and self.counter.done:
@@ -486,4 +558,4 @@ class CountingSession:
             self._unpaused.set()
 
 
-__all__ = ["CountingSession", "SessionResult", "restore"]
+__all__ = ["CountingSession", "InputLog", "SessionResult", "restore"]

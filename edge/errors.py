@@ -45,6 +45,10 @@ class StoreError(HemaedgeError):
     """The session store cannot be written (disk full, read-only, corrupt)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. ``systemctl stop``), turned into an interrupt so a session stops cleanly; exits 143."""
+
+
 def require(module: str, extra: str, purpose: str):
     """Import an optional dependency or raise a clear error naming the extra.
 

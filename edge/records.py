@@ -7,8 +7,66 @@ Frozen dataclasses of numpy arrays; no stage imports a later stage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
+
+
+class StrEnum(str, Enum):
+    """An enum whose members are their string values (JSON, SQLite and f-strings see ``"wbc"``, not ``CellKind.WBC``).
+
+    ``enum.StrEnum`` needs Python 3.11; the station runtime runs on 3.8.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class CellKind(StrEnum):
+    """What a detection is."""
+
+    WBC = "wbc"
+    RBC = "rbc"
+    PLATELET = "platelet"
+
+
+class SessionState(StrEnum):
+    """Where a counting session is."""
+
+    STARTING = "starting"
+    COUNTING = "counting"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    DONE = "done"  # the target was reached
+    ENDED = "ended"  # the source ran out before the target
+    STOPPED = "stopped"  # stopped by the user (q, Ctrl-C, SIGTERM)
+    FAILED = "failed"
+
+
+class SkipReason(StrEnum):
+    """Why a frame or an input was not used (``summary.json`` and the report name each)."""
+
+    QUALITY = "quality"  # out of focus, badly exposed, greyscale, too small: see the detail
+    BUSY = "busy"  # a live frame skipped while the classifier caught up (skip policy)
+    UNPLACED = "unplaced"  # could not be placed on the slide
+    UNREADABLE = "unreadable"  # not an image, corrupt, truncated, empty, missing
+    NOT_READ = "not_read"  # never read: the target was reached first
+
+
+@dataclass(frozen=True)
+class SkippedInput:
+    """An input (an image file, or a frame of a still-image set) that was not used, and why."""
+
+    name: str
+    reason: SkipReason
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-ready form."""
+        return {"name": self.name, "reason": str(self.reason), "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -54,7 +112,7 @@ class Detection:
 
     box: tuple[float, float, float, float]
     score: float
-    kind: str = "wbc"
+    kind: CellKind = CellKind.WBC
     contour: np.ndarray | None = None
 
 
@@ -70,7 +128,7 @@ class Crop:
 
 @dataclass(frozen=True)
 class Prediction:
-    """A classification of one crop."""
+    """A classification of one crop: the top class, its probability, and every class's probability."""
 
     class_index: int
     class_name: str

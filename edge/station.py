@@ -1,24 +1,33 @@
-"""The station's capture side: the backend seam, frame quality, and ``CellFinder`` (frame -> new cells + crops).
+"""The station, assembled in one place: bundle, segmenter, quality check, tracker, crop geometry, preprocessing
+and backend.
 
-``hemaedge.edge.counting`` runs these stages in the counting threads; ``count``, ``collect``, ``bench`` and the
-evaluations all get them from here, so a change of crop geometry or segmentation reaches every path.
+``Station.from_bundle(...)`` is what every command and evaluation uses (``count``, ``collect``, ``bench``,
+``evaluate --station``), so a change of crop geometry, segmentation or preprocessing reaches every path::
+
+    with Station.from_bundle("bloodcnn5") as station:          # loads the backend
+        finder = station.cell_finder(source)                 # segment -> track -> crops
+        found = finder.find(frame)
+        predictions = station.predict(found.crops)           # preprocess -> classify -> Prediction records
+
+``hemaedge.edge.counting`` runs these stages in its two threads.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
-from hemaedge.edge.bundle import Bundle
+from hemaedge.edge.bundle import Bundle, load_bundle, preprocess
 from hemaedge.edge.bundle.class_groups import default_class_groups
 from hemaedge.edge.bundle.manifest import CropGeometry
 from hemaedge.edge.bundle.preprocess import cut_crop
 from hemaedge.edge.count import SlideTracker
 from hemaedge.edge.count.tracking import Registration, TrackedDetection
-from hemaedge.edge.records import Crop, Detection, Frame
+from hemaedge.edge.records import CellKind, Crop, Detection, Frame, Prediction, SkipReason
 from hemaedge.edge.segment.crops import cut_crops
 
 # A platelet crop is cut as large as a white cell's crop would be in that frame (the training images of platelets,
@@ -28,6 +37,8 @@ from hemaedge.edge.segment.crops import cut_crops
 # detections on BCCD train + TXL-PBC half "a" was 4.28 (IQR 3.5-5.3; per source BCCD 4.2-4.7, PBC 4.2, Raabin 4.9).
 PLATELET_TO_WBC = 4.3
 WBC_SIDES_KEPT = 50  # recent white-cell box sides: their median is the session scale (platelet and "session" crops)
+# ONNX Runtime threads: all cores but one, which the capture thread (segmentation, registration) needs.
+DEFAULT_THREADS = max(1, (os.cpu_count() or 2) - 1)
 
 
 class SegmenterLike(Protocol):
@@ -91,7 +102,7 @@ class Found:
         crops: Their crops (RGB, cut with the bundle's geometry), same order as ``new``.
         seen: Detections of cells already known.
         at_edge: Detections cut by the frame border (counted later, when fully in view).
-        skipped: ``""``, or why the frame was not segmented (``quality``, ``busy``, ``unplaced``).
+        skipped: ``""``, or why the frame was not segmented (a ``SkipReason``: quality, busy, unplaced).
         reason: The quality problem, for a warning.
     """
 
@@ -101,7 +112,7 @@ class Found:
     crops: tuple[Crop, ...] = ()
     seen: int = 0
     at_edge: int = 0
-    skipped: str = ""
+    skipped: SkipReason | str = ""
     reason: str = ""
 
 
@@ -163,13 +174,13 @@ class CellFinder:
         """Crops of ``detections``: white cells with the bundle's geometry (at the session's scale when
         ``geometry.scale == "session"``), platelets as large as a white cell's."""
         typical = self.typical_side
-        if all(d.kind != "platelet" for d in detections):
+        if all(d.kind != CellKind.PLATELET for d in detections):
             return tuple(cut_crops(frame, detections, self.geometry, typical))
         rgb = frame.rgb()
         out = []
         for d in detections:
             box = d.box
-            if d.kind == "platelet":
+            if d.kind == CellKind.PLATELET:
                 cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, self.platelet_side(box) / 2
                 box = (cx - half, cy - half, cx + half, cy + half)
                 out.append(Crop(cut_crop(rgb, box, replace(self.geometry, scale="cell")), d, frame.index, frame.name))
@@ -184,18 +195,175 @@ class CellFinder:
         reason = str(getattr(q, "reason", "") or "") if q is not None else ""
         reg = self.tracker.register(frame.pixels, may_start_field=ok)
         if not ok:
-            return Found(frame, reg, skipped="quality", reason=reason or "poor image quality")
+            return Found(frame, reg, skipped=SkipReason.QUALITY, reason=reason or "poor image quality")
         if not segment:
-            return Found(frame, reg, skipped="busy")
+            return Found(frame, reg, skipped=SkipReason.BUSY)
         if reg is None:  # pragma: no cover - a good frame always gets a field
-            return Found(frame, None, skipped="unplaced")
-        kinds = ("wbc", "platelet") if self.platelets else ("wbc",)
+            return Found(frame, None, skipped=SkipReason.UNPLACED)
+        kinds = (CellKind.WBC, CellKind.PLATELET) if self.platelets else (CellKind.WBC,)
         dets = [d for d in self.segmenter.detect(frame) if d.kind in kinds]
         # every white cell in view (counted before or not) tells the session's scale
-        self._wbc_sides.extend(max(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in dets if d.kind == "wbc")
+        self._wbc_sides.extend(max(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in dets if d.kind == CellKind.WBC)
         res = self.tracker.place(reg, frame.pixels.shape, [d.box for d in dets])
         crops = self.cut(frame, [dets[t.index] for t in res.new]) if res.new else ()
         return Found(frame, reg, res.new, crops, res.seen, res.at_edge)
 
 
-__all__ = ["CellFinder", "Found", "is_stills", "make_backend", "make_quality_check", "platelet_classes"]
+# ---------------------------------------------------------------------------------------------------------------------
+# classification: crops -> Prediction records
+# ---------------------------------------------------------------------------------------------------------------------
+def predictions(probabilities: np.ndarray, classes: Sequence[str]) -> list[Prediction]:
+    """One ``Prediction`` per row of class probabilities (top class, its probability, all probabilities)."""
+    out = []
+    for p in np.asarray(probabilities, np.float32):
+        k = int(np.argmax(p))
+        out.append(Prediction(k, classes[k], float(p[k]), p))
+    return out
+
+
+def classify_crops(backend: Any, bundle: Bundle, crops: Sequence[Crop | np.ndarray]) -> list[Prediction]:
+    """Preprocess crops (RGB) with the bundle's one preprocessing function and classify them with an entered backend."""
+    if not len(crops):
+        return []
+    pixels = [c.pixels if isinstance(c, Crop) else c for c in crops]
+    batch = preprocess(pixels, bundle.manifest.input, "RGB")
+    return predictions(backend.classify(batch), bundle.manifest.classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the station
+# ---------------------------------------------------------------------------------------------------------------------
+def resolve_bundle(bundle: Bundle | str | os.PathLike | None) -> Bundle:
+    """A loaded bundle from a bundle, a folder, a shipped bundle's name, or None (the shipped default)."""
+    if isinstance(bundle, Bundle):
+        return bundle
+    from hemaedge.edge.bundle.io import resolve
+    from hemaedge.edge.models import default_bundle_path
+
+    return load_bundle(resolve(bundle) if bundle is not None else default_bundle_path())
+
+
+@dataclass
+class Station:
+    """The stages that turn frames into classified cells, assembled from one bundle.
+
+    Attributes:
+        bundle: The model bundle (classes, input spec, crop geometry).
+        segmenter: Finds white cells (and platelets) in a frame.
+        backend: Runs the model; not loaded until the station is entered (``with station:``). None when the
+            station only cuts crops (``hemaedge collect`` without a model).
+        backend_reason: One line saying which backend runs and why.
+        segmenter_name: The segmenter's name, for reports.
+    """
+
+    bundle: Bundle
+    segmenter: SegmenterLike
+    backend: Any = None
+    backend_reason: str = ""
+    segmenter_name: str = "stain"
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: Bundle | str | os.PathLike | None = None,
+        *,
+        segmenter: str = "stain",
+        backend: str | None = "auto",
+        precision: str = "auto",
+        threads: int = DEFAULT_THREADS,
+    ) -> Station:
+        """Assemble the station for a bundle (cheap: nothing is loaded until ``__enter__``).
+
+        Args:
+            bundle: A loaded bundle, a bundle folder, a shipped bundle's name, or None for the shipped default.
+            segmenter: The white-cell segmenter's name (``hemaedge.edge.segment.SEGMENTERS``).
+            backend: ``auto`` or a backend name (``hemaedge.edge.classify.select``); None: no model (crops only).
+            precision: ``auto``, ``int8``, ``fp16`` or ``fp32``.
+            threads: ONNX Runtime intra-op threads (default: all cores but one).
+        """
+        from hemaedge.edge.segment import make_segmenter
+
+        b = resolve_bundle(bundle)
+        seg = make_segmenter(segmenter)
+        runner, why = make_backend(b, backend, precision, threads=threads) if backend is not None else (None, "")
+        return cls(b, seg, runner, why, segmenter)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+    def __enter__(self) -> Station:
+        if self.backend is not None:
+            self.backend.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.backend is not None:
+            self.backend.__exit__(*exc)
+
+    # -- what it is ----------------------------------------------------------------------------------------------------
+    @property
+    def manifest(self):  # noqa: ANN201 - Manifest
+        """The bundle's manifest."""
+        return self.bundle.manifest
+
+    @property
+    def geometry(self) -> CropGeometry:
+        """How crops are cut around a detected cell (the bundle's crop geometry)."""
+        return self.bundle.manifest.crop
+
+    @property
+    def precision(self) -> str:
+        """The precision the backend runs (``""`` without a backend)."""
+        return str(getattr(self.backend, "precision", "")) if self.backend is not None else ""
+
+    @property
+    def backend_name(self) -> str:
+        """The backend's name (``""`` without a backend)."""
+        return str(getattr(self.backend, "name", type(self.backend).__name__)) if self.backend is not None else ""
+
+    @property
+    def platelet_classes(self) -> tuple[str, ...]:
+        """The bundle's platelet classes (empty: the model cannot tell platelets)."""
+        return platelet_classes(self.bundle)
+
+    # -- the stages ----------------------------------------------------------------------------------------------------
+    def tracker(self, source: Any, count_edge_cells: bool = False) -> SlideTracker:
+        """A slide tracker for a source: cells cut by the frame border wait for a full view on a moving slide;
+        still images (no later view) and ``count_edge_cells`` count them at once."""
+        return SlideTracker(edge_margin=-1 if count_edge_cells or is_stills(source) else 2)
+
+    def cell_finder(
+        self,
+        source: Any,
+        *,
+        count_edge_cells: bool = False,
+        tracker: SlideTracker | None = None,
+        platelets: bool = False,
+    ) -> CellFinder:
+        """The capture-side stages for a source: quality check, tracker, segmenter and the bundle's crop geometry."""
+        return CellFinder(
+            self.segmenter,
+            self.geometry,
+            tracker or self.tracker(source, count_edge_cells),
+            make_quality_check(source),
+            platelets=platelets,
+        )
+
+    def predict(self, crops: Sequence[Crop | np.ndarray]) -> list[Prediction]:
+        """Classify crops (RGB) through the one preprocessing function and the backend (the station must be entered)."""
+        if self.backend is None:
+            raise RuntimeError("this station was assembled without a model (backend=None)")
+        return classify_crops(self.backend, self.bundle, crops)
+
+
+__all__ = [
+    "DEFAULT_THREADS",
+    "CellFinder",
+    "Found",
+    "Station",
+    "classify_crops",
+    "is_stills",
+    "make_backend",
+    "make_quality_check",
+    "platelet_classes",
+    "predictions",
+    "resolve_bundle",
+]

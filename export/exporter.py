@@ -19,6 +19,8 @@ import numpy as np
 from hemaedge.calibration.datasets import ImageSet, batches, open_dataset, stratified_sample
 from hemaedge.edge import __version__
 from hemaedge.edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
+from hemaedge.edge.bundle.class_groups import default_class_groups
+from hemaedge.edge.bundle.vocabulary import canonical_classes
 from hemaedge.edge.errors import AccuracyGateError, InputError, MissingDependencyError, UsageError
 from hemaedge.export.quantize import METHODS, quantize_int8
 from hemaedge.export.to_onnx import (
@@ -369,12 +371,9 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             f"crop geometry: the {'typical ' if geom.scale == 'session' else ''}cell spans {geom.cell_fraction:.3f} "
             f"of the crop side ({crop_source}), scale {geom.scale}"
         )
-        try:
-            from hemaedge.edge.bundle.class_groups import default_class_groups
-
-            groups = default_class_groups(classes)
-        except ImportError:
-            groups = {}
+        # one vocabulary across bundles: the manifest lists canonical class names ("ig" -> "immature_granulocyte")
+        bundle_classes = canonical_classes(classes)
+        groups = default_class_groups(bundle_classes)
         provenance = {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "code_version": _git_version(),
@@ -406,7 +405,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         manifest = Manifest(
             name=opts.name or Path(opts.out).name,
             architecture=str(source.meta.get("arch") or info.get("arch") or source.kind),
-            classes=tuple(classes),
+            classes=tuple(bundle_classes),
             input=spec,
             crop=geom,
             artifacts=(),
@@ -436,7 +435,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             bundle = w.finish(manifest)
     summary = {
         "bundle": str(bundle.path),
-        "classes": classes,
+        "classes": list(bundle.manifest.classes),
         "input": [spec.height, spec.width],
         "parity": parity,
         "metrics": metrics,

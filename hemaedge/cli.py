@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from hemaedge.edge import __version__
-from hemaedge.edge.errors import HemaedgeError
+from hemaedge.edge.errors import HemaedgeError, Terminated
 
 # name -> (module, one-line help). Workstation commands need the 'export' extra.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -76,6 +77,9 @@ def _dispatch(name: str, argv: list[str], prog: str) -> int:
     except HemaedgeError as exc:
         _console().print(f"[bold red]error:[/] {_escape(str(exc))}")
         return exc.exit_code
+    except Terminated:
+        _console().print("[yellow]terminated[/]")
+        return 143
     except KeyboardInterrupt:
         _console().print("[yellow]interrupted[/]")
         return 130
@@ -87,8 +91,17 @@ def _escape(text: str) -> str:
     return escape(text.splitlines()[0] if text else text)
 
 
+def _quiet_opencv() -> None:
+    """Keep OpenCV's and FFmpeg's own log lines (``[ WARN:0@...]``) off the terminal: hemaedge reports what went
+    wrong in its own words (set before cv2 is first imported; a user's explicit setting wins)."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    os.environ.setdefault("OPENCV_VIDEOIO_DEBUG", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hemaedge``."""
+    _quiet_opencv()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         width = max(len(n) for n in COMMANDS)
@@ -111,5 +124,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_model_main(argv: list[str] | None = None) -> int:
     """Entry point of ``export-model`` (same as ``hemaedge export``)."""
+    _quiet_opencv()
     argv = list(sys.argv[1:] if argv is None else argv)
     return _dispatch("export", argv, "export-model")

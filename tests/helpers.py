@@ -97,3 +97,32 @@ def tiny_bundle(
             )
             w.add(q, "onnx", "int8")
         return w.finish(manifest).path
+
+
+def new_cell(
+    frame_index: int,
+    frame_name: str,
+    box: tuple[float, float, float, float],
+    field: int,
+    sx: float,
+    sy: float,
+    probabilities,
+    classes,
+    crop,
+    review: bool | None = None,
+    review_threshold: float = 0.6,
+    source: str = "synthetic://",
+):
+    """A ``NewCell`` built from records, as the counting worker builds it (top class of ``probabilities``)."""
+    import time
+
+    from hemaedge.edge.records import Crop, Detection, Prediction
+    from hemaedge.edge.store import NewCell
+
+    p = np.asarray(probabilities, np.float32)
+    k = int(p.argmax())
+    pred = Prediction(k, classes[k], float(p[k]), p)
+    review = bool(p[k] < review_threshold) if review is None else review
+    return NewCell(
+        Crop(crop, Detection(box, 1.0), frame_index, frame_name), pred, review, field, sx, sy, source, time.time()
+    )

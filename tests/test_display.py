@@ -10,12 +10,13 @@ import time
 
 import numpy as np
 import pytest
-from helpers import BLOODMNIST_CLASSES
+from helpers import BLOODMNIST_CLASSES, new_cell
+from hemaedge.edge.bundle.vocabulary import display_name
 from hemaedge.edge.count import DifferentialCounter
 from hemaedge.edge.display.report import render_html, write_reports
 from hemaedge.edge.display.status import RecentCell, RunStatus
 from hemaedge.edge.display.tui import KeyReader, render_status, run_live
-from hemaedge.edge.store import NewCell, SessionStore
+from hemaedge.edge.store import SessionStore
 from rich.console import Console
 
 LEUKAEMIA = (
@@ -84,9 +85,10 @@ def assert_complete(lines: list[str], st: RunStatus, width: int, height: int) ->
     snap = st.snapshot
     rows = {ln.split()[0]: ln for ln in lines if ln.strip()}
     for c, diff in zip(st.classes, st.differential):
-        row = next((ln for ln in lines if ln.startswith(c + " ")), None)
-        assert row is not None, f"class {c!r} is missing or cut:\n{text}"
-        nums = row[len(c) :].split()
+        label = display_name(c)  # people read display names ("Immature granulocyte"), never raw ids
+        row = next((ln for ln in lines if ln.startswith(label + " ")), None)
+        assert row is not None, f"class {label!r} is missing or cut:\n{text}"
+        nums = row[len(label) :].split()
         assert nums[0] == str(snap.counts[c])
         if diff:
             lo, hi = snap.intervals[c]
@@ -224,22 +226,16 @@ def _store(tmp_path, n=30):
     cells = []
     for i in range(n):
         p = rng.dirichlet(np.ones(8) * 0.3).astype(np.float32)
-        k = int(p.argmax())
         cells.append(
-            NewCell(
-                time.time(),
-                "synthetic://",
+            new_cell(
                 i,
                 f"frame-{i}.png",
                 (1.0, 2.0, 40.0, 41.0),
                 1,
                 i * 50.0,
                 0.0,
-                k,
-                BLOODMNIST_CLASSES[k],
-                float(p[k]),
-                bool(p[k] < 0.6),
                 p,
+                BLOODMNIST_CLASSES,
                 rng.integers(0, 255, (30, 30, 3), dtype=np.uint8),
             )
         )

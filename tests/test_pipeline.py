@@ -15,7 +15,7 @@ from hemaedge.edge.count import DifferentialCounter, SlideTracker
 from hemaedge.edge.counting import CountingSession, restore
 from hemaedge.edge.errors import BundleError, StoreError, UsageError
 from hemaedge.edge.sources import open_source
-from hemaedge.edge.station import CellFinder, make_backend
+from hemaedge.edge.station import CellFinder, Station, make_backend
 from hemaedge.edge.store import SessionStore
 
 URI = "synthetic://?seed=11&frames=1500&pan=4&wbc=4"
@@ -56,7 +56,8 @@ def session(bundle, tmp_path, uri=URI, target=40, delay=0.0, store=None, counter
         fake_segment.TruthSegmenter(), bundle.manifest.crop, tracker or SlideTracker(), fake_segment.always_ok
     )
     src = open_source(uri)
-    return CountingSession(src, finder, rec, bundle, store, counter, **kw), rec, store, src
+    station = Station(bundle, finder.segmenter, rec, "test")
+    return CountingSession(src, station, store, counter, finder=finder, **kw), rec, store, src
 
 
 def test_counts_to_target_each_cell_once_one_batch_per_frame(tiny_bundle_dir, tmp_path):

@@ -22,7 +22,7 @@ from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment import SegmenterConfig, StainSegmenter
 from hemaedge.edge.segment.groundtruth import centre_matrix, evaluate, match
 from hemaedge.edge.sources import open_source
-from hemaedge.edge.station import PLATELET_TO_WBC, CellFinder, platelet_classes
+from hemaedge.edge.station import PLATELET_TO_WBC, CellFinder, Station, platelet_classes
 from hemaedge.edge.store import SessionStore
 
 SMEAR = "synthetic://?seed={seed}&frames={frames}&rbc_px=144"
@@ -222,33 +222,35 @@ def test_platelet_classes_of_a_bundle(tiny_bundle_dir, tmp_path):
     assert platelet_classes(load_bundle(five)) == ()
 
 
-def test_session_switches_platelets_on_only_when_the_bundle_has_them(tiny_bundle_dir, tmp_path):
+def test_session_finds_platelets_only_when_asked_and_the_bundle_has_them(tiny_bundle_dir, tmp_path):
     from helpers import tiny_bundle
 
     with_plt = load_bundle(tiny_bundle_dir)
     without = load_bundle(
         tiny_bundle(tmp_path / "five", classes=("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"))
     )
-    for bundle, expect in ((with_plt, True), (without, False)):
+    for bundle, asked, expect in ((with_plt, True, True), (with_plt, False, False), (without, False, False)):
         finder = CellFinder(StainSegmenter(), bundle.manifest.crop, SlideTracker(), fake_segment.always_ok)
-        store = SessionStore.create(tmp_path / f"s{expect}", {"classes": list(bundle.manifest.classes), "target": 5})
+        store = SessionStore.create(
+            tmp_path / f"s{expect}{asked}{len(bundle.manifest.classes)}",
+            {"classes": list(bundle.manifest.classes), "target": 5},
+        )
         CountingSession(
             open_source("synthetic://?frames=1"),
-            finder,
-            object(),
-            bundle,
+            Station(bundle, finder.segmenter, object()),
             store,
             DifferentialCounter(bundle.manifest.classes, 5),
+            finder=finder,
+            platelets=asked,
         )
         assert finder.platelets is expect and finder.segmenter.config.platelets is expect
     with pytest.raises(ValueError):
         CountingSession(
             open_source("synthetic://?frames=1"),
-            CellFinder(StainSegmenter(), without.manifest.crop),
-            object(),
-            without,
+            Station(without, StainSegmenter(), object()),
             store,
             DifferentialCounter(without.manifest.classes, 5),
+            finder=CellFinder(StainSegmenter(), without.manifest.crop),
             platelets=True,
         )
 
@@ -342,7 +344,14 @@ def test_platelets_are_counted_only_when_classified_as_platelets(tiny_bundle_dir
     store = SessionStore.create(tmp_path / "s", {"classes": list(classes), "target": 1000, "review_threshold": 0.6})
     counter = DifferentialCounter(classes, 1000)
     backend = ByKind(classes, kinds)
-    session = CountingSession(open_source(SMEAR.format(seed=2, frames=10)), finder, backend, bundle, store, counter)
+    session = CountingSession(
+        open_source(SMEAR.format(seed=2, frames=10)),
+        Station(bundle, finder.segmenter, backend),
+        store,
+        counter,
+        finder=finder,
+        platelets=True,
+    )
     assert finder.platelets
     res = session.run()
     assert res.state == "ended"

@@ -242,8 +242,33 @@ def test_quality_passes_sharp_frames_and_flags_blur_and_exposure():
     assert assess_quality(dark).reason == "too dark"
     white = np.full_like(f.pixels, 255)
     white[:10] = 0
-    assert assess_quality(white).reason == "over-exposed"
+    assert assess_quality(white).reason.startswith("over-exposed")
+    washed = np.clip(f.pixels.astype(np.float32) * 2.6 + 70, 0, 255).astype(np.uint8)
+    assert assess_quality(washed).reason.startswith("over-exposed")
     assert assess_quality(np.full_like(f.pixels, 128)).reason == "no contrast"
+
+
+def test_a_bright_clipped_background_is_not_over_exposure_when_the_cells_keep_their_stain():
+    """Some microscopes' in-focus frames have a background that clips to white: the cells are what matter."""
+    f = SyntheticSource(seed=61, frames=1).frame(0)
+    px = f.pixels.astype(np.int16)
+    background = px.min(axis=2) > np.percentile(px.min(axis=2), 35)  # the brightest two thirds: glass
+    bright = f.pixels.copy()
+    bright[background] = 255  # 65 % of the frame clipped white
+    q = assess_quality(bright)
+    assert q.ok, q.reason
+
+
+def test_quality_names_what_the_station_cannot_use():
+    import cv2
+
+    f = SyntheticSource(seed=61, frames=1).frame(0)
+    grey = cv2.cvtColor(cv2.cvtColor(f.pixels, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    q = assess_quality(grey)
+    assert not q.ok and q.reason.startswith("greyscale image") and "colour camera" in q.reason
+    tiny = f.pixels[:1, :1]
+    q = assess_quality(tiny)
+    assert not q.ok and q.reason.startswith("too small (1x1 px")
 
 
 def test_quality_monitor_learns_the_cameras_focus():

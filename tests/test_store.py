@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import new_cell
 from hemaedge.edge.count import SlideRegistrar
 from hemaedge.edge.errors import StoreError
 from hemaedge.edge.sources import open_source
@@ -27,21 +28,8 @@ def cell(i: int, rng: np.random.Generator | None = None) -> NewCell:
     rng = rng or np.random.default_rng(i)
     crop = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
     probs = np.array([0.7, 0.2, 0.1], np.float32)
-    return NewCell(
-        time.time(),
-        "synthetic://",
-        i,
-        f"f{i}.png",
-        (10.0 + i, 20.0, 50.0 + i, 60.0),
-        1,
-        100.0 + i,
-        50.0,
-        0,
-        "a",
-        0.7,
-        False,
-        probs,
-        crop,
+    return new_cell(
+        i, f"f{i}.png", (10.0 + i, 20.0, 50.0 + i, 60.0), 1, 100.0 + i, 50.0, probs, SETTINGS["classes"], crop
     )
 
 
@@ -54,7 +42,7 @@ def test_cells_round_trip_with_their_crops(tmp_path):
     assert again == stored
     for c, n in zip(again, new):
         png = cv2.imread(str(store.root / c.crop))[..., ::-1]
-        assert np.array_equal(png, n.crop), "the crop on disk is not what was classified"
+        assert np.array_equal(png, n.crop.pixels), "the crop on disk is not what was classified"
     assert store.settings == SETTINGS
     store.close()
     with SessionStore.open(tmp_path / "s") as s2:

@@ -152,28 +152,25 @@ def bench_crops(
 def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: str) -> dict[str, Any]:
     """Whole-pipeline frames/s on pre-rendered 640x480 frames through ``CountingSession``.
 
-    The backend comes from the same seam as ``hemaedge count`` (``make_backend``)
-    with the same default threads. Two runs: a panning slide (what a camera
-    gives) and a new field every frame (worst case).
+    The station is assembled exactly as ``hemaedge count`` assembles it (``Station.from_bundle``, same
+    default threads). Two runs: a panning slide (what a camera gives) and a new field every frame (worst case).
     """
-    from hemaedge.edge.commands.count import DEFAULT_THREADS
-    from hemaedge.edge.count import DifferentialCounter, SlideTracker
+    from hemaedge.edge.count import DifferentialCounter
     from hemaedge.edge.counting import CountingSession
-    from hemaedge.edge.segment import make_segmenter
-    from hemaedge.edge.station import CellFinder, make_backend, make_quality_check
+    from hemaedge.edge.station import DEFAULT_THREADS, Station
     from hemaedge.edge.store import SessionStore
 
     threads = threads or DEFAULT_THREADS
-    backend, why = make_backend(bundle, "auto", precision, threads=threads)
+    station = Station.from_bundle(bundle, precision=precision, threads=threads)
     out: dict[str, Any] = {
         "frame_size": "640x480",
         "precision": precision,
-        "backend": why,
+        "backend": station.backend_reason,
         "threads": threads,
         "frames_per_run": frames,
     }
     m = bundle.manifest
-    with backend as be:
+    with station:
         for name, pan in (("panning_slide", 4.0), ("new_field_every_frame", 0.0)):
             pool = synthetic_frames(frames, seed=11, pan=pan)
             rates, counted = [], []
@@ -189,8 +186,7 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
                         },
                     )
                     counter = DifferentialCounter(m.classes, 10**9, 0.6, m.class_groups)
-                    finder = CellFinder(make_segmenter(), m.crop, SlideTracker(), make_quality_check(pool))
-                    session = CountingSession(iter(pool), finder, be, bundle, store, counter, stop_at_target=False)
+                    session = CountingSession(iter(pool), station, store, counter, stop_at_target=False)
                     res = session.run(interval=0.05)
                     store.close()
                     if r:  # the first run warms up

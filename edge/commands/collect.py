@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-from hemaedge.edge.count import DEFAULT_REVIEW_THRESHOLD, SlideTracker, decide
+from hemaedge.edge.count import DEFAULT_REVIEW_THRESHOLD
 from hemaedge.edge.errors import UsageError
 from hemaedge.edge.store.crop_folder import UNLABELLED, CropFolder
 
@@ -54,10 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hemaedge collect``."""
-    from hemaedge.edge.bundle import load_bundle, preprocess
-    from hemaedge.edge.segment import make_segmenter
     from hemaedge.edge.sources import open_source
-    from hemaedge.edge.station import CellFinder, is_stills, make_backend, make_quality_check
+    from hemaedge.edge.station import Station
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -67,22 +64,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-frames must be at least 1")
     if not args.by_class and (args.precision != "auto" or args.backend != "auto"):
         raise UsageError("--precision/--backend only matter with --by-class (plain collection runs no model)")
-    if args.bundle:
-        bundle = load_bundle(args.bundle)
-    else:
-        from hemaedge.edge.models import default_bundle_path
-
-        bundle = load_bundle(default_bundle_path())
-    m = bundle.manifest
+    station = Station.from_bundle(
+        args.bundle, segmenter=args.segmenter, backend=args.backend if args.by_class else None, precision=args.precision
+    )
+    m = station.manifest
     folder = CropFolder(args.out, by_class=args.by_class)
     source = open_source(args.source)
-    finder = CellFinder(
-        make_segmenter(args.segmenter),
-        m.crop,
-        SlideTracker(edge_margin=-1 if args.count_edge_cells or is_stills(source) else 2),
-        make_quality_check(source),
-    )
-    backend, why = make_backend(bundle, args.backend, args.precision) if args.by_class else (None, "")
+    finder = station.cell_finder(source, count_edge_cells=args.count_edge_cells)
+    why = station.backend_reason
     err = Console(stderr=True)
     per_class: dict[str, int] = {}
     frames = skipped = 0
@@ -95,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         console=err,
         disable=args.json or not err.is_terminal,
     )
-    with source, progress, backend if backend is not None else nullcontext():
+    with station, source, progress:
         task = progress.add_task("crops", total=args.max, f=0)
         for frame in source:
             frames += 1
@@ -105,11 +94,9 @@ def run(args: argparse.Namespace) -> int:
             if args.max is not None:
                 crops = crops[: args.max - folder.written]
             names: list[str | None] = [None] * len(crops)
-            if crops and backend is not None:
-                probs = backend.classify(preprocess([c.pixels for c in crops], m.input, "RGB"))
-                for i, p in enumerate(probs):
-                    _, name, _, review = decide(p, m.classes, args.review_threshold)
-                    names[i] = None if review else name
+            if crops and args.by_class:
+                for i, pred in enumerate(station.predict(crops)):
+                    names[i] = None if pred.confidence < args.review_threshold else pred.class_name
             for i, (crop, name) in enumerate(zip(crops, names)):
                 folder.write(crop.pixels, frame.index, frame.name, i, name)
                 key = name or UNLABELLED

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     segmenter = make_segmenter(args.segmenter)
     paths, failed = _paths(args.images)
     console = _console(args.json)
+    for _spec, why in failed:  # a folder or glob that holds no images: say so, with the reason
+        _error(console, why)
     results = []
     started = time.perf_counter()
     for path in paths:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from hemaedge.edge.count.flags import ClassGroups, compute_flags
 from hemaedge.edge.count.stats import wilson_interval
-from hemaedge.edge.records import CountSnapshot
+from hemaedge.edge.records import CountSnapshot, Prediction
 
 REVIEW = "review"
 DEFAULT_TARGET = 100
@@ -77,6 +77,10 @@ class DifferentialCounter:
     def decide(self, probabilities: np.ndarray) -> tuple[int, str, float, bool]:
         """See :func:`decide` (with this counter's classes and threshold)."""
         return decide(probabilities, self.classes, self.review_threshold)
+
+    def is_review(self, prediction: Prediction) -> bool:
+        """Does this prediction go to the review bucket (top probability below the review threshold)?"""
+        return prediction.confidence < self.review_threshold
 
     def add(self, class_index: int, review: bool) -> str:
         """Count one cell; returns its bucket (a class name or ``"review"``)."""

@@ -500,6 +500,19 @@ class SlideTracker:
         self.registrar.reset()
         self.cells = CellMap()
 
+    def restore(
+        self, cells: Iterable[tuple[int, float, float, float, float]], keyframes: Iterable[Keyframe] = ()
+    ) -> None:
+        """Start over knowing ``cells`` (``(field, x, y, w, h)`` on the slide) and ``keyframes`` (a resumed session)."""
+        self.reset()
+        for fld, x, y, w, h in cells:
+            self.cells.add(fld, x, y, w, h)
+        self.registrar.load(keyframes)
+
+    def take_new_keyframes(self) -> list[Keyframe]:
+        """Keyframes made since the last call: stored with the next batch of cells, so a resume can relocalise."""
+        return self.registrar.take_pending()
+
     def register(self, pixels: np.ndarray, may_start_field: bool = True) -> Registration | None:
         """Register a frame without looking at its cells (for frames that are not segmented)."""
         return self.registrar.register(pixels, may_start_field)

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hemaedge.edge.bundle.vocabulary import display_name
 from hemaedge.edge.count import REFERENCE_RANGES, REVIEW, DifferentialCounter
 from hemaedge.edge.records import CountSnapshot
 from hemaedge.edge.store import SessionStore, StoredCell
@@ -45,13 +46,21 @@ def recount(
     return counter
 
 
-def snapshot_dict(snap: CountSnapshot, counter: DifferentialCounter) -> dict[str, Any]:
-    """JSON-ready differential: per class count, percent, interval, group and reference range."""
+def snapshot_dict(
+    snap: CountSnapshot, counter: DifferentialCounter, not_estimated: Sequence[str] = ()
+) -> dict[str, Any]:
+    """JSON-ready differential: per class count, percent, interval, group and reference range.
+
+    Classes in ``not_estimated`` (platelets, unless the session estimated them) carry ``"estimated": false`` and no
+    per-100-WBC figure: a number there would mislead.
+    """
     rows = []
     for c, diff in zip(counter.classes, counter.groups.differential):
         group = counter.groups.group_of(c)
         row: dict[str, Any] = {"class": c, "count": snap.counts.get(c, 0), "group": group, "in_differential": diff}
-        if diff:
+        if c in not_estimated:
+            row.update(estimated=False, per_100_wbc=None)
+        elif diff:
             lo, hi = snap.intervals[c]
             row.update(percent=round(snap.percentages[c], 2), ci95=[round(lo, 2), round(hi, 2)])
         else:
@@ -96,6 +105,9 @@ def build_summary(
     cells = list(store.read_cells() if cells is None else cells)
     counter = recount(cells, s["classes"], int(s["target"]), float(s["review_threshold"]), s.get("class_groups"))
     snap = counter.snapshot()
+    not_estimated = (info or {}).get("not_estimated")
+    if not_estimated is None:  # sessions before --platelets estimated platelets whenever the bundle had the class
+        not_estimated = [] if s.get("platelets", True) else counter.groups.groups.get("platelets", [])
     summary = {
         "session": str(store.root),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -105,7 +117,7 @@ def build_summary(
         "backend": (info or {}).get("backend", s.get("backend")),
         "source": (info or {}).get("source", s.get("source")),
         **{k: v for k, v in (info or {}).items() if k not in ("backend", "source")},
-        "differential": snapshot_dict(snap, counter),
+        "differential": snapshot_dict(snap, counter, not_estimated),
     }
     return summary, cells, counter
 
@@ -220,6 +232,7 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
             f"<p class=warn>Target not reached: {d['total_wbc']} of {d['target']} white cells counted. "
             "Intervals are wide; interpret with care.</p>"
         )
+    parts += _inputs_html(summary.get("inputs") or {})
     parts.append(f"<h2>Differential ({d['total_wbc']} white cells, target {d['target']})</h2>")
     parts.append("<table><tr><th>class</th><th>n</th><th>%</th><th>95% CI</th><th>adult range</th><th></th></tr>")
     groups = summary["differential"]["groups"]
@@ -232,14 +245,19 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
             pct = f"<span class={'out' if out else ''}>{row['percent']:.1f}</span>"
             bar = f"<span class=bar style='width:{row['percent'] * 2:.0f}px'></span>"
             parts.append(
-                f"<tr class='{cls}'><td>{e(row['class'])}</td><td>{row['count']}</td><td>{pct}</td>"
+                f"<tr class='{cls}'><td>{e(_label(row['class']))}</td><td>{row['count']}</td><td>{pct}</td>"
                 f"<td>{lo:.1f}&ndash;{hi:.1f}</td><td>{f'{rr[0]:g}&ndash;{rr[1]:g} %' if rr else ''}</td>"
                 f"<td>{bar}</td></tr>"
             )
+        elif row.get("estimated", True):
+            parts.append(
+                f"<tr class=other><td>{e(_label(row['class']))}</td><td>{row['count']}</td>"
+                f"<td colspan=4>{row['per_100_wbc']:.1f} per 100 WBC (not in the differential)</td></tr>"
+            )
         else:
             parts.append(
-                f"<tr class=other><td>{e(row['class'])}</td><td>{row['count']}</td>"
-                f"<td colspan=4>{row['per_100_wbc']:.1f} per 100 WBC (not in the differential)</td></tr>"
+                f"<tr class=other><td>{e(_label(row['class']))}</td><td>-</td>"
+                "<td colspan=4>not estimated (hemaedge count --platelets estimates it roughly)</td></tr>"
             )
     parts.append("</table>")
     parts.append(
@@ -247,7 +265,9 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         f"{d['review_threshold']:.2f} are in <b>review</b> rather than forced into a class.</p>"
     )
     parts.append("<h2>Flags</h2>")
-    if d["flags"]:
+    if d["total_wbc"] == 0:
+        parts.append("<p class=warn>No white cells were counted, so nothing could be flagged.</p>")
+    elif d["flags"]:
         parts.append(
             "<ul class=flags>"
             + "".join(f"<li class='{'flag-blast' if f.startswith('BLAST') else ''}'>{e(f)}</li>" for f in d["flags"])
@@ -267,7 +287,7 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         group = by.get(name, [])
         if not group:
             continue
-        parts.append(f"<h3>{e(name)} ({len(group)})</h3><div class=gallery>")
+        parts.append(f"<h3>{e(_label(name))} ({len(group)})</h3><div class=gallery>")
         for c in group[:GALLERY_LIMIT]:
             tip = e(f"#{c.id} {c.class_name} p={c.confidence:.2f} frame {c.frame_name or c.frame_index}")
             label = f"#{c.id}" + (f" {e(c.class_name)}?" if c.review else f" {c.confidence:.2f}")
@@ -283,6 +303,27 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         "a qualified person on the smear.</p></body></html>"
     )
     return "\n".join(parts)
+
+
+def _label(name: str) -> str:
+    """A class's display name (the review bucket keeps its own)."""
+    return name if name == REVIEW else display_name(name)
+
+
+def _inputs_html(inputs: Mapping[str, Any]) -> list[str]:
+    """Every input the session could not use, named with its reason, and the images never read."""
+    e = html.escape
+    out = []
+    if inputs.get("message"):
+        out.append(f"<p class=warn>{e(inputs['message'])}.</p>")
+    unusable = inputs.get("unusable") or []
+    if unusable:
+        rows = "".join(f"<tr><td>{e(u['name'])}</td><td>{e(u['detail'])}</td></tr>" for u in unusable[:500])
+        more = f"<p class=meta>+{len(unusable) - 500} more in summary.json</p>" if len(unusable) > 500 else ""
+        out.append(
+            f"<h2>Inputs not used ({len(unusable)})</h2><table><tr><th>image</th><th>why</th></tr>{rows}</table>{more}"
+        )
+    return out
 
 
 def _members(d: Mapping[str, Any], group: str | None) -> list[str]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hemaedge.edge.records import CountSnapshot
+
+REVIEW = "review"  # the review bucket's name (hemaedge.edge.count.REVIEW)
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,14 @@ class RecentCell:
     bucket: str  # class name or "review"
     confidence: float
     frame: str  # frame name or index
+
+
+def display_order(classes: Sequence[str], differential: Sequence[bool]) -> list[str]:
+    """The order every table shows (live and final): white-cell classes in model order, the review bucket,
+    then the classes outside the differential (platelets, nucleated red cells: per 100 white cells)."""
+    return (
+        [c for c, d in zip(classes, differential) if d] + [REVIEW] + [c for c, d in zip(classes, differential) if not d]
+    )
 
 
 @dataclass(frozen=True)
@@ -36,12 +47,15 @@ class RunStatus:
         fps: Frames per second over the last seconds.
         cells_per_s: Cells counted per second over the last seconds.
         skipped: Why frames were not segmented -> how many (``quality``, ``busy``, ``unplaced``).
-        at_edge: Detections not counted because the cell was cut by the frame border.
+        inputs_unusable: Still images that could not be used (unreadable, greyscale, too small, quality).
+        at_edge: Detections not counted yet because the cell was cut by the frame border (counted once in view).
         warnings: Recent warnings for a person (blur, camera reconnecting...).
         recent: The last counted cells, newest last.
         review_threshold: Top probability below which a cell goes to review.
         message: One line (e.g. "press y to confirm reset").
         note: A standing remark about the session (e.g. that a demo counts drawn cells).
+        not_estimated: Classes the session does not estimate (platelets unless ``--platelets``): shown as
+            "not estimated", never as a number.
     """
 
     snapshot: CountSnapshot
@@ -63,3 +77,5 @@ class RunStatus:
     review_threshold: float = 0.6
     message: str = ""
     note: str = ""
+    not_estimated: tuple[str, ...] = ()
+    inputs_unusable: int = 0

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hemaedge.edge.display.status import RunStatus
+from hemaedge.edge.bundle.vocabulary import display_name
+from hemaedge.edge.display.status import REVIEW, RunStatus, display_order
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -56,44 +57,39 @@ def _lines(text: str, width: int) -> int:
 def _class_table(st: RunStatus, width: int, bars: bool) -> Table:
     snap = st.snapshot
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), expand=False, header_style="bold")
-    name_w = max([len(c) for c in st.classes] + [len("review (<0.60)")])
+    name_w = max([len(display_name(c)) for c in st.classes] + [len("review (<0.60)")])
     t.add_column("class", no_wrap=True, min_width=min(name_w, 24), max_width=max(name_w, 12))
     t.add_column("n", justify="right", no_wrap=True, min_width=3)
     t.add_column("%", justify="right", no_wrap=True, min_width=5)
-    t.add_column("95% CI", justify="right", no_wrap=True, min_width=11)
-    bar_w = max(0, width - name_w - 3 - 5 - 11 - 10) if bars else 0
+    t.add_column("95% CI", justify="right", no_wrap=True, min_width=13)
+    bar_w = max(0, width - name_w - 3 - 5 - 13 - 10) if bars else 0
     if bar_w >= 10:
         t.add_column("", no_wrap=True, width=min(bar_w, 40))
     n = snap.total
 
-    def row(name: str, k: int, style: str = "") -> None:
+    def row(name: str, label: str, k: int, style: str = "", bar_style: str = "bar.complete") -> None:
         pct = None
-        if name in snap.percentages:
+        if name in st.not_estimated:
+            cells = ["-", "", "not estimated"]
+        elif name in snap.percentages:
             pct = snap.percentages[name]
             lo, hi = snap.intervals[name]
             cells = [str(k), f"{pct:5.1f}", _fmt_ci(lo, hi)]
-        else:  # outside the differential: per 100 white cells
+        else:  # outside the differential: per 100 white cells, not a percentage of them
             per = 100.0 * k / n if n else 0.0
-            cells = [str(k), f"{per:5.1f}", "/100 WBC"]
+            cells = [str(k), "", f"{per:.1f} /100 WBC"]
         if bar_w >= 10:
-            cells.append(ProgressBar(total=1.0, completed=(pct or 0.0) / 100.0, width=min(bar_w, 40)))
-        t.add_row(Text(name, style=style), *cells)
+            cells.append(
+                ProgressBar(total=1.0, completed=(pct or 0.0) / 100.0, width=min(bar_w, 40), complete_style=bar_style)
+            )
+        t.add_row(Text(label, style=style), *cells)
 
-    for c, diff in zip(st.classes, st.differential):
-        if diff:
-            row(c, snap.counts.get(c, 0))
-    review_label = f"review (<{st.review_threshold:.2f})"
-    pct = snap.percentages.get("review", 0.0)
-    lo, hi = snap.intervals.get("review", (0.0, 100.0))
-    review_cells = [str(snap.review), f"{pct:5.1f}", _fmt_ci(lo, hi)]
-    if bar_w >= 10:
-        review_cells.append(
-            ProgressBar(total=1.0, completed=pct / 100.0, width=min(bar_w, 40), complete_style="yellow")
-        )
-    t.add_row(Text(review_label, style="yellow"), *review_cells)
-    for c, diff in zip(st.classes, st.differential):
-        if not diff:
-            row(c, snap.counts.get(c, 0), "dim")
+    in_differential = dict(zip(st.classes, st.differential))
+    for c in display_order(st.classes, st.differential):
+        if c == REVIEW:
+            row(REVIEW, f"review (<{st.review_threshold:.2f})", snap.review, "yellow", "yellow")
+        else:
+            row(c, display_name(c), snap.counts.get(c, 0), "" if in_differential[c] else "dim")
     return t
 
 
@@ -125,12 +121,14 @@ def _progress(st: RunStatus, width: int) -> Table:
 
 
 def _rates(st: RunStatus) -> str:
-    parts = [f"{st.fps:5.1f} frames/s", f"{st.cells_per_s:4.1f} cells/s", f"frames {st.frames}"]
+    parts = [f"{st.fps:.1f} frames/s", f"{st.cells_per_s:.1f} cells/s", f"frames {st.frames}"]
     skipped = ", ".join(f"{'blur/exposure' if k == 'quality' else k} {v}" for k, v in sorted(st.skipped.items()) if v)
     if skipped:
         parts.append(f"skipped: {skipped}")
+    if st.inputs_unusable:
+        parts.append(f"unusable images {st.inputs_unusable}")
     if st.at_edge:
-        parts.append(f"edge {st.at_edge}")
+        parts.append(f"at border {st.at_edge} (counted later)")
     return " | ".join(parts)
 
 

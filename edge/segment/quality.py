@@ -4,8 +4,13 @@
   ``work_px`` on the short side, so the number does not depend on camera
   resolution), divided by the variance of a slightly smoothed copy: focus
   relative to the frame's own contrast, so a pale stain is not called blurred.
-* **Brightness** is the median grey level; a frame is too dark when it is low,
-  over-exposed when most of it is clipped white.
+* **Exposure** is judged by what matters, the stained cells, not the background: a bright white
+  background that clips (some microscopes' in-focus frames are like that) is fine as long as the cells keep
+  their stain colour. A frame is *over-exposed* when the stain itself is washed out (most of the frame clipped
+  and fewer than ``min_stained`` of its pixels still coloured), and *too dark* when even its bright part (the
+  background, ``dark_percentile``) is dark.
+* **What the station cannot use at all** is said plainly: an image smaller than ``min_side_px``, and a
+  greyscale (single-channel) image: white cells are found and classified by their stain colour.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ class Quality:
 
     Attributes:
         ok: Worth segmenting.
-        reason: ``""`` when ok, else one short phrase for the warning line
-            (``"out of focus"``, ``"too dark"``, ``"over-exposed"``, ``"no contrast"``).
+        reason: ``""`` when ok, else one short phrase for the warning line (``"out of focus"``, ``"too dark"``,
+            ``"over-exposed (...)"``, ``"no contrast"``, ``"too small (...)"``, ``"greyscale image: ..."``).
         sharpness: Relative focus measure (higher is sharper; in-focus smears score 0.15-0.45).
         brightness: Median grey level, 0-255.
     """
@@ -42,19 +47,20 @@ class QualityConfig:
     work_px: int = 320
     min_sharpness: float = 0.085
     relative_sharpness: float = 0.4
-    min_brightness: float = 40.0
-    max_clipped: float = 0.6
+    min_brightness: float = 40.0  # the dark_percentile-th grey level must reach this
+    dark_percentile: float = 0.9
+    max_clipped: float = 0.5  # over-exposed needs at least this share of clipped pixels ...
+    min_stained: float = 0.03  # ... and fewer than this share still carrying stain colour
+    all_clipped: float = 0.97  # over-exposed whatever the stain
     min_contrast: float = 4.0
+    min_side_px: int = 32
+    grey_tolerance: int = 2  # channels within this many levels of each other: a greyscale image
 
 
 def _grey(frame: Frame, work_px: int) -> np.ndarray:
     import cv2
 
-    px = frame.pixels
-    short = min(px.shape[:2])
-    if short > work_px:
-        k = max(1, int(round(short / work_px)))
-        px = px[::k, ::k]
+    px = _small(frame.pixels, work_px)
     code = cv2.COLOR_BGR2GRAY if frame.colour_order == "BGR" else cv2.COLOR_RGB2GRAY
     return cv2.cvtColor(np.ascontiguousarray(px), code)
 
@@ -98,24 +104,56 @@ def assess_quality(
     """
     cfg = config or QualityConfig()
     fr = as_frame(frame)
+    h, w = fr.pixels.shape[:2]
+    if min(h, w) < cfg.min_side_px:
+        return Quality(False, f"too small ({w}x{h} px; at least {cfg.min_side_px} px a side)", 0.0, 0.0)
+    small = _small(fr.pixels, cfg.work_px)
     grey = _grey(fr, cfg.work_px)
     hist = np.bincount(grey.ravel(), minlength=256)
     cum = np.cumsum(hist) / grey.size
     brightness = float(np.searchsorted(cum, 0.5))
+    bright = float(np.searchsorted(cum, cfg.dark_percentile))
     clipped = float(1.0 - cum[249])
     spread = float(np.searchsorted(cum, 0.95) - np.searchsorted(cum, 0.05))
     sharp = sharpness(grey) if spread >= cfg.min_contrast else 0.0
-    if brightness < cfg.min_brightness:
+    if bright < cfg.min_brightness:
         return Quality(False, "too dark", sharp, brightness)
-    if clipped > cfg.max_clipped:
-        return Quality(False, "over-exposed", sharp, brightness)
+    if clipped > cfg.all_clipped or (clipped > cfg.max_clipped and _stained(small) < cfg.min_stained):
+        return Quality(False, "over-exposed (the stain is washed out)", sharp, brightness)
     if spread < cfg.min_contrast:
         return Quality(False, "no contrast", sharp, brightness)
+    if _is_greyscale(small, cfg.grey_tolerance):
+        return Quality(False, GREYSCALE, sharp, brightness)
     if sharp < cfg.min_sharpness:
         return Quality(False, "out of focus", sharp, brightness)
     if reference_sharpness and sharp < cfg.relative_sharpness * reference_sharpness:
         return Quality(False, "out of focus", sharp, brightness)
     return Quality(True, "", sharp, brightness)
+
+
+GREYSCALE = (
+    "greyscale image: the station finds and classifies white cells by their stain colour, so it needs a colour "
+    "camera (a single-channel camera cannot be used)"
+)
+
+
+def _small(pixels: np.ndarray, work_px: int) -> np.ndarray:
+    short = min(pixels.shape[:2])
+    k = max(1, int(round(short / work_px))) if short > work_px else 1
+    return pixels[::k, ::k]
+
+
+def _is_greyscale(small: np.ndarray, tolerance: int) -> bool:
+    """All three channels (nearly) equal everywhere: a greyscale picture stored as colour."""
+    a = small.astype(np.int16)
+    return bool(np.abs(a[..., 0] - a[..., 1]).max() <= tolerance and np.abs(a[..., 1] - a[..., 2]).max() <= tolerance)
+
+
+def _stained(small: np.ndarray) -> float:
+    """Share of pixels that carry stain colour (saturation above 0.15, not black)."""
+    mx = small.max(axis=2).astype(np.float32)
+    mn = small.min(axis=2).astype(np.float32)
+    return float((((mx - mn) > 0.15 * mx) & (mx > 30)).mean())
 
 
 class QualityMonitor:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from typing import Tuple
 
 import numpy as np
-from hemaedge.edge.records import Detection, Frame
+from hemaedge.edge.records import CellKind, Detection, Frame
 from hemaedge.edge.segment.base import as_frame
 
 Box = Tuple[float, float, float, float]
@@ -391,7 +391,7 @@ class StainSegmenter:
             score = 1.0 / (1.0 + np.exp(-(ex - cfg.min_excess) / 3.0))
             score *= min(1.0, a / (3 * cfg.min_area * area_img)) ** 0.5
             full = (box[0] / s, box[1] / s, box[2] / s, box[3] / s)
-            dets.append(Detection(full, round(float(score), 4), "wbc"))
+            dets.append(Detection(full, round(float(score), 4), CellKind.WBC))
             info.groups.append(g)
             work_boxes.append(box)
         dets.sort(key=lambda d: -d.score)
@@ -469,7 +469,9 @@ class StainSegmenter:
                 continue
             big = _scaled(box, cfg.plt_grow, w, h)  # may reach a little over a white cell's box; the blob does not
             score = 1.0 / (1.0 + np.exp(-(mean[c] - cfg.plt_mean) * 8.0))
-            out.append(Detection((big[0] / s, big[1] / s, big[2] / s, big[3] / s), round(float(score), 4), "platelet"))
+            out.append(
+                Detection((big[0] / s, big[1] / s, big[2] / s, big[3] / s), round(float(score), 4), CellKind.PLATELET)
+            )
         out.sort(key=lambda d: -d.score)
         return out
 

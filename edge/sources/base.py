@@ -35,6 +35,7 @@ class SourceEvent:
         attempt: Reconnect attempt number (``reconnecting`` only), else 0.
         delay_s: Seconds waited before this attempt (``reconnecting`` only).
         time: ``time.time()`` when it happened.
+        subject: The file concerned (``skipped`` only), else ``""``.
     """
 
     kind: str
@@ -43,6 +44,7 @@ class SourceEvent:
     attempt: int = 0
     delay_s: float = 0.0
     time: float = field(default_factory=time.time)
+    subject: str = ""
 
     @property
     def is_warning(self) -> bool:
@@ -122,7 +124,7 @@ class FrameSource:
     def _frames(self) -> Iterator[Frame]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def emit(self, kind: str, message: str, **extra: float) -> SourceEvent:
+    def emit(self, kind: str, message: str, **extra: float | str) -> SourceEvent:
         """Record and report an event."""
         event = SourceEvent(kind, message, self.uri, **extra)  # type: ignore[arg-type]
         self.last_event = event

@@ -65,10 +65,28 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from exc
     if data.size == 0:
         raise InputError(f"{p}: empty file")
+    truncated = _truncated(data)
+    if truncated:
+        raise InputError(f"{p}: {truncated}")
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise InputError(f"{p}: not a readable image (corrupt or unsupported format)")
     return as_bgr(img)
+
+
+def _truncated(data: np.ndarray) -> str:
+    """Why a JPEG or PNG file is cut short (``""`` when it ends as it should, or is another format).
+
+    A decoder fills a cut JPEG with grey and only warns on the terminal; counting cells in half a picture
+    would be wrong, so such a file is refused with this reason instead.
+    """
+    head = bytes(data[:8])
+    tail = bytes(data[-4096:])
+    if head[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (the file ends before the image does: an interrupted copy or transfer?)"
+    if head == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        return "truncated PNG (the file ends before the image does: an interrupted copy or transfer?)"
+    return ""
 
 
 class ImageFilesSource(FrameSource):
@@ -82,6 +100,7 @@ class ImageFilesSource(FrameSource):
 
     Attributes:
         failed: ``(path, reason)`` of every file skipped so far.
+        consumed: Files tried so far (read or skipped); ``unread()`` is how many are left.
     """
 
     live = False
@@ -98,20 +117,26 @@ class ImageFilesSource(FrameSource):
         super().__init__(uri or (str(self.paths[0].parent) if self.paths else "images"), on_event)
         self.max_frames = max_frames
         self.failed: list[tuple[Path, str]] = []
+        self.consumed = 0
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def unread(self) -> int:
+        """Files never tried (the reader stopped first, e.g. because the count reached its target)."""
+        return len(self.paths) - self.consumed
 
     def _frames(self) -> Iterator[Frame]:
         index = 0
         for path in self.paths:
             if self.max_frames is not None and index >= self.max_frames:
                 return
+            self.consumed += 1
             try:
                 img = read_image(path)
             except InputError as exc:
                 self.failed.append((path, str(exc)))
-                self.emit("skipped", f"skipped {exc}")
+                self.emit("skipped", f"{exc}; skipped", subject=path.name)
                 continue
             try:
                 mtime = path.stat().st_mtime

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from hemaedge.edge.count.tracking import Keyframe
 from hemaedge.edge.errors import StoreError
+from hemaedge.edge.records import Crop, Prediction
 
 DB_NAME = "session.sqlite"
 CROPS = "crops"
@@ -80,22 +81,27 @@ CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, t REAL NOT NULL, kind
 
 @dataclass(frozen=True)
 class NewCell:
-    """A classified cell to persist."""
+    """A classified cell to persist: the records of the stages that made it, and the counting decision.
 
-    t: float
-    source: str
-    frame_index: int
-    frame_name: str
-    box: tuple[float, float, float, float]
+    Attributes:
+        crop: What was cut (RGB pixels as cut from the frame, the detection's box and kind, the frame).
+        prediction: What the classifier said.
+        review: The counting decision: True when the top probability was below the review threshold.
+        field: The slide field the frame was placed in.
+        sx: The cell's centre on the slide (field coordinates, pixels).
+        sy: Ditto.
+        source: Where the frame came from (``Frame.source_id``).
+        t: When it was classified (epoch seconds).
+    """
+
+    crop: Crop
+    prediction: Prediction
+    review: bool
     field: int
     sx: float
     sy: float
-    class_index: int
-    class_name: str
-    confidence: float
-    review: bool
-    probabilities: np.ndarray
-    crop: np.ndarray  # RGB uint8, as cut from the frame
+    source: str
+    t: float
 
 
 @dataclass(frozen=True)
@@ -329,7 +335,9 @@ class SessionStore:
                     ),
                 )
             for cell in cells:
-                probs = [round(float(p), 6) for p in np.asarray(cell.probabilities, np.float64)]
+                pred, det = cell.prediction, cell.crop.detection
+                probs = [round(float(p), 6) for p in np.asarray(pred.probabilities, np.float64)]
+                box = tuple(float(v) for v in det.box)
                 cur = c.execute(
                     "INSERT INTO cells (epoch, t, source, frame_index, frame_name, x0, y0, x1, y1, field, sx, sy,"
                     " class_index, class_name, confidence, review, probabilities, crop)"
@@ -338,15 +346,15 @@ class SessionStore:
                         self.epoch,
                         cell.t,
                         cell.source,
-                        int(cell.frame_index),
-                        cell.frame_name,
-                        *map(float, cell.box),
+                        int(cell.crop.frame_index),
+                        cell.crop.frame_name,
+                        *box,
                         int(cell.field),
                         float(cell.sx),
                         float(cell.sy),
-                        int(cell.class_index),
-                        cell.class_name,
-                        float(cell.confidence),
+                        int(pred.class_index),
+                        pred.class_name,
+                        float(pred.confidence),
                         int(cell.review),
                         json.dumps(probs),
                     ),
@@ -354,22 +362,22 @@ class SessionStore:
                 cid = int(cur.lastrowid)
                 rel = f"{CROPS}/{cid:06d}.png"
                 c.execute("UPDATE cells SET crop=? WHERE id=?", (rel, cid))
-                writes.append((self.root / rel, cell.crop))
+                writes.append((self.root / rel, cell.crop.pixels))
                 out.append(
                     StoredCell(
                         cid,
                         self.epoch,
                         cell.t,
                         cell.source,
-                        int(cell.frame_index),
-                        cell.frame_name,
-                        tuple(float(v) for v in cell.box),
+                        int(cell.crop.frame_index),
+                        cell.crop.frame_name,
+                        box,
                         int(cell.field),
                         float(cell.sx),
                         float(cell.sy),
-                        int(cell.class_index),
-                        cell.class_name,
-                        float(cell.confidence),
+                        int(pred.class_index),
+                        pred.class_name,
+                        float(pred.confidence),
                         bool(cell.review),
                         tuple(probs),
                         rel,
