@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "accuracy, F1, AUROC and confusion matrix of a bundle on a data set",
     ),
     "train": ("hemaedge.export.commands.train", "train a registered architecture (workstation)"),
+    "train-detector": (
+        "hemaedge.export.commands.train_detector",
+        "train the white-cell detector on TXL-PBC and BCCD (workstation)",
+    ),
     "export": (
         "hemaedge.export.commands.export",
         "export a model to a checked ONNX / INT8 bundle (same as export-model)",

@@ -11,8 +11,10 @@ from hemaedge.edge.errors import UsageError
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge evaluate``."""
     p.add_argument("--bundle", default=None, help="bundle directory (default: the shipped bundle)")
-    p.add_argument("--data", required=True, help="a MedMNIST .npz or a class-folder tree")
-    p.add_argument("--split", choices=["train", "val", "test"], default="val")
+    p.add_argument("--data", help="a MedMNIST .npz or a class-folder tree")
+    p.add_argument(
+        "--split", choices=["train", "val", "test", "all"], default=None, help="default: val (--detect: all)"
+    )
     p.add_argument("--precision", choices=["fp32", "int8"], default="int8")
     p.add_argument(
         "--variant",
@@ -23,6 +25,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    from hemaedge.export.commands.evaluate_detect import configure_detect
+
+    configure_detect(p)
 
 
 def evaluate_bundle(
@@ -103,6 +108,16 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print."""
     from hemaedge.edge.bundle import load_bundle
     from hemaedge.edge.models import default_bundle_path
+
+    if args.detect:
+        from hemaedge.export.commands.evaluate_detect import run_detect
+
+        return run_detect(args)
+    if not args.data:
+        raise UsageError("give --data (a classifier's data set) or --detect FOLDER (white-cell detection)")
+    args.split = args.split or "val"
+    if args.split == "all":
+        raise UsageError("--split all is for --detect; a classifier is evaluated on one split")
 
     bundle = load_bundle(args.bundle or default_bundle_path())
     report = evaluate_bundle(
