@@ -271,6 +271,7 @@ class Station:
         backend: str | None = "auto",
         precision: str = "auto",
         threads: int = DEFAULT_THREADS,
+        scale: float | None = None,
     ) -> Station:
         """Assemble the station for a bundle (cheap: nothing is loaded until ``__enter__``).
 
@@ -280,11 +281,12 @@ class Station:
             backend: ``auto`` or a backend name (``hemaedge.edge.classify.select``); None: no model (crops only).
             precision: ``auto``, ``int8``, ``fp16`` or ``fp32``.
             threads: ONNX Runtime intra-op threads (default: all cores but one).
+            scale: The session's pixels per micron, stated by the user; None: measured on the red cells.
         """
         from hemaedge.edge.segment import make_segmenter
 
         b = resolve_bundle(bundle)
-        seg = make_segmenter(segmenter)
+        seg = make_segmenter(segmenter, scale=scale)
         runner, why = make_backend(b, backend, precision, threads=threads) if backend is not None else (None, "")
         return cls(b, seg, runner, why, segmenter)
 

@@ -35,6 +35,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="threads for ORT and torch (0 = all cores)")
     p.add_argument("--frames", type=int, default=300, help="640x480 frames for the pipeline run")
+    p.add_argument(
+        "--segmenter",
+        default=None,
+        help="white-cell segmenter of the pipeline run: stain or learned (default: count's)",
+    )
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -149,7 +154,9 @@ def bench_crops(
     return out
 
 
-def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: str) -> dict[str, Any]:
+def bench_pipeline(
+    bundle, frames: int, repeats: int, threads: int, precision: str, segmenter: str | None = None
+) -> dict[str, Any]:
     """Whole-pipeline frames/s on pre-rendered 640x480 frames through ``CountingSession``.
 
     The station is assembled exactly as ``hemaedge count`` assembles it (``Station.from_bundle``, same
@@ -161,8 +168,12 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
     from hemaedge.edge.store import SessionStore
 
     threads = threads or DEFAULT_THREADS
-    station = Station.from_bundle(bundle, precision=precision, threads=threads)
+    from hemaedge.edge.segment import DEFAULT_SEGMENTER
+
+    segmenter = segmenter or DEFAULT_SEGMENTER
+    station = Station.from_bundle(bundle, segmenter=segmenter, precision=precision, threads=threads)
     out: dict[str, Any] = {
+        "segmenter": segmenter,
         "frame_size": "640x480",
         "precision": precision,
         "backend": station.backend_reason,
@@ -215,7 +226,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.skip_pipeline:
         prec = "int8" if "int8" in bundle.manifest.precisions() else "fp32"
-        res["pipeline"] = bench_pipeline(bundle, args.frames, max(3, args.repeats // 2), args.threads, prec)
+        res["pipeline"] = bench_pipeline(
+            bundle, args.frames, max(3, args.repeats // 2), args.threads, prec, args.segmenter
+        )
+        res["load_average"] = _load()
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -237,8 +251,21 @@ def run(args: argparse.Namespace) -> int:
         for name in ("panning_slide", "new_field_every_frame"):
             f = p[name]["frames_per_s"]
             con.print(
-                f"pipeline {name} ({p['precision']}, 640x480, {p['backend']}): {f['median']:.1f} frames/s "
-                f"(min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)",
+                f"pipeline {name} ({p['segmenter']} segmenter, {p['precision']}, 640x480, {p['backend']}): "
+                f"{f['median']:.1f} frames/s (min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs, "
+                f"{statistics.median(p[name]['cells_counted_per_run']):.0f} cells counted per run)",
                 highlight=False,
             )
+        if res.get("load_average"):
+            con.print(f"load average (1/5/15 min) {res['load_average']}", highlight=False)
     return 0
+
+
+def _load() -> list[float] | None:
+    """The machine's load average: busy neighbours slow every figure here."""
+    import os
+
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None

@@ -224,6 +224,8 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         f"source {e(str(summary.get('source', '')))}",
         f"written {e(str(summary.get('written', '')))}",
     ]
+    if (summary.get("scale") or {}).get("describe"):
+        meta.insert(3, f"scale {e(str(summary['scale']['describe']))}")
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
     if summary.get("note"):
         parts.append(f"<p class=warn>{e(str(summary['note']))}</p>")

@@ -174,6 +174,24 @@ def score_detections(
     return out
 
 
+def config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as ``SegmenterConfig`` overrides of the stain segmenter (typed like the field)."""
+    from hemaedge.edge.segment.stain import SegmenterConfig
+
+    fields = SegmenterConfig.__dataclass_fields__
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields:
+            raise UsageError(f"unknown stain segmenter setting {key!r}; one of: {', '.join(fields)}")
+        kind = type(getattr(SegmenterConfig(), key))
+        try:
+            out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise UsageError(f"--set {pair}: {key} takes a {kind.__name__}") from None
+    return out
+
+
 def report_table(title: str, results: dict[str, dict[str, Any]]) -> Any:
     """A rich table of ``{set label: {source: Tally.as_dict()}}``."""
     from rich.table import Table
@@ -201,6 +219,7 @@ def report_table(title: str, results: dict[str, dict[str, Any]]) -> Any:
 
 __all__ = [
     "RBC_NAMES",
+    "config_overrides",
     "WBC_NAMES",
     "folder_items",
     "folder_kind",

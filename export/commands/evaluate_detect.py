@@ -42,6 +42,7 @@ def configure_detect(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--iou", type=float, default=0.5, help="match threshold (default 0.5)")
     g.add_argument("--failures", type=Path, default=None, help="write the images with misses or false detections here")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stain segmenter: a setting to try")
     g.add_argument(
         "--phone", type=int, default=0, metavar="N", help="score N synthetic phone-through-eyepiece frames instead"
     )
@@ -56,7 +57,11 @@ def make_detector(args: argparse.Namespace) -> Any:
     if name != "learned":
         if args.detector or args.threshold is not None:
             raise UsageError("--detector and --threshold are for --segmenter learned")
-        return make_segmenter(name)
+        from hemaedge.edge.segment.evaluation import config_overrides
+
+        return make_segmenter(name, **config_overrides(args.set))
+    if args.set:
+        raise UsageError("--set changes the stain segmenter's settings; the learned detector has --threshold")
     scale: Any = args.scale
     if scale == "session":
         scale = None
