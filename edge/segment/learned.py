@@ -29,6 +29,7 @@ from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment.base import as_frame
 from hemaedge.edge.segment.scale import Scale, SessionScale, estimate_scale, frame_guess
 
+RULER_SHARE = 0.5  # white cells that measure the scale are taken down to this share of the threshold
 BACKGROUND = 235  # white-balanced background (``white_balance``'s target): the padding colour
 
 
@@ -45,6 +46,8 @@ class DetectorSpec:
         max_cells: At most this many cells per frame.
         max_side: The working image's long side is capped at this (a frame at a much finer scale than
             the station expects is shrunk further rather than run at a huge size).
+        wbc_um: The median white-cell box side (micrometres) of the training frames at the working scale:
+            the second ruler (``LearnedSegmenter.wbc_check``).
         outputs: What the output channels hold (documentation).
     """
 
@@ -55,6 +58,7 @@ class DetectorSpec:
     pad_multiple: int = 16
     max_cells: int = 200
     max_side: int = 1600
+    wbc_um: float = 13.8
     outputs: tuple[str, ...] = ("centre_logit", "log_w", "log_h", "dx", "dy")
 
     @classmethod
@@ -74,6 +78,7 @@ class DetectorSpec:
                 pad_multiple=int(d.get("pad_multiple", 16)),
                 max_cells=int(d.get("max_cells", 200)),
                 max_side=int(d.get("max_side", 1600)),
+                wbc_um=float(d.get("wbc_um", 13.8)),
                 outputs=tuple(d.get("outputs", cls.outputs)),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -216,6 +221,7 @@ class LearnedSegmenter:
             raise UsageError(f"detector bundle '{m.name}' has no {self.precision} model (it has {', '.join(precs)})")
         self.threads = threads
         self._session: Any = None
+        self._corrections: list[float] = []
 
     @property
     def model_path(self) -> Path:
@@ -246,23 +252,71 @@ class LearnedSegmenter:
             return estimate_scale(bgr) or frame_guess(bgr.shape)
         return self.session.observe(bgr)
 
-    def run(self, bgr: np.ndarray, scale: Scale) -> tuple[np.ndarray, np.ndarray, float]:
-        """Raw detection on a BGR frame at a known scale: boxes (frame pixels), scores, and the resize factor."""
+    def run(
+        self, bgr: np.ndarray, scale: Scale, threshold: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Raw detection on a BGR frame at a known scale: boxes (frame pixels), scores, and the resize factor
+        (``threshold``: keep peaks down to this instead of the bundle's threshold)."""
         h, w = bgr.shape[:2]
         f = scale.factor_to(self.spec.px_per_um)
         f = min(f, self.spec.max_side / max(h, w))
         x, size = prepare(bgr, f, self.spec, self.mean, self.std)
         out = self._ort().run(None, {self._input: x})[0][0]
-        boxes, scores = decode(out, self.spec, size)
+        boxes, scores = decode(out, self.spec, size, threshold)
         return to_frame(boxes, size, (h, w)), scores, f
+
+    def wbc_check(self, boxes: np.ndarray, scores: np.ndarray, scale: Scale) -> Scale | None:
+        """The white cells as a second ruler: a corrected scale when those found are far from their usual size.
+
+        White cells are 10-20 um across, a wider spread than red cells, but where the red cells could not be
+        measured well (dense or blurred fields: they merge, and come out too big) the cells the detector still
+        finds tell the scale: their median box side over ``detector.wbc_um`` is the correction. It applies when
+        five or more cells above the threshold are off by more than 1.3x, two to four by more than 1.5x, or, with
+        fewer sure cells, eight or more down to ``RULER_SHARE`` of the threshold (at a wrong scale the detector is
+        less sure) by more than 1.3x; never to a stated scale.
+        """
+        if scale.source == "user":
+            return None
+        low = scores >= RULER_SHARE * self.spec.threshold
+        high = scores >= self.spec.threshold
+        if high.sum() >= 5:
+            boxes, limit = boxes[high], 1.3
+        elif high.sum() >= 2:
+            boxes, limit = boxes[high], 1.5
+        elif low.sum() >= 8:  # few sure cells but many unsure ones: a field of small cells at a wrong scale
+            boxes, limit = boxes[low], 1.3
+        else:
+            return None
+        sides_um = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / scale.px_per_um
+        ratio = float(np.median(sides_um)) / self.spec.wbc_um
+        if 1 / limit <= ratio <= limit:
+            return None
+        return Scale(scale.px_per_um * ratio, "measured+wbc", 0.0, scale.frames, scale.cells, scale.spread)
 
     def detect(self, frame: Frame | np.ndarray) -> list[Detection]:
         """White cells in ``frame`` (a ``Frame`` or a BGR array), best score first."""
         fr = as_frame(frame)
         bgr = fr.bgr()
         scale = self.frame_scale(bgr)
+        ruler = RULER_SHARE * self.spec.threshold  # at a wrong scale the detector is less sure: the ruler looks lower
+        boxes, scores, _ = self.run(bgr, scale, ruler)
+        for _ in range(2):
+            better = self.wbc_check(boxes, scores, scale)
+            if better is None:
+                break
+            scale = better
+            boxes, scores, _ = self.run(bgr, scale, ruler)
+        keep = scores >= self.spec.threshold
+        boxes, scores = boxes[keep], scores[keep]
+        if not self.per_frame and scale.source == "measured+wbc":
+            self._corrections.append(scale.px_per_um)
+            if self.session.fixed and len(self._corrections) >= 3:  # the session's red cells mislead: correct it
+                self.session = SessionScale(None)
+                self.session._fixed = Scale(
+                    float(np.median(self._corrections)), "measured+wbc", 0.0, len(self._corrections)
+                )
+                self._corrections = []
         self.last_scale = scale
-        boxes, scores, _ = self.run(bgr, scale)
         return [
             Detection(tuple(float(v) for v in b), round(float(s), 4), "wbc")
             for b, s in zip(boxes.tolist(), scores.tolist())

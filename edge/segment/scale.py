@@ -85,6 +85,7 @@ class Scale:
             "measured": f"measured on {self.frames} frame{'s' if self.frames != 1 else ''}",
             "user": "stated",
             "frame": "guessed from the frame size",
+            "measured+wbc": "red cells corrected by the white cells' size",
             "fixed": "fixed",
         }.get(self.source, self.source)
         return f"{self.px_per_um:.2f} px/um (red cells {self.rbc_px:.1f} px, {how})"

@@ -40,6 +40,9 @@ def configure_detect(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--half", choices=["a", "b"], default=None, help="YOLO folders: only this half of the file names (md5)"
     )
+    g.add_argument(
+        "--source", action="append", default=[], metavar="NAME", help="only images of this source (sources.csv); repeat"
+    )
     g.add_argument("--iou", type=float, default=0.5, help="match threshold (default 0.5)")
     g.add_argument("--failures", type=Path, default=None, help="write the images with misses or false detections here")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stain segmenter: a setting to try")
@@ -99,8 +102,10 @@ def run_detect(args: argparse.Namespace) -> int:
             rbc = {str(it.path): it.boxes for it in folder_items(root, split, args.half, RBC_NAMES)}
             tiles += [
                 Tile(str(it.path), it.boxes, rbc.get(str(it.path), np.zeros((0, 4))), it.source)
-                for it in folder_items(root, split, args.half)
+                for it in _only(folder_items(root, split, args.half), args.source)
             ]
+        if not tiles:
+            raise UsageError("no labelled frames to build phone frames from")
         frames = phone_set(tiles, args.phone, args.phone_seed)
 
         def detect(img):  # noqa: ANN001, ANN202
@@ -110,7 +115,9 @@ def run_detect(args: argparse.Namespace) -> int:
         results[f"phone x{args.phone} (synthetic)"] = score_phone(detect, frames, args.iou)
     else:
         for root in args.detect:
-            items = folder_items(root, split, args.half)
+            items = _only(folder_items(root, split, args.half), args.source)
+            if not items:
+                raise UsageError(f"no images of source {', '.join(args.source)} in {root}")
             tallies = score_detections(seg.detect, items, args.iou, note)
             results[f"{Path(root).name} [{split}{'/' + args.half if args.half else ''}]"] = {
                 k: v.as_dict() for k, v in tallies.items()
@@ -131,3 +138,8 @@ def run_detect(args: argparse.Namespace) -> int:
     title = f"White-cell detection, IoU >= {args.iou}, segmenter {name}"
     Console(width=max(100, Console().width)).print(report_table(title, results))
     return 0
+
+
+def _only(items: list, sources: list[str]) -> list:
+    """The items of the given sources (all of them when none is given)."""
+    return [it for it in items if not sources or it.source in sources]
