@@ -272,6 +272,7 @@ class Station:
         precision: str = "auto",
         threads: int = DEFAULT_THREADS,
         scale: float | None = None,
+        detector: str | os.PathLike | None = None,
     ) -> Station:
         """Assemble the station for a bundle (cheap: nothing is loaded until ``__enter__``).
 
@@ -282,11 +283,16 @@ class Station:
             precision: ``auto``, ``int8``, ``fp16`` or ``fp32``.
             threads: ONNX Runtime intra-op threads (default: all cores but one).
             scale: The session's pixels per micron, stated by the user; None: measured on the red cells.
+            detector: The detector bundle of ``segmenter="learned"`` (default: the shipped one).
         """
         from hemaedge.edge.segment import make_segmenter
 
         b = resolve_bundle(bundle)
-        seg = make_segmenter(segmenter, scale=scale)
+        if detector is not None and segmenter != "learned":
+            from hemaedge.edge.errors import UsageError
+
+            raise UsageError("a detector bundle is for --segmenter learned")
+        seg = make_segmenter(segmenter, scale=scale, **({"bundle": detector} if detector is not None else {}))
         runner, why = make_backend(b, backend, precision, threads=threads) if backend is not None else (None, "")
         return cls(b, seg, runner, why, segmenter)
 

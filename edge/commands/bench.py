@@ -40,6 +40,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="white-cell segmenter of the pipeline run: stain or learned (default: count's)",
     )
+    p.add_argument("--detector", default=None, metavar="BUNDLE", help="detector bundle for --segmenter learned")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -155,7 +156,13 @@ def bench_crops(
 
 
 def bench_pipeline(
-    bundle, frames: int, repeats: int, threads: int, precision: str, segmenter: str | None = None
+    bundle,
+    frames: int,
+    repeats: int,
+    threads: int,
+    precision: str,
+    segmenter: str | None = None,
+    detector: str | None = None,
 ) -> dict[str, Any]:
     """Whole-pipeline frames/s on pre-rendered 640x480 frames through ``CountingSession``.
 
@@ -171,9 +178,10 @@ def bench_pipeline(
     from hemaedge.edge.segment import DEFAULT_SEGMENTER
 
     segmenter = segmenter or DEFAULT_SEGMENTER
-    station = Station.from_bundle(bundle, segmenter=segmenter, precision=precision, threads=threads)
+    station = Station.from_bundle(bundle, segmenter=segmenter, precision=precision, threads=threads, detector=detector)
     out: dict[str, Any] = {
         "segmenter": segmenter,
+        "detector": str(getattr(getattr(station.segmenter, "bundle", None), "path", "")) or None,
         "frame_size": "640x480",
         "precision": precision,
         "backend": station.backend_reason,
@@ -227,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_pipeline:
         prec = "int8" if "int8" in bundle.manifest.precisions() else "fp32"
         res["pipeline"] = bench_pipeline(
-            bundle, args.frames, max(3, args.repeats // 2), args.threads, prec, args.segmenter
+            bundle, args.frames, max(3, args.repeats // 2), args.threads, prec, args.segmenter, args.detector
         )
         res["load_average"] = _load()
     if args.json:

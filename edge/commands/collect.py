@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend if args.by_class else None,
         precision=args.precision,
         scale=args.px_per_um,
+        detector=args.detector,
     )
     m = station.manifest
     folder = CropFolder(args.out, by_class=args.by_class)

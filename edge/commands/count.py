@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
             precision=p.precision,
             threads=args.threads,
             scale=args.px_per_um or _resumed_scale(p),
+            detector=args.detector,
         )
         if p.resume and _already_complete(store, p, err):
             return 0

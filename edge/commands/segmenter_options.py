@@ -18,6 +18,12 @@ def add_segmenter_options(parser: argparse.ArgumentParser) -> None:
         f"default {DEFAULT_SEGMENTER}",
     )
     parser.add_argument(
+        "--detector",
+        default=None,
+        metavar="BUNDLE",
+        help="detector bundle for --segmenter learned (default: the shipped one)",
+    )
+    parser.add_argument(
         "--px-per-um",
         type=_positive,
         default=None,

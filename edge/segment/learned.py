@@ -29,6 +29,8 @@ from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment.base import as_frame
 from hemaedge.edge.segment.scale import Scale, SessionScale, estimate_scale, frame_guess
 
+POOL_CELLS = 10  # white cells a session pools before its white cells check its red-cell scale
+POOL_LIMIT = 1.35  # ... and corrects it when their median is further than this from its usual size
 RULER_SHARE = 0.5  # white cells that measure the scale are taken down to this share of the threshold
 BACKGROUND = 235  # white-balanced background (``white_balance``'s target): the padding colour
 
@@ -221,7 +223,8 @@ class LearnedSegmenter:
             raise UsageError(f"detector bundle '{m.name}' has no {self.precision} model (it has {', '.join(precs)})")
         self.threads = threads
         self._session: Any = None
-        self._corrections: list[float] = []
+        self._pool: list[float] = []  # white-cell box sides (um) seen at the session's scale
+        self._pool_done = False
 
     @property
     def model_path(self) -> Path:
@@ -300,22 +303,28 @@ class LearnedSegmenter:
         scale = self.frame_scale(bgr)
         ruler = RULER_SHARE * self.spec.threshold  # at a wrong scale the detector is less sure: the ruler looks lower
         boxes, scores, _ = self.run(bgr, scale, ruler)
-        for _ in range(2):
-            better = self.wbc_check(boxes, scores, scale)
-            if better is None:
-                break
-            scale = better
-            boxes, scores, _ = self.run(bgr, scale, ruler)
+        if self.per_frame:  # a still image from any microscope: its own white cells check its own scale
+            for _ in range(2):
+                better = self.wbc_check(boxes, scores, scale)
+                if better is None:
+                    break
+                scale = better
+                boxes, scores, _ = self.run(bgr, scale, ruler)
+        elif scale.source != "user" and not self._pool_done:  # a session: its white cells, pooled, check it once
+            sure = scores >= self.spec.threshold
+            self._pool += (
+                np.maximum(boxes[sure, 2] - boxes[sure, 0], boxes[sure, 3] - boxes[sure, 1]) / scale.px_per_um
+            ).tolist()
+            if len(self._pool) >= POOL_CELLS and self.session.fixed:
+                self._pool_done = True
+                ratio = float(np.median(self._pool)) / self.spec.wbc_um
+                if not 1 / POOL_LIMIT <= ratio <= POOL_LIMIT:
+                    scale = Scale(scale.px_per_um * ratio, "measured+wbc", 0.0, scale.frames, scale.cells, scale.spread)
+                    self.session = SessionScale(scale.px_per_um)
+                    self.session._fixed = scale
+                    boxes, scores, _ = self.run(bgr, scale, ruler)
         keep = scores >= self.spec.threshold
         boxes, scores = boxes[keep], scores[keep]
-        if not self.per_frame and scale.source == "measured+wbc":
-            self._corrections.append(scale.px_per_um)
-            if self.session.fixed and len(self._corrections) >= 3:  # the session's red cells mislead: correct it
-                self.session = SessionScale(None)
-                self.session._fixed = Scale(
-                    float(np.median(self._corrections)), "measured+wbc", 0.0, len(self._corrections)
-                )
-                self._corrections = []
         self.last_scale = scale
         return [
             Detection(tuple(float(v) for v in b), round(float(s), 4), "wbc")
