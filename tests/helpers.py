@@ -128,7 +128,7 @@ def new_cell(
     )
 
 
-def tiny_detector_onnx(path: Path) -> Path:
+def tiny_detector_onnx(path: Path, box_cells: float = 6.0) -> Path:
     """A hand-made "detector" (no torch): one 4x4 stride-4 convolution whose heatmap fires on dark, blue-violet
     pixels (nuclei) and whose boxes are 24 working pixels (6 cells) wide; dynamic height and width."""
     import onnx
@@ -138,7 +138,7 @@ def tiny_detector_onnx(path: Path) -> Path:
     w[0, 0] = -4.0 / 16  # red channel (RGB input): nuclei are dark in red and green, bright in blue
     w[0, 1] = -4.0 / 16
     w[0, 2] = 1.0 / 16
-    b = np.asarray([-1.5, np.log(6.0), np.log(6.0), 0.5, 0.5], np.float32)
+    b = np.asarray([-1.5, np.log(box_cells), np.log(box_cells), 0.5, 0.5], np.float32)
     nodes = [helper.make_node("Conv", ["input", "w", "b"], ["output"], kernel_shape=[4, 4], strides=[4, 4])]
     graph = helper.make_graph(
         nodes,
@@ -154,11 +154,12 @@ def tiny_detector_onnx(path: Path) -> Path:
     return path
 
 
-def tiny_detector_bundle(out: Path, px_per_um: float = 1.75, threshold: float = 0.5) -> Path:
-    """A complete detector bundle (``"task": "detect"``) around ``tiny_detector_onnx``."""
+def tiny_detector_bundle(out: Path, px_per_um: float = 1.75, threshold: float = 0.5, box_cells: float = 6.0) -> Path:
+    """A complete detector bundle (``"task": "detect"``) around ``tiny_detector_onnx`` (boxes ``box_cells`` x 4
+    working pixels wide: 6 -> 24 px, 13.7 um at 1.75 px/um, a white cell's usual size)."""
     work = out.parent / (out.name + ".src")
     work.mkdir(parents=True, exist_ok=True)
-    fp32 = tiny_detector_onnx(work / "model.onnx")
+    fp32 = tiny_detector_onnx(work / "model.onnx", box_cells)
     manifest = Manifest(
         name="tiny-detector",
         architecture="tiny-detector",

@@ -17,6 +17,7 @@ from hemaedge.edge.bundle import load_bundle
 from hemaedge.edge.errors import AccuracyGateError, BundleError, InputError, UsageError
 from hemaedge.edge.segment import LearnedSegmenter, make_segmenter
 from hemaedge.edge.segment.learned import DetectorSpec, decode, nms, prepare, to_frame
+from hemaedge.edge.segment.scale import estimate_scale
 from hemaedge.edge.sources import SyntheticSource
 
 
@@ -108,6 +109,33 @@ def test_a_stated_scale_sets_the_working_size(detector_dir):
     assert factor == pytest.approx(1.75 / 3.5)
     with pytest.raises(UsageError):
         LearnedSegmenter(detector_dir, scale="sometimes")
+
+
+def test_white_cells_check_the_red_cell_scale(tmp_path, monkeypatch):
+    """A detector whose cells come out half their usual size says the scale is off by 2x: a session corrects it
+    once, from ten pooled cells; a still image corrects its own; a stated scale is never corrected."""
+    small = tiny_detector_bundle(tmp_path / "small", box_cells=3.0)  # 12 working px: 6.9 um instead of 13.8
+    frames = list(SyntheticSource(seed=5, frames=16, rbc_px=30))
+    seg = LearnedSegmenter(small)
+    for f in frames:
+        seg.detect(f)
+    assert seg.scale.source == "measured+wbc" and seg.session.fixed
+    measured = LearnedSegmenter(small, scale="frame")
+    corrected = 0
+    for f in frames[:4]:  # frames with two or more sure cells correct their own scale
+        measured.detect(f)
+        if measured.last_scale.source == "measured+wbc":
+            corrected += 1
+            assert measured.last_scale.px_per_um < 0.6 * estimate_scale(f.bgr()).px_per_um
+    assert corrected
+    stated = LearnedSegmenter(small, scale=4.0)
+    for f in frames[:12]:
+        stated.detect(f)
+    assert stated.scale.source == "user" and stated.scale.px_per_um == 4.0
+    normal = LearnedSegmenter(tiny_detector_bundle(tmp_path / "normal"))
+    for f in frames:
+        normal.detect(f)
+    assert normal.scale.source == "measured"
 
 
 def test_make_segmenter_refuses_unknown_names():

@@ -320,8 +320,7 @@ class LearnedSegmenter:
                 ratio = float(np.median(self._pool)) / self.spec.wbc_um
                 if not 1 / POOL_LIMIT <= ratio <= POOL_LIMIT:
                     scale = Scale(scale.px_per_um * ratio, "measured+wbc", 0.0, scale.frames, scale.cells, scale.spread)
-                    self.session = SessionScale(scale.px_per_um)
-                    self.session._fixed = scale
+                    self.session.correct(scale)
                     boxes, scores, _ = self.run(bgr, scale, ruler)
         keep = scores >= self.spec.threshold
         boxes, scores = boxes[keep], scores[keep]

@@ -291,6 +291,12 @@ class SessionScale:
         """The scale as known now (None before any frame)."""
         return self._fixed or combine(self._seen)
 
+    def correct(self, scale: Scale) -> None:
+        """Fix the session's scale to ``scale`` (a measurement corrected by other evidence; never a stated one)."""
+        if self._stated is not None:
+            raise ValueError("a stated scale is not corrected")
+        self._fixed = scale
+
     def observe(self, bgr: np.ndarray) -> Scale:
         """The scale to use for this frame (measuring it while the session's scale is not fixed yet)."""
         if self._fixed is not None:
