@@ -211,25 +211,39 @@ class LearnedSegmenter:
             if not 0 < threshold < 1:
                 raise UsageError(f"detector threshold must be within 0..1, not {threshold}")
             self.spec = DetectorSpec(**{**self.spec.__dict__, "threshold": float(threshold)})
-        self.mean, self.std = m.input.mean, m.input.std
+        precs = m.precisions()
+        self.precision = ("int8" if "int8" in precs else "fp32") if precision == "auto" else precision
+        if self.precision not in precs:
+            raise UsageError(f"detector bundle '{m.name}' has no {self.precision} model (it has {', '.join(precs)})")
+        self._setup(m.input.mean, m.input.std, scale, threads, None)
+
+    def _setup(self, mean: tuple, std: tuple, scale: float | str | None, threads: int, model: Path | None) -> None:
+        self.mean, self.std = mean, std
         if isinstance(scale, str) and scale != "frame":
             raise UsageError(f"scale must be pixels per micron or 'frame', not {scale!r}")
         self.per_frame = scale == "frame"
         self.session = SessionScale(None if scale in (None, "frame") else float(scale))
         self.last_scale: Scale | None = None
-        precs = m.precisions()
-        self.precision = ("int8" if "int8" in precs else "fp32") if precision == "auto" else precision
-        if self.precision not in precs:
-            raise UsageError(f"detector bundle '{m.name}' has no {self.precision} model (it has {', '.join(precs)})")
         self.threads = threads
+        self._model = model
         self._session: Any = None
         self._pool: list[float] = []  # white-cell box sides (um) seen at the session's scale
         self._pool_done = False
 
+    @classmethod
+    def from_model(
+        cls, model: Path, spec: DetectorSpec, mean: tuple, std: tuple, scale: float | str | None = "frame"
+    ) -> LearnedSegmenter:
+        """A segmenter running an ONNX file that is not in a bundle yet (export scores its models with it)."""
+        self = cls.__new__(cls)
+        self.bundle, self.spec, self.precision = None, spec, "onnx"
+        self._setup(mean, std, scale, 1, Path(model))
+        return self
+
     @property
     def model_path(self) -> Path:
         """The ONNX file this segmenter runs (the CPU INT8 variant when there is one)."""
-        return self.bundle.onnx_path(self.precision, target="cpu")
+        return self._model or self.bundle.onnx_path(self.precision, target="cpu")
 
     def _ort(self) -> Any:
         if self._session is None:
@@ -274,9 +288,9 @@ class LearnedSegmenter:
         White cells are 10-20 um across, a wider spread than red cells, but where the red cells could not be
         measured well (dense or blurred fields: they merge, and come out too big) the cells the detector still
         finds tell the scale: their median box side over ``detector.wbc_um`` is the correction. It applies when
-        five or more cells above the threshold are off by more than 1.3x, two to four by more than 1.5x, or, with
-        fewer sure cells, eight or more down to ``RULER_SHARE`` of the threshold (at a wrong scale the detector is
-        less sure) by more than 1.3x; never to a stated scale.
+        five or more cells above the threshold are off by more than 1.3x or, with fewer sure cells, eight or more
+        down to ``RULER_SHARE`` of the threshold (at a wrong scale the detector is less sure); never to a stated
+        scale, and never on one to four cells: a lymphocyte is the size of a red cell, a monocyte twice that.
         """
         if scale.source == "user":
             return None
@@ -284,8 +298,6 @@ class LearnedSegmenter:
         high = scores >= self.spec.threshold
         if high.sum() >= 5:
             boxes, limit = boxes[high], 1.3
-        elif high.sum() >= 2:
-            boxes, limit = boxes[high], 1.5
         elif low.sum() >= 8:  # few sure cells but many unsure ones: a field of small cells at a wrong scale
             boxes, limit = boxes[low], 1.3
         else:
@@ -331,4 +343,53 @@ class LearnedSegmenter:
         ]
 
 
-__all__ = ["DetectorSpec", "LearnedSegmenter", "decode", "nms", "prepare", "to_frame"]
+def verify_detector(bundle: Any, precision: str = "auto") -> dict[str, Any]:
+    """``hemaedge verify`` for a detector bundle: its golden inputs through this station's ONNX Runtime.
+
+    Compares the centre heatmaps (max |difference| of the probabilities) and the decoded boxes (share of the
+    workstation's boxes found again at IoU >= 0.5, and the other way round) with the workstation's outputs at
+    the precision run here. Passes at heatmap difference <= 0.01 and box agreement >= 0.99 in FP32, 0.15 and 0.9
+    in INT8.
+    """
+    from hemaedge.edge.bundle.golden import load_golden
+    from hemaedge.edge.segment.groundtruth import match
+
+    seg = LearnedSegmenter(bundle, precision=precision)
+    golden = load_golden(seg.bundle)
+    sess = seg._ort()
+    got = sess.run(None, {seg._input: golden.inputs})[0]
+    variant = seg.bundle.manifest.artifact(seg.precision, "onnx", "cpu").details.get("target")
+    key = "int8_cpu" if seg.precision == "int8" and variant == "cpu" and "int8_cpu" in golden.outputs else seg.precision
+    if key not in golden.outputs:
+        key = "fp32"
+    ref = golden.outputs[key].reshape(got.shape)
+    heat = lambda a: 1.0 / (1.0 + np.exp(-a[:, 0].astype(np.float64)))  # noqa: E731
+    diff = float(np.abs(heat(got) - heat(ref)).max())
+    size = (got.shape[2] * seg.spec.stride, got.shape[3] * seg.spec.stride)
+    found = total = 0
+    for g, r in zip(got, ref):
+        bg, sg = decode(g, seg.spec, size)
+        br, sr = decode(r, seg.spec, size)
+        tp, _, _ = match(bg, sg, br)
+        found += 2 * tp
+        total += len(bg) + len(br)
+    agreement = found / total if total else 1.0
+    max_diff, min_agree = (0.15, 0.9) if key.startswith("int8") else (0.01, 0.99)
+    return {
+        "bundle": str(seg.bundle.path),
+        "task": "detect",
+        "backend": "onnxruntime-cpu",
+        "precision": seg.precision,
+        "model_file": seg.model_path.name,
+        "reference": key,
+        "samples": int(len(golden.inputs)),
+        "heatmap_max_abs_diff": round(diff, 6),
+        "box_agreement": round(agreement, 4),
+        "boxes": int(total),
+        "max_diff": max_diff,
+        "min_agreement": min_agree,
+        "passed": diff <= max_diff and agreement >= min_agree,
+    }
+
+
+__all__ = ["DetectorSpec", "LearnedSegmenter", "decode", "nms", "prepare", "to_frame", "verify_detector"]

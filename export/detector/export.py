@@ -9,7 +9,8 @@ The same steps as a classifier's export, measured the way a detector is judged:
    prepares them (measured scale, resize, white balance), cut to ``CALIB_SIDE`` squares; a portable
    symmetric model (TensorRT) and a CPU variant with asymmetric activations, as for classifiers;
 3. the gate: recall and precision at IoU >= 0.5 on the gate frames (BCCD val, never trained on, plus
-   the TXL-PBC frames of any source the checkpoint held out) for FP32 and each INT8 model; a model
+   the TXL-PBC frames of any source the checkpoint held out) for FP32 and each INT8 model, each run through
+   the station's own ``LearnedSegmenter`` (scale measured per frame, the white cells' check); a model
    losing more than ``max_drop`` points of either is refused (the CPU variant is then left out, the
    portable one fails the export);
 4. golden inputs and outputs for ``hemaedge verify``, sha256 of every file, and a manifest with
@@ -209,13 +210,23 @@ def export_detector(opts: DetectorExportOptions, log=print) -> dict[str, Any]:  
         ref = gate.outputs(torch_run)
         got = gate.outputs(ort_run(fp32))
         diff = max(float(np.abs(a - b).max()) for a, b in zip(ref, got))
-        m_ref, m32 = gate.score(ref, spec), gate.score(got, spec)
-        parity = {"frames": len(ref), "max_abs_diff": diff, "same_counts": m_ref["all"] == m32["all"]}
+        same = gate.score(ref, spec)["all"] == gate.score(got, spec)["all"]
+        parity = {"frames": len(ref), "max_abs_diff": diff, "same_counts": same}
         log(
             f"FP32 parity vs PyTorch on {len(ref)} gate frames: max |diff| {diff:.2e}, same hits: {parity['same_counts']}"
         )
         if diff > 1e-2 or not parity["same_counts"]:
             raise UsageError("exported ONNX disagrees with the PyTorch detector; refusing to ship it")
+
+        def station_score(path: Path) -> dict[str, Any]:
+            """Recall/precision of a model through the station's own segmenter (scale per frame, white-cell check)."""
+            from hemaedge.edge.segment.evaluation import score_detections
+            from hemaedge.edge.segment.learned import LearnedSegmenter
+
+            seg = LearnedSegmenter.from_model(path, spec, mean, std, "frame")
+            return {k: v.as_dict() for k, v in score_detections(seg.detect, gate.items).items()}
+
+        m32 = station_score(fp32)
         log(_line("FP32", m32["all"]))
         metrics: dict[str, Any] = {
             "gate_frames": "BCCD val (VOC)"
@@ -244,14 +255,14 @@ def export_detector(opts: DetectorExportOptions, log=print) -> dict[str, Any]:  
             }
             int8_path = tmp / "model.int8.onnx"
             quantize_int8(fp32, int8_path, _Reader(xs), opts.calib_method, True, symmetric=True, dynamic_shapes=True)
-            m8 = gate.score(gate.outputs(ort_run(int8_path)), spec)
+            m8 = station_score(int8_path)
             log(_line("INT8", m8["all"], m32["all"]))
             metrics["int8"] = m8
             metrics["max_drop"] = opts.max_drop
             detection_gate(m32["all"], m8["all"], opts.max_drop, "INT8")
             cpu_path = tmp / "model.int8.cpu.onnx"
             quantize_int8(fp32, cpu_path, _Reader(xs), opts.calib_method, True, symmetric=False, dynamic_shapes=True)
-            mc = gate.score(gate.outputs(ort_run(cpu_path)), spec)
+            mc = station_score(cpu_path)
             metrics["int8_cpu"] = mc
             try:
                 detection_gate(m32["all"], mc["all"], opts.max_drop, "INT8 CPU variant")
