@@ -138,6 +138,27 @@ def test_white_cells_check_the_red_cell_scale(tmp_path, monkeypatch):
     assert normal.scale.source == "measured"
 
 
+def test_a_picture_through_an_eyepiece_is_searched_for_its_scale(detector_dir):
+    import cv2
+
+    f = next(iter(SyntheticSource(seed=6, frames=1, rbc_px=16))).bgr().copy()
+    plain = LearnedSegmenter(detector_dir, scale="frame")
+    s = plain.frame_scale(f)
+    assert plain.eyepiece_search(f, s) is s  # no field stop: a microscope camera, nothing searched
+    mask = np.zeros(f.shape[:2], np.uint8)
+    cv2.circle(mask, (320, 240), 230, 1, -1)
+    f[mask == 0] = 8
+    s = plain.frame_scale(f)
+    found = plain.eyepiece_search(f, s)
+    assert found.px_per_um in {pytest.approx(s.px_per_um * k) for k in (1.0, 0.7, 0.5)}
+    stated = LearnedSegmenter(detector_dir, scale=2.0)
+    assert stated.eyepiece_search(f, stated.frame_scale(f)).px_per_um == 2.0
+    session = LearnedSegmenter(detector_dir)
+    for _ in range(12):
+        session.detect(f)
+    assert session.session.fixed and session._eyepiece_done
+
+
 def test_make_segmenter_refuses_unknown_names():
     with pytest.raises(UsageError, match="unknown segmenter"):
         make_segmenter("magic")

@@ -29,6 +29,7 @@ from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment.base import as_frame
 from hemaedge.edge.segment.scale import Scale, SessionScale, estimate_scale, frame_guess
 
+EYEPIECE_TRIES = (0.7, 0.5)  # scales tried, as shares of the red-cell scale, on a picture through an eyepiece
 POOL_CELLS = 10  # white cells a session pools before its white cells check its red-cell scale
 POOL_LIMIT = 1.35  # ... and corrects it when their median is further than this from its usual size
 RULER_SHARE = 0.5  # white cells that measure the scale are taken down to this share of the threshold
@@ -229,6 +230,8 @@ class LearnedSegmenter:
         self._session: Any = None
         self._pool: list[float] = []  # white-cell box sides (um) seen at the session's scale
         self._pool_done = False
+        self._eyepiece: list[float] = []  # the eyepiece search's choices on the session's first frames
+        self._eyepiece_done = False
 
     @classmethod
     def from_model(
@@ -282,6 +285,41 @@ class LearnedSegmenter:
         boxes, scores = decode(out, self.spec, size, threshold)
         return to_frame(boxes, size, (h, w)), scores, f
 
+    def eyepiece_search(self, bgr: np.ndarray, scale: Scale) -> Scale:
+        """A picture through an eyepiece (a field stop in view) is searched for its scale with the detector.
+
+        Such pictures are taken at low magnification, often blurred: red cells merge and measure too big
+        (the frame then shrinks too much). The detector runs at the red-cell scale and at ``EYEPIECE_TRIES``
+        of it; the scale at which it is sure of the most white cells wins. Not for a stated scale nor for frames
+        without a field stop (a microscope camera). A session searches its first frames and keeps the median
+        choice (``_eyepiece_done`` after the session's scale is fixed).
+        """
+        from hemaedge.edge.segment.scale import field_mask
+
+        if scale.source == "user":
+            self._eyepiece_done = True
+            return scale
+        if not self.per_frame and self.session.fixed:
+            self._eyepiece_done = True
+            if self._eyepiece and float(np.median(self._eyepiece)) != 1.0:
+                k = float(np.median(self._eyepiece))
+                fixed = Scale(scale.px_per_um * k, "measured+wbc", 0.0, scale.frames, scale.cells, scale.spread)
+                self.session.correct(fixed)
+                return fixed
+            return scale
+        if field_mask(bgr) is None:
+            return scale
+        best, best_n = 1.0, -1
+        for k in (1.0, *EYEPIECE_TRIES):
+            _, scores, _ = self.run(bgr, Scale(scale.px_per_um * k, scale.source), self.spec.threshold)
+            if len(scores) > best_n:
+                best, best_n = k, len(scores)
+        if not self.per_frame:
+            self._eyepiece.append(best)
+        if best == 1.0:
+            return scale
+        return Scale(scale.px_per_um * best, "measured+wbc", 0.0, scale.frames, scale.cells, scale.spread)
+
     def wbc_check(self, boxes: np.ndarray, scores: np.ndarray, scale: Scale) -> Scale | None:
         """The white cells as a second ruler: a corrected scale when those found are far from their usual size.
 
@@ -314,6 +352,8 @@ class LearnedSegmenter:
         bgr = fr.bgr()
         scale = self.frame_scale(bgr)
         ruler = RULER_SHARE * self.spec.threshold  # at a wrong scale the detector is less sure: the ruler looks lower
+        if self.per_frame or not self._eyepiece_done:
+            scale = self.eyepiece_search(bgr, scale)
         boxes, scores, _ = self.run(bgr, scale, ruler)
         if self.per_frame:  # a still image from any microscope: its own white cells check its own scale
             for _ in range(2):
