@@ -122,7 +122,7 @@ def test_white_cells_check_the_red_cell_scale(tmp_path, monkeypatch):
     assert seg.scale.source == "measured+wbc" and seg.session.fixed
     measured = LearnedSegmenter(small, scale="frame")
     corrected = 0
-    for f in frames[:4]:  # frames with two or more sure cells correct their own scale
+    for f in SyntheticSource(seed=5, frames=4, rbc_px=30, wbc=9):  # frames with five or more cells correct their own
         measured.detect(f)
         if measured.last_scale.source == "measured+wbc":
             corrected += 1
@@ -150,7 +150,7 @@ def test_a_picture_through_an_eyepiece_is_searched_for_its_scale(detector_dir):
     f[mask == 0] = 8
     s = plain.frame_scale(f)
     found = plain.eyepiece_search(f, s)
-    assert found.px_per_um in {pytest.approx(s.px_per_um * k) for k in (1.0, 0.7, 0.5)}
+    assert any(found.px_per_um == pytest.approx(s.px_per_um * k) for k in (1.0, 0.7, 0.5))
     stated = LearnedSegmenter(detector_dir, scale=2.0)
     assert stated.eyepiece_search(f, stated.frame_scale(f)).px_per_um == 2.0
     session = LearnedSegmenter(detector_dir)
