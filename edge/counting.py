@@ -41,6 +41,7 @@ from typing import Any
 
 from hemaedge.edge.count import DifferentialCounter, SlideTracker
 from hemaedge.edge.count.tracking import Keyframe
+from hemaedge.edge.count.triage import Triage, triage
 from hemaedge.edge.display.status import RecentCell, RunStatus
 from hemaedge.edge.records import CellKind, Prediction, SessionState, SkippedInput, SkipReason
 from hemaedge.edge.station import CellFinder, Found, Station, classify_crops
@@ -132,6 +133,19 @@ class InputLog:
             "not_read": self.not_read,
             "message": self.message(),
         }
+
+
+def _triage_line(t: Triage | None) -> str:
+    """One line for the live view: the call so far and what it rests on."""
+    if t is None:
+        return ""
+    ev = t.evidence
+    line = (
+        f"triage so far: {t.call.upper()} ({ev['evidence_cells']} blast-like in {ev['white_cells']}, p={ev['p_value']})"
+    )
+    if t.apl_probability is not None:
+        line += f" | APL {t.apl_probability:.2f}"
+    return line + (" | counting more" if t.wants_more else "")
 
 
 def _short(item: SkippedInput) -> str:
@@ -232,6 +246,8 @@ class CountingSession:
         self.on_cell = on_cell
         self.note = note
         self.platelet_classes = station.platelet_classes
+        self.triage_rules = station.triage_rules
+        self._triage: Triage | None = None
         if platelets and not self.platelet_classes:
             raise ValueError("platelets asked for, but the bundle has no platelet class")
         if platelets != finder.platelets:
@@ -407,6 +423,7 @@ class CountingSession:
                 message=message,
                 note=self.note,
                 not_estimated=self.not_estimated,
+                triage=_triage_line(self._triage),
             )
 
     # -- threads -------------------------------------------------------------------------------------------------------
@@ -549,13 +566,33 @@ class CountingSession:
                     RecentCell(cell.id, bucket, cell.confidence, cell.frame_name or str(cell.frame_index))
                 )
                 self._snapshot = self.counter.snapshot()
-                if self.stop_at_target and self.counter.done:
-                    self._state = SessionState.DONE
             if self.on_cell is not None:
                 self.on_cell(cell, bucket)
+        if stored and self.triage_rules is not None:
+            self._update_triage()
         if self.stop_at_target and self.counter.done:
+            with self._lock:
+                self._state = SessionState.DONE
             self._stop.set()
             self._unpaused.set()
+
+    def _update_triage(self) -> None:
+        """The slide call so far; borderline evidence at the target raises the target (up to the rules' limit)."""
+        c, rules = self.counter, self.triage_rules
+        t = triage(c.top_counts, c.total, c.review, c.groups.groups, rules)
+        extended = 0
+        if self.stop_at_target and c.done and t.wants_more and c.target < rules.max_cells:
+            extended = c.extend_target(rules.extend_by, rules.max_cells)
+            self.store.update_settings(target=extended)
+        with self._lock:
+            self._triage = t
+            if extended:
+                self._snapshot = c.snapshot()
+        if extended:
+            self._warn(
+                f"triage: {t.evidence['evidence_cells']} blast-like cells in {c.total} is borderline "
+                f"(p={t.evidence['p_value']}): counting on to {extended} white cells"
+            )
 
 
 __all__ = ["CountingSession", "InputLog", "SessionResult", "restore"]

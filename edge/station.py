@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from hemaedge.edge.bundle.preprocess import cut_crop
 from hemaedge.edge.count import SlideTracker
 from hemaedge.edge.count.tracking import Registration, TrackedDetection
 from hemaedge.edge.records import CellKind, Crop, Detection, Frame, Prediction, SkipReason
-from hemaedge.edge.segment.crops import cut_crops
+from hemaedge.edge.segment.crops import central_detection, cut_crops
 
 # A platelet crop is cut as large as a white cell's crop would be in that frame (the training images of platelets,
 # PBC / BloodMNIST, are taken at the white cells' magnification, so a platelet is small in its crop). The white-cell
@@ -37,6 +38,8 @@ from hemaedge.edge.segment.crops import cut_crops
 # detections on BCCD train + TXL-PBC half "a" was 4.28 (IQR 3.5-5.3; per source BCCD 4.2-4.7, PBC 4.2, Raabin 4.9).
 PLATELET_TO_WBC = 4.3
 WBC_SIDES_KEPT = 50  # recent white-cell box sides: their median is the session scale (platelet and "session" crops)
+# Still images no larger than this on either side are single-cell pictures (analysers export 360 px ones).
+SINGLE_CELL_PX = 400
 # ONNX Runtime threads: all cores but one, which the capture thread (segmentation, registration) needs.
 DEFAULT_THREADS = max(1, (os.cpu_count() or 2) - 1)
 
@@ -126,6 +129,11 @@ def platelet_classes(bundle: Bundle) -> tuple[str, ...]:
 class CellFinder:
     """Finds the new white cells (and, when asked, platelets) of a frame and cuts their crops.
 
+    Single-cell images (``single_cell_px``): a still image no larger than that on either side is one analyser
+    cell picture (CellaVision exports them at 360 px): only the cell nearest its centre is counted (neighbours
+    cut by the picture's edge belong to other pictures), the image is its own field, and an image whose centre
+    holds no cell is reported as not usable.
+
     Args:
         segmenter: Has ``detect(frame) -> list[Detection]``; ``kind == "wbc"`` detections are used, and
             ``kind == "platelet"`` ones with ``platelets``.
@@ -133,6 +141,8 @@ class CellFinder:
         tracker: De-duplicates cells across frames (default: a fresh :class:`SlideTracker`).
         quality: ``f(frame) -> Quality`` with ``ok`` and ``reason``; None accepts every frame.
         platelets: Also find platelets (see :meth:`use_platelets`).
+        single_cell_px: Treat still images up to this size as single-cell pictures (0: never; a moving view
+            never holds them).
     """
 
     def __init__(
@@ -142,8 +152,10 @@ class CellFinder:
         tracker: SlideTracker | None = None,
         quality: Callable[[Frame], Any] | None = None,
         platelets: bool = False,
+        single_cell_px: int = 0,
     ):
         self.segmenter = segmenter
+        self.single_cell_px = single_cell_px
         self.geometry = geometry
         self.tracker = tracker or SlideTracker()
         self.quality = quality
@@ -188,11 +200,17 @@ class CellFinder:
                 out.append(Crop(cut_crop(rgb, box, self.geometry, typical), d, frame.index, frame.name))
         return tuple(out)
 
+    def is_single_cell(self, frame: Frame) -> bool:
+        """Is this frame a single-cell picture (see the class docstring)?"""
+        return bool(self.single_cell_px) and max(frame.pixels.shape[:2]) <= self.single_cell_px
+
     def find(self, frame: Frame, segment: bool = True) -> Found:
         """Process one frame; with ``segment=False`` only register its motion (skip policy)."""
         q = self.quality(frame) if self.quality is not None else None
         ok = bool(q.ok) if q is not None else True
         reason = str(getattr(q, "reason", "") or "") if q is not None else ""
+        if self.is_single_cell(frame):
+            return self._find_single(frame, ok, reason)
         reg = self.tracker.register(frame.pixels, may_start_field=ok)
         if not ok:
             return Found(frame, reg, skipped=SkipReason.QUALITY, reason=reason or "poor image quality")
@@ -207,6 +225,22 @@ class CellFinder:
         res = self.tracker.place(reg, frame.pixels.shape, [d.box for d in dets])
         crops = self.cut(frame, [dets[t.index] for t in res.new]) if res.new else ()
         return Found(frame, reg, res.new, crops, res.seen, res.at_edge)
+
+    def _find_single(self, frame: Frame, ok: bool, reason: str) -> Found:
+        """A single-cell picture: its own field (a stable id from its name, so a resumed session does not count
+        it twice), only the cell nearest its centre."""
+        reg = Registration(zlib.crc32(frame.name.encode()) & 0x7FFFFFFF, 0.0, 0.0, 1.0, "single-cell image")
+        if not ok:
+            return Found(frame, reg, skipped=SkipReason.QUALITY, reason=reason or "poor image quality")
+        kinds = (CellKind.WBC, CellKind.PLATELET) if self.platelets else (CellKind.WBC,)
+        det = central_detection([d for d in self.segmenter.detect(frame) if d.kind in kinds], frame.pixels.shape)
+        if det is None:
+            return Found(frame, reg, skipped=SkipReason.QUALITY, reason="no cell found at the centre of the picture")
+        if det.kind == CellKind.WBC:
+            self._wbc_sides.append(max(det.box[2] - det.box[0], det.box[3] - det.box[1]))
+        res = self.tracker.place(reg, frame.pixels.shape, [det.box])
+        crops = self.cut(frame, [det]) if res.new else ()
+        return Found(frame, reg, res.new, crops, res.seen, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -328,6 +362,15 @@ class Station:
         return str(getattr(self.backend, "name", type(self.backend).__name__)) if self.backend is not None else ""
 
     @property
+    def triage_rules(self):  # noqa: ANN201 - TriageRules | None
+        """The bundle's slide-triage rules (``triage.json``), None when it has none (it cannot see blasts)."""
+        if not hasattr(self, "_triage_rules"):
+            from hemaedge.edge.count.triage import rules_for_bundle
+
+            self._triage_rules = rules_for_bundle(self.bundle)
+        return self._triage_rules
+
+    @property
     def platelet_classes(self) -> tuple[str, ...]:
         """The bundle's platelet classes (empty: the model cannot tell platelets)."""
         return platelet_classes(self.bundle)
@@ -353,6 +396,7 @@ class Station:
             tracker or self.tracker(source, count_edge_cells),
             make_quality_check(source),
             platelets=platelets,
+            single_cell_px=SINGLE_CELL_PX if is_stills(source) else 0,
         )
 
     def predict(self, crops: Sequence[Crop | np.ndarray]) -> list[Prediction]:

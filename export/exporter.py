@@ -255,7 +255,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         t = time.time()
         vidx = np.arange(len(val))
         p32 = _ort_probs(fp32, val, spec, vidx, output_kind)
-        from hemaedge.export.metrics import classification_report
+        from hemaedge.evaluation.metrics import classification_report
 
         m32 = classification_report(p32, val.labels, classes)
         timings["eval_fp32_s"] = round(time.time() - t, 2)
@@ -513,7 +513,7 @@ def _cpu_variant(
     """
     import contextlib
 
-    from hemaedge.export.metrics import classification_report
+    from hemaedge.evaluation.metrics import classification_report
     from hemaedge.export.quant_search import entropy_bins
 
     method = calibration["method"]

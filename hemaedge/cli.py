@@ -24,9 +24,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("hemaedge.edge.commands.verify", "run the bundle's golden inputs and compare with the workstation"),
     "doctor": ("hemaedge.edge.commands.doctor", "what this machine has and what is missing"),
     "build-engine": ("hemaedge.edge.commands.build_engine", "build a TensorRT engine for this GPU from a bundle"),
+    "review": ("hemaedge.edge.commands.review", "review page: verify and reclassify cells, sign off (local web page)"),
+    "export-cells": (
+        "hemaedge.edge.commands.export_cells",
+        "verified cells as DIR/<class>/*.png, for hemaedge adapt and export-model --calib",
+    ),
+    "fhir": (
+        "hemaedge.edge.commands.fhir",
+        "a session's results as a FHIR R4 Bundle; --post sends it (store-and-forward)",
+    ),
     "evaluate": (
-        "hemaedge.export.commands.evaluate",
-        "accuracy, F1, AUROC and confusion matrix of a bundle on a data set",
+        "hemaedge.evaluation.command",
+        "accuracy on labelled cells: the station's path (--station DATA) or the model alone (--data); "
+        "white-cell detection on labelled frames (--detect DATA)",
     ),
     "train": ("hemaedge.export.commands.train", "train a registered architecture (workstation)"),
     "train-detector": (
@@ -47,7 +57,7 @@ def _console():
     return Console(stderr=True)
 
 
-_WORKSTATION_MODULES = ("torch", "onnx", "onnxslim", "onnxscript", "export", "calibration")
+_WORKSTATION_MODULES = ("torch", "onnx", "onnxslim", "onnxscript")
 
 
 def _missing_extra(name: str, exc: ModuleNotFoundError) -> int | None:

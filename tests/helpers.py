@@ -56,8 +56,9 @@ def tiny_bundle(
     classes: tuple[str, ...] = BLOODMNIST_CLASSES,
     int8: bool = True,
     cell_fraction: float = 0.45,
+    triage: dict | None = None,
 ) -> Path:
-    """Write a complete, valid bundle with a random tiny model; returns its directory."""
+    """Write a complete, valid bundle with a random tiny model (and ``triage`` rules when given); returns its dir."""
     work = out.parent / (out.name + ".src")
     work.mkdir(parents=True, exist_ok=True)
     fp32 = tiny_onnx(work / "model.onnx", size, len(classes))
@@ -96,6 +97,12 @@ def tiny_bundle(
                 per_channel=True,
             )
             w.add(q, "onnx", "int8")
+        if triage is not None:
+            import json
+
+            rules = work / "triage.json"
+            rules.write_text(json.dumps(triage))
+            w.add(rules, "triage", None)
         return w.finish(manifest).path
 
 

@@ -44,7 +44,7 @@ def test_pbc_and_bloodmnist_spellings():
 def test_two_class_blast_model_and_unknown_names():
     assert default_class_groups(["normal", "blast"]) == {"blasts": ["blast"]}
     assert default_class_groups(["non-blast", "blast"]) == {"blasts": ["blast"]}
-    assert group_of("smudge cell") is None and group_of("artefact") is None
+    assert group_of("smudge cell") == "smudge_cells" and group_of("artefact") is None
     assert group_of("Neutrophil (band)") == "neutrophils"
 
 

@@ -167,7 +167,7 @@ def test_export_int8_bundle_is_complete_and_gated(trained, tmp_path):
     assert abs(m.metrics["drop_points"] - (m.metrics["fp32"]["accuracy"] - m.metrics["int8"]["accuracy"]) * 100) < 1e-3
     assert m.provenance["data"]["val_digest"] and m.provenance["created"]
     # The bundle's ONNX gives the same val accuracy through evaluate (same preprocessing everywhere).
-    from hemaedge.export.commands.evaluate import evaluate_bundle
+    from hemaedge.evaluation.command import evaluate_bundle
 
     rep = evaluate_bundle(b, str(data), "val", "int8", variant="portable")
     assert rep["accuracy"] == pytest.approx(m.metrics["int8"]["accuracy"], abs=1e-9)

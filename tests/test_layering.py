@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,43 @@ def test_every_package_folder_installs_under_the_hemaedge_namespace():
             rel = init.parent.relative_to(folder).parts
             expected.add(".".join((alias, *rel)))
     assert set(conf["packages"]) == expected
+
+
+def test_the_wheel_a_station_installs_holds_every_package_and_the_shipped_models(tmp_path):
+    """deploy/*/install.sh pip-installs a wheel, not the checkout: it must carry the folders mapped under hemaedge.*
+    and the package data (shipped bundles, checkpoints)."""
+    import zipfile
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0 and "No module named" in res.stderr:
+        pytest.skip(f"cannot build a wheel here: {res.stderr.strip().splitlines()[-1]}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
+    for folder, alias in (
+        ("edge", "hemaedge/edge"),
+        ("export", "hemaedge/export"),
+        ("evaluation", "hemaedge/evaluation"),
+    ):
+        for py in (ROOT / folder).rglob("*.py"):
+            assert f"{alias}/{py.relative_to(ROOT / folder).as_posix()}" in names, py
+    for static in [*(ROOT / "edge").glob("*/static/*")]:  # the review page and the report's stylesheet
+        assert f"hemaedge/edge/{static.relative_to(ROOT / 'edge').as_posix()}" in names, static
+    for manifest in (ROOT / "edge" / "models").glob("*/manifest.json"):
+        bundle = json.loads(manifest.read_text())
+        for art in bundle["artifacts"]:
+            assert f"hemaedge/edge/models/{manifest.parent.name}/{art['file']}" in names

@@ -64,24 +64,24 @@ def test_golden_outputs_reproduce_on_this_machine(shipped):
 
 
 @pytest.mark.data
-def test_shipped_bundle_transfers_to_another_microscope(shipped, data_root):
+def test_shipped_bundle_transfers_to_another_microscope(shipped, data_root, capsys):
     """Detect + crop + classify on BCCD's held-out val frames (another microscope and stain): >= 0.85."""
     pytest.importorskip("onnxruntime")
     bccd = data_root / "bccd"
     if not (bccd / "wbc_types.csv").is_file():
         pytest.skip(f"data not found: {bccd}")
-    sys.path.insert(0, str(ROOT / "tools"))
-    from eval_bccd import evaluate
+    from hemaedge.cli import main
 
-    rep = evaluate(shipped.path, "val", "detected", "int8", bccd)
-    assert rep["frames_scored"] >= 80
+    code = main(["evaluate", "--station", str(bccd), "--split", "val", "--bundle", str(shipped.path), "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert code == 0 and rep["cells"] >= 80
     assert rep["accuracy"] >= 0.85, rep
 
 
 @pytest.mark.data
 def test_shipped_metrics_reproduce_on_val(shipped, data_root):
     pytest.importorskip("onnxruntime")
-    from hemaedge.export.commands.evaluate import evaluate_bundle
+    from hemaedge.evaluation.command import evaluate_bundle
 
     npz = data_root / "bloodmnist28.npz"
     if not npz.is_file():
@@ -156,7 +156,7 @@ def test_shipped_efficientnet_bundle_meets_its_int8_gate_and_verifies(efficientn
 @pytest.mark.data
 def test_shipped_efficientnet_metrics_reproduce_on_val(efficientnet, data_root):
     pytest.importorskip("onnxruntime")
-    from hemaedge.export.commands.evaluate import evaluate_bundle
+    from hemaedge.evaluation.command import evaluate_bundle
 
     folder = data_root / "pbc256"
     if not folder.is_dir():

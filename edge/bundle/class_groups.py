@@ -83,7 +83,18 @@ GROUP_SPELLINGS: dict[str, tuple[str, ...]] = {
         "normoblast",
         "ery",
     ),
-    "platelets": ("platelet", "thrombocyte", "plt", "giant platelet", "platelet clump"),
+    "platelets": (
+        "platelet",
+        "thrombocyte",
+        "plt",
+        "giant platelet",
+        "giant thrombocyte",
+        "platelet clump",
+        "platelet aggregate",
+        "thrombocyte aggregation",
+    ),
+    # broken cells: counted and reported per 100 white cells, never classified (typical of CLL, common in leukaemia)
+    "smudge_cells": ("smudge cell", "smudge", "basket cell"),
 }
 
 _NEGATIONS = frozenset({"non", "not", "no", "other", "without"})

@@ -18,7 +18,7 @@ MANIFEST = "manifest.json"
 LAYOUTS = ("NCHW",)
 COLOUR_ORDERS = ("RGB", "BGR")
 PRECISIONS = ("fp32", "fp16", "int8")
-ARTIFACT_KINDS = ("onnx", "engine", "calibration-cache", "golden", "other")
+ARTIFACT_KINDS = ("onnx", "engine", "calibration-cache", "golden", "triage", "other")
 OUTPUT_KINDS = ("logits", "probabilities")
 
 

@@ -25,7 +25,14 @@ from hemaedge.edge.store.crop_folder import UNLABELLED, CropFolder
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge collect``."""
-    parser.add_argument("source", help="camera, video, image folder/glob or synthetic://")
+    parser.add_argument("source", nargs="?", help="camera, video, image folder/glob or synthetic://")
+    parser.add_argument(
+        "--labelled",
+        metavar="DATA",
+        help="instead of a source: cut the station's crops of labelled cells (DATA/<class>/*, BCCD-style frames or "
+        "DATA/labels.csv) into OUT/<class>/ (training data cut exactly as the station cuts)",
+    )
+    parser.add_argument("--split", default=None, help="with --labelled: the split to read (train, val, test)")
     parser.add_argument("--out", required=True, help="output image folder (crops go to OUT/unlabelled/)")
     parser.add_argument(
         "--bundle",
@@ -61,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if bool(args.source) == bool(args.labelled):
+        raise UsageError("give a SOURCE to collect from, or --labelled DATA (not both)")
+    if args.labelled:
+        return _collect_labelled(args)
     if args.max is not None and args.max < 1:
         raise UsageError("--max must be at least 1")
     if args.max_frames is not None and args.max_frames < 1:
@@ -142,3 +153,60 @@ def run(args: argparse.Namespace) -> int:
         print("warning: no white cells found; nothing written", file=sys.stderr)
         return 1
     return 0
+
+
+def _collect_labelled(args: argparse.Namespace) -> int:
+    """``--labelled DATA``: each labelled cell cut as the station cuts it, into ``OUT/<class>/<image>.png``.
+
+    Class folders carry the vocabulary's canonical names (``ig`` -> ``immature_granulocyte``), so the crops train
+    and calibrate any bundle. The data set is one session: crops at session scale share its median cell size.
+    Labelled cells the segmenter misses are listed, not silently dropped.
+    """
+    import cv2
+    from hemaedge.edge.bundle.vocabulary import canonical_or_same
+    from hemaedge.edge.station import Station
+
+    if args.by_class or args.max is not None or args.max_frames is not None:
+        raise UsageError("--labelled takes its classes from the labels: --by-class/--max/--max-frames do not apply")
+    from hemaedge.evaluation.labelled import read_labelled
+    from hemaedge.evaluation.station import station_crops
+
+    station = Station.from_bundle(args.bundle, segmenter=args.segmenter, backend=None)
+    cells, kind = read_labelled(args.labelled, args.split)
+    crops, typical = station_crops(station, cells)
+    out = Path(args.out)
+    per_class: dict[str, int] = {}
+    for i, crop in crops:
+        cls = canonical_or_same(cells[i].label)
+        (out / cls).mkdir(parents=True, exist_ok=True)
+        name = f"{cells[i].image.stem}.png"
+        if not cv2.imwrite(str(out / cls / name), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):
+            raise UsageError(f"cannot write {out / cls / name}")
+        per_class[cls] = per_class.get(cls, 0) + 1
+    missed = sorted({str(cells[i].image) for i in set(range(len(cells))) - {i for i, _ in crops}})
+    doc = {
+        "out": str(out),
+        "data": str(args.labelled),
+        "layout": kind,
+        "crops": len(crops),
+        "labelled": len(cells),
+        "not_found": missed,
+        "folders": per_class,
+        "typical_cell_side_px": typical,
+        "bundle": station.manifest.name,
+        "crop_geometry": asdict(station.geometry),
+    }
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(
+            f"wrote {len(crops)} crops of {len(cells)} labelled cells to {out} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(per_class.items()))})",
+            file=sys.stderr,
+        )
+        if missed:
+            print(
+                f"warning: the segmenter did not find {len(missed)} labelled cells (listed with --json)",
+                file=sys.stderr,
+            )
+    return 0 if crops else 1

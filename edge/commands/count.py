@@ -199,6 +199,10 @@ def plan(args: argparse.Namespace) -> Plan:
         root = _resolve_resume(args)
         store = SessionStore.open(root)
         try:
+            if store.signed_off():
+                raise UsageError(
+                    f"session {root} is signed off: its cells are verified and locked; count more in a new session"
+                )
             bundle = _check_resume(root, store.settings, args)
         except BaseException:
             store.close()
@@ -306,6 +310,7 @@ def _count(args: argparse.Namespace, p: Plan, station: Any, err: Any, use_json: 
                 "demo": bool(args.demo),
                 "segmenter": station.segmenter_name,
                 "platelets": platelets,
+                "triage_rules": station.triage_rules.to_dict() if station.triage_rules is not None else None,
             },
         )
         p.store = store  # closed by run()
@@ -495,6 +500,7 @@ def _print_final(console: Any, summary: dict[str, Any], paths: dict[str, Path]) 
     """The final table, in the live table's order (white cells, review, then the classes per 100 white cells)."""
     from hemaedge.edge.bundle.vocabulary import display_name
     from hemaedge.edge.display.status import display_order
+    from rich.markup import escape
     from rich.table import Table
 
     d = summary["differential"]
@@ -518,6 +524,11 @@ def _print_final(console: Any, summary: dict[str, Any], paths: dict[str, Path]) 
         console.print("[yellow]no white cells were counted: nothing could be flagged[/]")
     for f in d["flags"]:
         console.print(f"[magenta]* {f}[/]")
+    t = summary.get("triage")
+    if t:
+        apl = f", APL probability {t['apl_probability']:.2f}" if t.get("apl_probability") is not None else ""
+        style = "bold red" if t["call"] in ("acute", "chronic") else "bold"
+        console.print(f"[{style}]slide triage: {t['call'].upper()}[/] ({escape(t['rule'])}{apl})")
     console.print(f"report: {paths['report']}")
 
 

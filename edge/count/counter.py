@@ -63,6 +63,7 @@ class DifferentialCounter:
         """Forget every cell."""
         self.counts = dict.fromkeys(self.classes, 0)
         self.review = 0
+        self.top_counts = dict.fromkeys(self.classes, 0)  # by top class, review cells included (for triage)
 
     @property
     def total(self) -> int:
@@ -78,12 +79,18 @@ class DifferentialCounter:
         """See :func:`decide` (with this counter's classes and threshold)."""
         return decide(probabilities, self.classes, self.review_threshold)
 
+    def extend_target(self, by: int, limit: int) -> int:
+        """Raise the target by ``by`` white cells, at most to ``limit``; returns the new target."""
+        self.target = max(self.target, min(limit, self.target + by))
+        return self.target
+
     def is_review(self, prediction: Prediction) -> bool:
         """Does this prediction go to the review bucket (top probability below the review threshold)?"""
         return prediction.confidence < self.review_threshold
 
     def add(self, class_index: int, review: bool) -> str:
         """Count one cell; returns its bucket (a class name or ``"review"``)."""
+        self.top_counts[self.classes[class_index]] += 1
         if review:
             self.review += 1
             return REVIEW

@@ -29,10 +29,11 @@ LABELS: dict[str, str] = {
     "immature_granulocytes": "Immature granulocytes",
     "nrbc": "Nucleated RBCs",
     "platelets": "Platelets",
+    "smudge_cells": "Smudge cells",
 }
 
 # groups that are not white cells: shown, but outside the differential (per 100 WBC)
-NON_DIFFERENTIAL = frozenset({"nrbc", "platelets", "rbc"})
+NON_DIFFERENTIAL = frozenset({"nrbc", "platelets", "rbc", "smudge_cells"})
 _NON_WBC_NAMES = frozenset({"rbc", "erythrocyte", "red blood cell", "red cell"})
 
 # adult peripheral-blood reference ranges, percent of white cells

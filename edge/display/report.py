@@ -3,9 +3,18 @@
 Everything is computed from the cells committed to the session store, so a
 report written after a crash and ``--resume`` says exactly what the store holds.
 ``report.html`` is one self-contained file (inline CSS, crops embedded as
-base64 PNG) that can be mailed or archived: the differential table with 95 %
+base64 PNG, no script) that can be mailed or archived: the differential table with 95 %
 intervals and adult reference ranges, the flags, and a gallery of every cell
-per class (review first) for a person to check.
+per class (review first) for a person to check. It fits a phone (viewport, no
+sideways scrolling; a tap enlarges a cell and shows its probabilities and source
+frame, with CSS alone) and prints on A4 (``static/hemaedge.css``, shared with the
+review page).
+
+Until a person has reviewed the session the report says it is *unverified*.
+After ``hemaedge review`` the summary carries a ``verification`` section and the
+report says who pre-classified it with which bundle on which station, who verified
+it when, the cells they changed, and the differential, flags and triage recounted
+from the verified classes (``hemaedge.edge.review.verified``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 
 from hemaedge.edge.bundle.vocabulary import display_name
 from hemaedge.edge.count import REFERENCE_RANGES, REVIEW, DifferentialCounter
+from hemaedge.edge.count.triage import session_triage
 from hemaedge.edge.records import CountSnapshot
 from hemaedge.edge.store import SessionStore, StoredCell
 
@@ -57,7 +67,13 @@ def snapshot_dict(
     rows = []
     for c, diff in zip(counter.classes, counter.groups.differential):
         group = counter.groups.group_of(c)
-        row: dict[str, Any] = {"class": c, "count": snap.counts.get(c, 0), "group": group, "in_differential": diff}
+        row: dict[str, Any] = {
+            "class": c,
+            "label": display_name(c),
+            "count": snap.counts.get(c, 0),
+            "group": group,
+            "in_differential": diff,
+        }
         if c in not_estimated:
             row.update(estimated=False, per_100_wbc=None)
         elif diff:
@@ -70,6 +86,7 @@ def snapshot_dict(
     rows.append(
         {
             "class": REVIEW,
+            "label": REVIEW,
             "count": snap.review,
             "group": None,
             "in_differential": True,
@@ -119,11 +136,19 @@ def build_summary(
         **{k: v for k, v in (info or {}).items() if k not in ("backend", "source")},
         "differential": snapshot_dict(snap, counter, not_estimated),
     }
+    t = session_triage(cells, s)
+    summary["triage"] = t.to_dict() if t is not None else None
+    if t is None:
+        summary["triage_note"] = (
+            f"bundle {s.get('bundle_name')!r} has no triage rules (it has no blast class): no slide-level call"
+        )
     return summary, cells, counter
 
 
-def write_cells_csv(path: Path, cells: Sequence[StoredCell], classes: Sequence[str]) -> Path:
-    """One row per counted cell, with every class probability."""
+def write_cells_csv(
+    path: Path, cells: Sequence[StoredCell], classes: Sequence[str], verified: Mapping[int, str] | None = None
+) -> Path:
+    """One row per counted cell, with every class probability (and its reviewed class when ``verified`` is given)."""
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -147,6 +172,7 @@ def write_cells_csv(path: Path, cells: Sequence[StoredCell], classes: Sequence[s
                 "review",
                 *[f"p_{c}" for c in classes],
                 "crop",
+                *(["verified_class"] if verified is not None else []),
             ]
         )
         for c in cells:
@@ -167,24 +193,19 @@ def write_cells_csv(path: Path, cells: Sequence[StoredCell], classes: Sequence[s
                     int(c.review),
                     *(f"{p:.4f}" for p in c.probabilities),
                     c.crop,
+                    *([verified.get(c.id, "")] if verified is not None else []),
                 ]
             )
     os.replace(tmp, path)
     return path
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#222;max-width:1200px}
-h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
-.meta{color:#666;font-size:.9rem} table{border-collapse:collapse;margin-top:.5rem}
-th,td{padding:.25rem .7rem;text-align:right;border-bottom:1px solid #eee} th:first-child,td:first-child{text-align:left}
-tr.review td{color:#8a6d00} tr.other td{color:#777} .out{color:#b00020;font-weight:600}
-.flags li{margin:.2rem 0} .flag-blast{color:#b00020;font-weight:700} .none{color:#2e7d32}
-.gallery{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;text-align:center;font-size:.7rem;color:#555}
-figure img{width:96px;height:96px;image-rendering:auto;border:1px solid #ccc;display:block}
-.bar{display:inline-block;height:.7rem;background:#5c6bc0;vertical-align:middle}
-.warn{background:#fff4e5;border-left:4px solid #ff9800;padding:.5rem 1rem}
-"""
+STATIC = Path(__file__).parent / "static"
+
+
+def stylesheet() -> str:
+    """The stylesheet shared by the report (inlined) and the review page (served)."""
+    return (STATIC / "hemaedge.css").read_text(encoding="utf-8")
 
 
 def _img(path: Path, max_side: int = GALLERY_PX) -> str:
@@ -209,12 +230,16 @@ def _img(path: Path, max_side: int = GALLERY_PX) -> str:
 
 
 def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: Path) -> str:
-    """The self-contained HTML report."""
+    """The self-contained HTML report (signed, in review or unverified, as ``summary["verification"]`` says)."""
     e = html.escape
     d = summary["differential"]
+    ver = summary.get("verification") or {}
+    status = ver.get("status", "unverified")
     parts = [
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>hemaedge differential</title>"
-        f"<style>{_CSS}</style></head><body>"
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>hemaedge differential{' (unverified)' if status != 'signed' else ''}</title>"
+        f"<style>{stylesheet()}</style></head><body>"
     ]
     parts.append("<h1>White-cell differential</h1>")
     meta = [
@@ -227,6 +252,7 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
     if (summary.get("scale") or {}).get("describe"):
         meta.insert(3, f"scale {e(str(summary['scale']['describe']))}")
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
+    parts.append(_verification_banner(summary, ver, status))
     if summary.get("note"):
         parts.append(f"<p class=warn>{e(str(summary['note']))}</p>")
     if not d["complete"]:
@@ -235,12 +261,19 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
             "Intervals are wide; interpret with care.</p>"
         )
     parts += _inputs_html(summary.get("inputs") or {})
-    parts.append(f"<h2>Differential ({d['total_wbc']} white cells, target {d['target']})</h2>")
-    parts.append("<table><tr><th>class</th><th>n</th><th>%</th><th>95% CI</th><th>adult range</th><th></th></tr>")
+    model_pct = _model_percent(summary) if status != "unverified" else {}
+    what = "Verified differential" if status == "signed" else "Differential"
+    parts.append(f"<h2>{what} ({d['total_wbc']} white cells, target {d['target']})</h2>")
+    parts.append(
+        "<table><tr><th>class</th><th>n</th><th>%</th><th>95% CI</th><th>adult range</th>"
+        + ("<th class=wide>model %</th>" if model_pct else "")
+        + "<th class=wide></th></tr>"
+    )
     groups = summary["differential"]["groups"]
     for row in d["classes"]:
         cls = "review" if row["class"] == REVIEW else ("" if row["in_differential"] else "other")
         rr = groups.get(row["group"] or "", {}).get("reference_range_percent") if row["group"] else None
+        model = f"<td class=wide>{model_pct[row['class']]}</td>" if model_pct else ""
         if row["in_differential"]:
             lo, hi = row["ci95"]
             out = rr is not None and (lo > rr[1] or hi < rr[0]) and len(_members(d, row["group"])) == 1
@@ -249,17 +282,19 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
             parts.append(
                 f"<tr class='{cls}'><td>{e(_label(row['class']))}</td><td>{row['count']}</td><td>{pct}</td>"
                 f"<td>{lo:.1f}&ndash;{hi:.1f}</td><td>{f'{rr[0]:g}&ndash;{rr[1]:g} %' if rr else ''}</td>"
-                f"<td>{bar}</td></tr>"
+                f"{model}<td class=wide>{bar}</td></tr>"
             )
         elif row.get("estimated", True):
             parts.append(
                 f"<tr class=other><td>{e(_label(row['class']))}</td><td>{row['count']}</td>"
-                f"<td colspan=4>{row['per_100_wbc']:.1f} per 100 WBC (not in the differential)</td></tr>"
+                f"<td colspan=3>{row['per_100_wbc']:.1f} per 100 WBC (not in the differential)</td>"
+                f"{model}<td class=wide></td></tr>"
             )
         else:
             parts.append(
                 f"<tr class=other><td>{e(_label(row['class']))}</td><td>-</td>"
-                "<td colspan=4>not estimated (hemaedge count --platelets estimates it roughly)</td></tr>"
+                "<td colspan=3>not estimated (hemaedge count --platelets estimates it roughly)</td>"
+                f"{model}<td class=wide></td></tr>"
             )
     parts.append("</table>")
     parts.append(
@@ -277,26 +312,29 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         )
     else:
         parts.append("<p class=none>No flags.</p>")
+    parts += _triage_html(summary.get("triage"), cells, root)
+    changed = {int(c["cell"]): c for c in ver.get("changed_cells", [])}
+    if status != "unverified":
+        parts.append(_changes_table(ver, changed))
     parts.append(
-        "<h2>Cells for review</h2><p class=meta>Every counted cell as the classifier saw it, grouped by "
-        "the class it was counted as (review first). Hover for the probability and source frame.</p>"
+        "<h2>Cells</h2><p class=meta>Every counted cell as the classifier saw it, grouped by the class it "
+        + ("was verified as" if changed else "was counted as")
+        + " (review first). Tap or click a cell to enlarge it and see its probabilities and source frame.</p>"
     )
+    classes = [r["class"] for r in d["classes"] if r["class"] != REVIEW]
     by: dict[str, list[StoredCell]] = {}
     for c in cells:
-        by.setdefault(REVIEW if c.review else c.class_name, []).append(c)
-    order = [REVIEW] + [r["class"] for r in d["classes"] if r["class"] != REVIEW]
+        bucket = changed[c.id]["verified"] if c.id in changed else (REVIEW if c.review else c.class_name)
+        by.setdefault(bucket, []).append(c)
+    order = [REVIEW, *classes, *sorted(k for k in by if k != REVIEW and k not in classes)]
     for name in order:
         group = by.get(name, [])
         if not group:
             continue
-        parts.append(f"<h3>{e(_label(name))} ({len(group)})</h3><div class=gallery>")
+        title = f"{name} (not white cells, not counted)" if name == "artefact" else _label(name)
+        parts.append(f"<h3>{e(title)} ({len(group)})</h3><div class=gallery>")
         for c in group[:GALLERY_LIMIT]:
-            tip = e(f"#{c.id} {c.class_name} p={c.confidence:.2f} frame {c.frame_name or c.frame_index}")
-            label = f"#{c.id}" + (f" {e(c.class_name)}?" if c.review else f" {c.confidence:.2f}")
-            parts.append(
-                f"<figure title='{tip}'><img alt='cell {c.id}' src='{_img(root / c.crop)}'>"
-                f"<figcaption>{label}</figcaption></figure>"
-            )
+            parts.append(_figure(c, changed.get(c.id), classes, root))
         if len(group) > GALLERY_LIMIT:
             parts.append(f"<p class=meta>+{len(group) - GALLERY_LIMIT} more in cells.csv</p>")
         parts.append("</div>")
@@ -305,6 +343,35 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         "a qualified person on the smear.</p></body></html>"
     )
     return "\n".join(parts)
+
+
+def _triage_html(t: Mapping[str, Any] | None, cells: Sequence[StoredCell], root: Path) -> list[str]:
+    """The slide-level call, what it rests on, and the cells behind it."""
+    if not t:
+        return []
+    e = html.escape
+    ev = t["evidence"]
+    css = "flag-blast" if t["call"] in ("acute", "chronic") else ""
+    out = [
+        "<h2>Slide triage</h2>",
+        f"<p class='{css}'>Call: <b>{e(t['call'].upper())}</b></p>",
+        f"<p class=meta>{e(t['rule'])}. {ev['evidence_cells']} blast-like cells ({', '.join(map(e, ev['evidence_classes']))}) "
+        f"in {ev['white_cells']} white cells; a normal smear shows about {ev['expected_on_a_normal_smear']} "
+        f"(p = {ev['p_value']}). Blasts {ev['blast_percent']} %."
+        + (f" Chronic patterns: {', '.join(map(e, ev['chronic_patterns']))}." if ev["chronic_patterns"] else "")
+        + (f" APL probability {t['apl_probability']:.2f}." if t.get("apl_probability") is not None else "")
+        + " A screening aid for who needs an expert, not a diagnosis.</p>",
+    ]
+    behind = [c for c in cells if c.id in set(t.get("cells") or [])]
+    if behind:
+        out.append("<div class=gallery>")
+        for c in behind[:GALLERY_LIMIT]:
+            out.append(
+                f"<figure><img alt='cell {c.id}' src='{_img(root / c.crop)}'>"
+                f"<figcaption>#{c.id} {e(display_name(c.class_name))} {c.confidence:.2f}</figcaption></figure>"
+            )
+        out.append("</div>")
+    return out
 
 
 def _label(name: str) -> str:
@@ -326,6 +393,99 @@ def _inputs_html(inputs: Mapping[str, Any]) -> list[str]:
             f"<h2>Inputs not used ({len(unusable)})</h2><table><tr><th>image</th><th>why</th></tr>{rows}</table>{more}"
         )
     return out
+
+
+def _verification_banner(summary: Mapping[str, Any], ver: Mapping[str, Any], status: str) -> str:
+    """Who pre-classified it with what, and who verified it when; or that nobody has."""
+    e = html.escape
+    pre = ver.get("pre_classified_by") or {}
+    bundle = pre.get("bundle") or summary.get("bundle", {}).get("name")
+    sha = pre.get("manifest_sha256") or summary.get("bundle", {}).get("manifest_sha256") or ""
+    station = pre.get("station")
+    by = f"Pre-classified by bundle <b>{e(str(bundle))}</b> (manifest sha256 <code>{e(str(sha)[:16])}&hellip;</code>)"
+    by += f" on station <b>{e(str(station))}</b>" if station else ""
+    signs = ver.get("signoffs") or []
+    if status == "signed" and signs:
+        first = signs[0]
+        text = f"{by}, verified by <b>{e(first['reviewer'])}</b> at {e(first.get('iso') or '')}"
+        for extra in signs[1:]:
+            text += f"; second review by <b>{e(extra['reviewer'])}</b> at {e(extra.get('iso') or '')}"
+        n = len(ver.get("changed_cells", []))
+        text += f". {n} of {ver.get('cells', 0)} cell{'s' * (ver.get('cells', 0) != 1)} reclassified."
+        return f"<p class=verified>{text}</p>"
+    if status == "in review":
+        n = len(ver.get("changed_cells", []))
+        return (
+            f"<p class=unverified><b>UNVERIFIED: review in progress, not signed off.</b> {by}; "
+            f"{n} cell{'s' * (n != 1)} reclassified so far. Do not release these results.</p>"
+        )
+    return (
+        f"<p class=unverified><b>UNVERIFIED: pre-classified by the model, not yet reviewed by a person.</b> "
+        f"{by}. Review and sign off with <code>hemaedge review</code> before releasing results.</p>"
+    )
+
+
+def _model_percent(summary: Mapping[str, Any]) -> dict[str, str]:
+    model = summary.get("model_differential")
+    if not model:
+        return {}
+    out = {}
+    for r in model["classes"]:
+        if r.get("in_differential"):
+            out[r["class"]] = f"{r['percent']:.1f}"
+        else:
+            out[r["class"]] = "-" if r.get("per_100_wbc") is None else f"{r['per_100_wbc']:.1f}/100"
+    return out
+
+
+def _triage_text(triage: Any) -> str:
+    if isinstance(triage, Mapping):
+        call = triage.get("call") or triage.get("triage") or triage.get("label") or ""
+        rest = [str(triage[k]) for k in ("rule", "reason", "reasons", "why", "note") if triage.get(k)]
+        return "; ".join([str(call), *rest]) if rest else str(call)
+    return str(triage)
+
+
+def _changes_table(ver: Mapping[str, Any], changed: Mapping[int, Mapping[str, Any]]) -> str:
+    e = html.escape
+    parts = [f"<h2>Cells changed in review ({len(changed)})</h2>"]
+    if not changed:
+        parts.append("<p class=meta>None: every cell keeps the model's call.</p>")
+    else:
+        parts.append(
+            "<table><tr><th>cell</th><th class=l>model</th><th class=l>verified</th><th class=l>by, when</th></tr>"
+        )
+        for cid, c in sorted(changed.items()):
+            parts.append(
+                f"<tr><td>#{cid}</td><td class=l>{e(c['model'])}</td><td class=l><b>{e(c['verified'])}</b></td>"
+                f"<td class=l>{e(c['by'])}, {e(c.get('iso', ''))}</td></tr>"
+            )
+        parts.append("</table>")
+    n = len(ver.get("changes", []))
+    parts.append(
+        f"<p class=meta>{n} change{'s' * (n != 1)} on record in the session's audit trail (every change is kept, "
+        "the model's call is never overwritten); cells not changed keep the model's call, confirmed by the sign-off.</p>"
+    )
+    return "".join(parts)
+
+
+def _figure(c: StoredCell, change: Mapping[str, Any] | None, classes: Sequence[str], root: Path) -> str:
+    """One cell: the crop; a tap (CSS only) enlarges it and shows the probabilities and the source frame."""
+    e = html.escape
+    probs = sorted(zip(classes, c.probabilities), key=lambda kv: -kv[1])
+    plist = " &middot; ".join(f"{e(k)} {p:.2f}" for k, p in probs[:4] if p >= 0.005)
+    where = e(f"frame {c.frame_name or c.frame_index}, box {', '.join(f'{v:.0f}' for v in c.box)}")
+    model = f"model: {e(c.class_name)} {c.confidence:.2f}" + (" (unsure: review)" if c.review else "")
+    was = f"<br><span class=was>was {e(change['model'])}; {e(change['by'])}</span>" if change else ""
+    label = f"#{c.id}" + (f" {e(c.class_name)}?" if c.review and not change else f" {c.confidence:.2f}")
+    if change:
+        label = f"#{c.id} <span class=was>was {e(change['model'])}</span>"
+    return (
+        f"<figure class='{'changed' if change else ''}'><label><input class=zoom type=checkbox "
+        f"aria-label='enlarge cell {c.id}'><img alt='cell {c.id}' src='{_img(root / c.crop)}'>"
+        f"<span class=details>#{c.id} {model}<br>{plist}<br>{where}{was}</span></label>"
+        f"<figcaption>{label}</figcaption></figure>"
+    )
 
 
 def _members(d: Mapping[str, Any], group: str | None) -> list[str]:

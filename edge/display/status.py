@@ -54,6 +54,7 @@ class RunStatus:
         review_threshold: Top probability below which a cell goes to review.
         message: One line (e.g. "press y to confirm reset").
         note: A standing remark about the session (e.g. that a demo counts drawn cells).
+        triage: The slide call so far, one line (``""`` when the bundle has no triage rules).
         not_estimated: Classes the session does not estimate (platelets unless ``--platelets``): shown as
             "not estimated", never as a number.
     """
@@ -79,3 +80,4 @@ class RunStatus:
     note: str = ""
     not_estimated: tuple[str, ...] = ()
     inputs_unusable: int = 0
+    triage: str = ""

@@ -161,7 +161,11 @@ def render_status(st: RunStatus, width: int = 80, height: int = 24, confirm_rese
     fixed = len(head) + n_rows + _lines(rates.plain, width) + 1
     budget = height - fixed
     extra: list[RenderableType] = []
-    notes: list[tuple[str, str]] = [(f"! {w}", "bold yellow") for w in st.warnings]
+    notes: list[tuple[str, str]] = []
+    if st.triage:  # the slide call goes first: it is what a clinician acts on
+        urgent = "ACUTE" in st.triage or "CHRONIC" in st.triage
+        notes.append((st.triage, "bold red" if urgent else "bold"))
+    notes += [(f"! {w}", "bold yellow") for w in st.warnings]
     notes += [(f"* {f}", "bold red" if f.startswith("BLAST") else "magenta") for f in st.snapshot.flags]
     shown: list[Text] = []
     used = 0

@@ -26,8 +26,15 @@ def is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def expand_images(spec: str | os.PathLike[str]) -> list[Path]:
-    """The image files named by a file path, a folder (sorted, not recursive) or a glob (sorted).
+    """The image files named by a file path, a folder or a glob (sorted).
+
+    A folder that holds no images itself but has subfolders that do (an analyser's export by class, one folder
+    per patient) is read with all its subfolders.
 
     Raises:
         SourceError: Nothing exists there, or a folder / glob holds no images.
@@ -41,9 +48,11 @@ def expand_images(spec: str | os.PathLike[str]) -> list[Path]:
         return paths
     path = Path(text).expanduser()
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths = _images_in(path)
         if not paths:
-            raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) in folder {path}")
+            paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) in folder {path} or its subfolders")
         return paths
     if path.is_file():
         return [path]
@@ -118,9 +127,20 @@ class ImageFilesSource(FrameSource):
         self.max_frames = max_frames
         self.failed: list[tuple[Path, str]] = []
         self.consumed = 0
+        self._common: Path | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def _name(self, path: Path) -> str:
+        """The name a frame carries: the file name, with its subfolder when the files come from several."""
+        if self._common is None:
+            parents = {p.parent for p in self.paths}
+            self._common = next(iter(parents)) if len(parents) == 1 else Path(os.path.commonpath(list(parents)))
+        try:
+            return path.relative_to(self._common).as_posix()
+        except ValueError:
+            return path.name
 
     def unread(self) -> int:
         """Files never tried (the reader stopped first, e.g. because the count reached its target)."""
@@ -136,13 +156,13 @@ class ImageFilesSource(FrameSource):
                 img = read_image(path)
             except InputError as exc:
                 self.failed.append((path, str(exc)))
-                self.emit("skipped", f"{exc}; skipped", subject=path.name)
+                self.emit("skipped", f"{exc}; skipped", subject=self._name(path))
                 continue
             try:
                 mtime = path.stat().st_mtime
             except OSError:
                 mtime = 0.0
-            yield Frame(img, "BGR", mtime, self.uri, index, name=path.name)
+            yield Frame(img, "BGR", mtime, self.uri, index, name=self._name(path))
             index += 1
         self.status = "ended"
         self.emit("ended", f"{self.uri}: {index} images read, {len(self.failed)} skipped")

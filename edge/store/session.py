@@ -19,6 +19,11 @@ transaction is committed and the cells handed on to be counted and shown.
 A crash before the commit leaves at most orphan crop files, which the next
 write of the same id replaces.
 
+The review (``hemaedge review``) adds its own tables to the same database
+(``review_changes``, ``signoffs``: ``hemaedge.edge.store.review``); once a session
+is signed off there, :meth:`SessionStore.add` and :meth:`SessionStore.reset` refuse
+to change it.
+
 Any failure to write (disk full, read-only file system, a corrupt database)
 raises ``StoreError`` with one line; the failing batch is rolled back and
 was never counted, and everything committed before it stays intact.
@@ -294,9 +299,24 @@ class SessionStore:
         """All events, oldest first."""
         return list(self._conn.execute("SELECT t, kind, detail FROM events ORDER BY id"))
 
+    def signed_off(self) -> str | None:
+        """Who signed the current epoch off in the review (``hemaedge review``), else None.
+
+        A signed-off session is locked: :meth:`add` and :meth:`reset` refuse to change it.
+        """
+        return _signer(self._conn, self.epoch)
+
+    def _refuse_if_signed(self, c: sqlite3.Connection) -> None:
+        who = _signer(c, self.epoch)
+        if who is not None:
+            raise StoreError(
+                f"session {self.root} was signed off by {who} in the review and is locked: count in a new session"
+            )
+
     def reset(self) -> int:
         """Start a new epoch: earlier cells stay on disk but no longer count. Returns the new epoch."""
         with self._tx("reset") as c:
+            self._refuse_if_signed(c)
             self.epoch += 1
             c.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (json.dumps(self.epoch),))
             c.execute(
@@ -317,6 +337,7 @@ class SessionStore:
         out: list[StoredCell] = []
         writes: list[tuple[Path, np.ndarray]] = []
         with self._tx(f"store {len(cells)} cell(s)") as c:
+            self._refuse_if_signed(c)
             for kf in keyframes:
                 c.execute(
                     "INSERT OR REPLACE INTO keyframes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -502,6 +523,15 @@ class _Transaction:
             f"session store {self.store.root} cannot {self.what}: {_reason(exc)}; nothing of it was "
             f"counted, and every cell counted before is safe (resume with --resume {self.store.root})"
         )
+
+
+def _signer(conn: sqlite3.Connection, epoch: int) -> str | None:
+    """The first reviewer who signed ``epoch`` off (table ``signoffs``, made by the review), else None."""
+    try:
+        row = conn.execute("SELECT reviewer FROM signoffs WHERE epoch=? ORDER BY id LIMIT 1", (epoch,)).fetchone()
+    except sqlite3.OperationalError:  # never reviewed: the review's tables do not exist yet
+        return None
+    return None if row is None else str(row[0])
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""``hemaedge evaluate --detect DATA...``: recall and precision of white-cell detection on labelled folders.
+"""``hemaedge evaluate --detect DATA [DATA...]``: recall and precision of white-cell detection on labelled folders.
 
 Replaces ``tools/eval_detect.py``. The folders are Pascal VOC or YOLO (``hemaedge.edge.segment.evaluation``);
 the table is per source (``sources.csv``) and per folder. ``--segmenter learned`` scores the detector bundle
@@ -19,12 +19,9 @@ from hemaedge.edge.errors import UsageError
 
 
 def configure_detect(p: argparse.ArgumentParser) -> None:
-    """The ``--detect`` options of ``hemaedge evaluate``."""
+    """The ``--detect`` options of ``hemaedge evaluate`` (``--detect`` itself is in the command's choice of what to
+    evaluate; ``--segmenter``, ``--split``, ``--bundle``... are shared)."""
     g = p.add_argument_group("white-cell detection (--detect)")
-    g.add_argument(
-        "--detect", nargs="+", metavar="DATA", help="labelled folders (Pascal VOC or YOLO) to score detection on"
-    )
-    g.add_argument("--segmenter", default=None, help="stain or learned (default: the station's default)")
     g.add_argument(
         "--detector", default=None, help="detector bundle for --segmenter learned (default: the shipped one)"
     )

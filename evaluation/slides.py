@@ -1,0 +1,197 @@
+"""Slide-level evaluation of the triage: every slide folder through ``hemaedge count``, the call against the truth.
+
+    # normal slides built from labelled single-cell pictures of healthy donors (a normal adult composition)
+    python -m hemaedge.evaluation.slides make-normal --cells $HEMAEDGE_DATA/pbc256/val --out runs/slides/normal --n 30
+    # every slide folder counted as a technician would (hemaedge count FOLDER --json), the calls tabulated
+    python -m hemaedge.evaluation.slides score runs/slides/normal --expect none --bundle BUNDLE --json
+    python -m hemaedge.evaluation.slides score $HEMAEDGE_DATA/deepapl/cells --expect acute --bundle BUNDLE \\
+        --patients $HEMAEDGE_DATA/deepapl/patients.csv --only runs/deepapl_heldout.txt
+
+A normal slide holds ``--wbc`` white cells drawn in proportions from the adult reference ranges (neutrophils
+40-75 %, lymphocytes 20-45 %, monocytes 2-10 %, eosinophils 1-6 %, basophils 0-2 %) plus ``--platelets`` platelet
+pictures; a picture is used at most once per slide (a set too small for distinct cells across slides reuses
+pictures between slides, which the summary says). ``score`` runs the real command in a child process per slide,
+so what is scored is exactly what the station does, and reports the calls, the APL probability's AUC when a
+patients table gives diagnoses, and each slide's evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# adult peripheral blood reference ranges, percent (the flags use the same: hemaedge.edge.count.flags)
+NORMAL_RANGES = {
+    "neutrophil": (40.0, 75.0),
+    "lymphocyte": (20.0, 45.0),
+    "monocyte": (2.0, 10.0),
+    "eosinophil": (1.0, 6.0),
+    "basophil": (0.0, 2.0),
+}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def normal_composition(rng: np.random.Generator, wbc: int) -> dict[str, int]:
+    """White-cell counts for one normal slide: shares drawn inside the reference ranges, then normalised."""
+    while True:
+        share = {c: rng.uniform(lo, hi) for c, (lo, hi) in NORMAL_RANGES.items()}
+        total = sum(share.values())
+        pct = {c: 100 * v / total for c, v in share.items()}
+        if all(lo <= pct[c] <= hi for c, (lo, hi) in NORMAL_RANGES.items()):
+            break
+    counts = rng.multinomial(wbc, [pct[c] / 100 for c in NORMAL_RANGES])
+    return dict(zip(NORMAL_RANGES, (int(v) for v in counts)))
+
+
+def make_normal(cells: Path, out: Path, n: int, wbc: int = 200, platelets: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Write ``n`` normal slides as folders of links to single-cell pictures in ``cells/<class>/``."""
+    from hemaedge.edge.bundle.vocabulary import canonical_or_same
+
+    rng = np.random.default_rng(seed)
+    pool: dict[str, list[Path]] = {}
+    for d in sorted(p for p in cells.iterdir() if p.is_dir()):
+        pool[canonical_or_same(d.name)] = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    missing = [c for c in [*NORMAL_RANGES, "platelet"] if not pool.get(c)]
+    if missing and not (missing == ["platelet"] and platelets == 0):
+        raise SystemExit(f"{cells} lacks class folders {missing}")
+    reused = False
+    slides = []
+    for i in range(n):
+        comp = normal_composition(rng, wbc)
+        if platelets:
+            comp["platelet"] = platelets
+        folder = out / f"normal_{i:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for cls, k in comp.items():
+            reused |= k * n > len(pool[cls])
+            for j, src in enumerate(rng.choice(pool[cls], size=k, replace=False)):
+                link = folder / f"{cls}_{j:03d}{src.suffix}"
+                if not link.exists():
+                    os.symlink(src.resolve(), link)
+        slides.append({"slide": folder.name, "composition": comp})
+    doc = {"cells": str(cells), "slides": slides, "pictures_reused_between_slides": reused, "seed": seed}
+    (out / "slides.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def count_slide(folder: Path, bundle: str | None, out: Path, extra: list[str]) -> dict[str, Any]:
+    """``hemaedge count FOLDER --no-tui --json`` in a child process; its JSON (without the per-cell list)."""
+    cmd = [sys.executable, "-m", "hemaedge", "count", str(folder), "--no-tui", "--json", "--out", str(out), *extra]
+    if bundle:
+        cmd += ["--bundle", bundle]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode not in (0,) or not res.stdout.strip():
+        return {"error": (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1], "exit": res.returncode}
+    doc = json.loads(res.stdout)
+    doc.pop("cells", None)
+    return doc
+
+
+def auc(scores: list[float], positive: list[bool]) -> float | None:
+    """Rank AUC (ties count half); None without both classes."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return None
+    return float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]))
+
+
+def score(
+    root: Path,
+    expect: str,
+    bundle: str | None,
+    out: Path,
+    patients: Path | None = None,
+    only: Path | None = None,
+    extra: list[str] | None = None,
+) -> dict[str, Any]:
+    """Count every slide folder under ``root`` and compare its triage call with ``expect``."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if only is not None:
+        keep = {ln.strip() for ln in only.read_text().split() if ln.strip()}
+        folders = [f for f in folders if f.name in keep]
+    diagnosis = {}
+    if patients is not None:
+        with open(patients, newline="") as f:
+            diagnosis = {r["patient"]: r["diagnosis"] for r in csv.DictReader(f)}
+    rows = []
+    for folder in folders:
+        doc = count_slide(folder, bundle, out, extra or [])
+        t = doc.get("triage") or {}
+        rows.append(
+            {
+                "slide": folder.name,
+                "diagnosis": diagnosis.get(folder.name),
+                "call": t.get("call", "error" if "error" in doc else "no triage"),
+                "apl_probability": t.get("apl_probability"),
+                "white_cells": (doc.get("differential") or {}).get("total_wbc"),
+                "evidence_cells": (t.get("evidence") or {}).get("evidence_cells"),
+                "p_value": (t.get("evidence") or {}).get("p_value"),
+                "rule": t.get("rule") or doc.get("error"),
+            }
+        )
+    right = sum(r["call"] == expect for r in rows)
+    result: dict[str, Any] = {
+        "root": str(root),
+        "expect": expect,
+        "slides": len(rows),
+        "as_expected": right,
+        "rows": rows,
+    }
+    scored = [r for r in rows if r["apl_probability"] is not None and r["diagnosis"]]
+    if scored:
+        result["apl_auc"] = auc([r["apl_probability"] for r in scored], [r["diagnosis"] == "APL" for r in scored])
+        result["apl_auc_n"] = len(scored)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hemaedge.evaluation.slides", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    mk = sub.add_parser("make-normal", help="build normal slides from single-cell pictures of healthy donors")
+    mk.add_argument("--cells", required=True, type=Path)
+    mk.add_argument("--out", required=True, type=Path)
+    mk.add_argument("--n", type=int, default=30)
+    mk.add_argument("--wbc", type=int, default=200)
+    mk.add_argument("--platelets", type=int, default=20)
+    mk.add_argument("--seed", type=int, default=0)
+    sc = sub.add_parser("score", help="count every slide folder and tabulate the triage calls")
+    sc.add_argument("root", type=Path)
+    sc.add_argument("--expect", required=True, choices=["acute", "chronic", "none"])
+    sc.add_argument("--bundle")
+    sc.add_argument("--out", type=Path, default=Path("runs/slide-sessions"))
+    sc.add_argument("--patients", type=Path, help="patients.csv (patient, diagnosis) for the APL AUC")
+    sc.add_argument("--only", type=Path, help="a file listing the slide folders to score (e.g. held-out patients)")
+    sc.add_argument("--json", action="store_true")
+    a, extra = ap.parse_known_args(argv)
+    if a.what == "make-normal":
+        doc = make_normal(a.cells, a.out, a.n, a.wbc, a.platelets, a.seed)
+        print(
+            f"wrote {len(doc['slides'])} slides to {a.out} (pictures reused between slides: {doc['pictures_reused_between_slides']})"
+        )
+        return 0
+    res = score(a.root, a.expect, a.bundle, a.out, a.patients, a.only, extra)
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for r in res["rows"]:
+            print(
+                f"{r['slide']:14s} {str(r['diagnosis'] or ''):4s} {r['call']:12s} apl={r['apl_probability']} {r['rule']}"
+            )
+        print(
+            f"{res['as_expected']}/{res['slides']} slides called {res['expect']}"
+            + (f"; APL AUC {res['apl_auc']:.3f} on {res['apl_auc_n']}" if res.get("apl_auc") is not None else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
