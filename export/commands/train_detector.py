@@ -31,6 +31,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--widths", default="12,24,48,64", help="channels of the /2, /4, /8, /16 stages")
     p.add_argument("--head", type=int, default=24, help="channels of the stride-4 head")
     p.add_argument("--phone-p", type=float, default=0.3, help="share of canvases with phone-through-eyepiece damage")
+    p.add_argument(
+        "--stain-p", type=float, default=0.7, help="share of tiles recoloured as another lab's stain (optical density)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core machine)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes (0 = no limit)")
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         widths=widths,
         head=args.head,
         phone_p=args.phone_p,
+        stain_p=args.stain_p,
         seed=args.seed,
         threads=args.threads,
         max_minutes=args.max_minutes,

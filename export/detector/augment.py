@@ -4,6 +4,7 @@ A canvas is a square of working pixels filled with one frame or a 2 x 2 mosaic o
 random factor around the working scale (the station's scale measurement is off by up to ~20% on single frames,
 more on strange microscopes), flipped and turned. Then, as a microscope or a phone would:
 
+* stain (``stain_p``, per tile): optical densities mixed and scaled, as another lab's stain would colour it;
 * colour: per-channel gains, gamma, saturation and hue (the frame was white-balanced; this is what white
   balance leaves of a lamp, a camera and a stain);
 * blur (defocus), noise and JPEG;
@@ -67,6 +68,23 @@ def colour_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 1
         hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 255)
         out = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)
     return out
+
+
+def stain_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Another stain and another lamp: the optical density of each channel mixed and scaled.
+
+    Romanowsky stains differ between labs in strength and hue (BCDD's saturated pinks, PBC's pale ones); in
+    optical density ``-log(I)`` a stain's colour is a direction and its strength a length, so a random mixing
+    near the identity turns hues and per-channel scales change strength, as another stain batch would.
+    """
+    x = img.astype(np.float32)
+    od = -np.log((x + 1.0) / 256.0)
+    mix = np.eye(3, dtype=np.float32) + rng.normal(0.0, 0.08 * strength, (3, 3)).astype(np.float32)
+    scale = np.exp(rng.normal(0.0, 0.3 * strength, 3)).astype(np.float32) * np.float32(
+        np.exp(rng.normal(0, 0.2 * strength))
+    )
+    od = (od.reshape(-1, 3) @ mix.T).reshape(od.shape) * scale[None, None, :]
+    return np.clip(256.0 * np.exp(-np.clip(od, 0, None)) - 1.0, 0, 255).astype(np.uint8)
 
 
 def blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -181,6 +199,7 @@ def make_canvas(
     mosaic_p: float = 0.75,
     phone_p: float = 0.3,
     blur_p: float = 0.4,
+    stain_p: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One training canvas (BGR uint8 ``size`` x ``size``), its white-cell boxes and ignore boxes (N x 4 each).
 
@@ -203,6 +222,8 @@ def make_canvas(
         tile = _resize(fr.pixels, z)
         boxes = np.asarray(fr.boxes, np.float32).reshape(-1, 4) * np.float32(tile.shape[1] / fr.pixels.shape[1])
         tile, boxes = _turn(tile, boxes, rng)
+        if rng.random() < stain_p:
+            tile = stain_jitter(tile, rng)
         if rng.random() < 0.5:
             tile = colour_jitter(tile, rng, 0.5)
         _place(canvas, tile, boxes, cell, rng, keep, ignore)

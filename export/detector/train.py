@@ -54,6 +54,7 @@ class DetectorRecipe:
     head: int = 24
     depth16: int = 2
     phone_p: float = 0.3
+    stain_p: float = 0.0
     zoom: tuple[float, float] = (0.75, 1.33)
     wide_zoom: tuple[float, float] = (0.5, 2.0)
     source_balance: float = 0.5
@@ -107,7 +108,14 @@ def batch(frames_draw: Callable, rng: np.random.Generator, r: DetectorRecipe) ->
     xs, hs, rs, ms, ws = [], [], [], [], []
     for _ in range(r.batch):
         img, boxes, ignore = make_canvas(
-            frames_draw(4), rng, r.canvas, KEEP, tuple(r.zoom), tuple(r.wide_zoom), phone_p=r.phone_p
+            frames_draw(4),
+            rng,
+            r.canvas,
+            KEEP,
+            tuple(r.zoom),
+            tuple(r.wide_zoom),
+            phone_p=r.phone_p,
+            stain_p=r.stain_p,
         )
         x = img[:, :, ::-1].astype(np.float32) / 255.0
         x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
