@@ -182,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_station(args: argparse.Namespace) -> int:
     """``--station DATA``: the station path on labelled cells."""
-    from hemaedge.edge.segment import DEFAULT_SEGMENTER
     from hemaedge.edge.station import Station
     from hemaedge.evaluation.labelled import read_labelled
     from hemaedge.evaluation.station import evaluate_station, match_labels, parse_map, print_station_report
@@ -190,7 +189,7 @@ def run_station(args: argparse.Namespace) -> int:
 
     station = Station.from_bundle(
         args.bundle,
-        segmenter=args.segmenter or DEFAULT_SEGMENTER,
+        segmenter=args.segmenter,
         backend=args.backend,
         precision=args.precision or "auto",
         detector=args.detector,

@@ -51,9 +51,9 @@ def configure_detect(p: argparse.ArgumentParser) -> None:
 
 def make_detector(args: argparse.Namespace) -> Any:
     """The segmenter the options ask for."""
-    from hemaedge.edge.segment import DEFAULT_SEGMENTER, make_segmenter
+    from hemaedge.edge.segment import default_segmenter_name, make_segmenter
 
-    name = args.segmenter or ("learned" if args.detector else DEFAULT_SEGMENTER)
+    name = args.segmenter or ("learned" if args.detector else default_segmenter_name())
     if name != "learned":
         if args.detector or args.threshold is not None:
             raise UsageError("--detector and --threshold are for --segmenter learned")

@@ -159,6 +159,38 @@ def test_a_picture_through_an_eyepiece_is_searched_for_its_scale(detector_dir):
     assert session.session.fixed and session._eyepiece_done
 
 
+def test_the_learned_detector_is_the_default_and_stain_the_fallback(monkeypatch):
+    from hemaedge.edge import models
+    from hemaedge.edge.segment import StainSegmenter, default_segmenter_name
+
+    if default_segmenter_name() == "learned":
+        assert isinstance(make_segmenter(), LearnedSegmenter)
+
+    def missing():
+        raise BundleError("no detector bundle here")
+
+    monkeypatch.setattr(models, "default_detector_path", missing)
+    assert default_segmenter_name() == "stain"
+    assert isinstance(make_segmenter(None, threshold=0.3), StainSegmenter)  # detector options are dropped
+    with pytest.raises(BundleError):
+        make_segmenter("learned")  # asked for by name: no silent fallback
+
+
+def test_platelets_with_the_learned_detector_come_from_the_stain_segmenter():
+    from hemaedge.edge.models import default_detector_path
+
+    try:
+        seg = LearnedSegmenter(default_detector_path())
+    except BundleError:
+        pytest.skip("no detector bundle shipped in edge/models")
+    both = seg.with_platelets(True)
+    assert both.with_platelets(False) is seg and seg.with_platelets(False) is seg
+    frames = list(SyntheticSource(seed=1, frames=12, rbc_px=144))  # the platelet tests' magnified smear
+    kinds = [d.kind for f in frames for d in both.detect(f)]
+    assert "wbc" in kinds and "platelet" in kinds
+    assert both.scale is not None  # the detector's session scale shows through
+
+
 def test_make_segmenter_refuses_unknown_names():
     with pytest.raises(UsageError, match="unknown segmenter"):
         make_segmenter("magic")
@@ -218,7 +250,9 @@ def test_evaluate_detect_reads_voc_and_yolo_folders_with_sources(tmp_path, capsy
     assert {it.source for it in yolo} == {"scopeA", "scopeB"}
     with pytest.raises(InputError):
         folder_kind(tmp_path)
-    code = main(["evaluate", "--detect", str(tmp_path / "voc"), str(tmp_path / "yolo"), "--json"])
+    code = main(
+        ["evaluate", "--detect", str(tmp_path / "voc"), str(tmp_path / "yolo"), "--segmenter", "stain", "--json"]
+    )
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["segmenter"] == "stain" and len(doc["results"]) == 2
@@ -236,7 +270,8 @@ def test_evaluate_detect_runs_the_learned_detector(tmp_path, detector_dir, capsy
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["segmenter"] == "learned" and doc["scale"] == "frame"
-    assert main(["evaluate", "--detect", str(tmp_path / "voc"), "--threshold", "0.3"]) == 2  # stain has no threshold
+    args = ["evaluate", "--detect", str(tmp_path / "voc"), "--segmenter", "stain", "--threshold", "0.3"]
+    assert main(args) == 2  # the stain segmenter has no threshold
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,7 +327,7 @@ def test_count_takes_a_stated_scale(tmp_path, tiny_bundle_dir):
     assert code == 0
     (session,) = out.iterdir()
     summary = json.loads((session / "summary.json").read_text())
-    assert summary["segmenter"] == "stain" and summary["scale"]["source"] == "user"
+    assert summary["scale"]["source"] == "user"
     assert summary["scale"]["px_per_um"] == 6.5
     with pytest.raises(SystemExit) as exc:  # argparse refuses it
         main(["count", "--demo", "--px-per-um", "-2"])

@@ -175,10 +175,8 @@ def bench_pipeline(
     from hemaedge.edge.store import SessionStore
 
     threads = threads or DEFAULT_THREADS
-    from hemaedge.edge.segment import DEFAULT_SEGMENTER
-
-    segmenter = segmenter or DEFAULT_SEGMENTER
     station = Station.from_bundle(bundle, segmenter=segmenter, precision=precision, threads=threads, detector=detector)
+    segmenter = station.segmenter_name
     out: dict[str, Any] = {
         "segmenter": segmenter,
         "detector": str(getattr(getattr(station.segmenter, "bundle", None), "path", "")) or None,

@@ -61,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     # still images may come from several microscopes: each is measured on its own unless a scale is stated
     options = {"scale": args.px_per_um or "frame"}
     if args.detector is not None:
-        if args.segmenter != "learned":
+        if args.segmenter not in (None, "learned"):
             raise UsageError("--detector is for --segmenter learned")
         options["bundle"] = args.detector
-    segmenter = make_segmenter(args.segmenter, **options)
+    segmenter = make_segmenter(args.segmenter or ("learned" if args.detector else None), **options)
     paths, failed = _paths(args.images)
     console = _console(args.json)
     for _spec, why in failed:  # a folder or glob that holds no images: say so, with the reason

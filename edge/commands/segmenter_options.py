@@ -8,14 +8,14 @@ from typing import Any
 
 def add_segmenter_options(parser: argparse.ArgumentParser) -> None:
     """``--segmenter`` and ``--px-per-um``."""
-    from hemaedge.edge.segment import DEFAULT_SEGMENTER, SEGMENTERS
+    from hemaedge.edge.segment import SEGMENTERS
 
     parser.add_argument(
         "--segmenter",
-        default=DEFAULT_SEGMENTER,
+        default=None,
         choices=sorted(SEGMENTERS),
-        help=f"white-cell segmenter: stain (classical, needs no model) or learned (the detector bundle); "
-        f"default {DEFAULT_SEGMENTER}",
+        help="white-cell segmenter: learned (the detector bundle; the default when it is installed) or stain "
+        "(classical stain thresholding, needs no model: the fallback)",
     )
     parser.add_argument(
         "--detector",

@@ -19,11 +19,25 @@ from hemaedge.edge.segment.scale import Scale, SessionScale, estimate_scale
 from hemaedge.edge.segment.stain import SegmenterConfig, StainSegmenter
 
 SEGMENTERS = {"stain": StainSegmenter, "learned": LearnedSegmenter}
-DEFAULT_SEGMENTER = "stain"
+DEFAULT_SEGMENTER = "learned"  # when its bundle is installed (edge/models/wbcnet); else the stain segmenter
+FALLBACK_SEGMENTER = "stain"  # needs no model
+
+
+def default_segmenter_name() -> str:
+    """``DEFAULT_SEGMENTER`` when it can run here (the learned detector needs its shipped bundle), else ``stain``."""
+    if DEFAULT_SEGMENTER == "learned":
+        from hemaedge.edge.errors import BundleError
+        from hemaedge.edge.models import default_detector_path
+
+        try:
+            default_detector_path()
+        except BundleError:
+            return FALLBACK_SEGMENTER
+    return DEFAULT_SEGMENTER
 
 
 def make_segmenter(name: str | None = None, **options: object) -> Segmenter:
-    """A segmenter by name (``"stain"``, ``"learned"``; None: ``DEFAULT_SEGMENTER``), with its options.
+    """A segmenter by name (``"stain"``, ``"learned"``; None: ``default_segmenter_name()``), with its options.
 
     ``stain`` takes ``SegmenterConfig`` overrides; ``learned`` takes ``bundle`` (a detector bundle, default the
     shipped one), ``scale`` (pixels per micron, ``"frame"``, or None to measure the session) and ``threshold``.
@@ -31,7 +45,10 @@ def make_segmenter(name: str | None = None, **options: object) -> Segmenter:
     """
     from hemaedge.edge.errors import UsageError
 
-    name = name or DEFAULT_SEGMENTER
+    if name is None:
+        name = default_segmenter_name()
+        if name != "learned":  # the fallback takes no detector options
+            options = {k: v for k, v in options.items() if k not in ("bundle", "threshold")}
     try:
         cls = SEGMENTERS[name]
     except KeyError:
@@ -41,6 +58,8 @@ def make_segmenter(name: str | None = None, **options: object) -> Segmenter:
 
 __all__ = [
     "DEFAULT_SEGMENTER",
+    "FALLBACK_SEGMENTER",
+    "default_segmenter_name",
     "SEGMENTERS",
     "LearnedSegmenter",
     "Scale",

@@ -243,6 +243,12 @@ class LearnedSegmenter:
         self._setup(mean, std, scale, 1, Path(model))
         return self
 
+    def with_platelets(self, on: bool = True) -> Any:
+        """This detector with platelets found by the stain segmenter (the detector knows white cells only)."""
+        if not on:
+            return self
+        return WithStainPlatelets(self)
+
     @property
     def model_path(self) -> Path:
         """The ONNX file this segmenter runs (the CPU INT8 variant when there is one)."""
@@ -383,6 +389,44 @@ class LearnedSegmenter:
         ]
 
 
+class WithStainPlatelets:
+    """White cells from the learned detector, platelets from the stain segmenter (``--platelets``).
+
+    The stain segmenter's platelet step (``StainSegmenter._platelets``) keeps small stained blobs away from its
+    own white cells; here a platelet inside or touching one of the detector's white-cell boxes is dropped too.
+    """
+
+    name = "learned"
+
+    def __init__(self, learned: LearnedSegmenter):
+        from hemaedge.edge.segment.stain import StainSegmenter
+
+        self.learned = learned
+        self.stain = StainSegmenter(platelets=True)
+
+    def __getattr__(self, item: str) -> Any:  # scale, bundle, spec ... of the detector
+        return getattr(self.learned, item)
+
+    def with_platelets(self, on: bool = True) -> Any:
+        """Platelets on (this) or off (the detector alone)."""
+        return self if on else self.learned
+
+    def detect(self, frame: Frame | np.ndarray) -> list[Detection]:
+        """The detector's white cells, then the stain segmenter's platelets outside them."""
+        fr = as_frame(frame)
+        cells = self.learned.detect(fr)
+        boxes = np.asarray([d.box for d in cells], np.float32).reshape(-1, 4)
+        out = list(cells)
+        for d in self.stain.detect_verbose(fr)[0]:
+            if d.kind != "platelet":
+                continue
+            x0, y0, x1, y1 = d.box
+            near = (boxes[:, 0] <= x1) & (boxes[:, 2] >= x0) & (boxes[:, 1] <= y1) & (boxes[:, 3] >= y0)
+            if not near.any():
+                out.append(d)
+        return out
+
+
 def verify_detector(bundle: Any, precision: str = "auto") -> dict[str, Any]:
     """``hemaedge verify`` for a detector bundle: its golden inputs through this station's ONNX Runtime.
 
@@ -432,4 +476,13 @@ def verify_detector(bundle: Any, precision: str = "auto") -> dict[str, Any]:
     }
 
 
-__all__ = ["DetectorSpec", "LearnedSegmenter", "decode", "nms", "prepare", "to_frame", "verify_detector"]
+__all__ = [
+    "DetectorSpec",
+    "LearnedSegmenter",
+    "WithStainPlatelets",
+    "decode",
+    "nms",
+    "prepare",
+    "to_frame",
+    "verify_detector",
+]
