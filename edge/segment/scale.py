@@ -40,7 +40,8 @@ import numpy as np
 RBC_UM = 7.5  # a red cell's diameter in micrometres
 BLOB_TO_BOX = 0.84  # measured blob diameter / labelled red-cell box side (see the module docstring)
 MIN_PEAKS = 3  # fewer red-cell peaks than this: the frame says nothing about scale
-SESSION_FRAMES = 9  # frames whose median fixes a session's scale
+SESSION_FRAMES = 9
+SURROUND_MIN = 0.08  # share of the frame a field stop's dark surround covers at least  # frames whose median fixes a session's scale
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def field_mask(bgr: np.ndarray, dark: float = 0.35) -> np.ndarray | None:
     """The lit field (1) where a dark surround is present (eyepiece field stop, vignetted corners), else None.
 
     A pixel is outside the field when it is darker than ``dark`` times the bright background level and is
-    connected to such pixels at the frame border.
+    connected to such pixels at the frame border; the surround must cover ``SURROUND_MIN`` of the frame (a camera
+    frame's dark corner or a dark cell at the border covers 2-5%; an eyepiece's surround 15-50%).
     """
     import cv2
 
@@ -137,7 +139,7 @@ def field_mask(bgr: np.ndarray, dark: float = 0.35) -> np.ndarray | None:
     if not len(border):
         return None
     surround = np.isin(lab, border)
-    if surround.mean() < 0.02:
+    if surround.mean() < SURROUND_MIN:
         return None
     return (~surround).astype(np.uint8)
 
