@@ -31,7 +31,7 @@ from hemaedge.edge.segment.scale import Scale, SessionScale, estimate_scale, fra
 
 EYEPIECE_TRIES = (0.7, 0.5)  # scales tried, as shares of the red-cell scale, on a picture through an eyepiece
 POOL_CELLS = 10  # white cells a session pools before its white cells check its red-cell scale
-POOL_LIMIT = 1.35  # ... and corrects it when their median is further than this from its usual size
+POOL_LIMIT = 1.5  # ... and corrects it when their median is further than this from its usual size
 RULER_SHARE = 0.5  # white cells that measure the scale are taken down to this share of the threshold
 BACKGROUND = 235  # white-balanced background (``white_balance``'s target): the padding colour
 
