@@ -31,7 +31,18 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="labelled cells through the station's path: DATA/<class>/*, BCCD-style frames, or DATA/labels.csv",
     )
     what.add_argument("--data", help="the model alone on a MedMNIST .npz or a class-folder tree (as in training)")
-    p.add_argument("--split", choices=["train", "val", "test"], default=None, help="split (--data: default val)")
+    what.add_argument(
+        "--detect",
+        nargs="+",
+        metavar="DATA",
+        help="white-cell detection on labelled frames: Pascal VOC or YOLO folders (recall, precision per source)",
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test", "all"],
+        default=None,
+        help="split (--data: default val; --detect: all)",
+    )
     p.add_argument(
         "--map",
         action="append",
@@ -62,7 +73,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         "bundle's manifest as its INT8 gate on OpenVINO (metrics.int8_openvino), for bundles exported before "
         "export-model measured it",
     )
-    p.add_argument("--segmenter", default="stain", help="--station: white-cell segmenter (default stain)")
+    p.add_argument(
+        "--segmenter",
+        default=None,
+        help="--station, --detect: white-cell segmenter, stain or learned (default: count's)",
+    )
     p.add_argument(
         "--variant",
         choices=["auto", "portable", "cpu"],
@@ -72,6 +87,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--limit", type=int, default=0, help="--data: evaluate only the first N images (0 = all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    from hemaedge.evaluation.detection import configure_detect
+
+    configure_detect(p)
 
 
 def evaluate_bundle(
@@ -194,8 +212,14 @@ def print_report(report: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print."""
+    if args.detect:
+        from hemaedge.evaluation.detection import run_detect
+
+        return run_detect(args)
     if args.station:
         return run_station(args)
+    if args.split == "all":
+        raise UsageError("--split all is for --detect")
     if args.map or args.classes:
         raise UsageError("--map and --classes apply to --station")
     from hemaedge.edge.station import resolve_bundle
@@ -233,7 +257,11 @@ def run_station(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     station = Station.from_bundle(
-        args.bundle, segmenter=args.segmenter, backend=args.backend, precision=args.precision or "auto"
+        args.bundle,
+        segmenter=args.segmenter,
+        backend=args.backend,
+        precision=args.precision or "auto",
+        detector=args.detector,
     )
     cells, kind = read_labelled(args.station, args.split)
     keep = [c.strip() for c in args.classes.split(",") if c.strip()]

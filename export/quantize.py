@@ -85,6 +85,7 @@ def quantize_int8(
     symmetric: bool = True,
     exclude: Sequence[str] = (),
     percentile: float = 99.999,
+    dynamic_shapes: bool = False,
 ) -> Path:
     """Quantize an FP32 ONNX model to INT8 QDQ.
 
@@ -97,6 +98,8 @@ def quantize_int8(
         symmetric: Symmetric activations and weights (what TensorRT expects).
         exclude: Node names to keep in float.
         percentile: Percentile for the ``percentile`` method.
+        dynamic_shapes: The model takes inputs of any height and width (a detector): ONNX Runtime's symbolic
+            shape inference cannot follow those through Resize, so the pre-processing pass skips it.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -112,7 +115,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         # ONNX Runtime's calibrators print progress to stdout; keep stdout clean for --json.
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=dynamic_shapes)
         extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric}
         if method == "percentile":
             extra["CalibPercentile"] = percentile

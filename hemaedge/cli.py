@@ -35,10 +35,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": (
         "hemaedge.evaluation.command",
-        "accuracy on labelled cells: the station's path (--station DATA) or the model alone (--data)",
+        "accuracy on labelled cells: the station's path (--station DATA) or the model alone (--data); "
+        "white-cell detection on labelled frames (--detect DATA)",
     ),
     "train": ("hemaedge.export.commands.train", "train a registered architecture (workstation)"),
     "adapt": ("hemaedge.export.commands.adapt", "fit a bundle to this microscope from verified cells (workstation)"),
+    "train-detector": (
+        "hemaedge.export.commands.train_detector",
+        "train the white-cell detector on TXL-PBC and BCCD (workstation)",
+    ),
     "export": (
         "hemaedge.export.commands.export",
         "export a model to a checked ONNX / INT8 bundle (same as export-model)",

@@ -166,3 +166,50 @@ def fake_measure(rates: dict[str, float], failing: tuple[str, ...] = ()):
 
     measure.calls = calls
     return measure
+
+
+def tiny_detector_onnx(path: Path, box_cells: float = 6.0) -> Path:
+    """A hand-made "detector" (no torch): one 4x4 stride-4 convolution whose heatmap fires on dark, blue-violet
+    pixels (nuclei) and whose boxes are 24 working pixels (6 cells) wide; dynamic height and width."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.zeros((5, 3, 4, 4), np.float32)
+    w[0, 0] = -4.0 / 16  # red channel (RGB input): nuclei are dark in red and green, bright in blue
+    w[0, 1] = -4.0 / 16
+    w[0, 2] = 1.0 / 16
+    b = np.asarray([-1.5, np.log(box_cells), np.log(box_cells), 0.5, 0.5], np.float32)
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["output"], kernel_shape=[4, 4], strides=[4, 4])]
+    graph = helper.make_graph(
+        nodes,
+        "tiny-detector",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5, "h", "w"])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def tiny_detector_bundle(out: Path, px_per_um: float = 1.75, threshold: float = 0.5, box_cells: float = 6.0) -> Path:
+    """A complete detector bundle (``"task": "detect"``) around ``tiny_detector_onnx`` (boxes ``box_cells`` x 4
+    working pixels wide: 6 -> 24 px, 13.7 um at 1.75 px/um, a white cell's usual size)."""
+    work = out.parent / (out.name + ".src")
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = tiny_detector_onnx(work / "model.onnx", box_cells)
+    manifest = Manifest(
+        name="tiny-detector",
+        architecture="tiny-detector",
+        classes=("wbc",),
+        input=InputSpec(height=128, width=128, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), white_balance=True),
+        crop=CropGeometry(),
+        artifacts=(),
+        provenance={"note": "hand-made weights, built by tests/helpers.py"},
+        extra={"task": "detect", "detector": {"px_per_um": px_per_um, "stride": 4, "threshold": threshold}},
+    )
+    with BundleWriter(out, overwrite=True) as w:
+        w.add(fp32, "onnx", "fp32")
+        return w.finish(manifest).path

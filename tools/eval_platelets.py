@@ -24,6 +24,7 @@ in a later frame.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,10 +33,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hemaedge.edge.config import data_root  # noqa: E402
 from hemaedge.edge.segment import StainSegmenter  # noqa: E402
+from hemaedge.edge.segment.evaluation import config_overrides as _overrides  # noqa: E402
 from hemaedge.edge.segment.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_detect import _overrides, common_args  # noqa: E402
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    """The options of the scorer (data, which splits, IoU, config overrides, --json)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument(
+        "--data", type=Path, default=None, help="shared data root (default $HEMAEDGE_DATA or ../shared/data)"
+    )
+    ap.add_argument("--bccd-split", default="val", choices=["train", "val", "all", "none"])
+    ap.add_argument("--txl-half", default="both", choices=["a", "b", "both", "all", "none"])
+    ap.add_argument("--iou", type=float, default=0.5)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a SegmenterConfig field")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return ap
+
 
 TXL_PLATELET = 2
 BCCD_PLATELET = ("Platelets",)

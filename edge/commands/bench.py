@@ -68,6 +68,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=0, help="threads for ONNX Runtime, OpenVINO and torch (0 = all cores)"
     )
     p.add_argument("--frames", type=int, default=300, help="640x480 frames for the pipeline run")
+    p.add_argument(
+        "--segmenter",
+        default=None,
+        help="white-cell segmenter of the pipeline run: stain or learned (default: count's)",
+    )
+    p.add_argument("--detector", default=None, metavar="BUNDLE", help="detector bundle for --segmenter learned")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -281,7 +287,15 @@ def _missing_checkpoint(bundle, checkpoint: Path | None) -> str:  # noqa: ANN001
     return f"no PyTorch checkpoint for bundle '{bundle.manifest.name}' (pass --checkpoint to compare with eager)"
 
 
-def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: str = "auto") -> dict[str, Any]:
+def bench_pipeline(
+    bundle,
+    frames: int,
+    repeats: int,
+    threads: int,
+    precision: str = "auto",
+    segmenter: str | None = None,
+    detector: str | None = None,
+) -> dict[str, Any]:
     """Whole-pipeline frames/s on pre-rendered 640x480 frames through ``CountingSession``.
 
     The station is assembled exactly as ``hemaedge count`` assembles it (``Station.from_bundle``,
@@ -294,8 +308,11 @@ def bench_pipeline(bundle, frames: int, repeats: int, threads: int, precision: s
     from hemaedge.edge.store import SessionStore
 
     threads = threads or DEFAULT_THREADS
-    station = Station.from_bundle(bundle, precision=precision, threads=threads)
+    station = Station.from_bundle(bundle, segmenter=segmenter, precision=precision, threads=threads, detector=detector)
+    segmenter = station.segmenter_name
     out: dict[str, Any] = {
+        "segmenter": segmenter,
+        "detector": str(getattr(getattr(station.segmenter, "bundle", None), "path", "")) or None,
         "frame_size": "640x480",
         "precision": precision,
         "backend_choice": station.backend_reason,
@@ -357,7 +374,9 @@ def run(args: argparse.Namespace) -> int:
         args.skip_torch,
     )
     if not args.skip_pipeline:
-        res["pipeline"] = bench_pipeline(bundle, args.frames, max(3, args.repeats // 2), args.threads)
+        res["pipeline"] = bench_pipeline(
+            bundle, args.frames, max(3, args.repeats // 2), args.threads, segmenter=args.segmenter, detector=args.detector
+        )
     res["machine"]["load_average_at_end"] = load_average()
     if args.json:
         print(json.dumps(res, indent=2))
@@ -432,8 +451,9 @@ def print_report(res: dict[str, Any]) -> None:
         for name in ("panning_slide", "new_field_every_frame"):
             f = p[name]["frames_per_s"]
             con.print(
-                f"pipeline {name} ({p['backend']} {p['precision']}, {p['threads']} thread(s), 640x480): "
-                f"{f['median']:.1f} frames/s (min {f['min']:.1f}, max {f['max']:.1f}, {f['runs']} runs)",
+                f"pipeline {name} ({p['segmenter']} segmenter, {p['backend']} {p['precision']}, {p['threads']} "
+                f"thread(s), 640x480): {f['median']:.1f} frames/s (min {f['min']:.1f}, max {f['max']:.1f}, "
+                f"{f['runs']} runs, {statistics.median(p[name]['cells_counted_per_run']):.0f} cells counted per run)",
                 highlight=False,
             )
     m = res["machine"]

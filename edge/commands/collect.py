@@ -49,7 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_REVIEW_THRESHOLD,
         help="with --by-class: below this top probability a crop stays unlabelled",
     )
-    parser.add_argument("--segmenter", default="stain", help="white-cell segmenter (default stain)")
+    from hemaedge.edge.commands.segmenter_options import add_segmenter_options
+
+    add_segmenter_options(parser)
     parser.add_argument(
         "--count-edge-cells",
         action="store_true",
@@ -60,6 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hemaedge collect``."""
+    from hemaedge.edge.commands.segmenter_options import scale_info
     from hemaedge.edge.sources import open_source
     from hemaedge.edge.station import Station
     from rich.console import Console
@@ -76,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.by_class and (args.precision != "auto" or args.backend != "auto"):
         raise UsageError("--precision/--backend only matter with --by-class (plain collection runs no model)")
     station = Station.from_bundle(
-        args.bundle, segmenter=args.segmenter, backend=args.backend if args.by_class else None, precision=args.precision
+        args.bundle,
+        segmenter=args.segmenter,
+        backend=args.backend if args.by_class else None,
+        precision=args.precision,
+        scale=args.px_per_um,
+        detector=args.detector,
     )
     m = station.manifest
     folder = CropFolder(args.out, by_class=args.by_class)
@@ -127,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         "bundle": m.name,
         "crop_geometry": asdict(m.crop),
         "complete": done or args.max is None,
+        "segmenter": station.segmenter_name,
+        **scale_info(station.segmenter),
     }
     if why:
         doc["backend_choice"] = why

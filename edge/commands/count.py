@@ -26,6 +26,7 @@ from typing import Any
 
 from hemaedge.edge.bundle import Bundle, load_bundle
 from hemaedge.edge.bundle.io import sha256_file
+from hemaedge.edge.commands.segmenter_options import add_segmenter_options, scale_info
 from hemaedge.edge.count import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, REVIEW
 from hemaedge.edge.errors import HemaedgeError, StoreError, Terminated, UsageError
 from hemaedge.edge.records import SessionState
@@ -100,7 +101,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"ONNX Runtime intra-op threads (default {DEFAULT_THREADS}: all cores but one, which the "
         "capture thread needs; 0 = ONNX Runtime's default)",
     )
-    parser.add_argument("--segmenter", default="stain", help="white-cell segmenter (default stain)")
+    add_segmenter_options(parser)
     parser.add_argument(
         "--platelets",
         action="store_true",
@@ -243,7 +244,13 @@ def run(args: argparse.Namespace) -> int:
     store = p.store
     try:
         station = Station.from_bundle(
-            p.bundle, segmenter=args.segmenter, backend=args.backend, precision=p.precision, threads=args.threads
+            p.bundle,
+            segmenter=args.segmenter,
+            backend=args.backend,
+            precision=p.precision,
+            threads=args.threads,
+            scale=args.px_per_um or _resumed_scale(p),
+            detector=args.detector,
         )
         if p.resume and _already_complete(store, p, err):
             return 0
@@ -366,6 +373,8 @@ def _count(args: argparse.Namespace, p: Plan, station: Any, err: Any, use_json: 
                 write_reports(store, info={**_info(session, None, p, station), "error": str(exc)})
         raise
     info = _info(session, result, p, station)
+    if info.get("scale"):
+        store.update_settings(scale=info["scale"])  # a resumed session keeps it
     summary, cells, _ = build_summary(store, info)
     try:
         paths = write_reports(store, info=info, built=(summary, cells))
@@ -420,6 +429,7 @@ def _info(session: Any, result: Any, p: Plan, station: Any) -> dict[str, Any]:
         "backend": st.backend,
         "backend_choice": station.backend_reason,
         "segmenter": station.segmenter_name,
+        **scale_info(station.segmenter),
         "source": p.source,
         "state": st.state,
         "frames": st.frames,
@@ -436,6 +446,14 @@ def _info(session: Any, result: Any, p: Plan, station: Any) -> dict[str, Any]:
         info["frames_per_s"] = round(result.frames / result.seconds, 1) if result.seconds > 0 else 0.0
         info["cells_this_run"] = result.cells
     return info
+
+
+def _resumed_scale(p: Plan) -> float | None:
+    """A resumed session keeps the scale it measured (same microscope): the stored pixels per micron."""
+    if not p.resume or p.store is None:
+        return None
+    scale = p.store.settings.get("scale") or {}
+    return float(scale["px_per_um"]) if scale.get("px_per_um") else None
 
 
 def _cell_json(c: StoredCell) -> dict[str, Any]:

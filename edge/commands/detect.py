@@ -28,7 +28,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the command's options."""
     parser.add_argument("images", nargs="+", help="image files, folders or globs")
     parser.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
-    parser.add_argument("--segmenter", default="stain", help="segmenter to use (default: stain)")
+    from hemaedge.edge.commands.segmenter_options import add_segmenter_options
+
+    add_segmenter_options(parser)
     parser.add_argument("--min-score", type=float, default=0.0, help="drop cells scoring below this (default 0)")
     parser.add_argument("--no-quality", action="store_true", help="skip the focus / exposure check")
 
@@ -56,7 +58,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.min_score < 0 or args.min_score > 1:
         raise UsageError(f"--min-score must be within 0..1, not {args.min_score}")
-    segmenter = make_segmenter(args.segmenter)
+    # still images may come from several microscopes: each is measured on its own unless a scale is stated
+    options = {"scale": args.px_per_um or "frame"}
+    if args.detector is not None:
+        if args.segmenter not in (None, "learned"):
+            raise UsageError("--detector is for --segmenter learned")
+        options["bundle"] = args.detector
+    segmenter = make_segmenter(args.segmenter or ("learned" if args.detector else None), **options)
     paths, failed = _paths(args.images)
     console = _console(args.json)
     for _spec, why in failed:  # a folder or glob that holds no images: say so, with the reason
@@ -80,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         dets = [d for d in segmenter.detect(img) if d.score >= args.min_score]
         cells = [[round(float(v), 1) for v in d.box] + [round(float(d.score), 4)] for d in dets]
         entry = {"file": str(path), "width": int(img.shape[1]), "height": int(img.shape[0]), "cells": cells}
+        used = getattr(segmenter, "last_scale", None)
+        if used is not None:
+            entry["px_per_um"] = round(used.px_per_um, 3)
         if quality is not None:
             entry["quality"] = {
                 "ok": quality.ok,

@@ -136,6 +136,8 @@ def _run_all(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Verify and print the result; exit 1 when it fails."""
+    if _is_detector(args.bundle):
+        return _verify_detector(args)
     if args.all:
         if args.backend != "auto":
             from hemaedge.edge.errors import UsageError
@@ -179,3 +181,33 @@ def run(args: argparse.Namespace) -> int:
         "rebuild the engine (hemaedge build-engine) or re-export the bundle"
     )
     return 1
+
+
+def _is_detector(path: str) -> bool:
+    from hemaedge.edge.bundle.io import read_manifest
+
+    return read_manifest(path).extra.get("task") == "detect"
+
+
+def _verify_detector(args: argparse.Namespace) -> int:
+    """A detector bundle: heatmaps and boxes of its golden inputs against the workstation's."""
+    from hemaedge.edge.segment.learned import verify_detector
+
+    if args.backend not in ("auto", "ort-cpu", "onnxruntime"):
+        from hemaedge.edge.errors import UsageError
+
+        raise UsageError("a detector bundle runs on ONNX Runtime's CPU provider here (--backend auto)")
+    r = verify_detector(args.bundle, args.precision if args.precision != "fp16" else "auto")
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        from rich.console import Console
+
+        word = "[bold green]PASS[/]" if r["passed"] else "[bold red]FAIL[/]"
+        Console().print(
+            f"{word} detector {r['model_file']} ({r['precision']}) vs the workstation's {r['reference']} on "
+            f"{r['samples']} golden inputs: heatmap max |diff| {r['heatmap_max_abs_diff']:.4f} (<= {r['max_diff']}), "
+            f"boxes found again {r['box_agreement']:.1%} of {r['boxes']} (>= {r['min_agreement']:.0%})",
+            highlight=False,
+        )
+    return 0 if r["passed"] else 1

@@ -249,6 +249,8 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         f"source {e(str(summary.get('source', '')))}",
         f"written {e(str(summary.get('written', '')))}",
     ]
+    if (summary.get("scale") or {}).get("describe"):
+        meta.insert(3, f"scale {e(str(summary['scale']['describe']))}")
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
     parts.append(_verification_banner(summary, ver, status))
     if summary.get("note"):

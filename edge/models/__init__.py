@@ -7,6 +7,7 @@ from pathlib import Path
 from hemaedge.edge.errors import BundleError
 
 DEFAULT_BUNDLE = "bloodcnn5"
+DEFAULT_DETECTOR = "wbcnet"
 
 
 def default_bundle_path(name: str = DEFAULT_BUNDLE) -> Path:
@@ -16,5 +17,16 @@ def default_bundle_path(name: str = DEFAULT_BUNDLE) -> Path:
         raise BundleError(
             f"the shipped bundle {name!r} is missing from this installation ({path}); reinstall hemaedge "
             "or pass --bundle DIR"
+        )
+    return path
+
+
+def default_detector_path(name: str = DEFAULT_DETECTOR) -> Path:
+    """Directory of the shipped white-cell detector bundle (``--segmenter learned`` without ``--detector``)."""
+    path = Path(__file__).parent / name
+    if not (path / "manifest.json").is_file():
+        raise BundleError(
+            f"no detector bundle {name!r} in this installation ({path}): pass --detector DIR, or use --segmenter stain "
+            "(needs no model)"
         )
     return path

@@ -282,24 +282,45 @@ class Analysis:
 class StainSegmenter:
     """White cells by stain-aware thresholding of nuclei; see the module docstring.
 
+    The segmenter works at a fixed share of the frame (``work_px``), not at a scale in microns: it suits
+    microscope cameras framed like its tuning sets. It still measures the session's scale on the red cells of
+    its first frames (``scale``: that measurement, or the stated pixels per micron) so that every session and
+    report records its magnification, whichever segmenter ran.
+
     Args:
         config: Tunables (``SegmenterConfig``); keyword overrides are applied on top.
+        scale: Pixels per micron stated by the user; None measures the session's first frames.
     """
 
     name = "stain"
 
-    def __init__(self, config: SegmenterConfig | None = None, **overrides: object) -> None:
+    def __init__(self, config: SegmenterConfig | None = None, scale: float | None = None, **overrides: object) -> None:
+        from hemaedge.edge.segment.scale import SessionScale
+
         cfg = config or SegmenterConfig()
         self.config = replace(cfg, **overrides) if overrides else cfg
         if self.config.extent not in ("cyto", "expand"):
             raise ValueError(f"extent must be 'cyto' or 'expand', not {self.config.extent!r}")
+        self.session = SessionScale(None if scale in (None, "frame") else float(scale))
+
+    @property
+    def scale(self):  # noqa: ANN201 - Scale | None
+        """The session's scale as known so far (``hemaedge.edge.segment.scale.Scale``; None before any frame)."""
+        return self.session.current
 
     def with_platelets(self, on: bool = True) -> StainSegmenter:
         """This segmenter with platelet detection switched on (or off); the white cells do not change."""
-        return self if self.config.platelets == on else StainSegmenter(self.config, platelets=on)
+        if self.config.platelets == on:
+            return self
+        other = StainSegmenter(self.config, platelets=on)
+        other.session = self.session  # one session, one scale
+        return other
 
     def detect(self, frame: Frame | np.ndarray) -> list[Detection]:
         """White cells in ``frame`` (a ``Frame`` or a BGR array), best score first; then platelets if asked."""
+        if not self.session.fixed:
+            fr = as_frame(frame)
+            self.session.observe(fr.bgr())
         return self.detect_verbose(frame)[0]
 
     def detect_verbose(self, frame: Frame | np.ndarray) -> tuple[list[Detection], Analysis]:

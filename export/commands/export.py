@@ -75,6 +75,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="station crops: one field of view per session (session: training images at a fixed "
         "magnification) or sized to each cell (cell: training crops cut around each cell)",
     )
+    p.add_argument(
+        "--threshold", type=float, help="detector checkpoints: heatmap threshold recorded in the bundle (default 0.4)"
+    )
     p.add_argument("--name", help="bundle name (default: the output folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0)
@@ -86,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
     from hemaedge.export.exporter import ExportOptions, run_export
     from rich.console import Console
 
+    if args.model and not args.ensemble:
+        from hemaedge.export.detector.export import is_detector_checkpoint
+
+        if is_detector_checkpoint(args.model):
+            return _run_detector(args)
     data = args.data
     if data is None and args.model and not args.ensemble:
         data = _data_from_checkpoint(args.model)
@@ -177,3 +185,55 @@ def _data_from_checkpoint(model: str) -> str | None:
     if here.exists():
         return str(here)
     raise UsageError(f"the checkpoint was trained on {path}, which is not here (nor {here}): pass --data")
+
+
+def _run_detector(args: argparse.Namespace) -> int:
+    """``export-model`` for a white-cell detector checkpoint (``hemaedge train-detector``)."""
+    from hemaedge.edge.config import data_root
+    from hemaedge.export.detector.export import DetectorExportOptions, export_detector
+    from rich.console import Console
+
+    for flag, given in (
+        ("--calib", args.calib),
+        ("--search", args.search),
+        ("--ensemble", args.ensemble),
+        ("--classes", args.classes),
+        ("--mean/--std", args.mean or args.std),
+        ("--input-size", args.input_size),
+        ("--cell-fraction", args.cell_fraction),
+    ):
+        if given:
+            raise UsageError(f"{flag} does not apply to a detector checkpoint")
+    if args.target != "onnx":
+        raise UsageError("a detector bundle is exported for ONNX (build a TensorRT engine on the station)")
+    opts = DetectorExportOptions(
+        checkpoint=args.model,
+        out=args.out,
+        data=args.data or str(data_root()),
+        int8=args.int8,
+        calib_size=args.calib_size if args.calib_size != 500 else 200,
+        calib_method=args.calib_method,
+        max_drop=args.max_drop,
+        threshold=args.threshold,
+        name=args.name,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        command=" ".join(["export-model", *sys.argv[2 if sys.argv[1:2] == ["export"] else 1 :]]),
+    )
+    from pathlib import Path
+
+    if Path(opts.out).exists() and not opts.overwrite:
+        raise UsageError(f"output {opts.out} already exists (pass --overwrite to replace it)")
+    con = Console(stderr=True)
+    summary = export_detector(
+        opts, log=(lambda m: con.print(m, highlight=False)) if not args.json else (lambda m: None)
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        m = summary["metrics"]
+        line = f"detector bundle {summary['bundle']}: FP32 recall {m['fp32']['all']['recall']:.4f} precision {m['fp32']['all']['precision']:.4f}"
+        if "int8" in m:
+            line += f", INT8 {m['int8']['all']['recall']:.4f} / {m['int8']['all']['precision']:.4f} (gate {m['max_drop']} points: passed)"
+        Console().print(line + f" on {m['gate_frames']} in {summary['seconds']} s", highlight=False)
+    return 0
