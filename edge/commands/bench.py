@@ -375,7 +375,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.skip_pipeline:
         res["pipeline"] = bench_pipeline(
-            bundle, args.frames, max(3, args.repeats // 2), args.threads, segmenter=args.segmenter, detector=args.detector
+            bundle,
+            args.frames,
+            max(3, args.repeats // 2),
+            args.threads,
+            segmenter=args.segmenter,
+            detector=args.detector,
         )
     res["machine"]["load_average_at_end"] = load_average()
     if args.json:
