@@ -29,7 +29,7 @@ def register(name: str, **defaults: Any) -> Callable:
 
 
 def _load_all() -> None:
-    from hemaedge.export.models import bloodcnn5  # noqa: F401
+    from hemaedge.export.models import bloodcnn5, hemanet  # noqa: F401
 
     try:
         from hemaedge.export.models import efficientnet  # noqa: F401
