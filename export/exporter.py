@@ -425,6 +425,8 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         if source.meta.get("adaptation"):  # hemaedge adapt: the parent bundle and the cells it learned from
             provenance["adaptation"] = source.meta["adaptation"]
         extra: dict[str, Any] = {"parity": parity, "onnx": simplify, "crop_geometry_from": crop_source}
+        if source.meta.get("notice"):  # terms of the training data (DeepAPL: research use only) travel with the model
+            extra["notice"] = str(source.meta["notice"])
         if metrics.get("critical_classes"):  # gated per class at export: the station's reports may single them out
             extra["critical_classes"] = sorted(metrics["critical_classes"])
         if crop_measure:

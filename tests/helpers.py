@@ -57,8 +57,9 @@ def tiny_bundle(
     int8: bool = True,
     cell_fraction: float = 0.45,
     triage: dict | None = None,
+    notice: str = "",
 ) -> Path:
-    """Write a complete, valid bundle with a random tiny model (and ``triage`` rules when given); returns its dir."""
+    """Write a complete, valid bundle with a random tiny model (and ``triage`` rules, a ``notice`` when given)."""
     work = out.parent / (out.name + ".src")
     work.mkdir(parents=True, exist_ok=True)
     fp32 = tiny_onnx(work / "model.onnx", size, len(classes))
@@ -70,6 +71,7 @@ def tiny_bundle(
         crop=CropGeometry(cell_fraction=cell_fraction),
         artifacts=(),
         provenance={"note": "random weights, built by tests/helpers.py"},
+        extra={"notice": notice} if notice else {},
     )
     with BundleWriter(out, overwrite=True) as w:
         w.add(fp32, "onnx", "fp32")

@@ -120,6 +120,11 @@ class Manifest:
         have = ", ".join(f"{a.file} ({a.kind}/{a.precision})" for a in self.artifacts)
         raise BundleError(f"bundle '{self.name}' has no {kind} artifact at precision {precision}: it has {have}")
 
+    @property
+    def notice(self) -> str:
+        """Terms the bundle's training data put on its use (e.g. research use only), or ``""``."""
+        return str(self.extra.get("notice") or "")
+
     def precisions(self, kind: str = "onnx") -> list[str]:
         """Precisions available for an artifact kind (each once, variants included)."""
         return list(dict.fromkeys(a.precision for a in self.artifacts if a.kind == kind and a.precision))

@@ -302,6 +302,7 @@ def _count(args: argparse.Namespace, p: Plan, station: Any, err: Any, use_json: 
             {
                 "bundle": str(station.bundle.path.resolve()),
                 "bundle_name": m.name,
+                "bundle_notice": m.notice,
                 "bundle_sha256": _manifest_sha(station.bundle),
                 "precision": precision,
                 "backend": station.backend_name,
@@ -532,6 +533,9 @@ def _print_final(console: Any, summary: dict[str, Any], paths: dict[str, Path]) 
         apl = f", APL probability {t['apl_probability']:.2f}" if t.get("apl_probability") is not None else ""
         style = "bold red" if t["call"] in ("acute", "chronic") else "bold"
         console.print(f"[{style}]slide triage: {t['call'].upper()}[/] ({escape(t['rule'])}{apl})")
+    notice = summary.get("bundle", {}).get("notice")
+    if notice:
+        console.print(f"[dim]model terms: {escape(notice)}[/]")
     console.print(f"report: {paths['report']}")
 
 

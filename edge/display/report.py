@@ -129,7 +129,12 @@ def build_summary(
         "session": str(store.root),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "epoch": store.epoch,
-        "bundle": {"name": s.get("bundle_name"), "path": s.get("bundle"), "manifest_sha256": s.get("bundle_sha256")},
+        "bundle": {
+            "name": s.get("bundle_name"),
+            "path": s.get("bundle"),
+            "manifest_sha256": s.get("bundle_sha256"),
+            "notice": s.get("bundle_notice") or "",
+        },
         "precision": s.get("precision"),
         "backend": (info or {}).get("backend", s.get("backend")),
         "source": (info or {}).get("source", s.get("source")),
@@ -252,6 +257,8 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
     if (summary.get("scale") or {}).get("describe"):
         meta.insert(3, f"scale {e(str(summary['scale']['describe']))}")
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
+    if summary["bundle"].get("notice"):
+        parts.append(f"<p class=notice>Model terms: {e(summary['bundle']['notice'])}</p>")
     parts.append(_verification_banner(summary, ver, status))
     if summary.get("note"):
         parts.append(f"<p class=warn>{e(str(summary['note']))}</p>")

@@ -1,0 +1,83 @@
+"""hemanet (the multi-source station model's architecture) exports like every registered architecture, and the
+terms of a model's training data (a ``notice``, e.g. research use only) travel from its checkpoint into the bundle,
+the session's summary, the report and the final terminal lines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from helpers import tiny_bundle  # noqa: E402
+
+from hemaedge.cli import main  # noqa: E402
+
+NOTICE = "research use only: trained in part on a research-use data set"
+
+
+def _checkpoint(tmp_path, notice: str = NOTICE):
+    from hemaedge.export import checkpoint
+    from hemaedge.export.models import build
+
+    torch.manual_seed(0)
+    net = build("hemanet", 4, width=0.5, in_size=32)
+    for m in net.modules():  # non-trivial BatchNorm statistics, so folding them into the convolutions is tested
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    ck = tmp_path / "hemanet.pt"
+    checkpoint.save(
+        ck,
+        arch="hemanet",
+        arch_kwargs={"width": 0.5, "in_size": 32},
+        classes=["neutrophil", "lymphocyte", "monocyte", "eosinophil"],
+        state_dict=net.state_dict(),
+        input={"height": 32, "width": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "white_balance": True},
+        crop={"cell_fraction": 0.685, "scale": "session"},
+        notice=notice,
+    )
+    return ck, net
+
+
+def test_hemanet_exports_with_parity_and_its_notice(tmp_path):
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.export.exporter import ExportOptions, run_export
+
+    ck, net = _checkpoint(tmp_path)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cells.npz"
+    imgs = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (64, 1))
+    np.savez(data, train_images=imgs, train_labels=labels, val_images=imgs, val_labels=labels)
+    summary = run_export(ExportOptions(source=str(ck), out=str(tmp_path / "b"), data=str(data)), log=lambda m: None)
+    bundle = load_bundle(summary["bundle"])
+    m = bundle.manifest
+    assert m.notice == NOTICE and m.architecture == "hemanet"
+    assert m.input.white_balance and m.crop.cell_fraction == pytest.approx(0.685) and m.crop.scale == "session"
+    assert m.extra["parity"]["top1_agreement"] == 1.0 and m.extra["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_a_bundle_without_a_notice_has_none(tmp_path):
+    from hemaedge.edge.bundle import load_bundle
+
+    assert load_bundle(tiny_bundle(tmp_path / "plain")).manifest.notice == ""
+
+
+def test_the_notice_is_in_the_summary_the_report_and_the_final_lines(tmp_path, capsys):
+    bundle = tiny_bundle(tmp_path / "b", notice=NOTICE)
+    out = tmp_path / "s"
+    code = main(
+        ["count", "synthetic://?seed=3&frames=40&wbc=5", "--bundle", str(bundle), "--out", str(out), "--no-tui"]
+    )
+    cap = capsys.readouterr()
+    assert code in (0, 1), cap.err
+    assert f"model terms: {NOTICE}" in cap.out.replace("\n", " ")
+    (path,) = out.rglob("summary.json")
+    session = path.parent
+    summary = json.loads(path.read_text())
+    assert summary["bundle"]["notice"] == NOTICE
+    assert f"Model terms: {NOTICE}" in (session / "report.html").read_text()
