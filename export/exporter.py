@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class ExportOptions:
     name: str | None = None
     seed: int = 0
     command: str = ""
+    triage: str | None = None
 
     def validate(self) -> None:
         """Refuse contradictory or unsupported options before any work is done."""
@@ -85,6 +87,15 @@ class ExportOptions:
             raise UsageError(f"--calib-method must be one of {', '.join(METHODS)}")
         if self.calib_size < 1:
             raise UsageError("--calib-size must be at least 1")
+        if self.triage is not None:
+            from hemaedge.edge.count.triage import load_rules
+
+            if not Path(self.triage).is_file():
+                raise InputError(f"--triage {self.triage} does not exist")
+            try:
+                load_rules(self.triage)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UsageError(f"--triage {self.triage}: not valid triage rules ({exc})") from exc
         if not self.int8 and (self.calib or self.search):
             raise UsageError("--calib and --search only make sense with --int8")
         if self.target not in ("onnx", "tensorrt"):
@@ -193,6 +204,25 @@ def _spec_from(source: Source, opts: ExportOptions, info: dict[str, Any], data: 
         resize=meta_in.get("resize", "area"),
         white_balance=bool(meta_in.get("white_balance", False)),
     )
+
+
+def _check_triage_classes(path: str, classes: Sequence[str], groups: Mapping[str, Sequence[str]] | None) -> None:
+    """Refuse triage rules whose evidence (and APL features) name nothing this bundle's model can output."""
+    from hemaedge.edge.count.triage import load_rules
+
+    rules = load_rules(path)
+    groups = groups or {}
+    evidence = [c for g in rules.evidence_groups for c in groups.get(g, [])] + [
+        c for c in rules.evidence_classes if c in classes
+    ]
+    if not evidence:
+        raise UsageError(
+            f"--triage {path}: its evidence ({', '.join(rules.evidence_groups + rules.evidence_classes)}) names no "
+            f"class or group of this model ({', '.join(classes)}): the slide call could never see leukaemia"
+        )
+    missing = [f for f in (rules.apl.features if rules.apl else ()) if f not in classes]
+    if missing:
+        raise UsageError(f"--triage {path}: its APL model uses classes this model lacks: {', '.join(missing)}")
 
 
 def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
@@ -452,8 +482,12 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             provenance=provenance,
             extra=extra,
         )
+        if opts.triage is not None:
+            _check_triage_classes(opts.triage, bundle_classes, groups)
         with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
             w.add(fp32, "onnx", "fp32", opset=_opset(fp32))
+            if opts.triage is not None:
+                w.add(Path(opts.triage), "triage", None)
             if int8_path is not None:
                 w.add(int8_path, "onnx", "int8", opset=_opset(int8_path), format="QDQ", activations="symmetric")
             if cpu_path is not None:

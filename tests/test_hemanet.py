@@ -19,12 +19,15 @@ from hemaedge.cli import main  # noqa: E402
 NOTICE = "research use only: trained in part on a research-use data set"
 
 
-def _checkpoint(tmp_path, notice: str = NOTICE):
+CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
+
+
+def _checkpoint(tmp_path, notice: str = NOTICE, classes: list[str] = CLASSES):
     from hemaedge.export import checkpoint
     from hemaedge.export.models import build
 
     torch.manual_seed(0)
-    net = build("hemanet", 4, width=0.5, in_size=32)
+    net = build("hemanet", len(classes), width=0.5, in_size=32)
     for m in net.modules():  # non-trivial BatchNorm statistics, so folding them into the convolutions is tested
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -34,7 +37,7 @@ def _checkpoint(tmp_path, notice: str = NOTICE):
         ck,
         arch="hemanet",
         arch_kwargs={"width": 0.5, "in_size": 32},
-        classes=["neutrophil", "lymphocyte", "monocyte", "eosinophil"],
+        classes=list(classes),
         state_dict=net.state_dict(),
         input={"height": 32, "width": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "white_balance": True},
         crop={"cell_fraction": 0.685, "scale": "session"},
@@ -43,16 +46,21 @@ def _checkpoint(tmp_path, notice: str = NOTICE):
     return ck, net
 
 
+def _cells(tmp_path, n_classes: int):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "cells.npz"
+    imgs = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, n_classes, (64, 1))
+    np.savez(data, train_images=imgs, train_labels=labels, val_images=imgs, val_labels=labels)
+    return data
+
+
 def test_hemanet_exports_with_parity_and_its_notice(tmp_path):
     from hemaedge.edge.bundle import load_bundle
     from hemaedge.export.exporter import ExportOptions, run_export
 
     ck, net = _checkpoint(tmp_path)
-    rng = np.random.default_rng(0)
-    data = tmp_path / "cells.npz"
-    imgs = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 4, (64, 1))
-    np.savez(data, train_images=imgs, train_labels=labels, val_images=imgs, val_labels=labels)
+    data = _cells(tmp_path, len(CLASSES))
     summary = run_export(ExportOptions(source=str(ck), out=str(tmp_path / "b"), data=str(data)), log=lambda m: None)
     bundle = load_bundle(summary["bundle"])
     m = bundle.manifest
@@ -81,3 +89,30 @@ def test_the_notice_is_in_the_summary_the_report_and_the_final_lines(tmp_path, c
     summary = json.loads(path.read_text())
     assert summary["bundle"]["notice"] == NOTICE
     assert f"Model terms: {NOTICE}" in (session / "report.html").read_text()
+
+
+def test_export_ships_triage_rules_and_refuses_rules_the_model_cannot_serve(tmp_path):
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.edge.count.triage import rules_for_bundle
+    from hemaedge.edge.errors import InputError, UsageError
+    from hemaedge.export.exporter import ExportOptions, run_export
+
+    rules = tmp_path / "triage.json"
+    rules.write_text(json.dumps({"version": "test-1", "false_call_rate": 0.004}))
+    ck, _ = _checkpoint(tmp_path)  # no blast, no promyelocyte: the slide call could never see leukaemia
+    data = _cells(tmp_path, len(CLASSES))
+    with pytest.raises(UsageError, match="names no class or group"):
+        run_export(ExportOptions(source=str(ck), out=str(tmp_path / "a"), data=str(data), triage=str(rules)))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(InputError, match="does not exist"):
+        ExportOptions(
+            source=str(ck), out=str(tmp_path / "a"), data=str(data), triage=str(tmp_path / "no.json")
+        ).validate()
+
+    ck, _ = _checkpoint(tmp_path, classes=["blast", *CLASSES])
+    data = _cells(tmp_path, len(CLASSES) + 1)
+    summary = run_export(
+        ExportOptions(source=str(ck), out=str(tmp_path / "b"), data=str(data), triage=str(rules)), log=lambda m: None
+    )
+    got = rules_for_bundle(load_bundle(summary["bundle"]))
+    assert got is not None and got.version == "test-1" and got.false_call_rate == pytest.approx(0.004)

@@ -78,6 +78,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold", type=float, help="detector checkpoints: heatmap threshold recorded in the bundle (default 0.4)"
     )
+    p.add_argument(
+        "--triage",
+        metavar="FILE",
+        help="slide-level triage rules (JSON, docs/triage.md) to ship in the bundle, checksummed with it",
+    )
     p.add_argument("--name", help="bundle name (default: the output folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0)
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         name=args.name,
         seed=args.seed,
+        triage=args.triage,
         command=" ".join(["export-model", *sys.argv[2 if sys.argv[1:2] == ["export"] else 1 :]]),
     )
     con = Console(stderr=True)
