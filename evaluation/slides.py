@@ -65,7 +65,13 @@ def make_normal(cells: Path, out: Path, n: int, wbc: int = 200, platelets: int =
     reused = False
     slides = []
     for i in range(n):
-        comp = normal_composition(rng, wbc)
+        for _ in range(100):  # a composition this pool can fill without showing one picture twice on a slide
+            comp = normal_composition(rng, wbc)
+            if all(k <= len(pool[c]) for c, k in comp.items()):
+                break
+        else:
+            short = {c: len(pool[c]) for c in NORMAL_RANGES if len(pool[c]) < wbc * NORMAL_RANGES[c][1] / 100}
+            raise SystemExit(f"{cells}: too few pictures for {wbc}-cell slides ({short}); lower --wbc")
         if platelets:
             comp["platelet"] = platelets
         folder = out / f"normal_{i:02d}"

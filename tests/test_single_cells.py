@@ -57,3 +57,20 @@ def test_each_picture_counts_its_central_cell_once_across_class_subfolders(tiny_
         )
         == n
     )
+
+
+def test_a_folder_of_pictures_is_counted_whole_unless_a_target_is_given(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
+    from hemaedge.edge.commands import count
+
+    monkeypatch.setattr(count, "DEFAULT_TARGET", 5)  # a default target below the folder's cells
+    n = _export(tmp_path / "patient", n=14)
+    args = ["count", str(tmp_path / "patient"), "--bundle", str(tiny_bundle_dir), "--json"]
+    # --target 5: stops there (the pictures after it are listed as not read)
+    assert main([*args, "--out", str(tmp_path / "a"), "--target", "5"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["cells"]) < n and doc["inputs"]["not_read"] >= 1
+    # no --target: every picture is read and every cell counted, past the default target
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["cells"]) == n and doc["frames"] == n + 1 and doc["inputs"]["not_read"] == 0
+    assert doc["differential"]["target"] == 5 and doc["differential"]["complete"]

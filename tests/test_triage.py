@@ -214,3 +214,22 @@ def test_a_borderline_count_counts_on_until_the_evidence_decides(tmp_path):
     assert store.settings["target"] == 40  # a resumed session keeps the raised target
     t = session_triage(store.read_cells(), {**store.settings, "class_groups": GROUPS})
     assert t.call == "acute" and t.evidence["evidence_cells"] == 8
+
+
+def test_normal_slides_never_show_a_picture_twice_and_say_when_the_pool_is_too_small(tmp_path):
+    from hemaedge.evaluation.slides import NORMAL_RANGES, make_normal
+
+    cells = tmp_path / "cells"
+    sizes = {"neutrophil": 160, "lymphocyte": 95, "monocyte": 25, "eosinophil": 15, "basophil": 8, "platelet": 30}
+    for cls, n in sizes.items():
+        (cells / cls).mkdir(parents=True)
+        for i in range(n):
+            (cells / cls / f"{i}.png").write_bytes(b"")
+    doc = make_normal(cells, tmp_path / "slides", n=5, wbc=200, platelets=20)
+    for slide in doc["slides"]:
+        pictures = [p.resolve() for p in (tmp_path / "slides" / slide["slide"]).iterdir()]
+        assert len(pictures) == len(set(pictures)) == 220
+        comp = slide["composition"]
+        assert all(comp[c] <= sizes[c] for c in NORMAL_RANGES)
+    with pytest.raises(SystemExit, match="too few pictures for 400-cell slides"):
+        make_normal(cells, tmp_path / "big", n=1, wbc=400, platelets=0)

@@ -30,7 +30,7 @@ from hemaedge.edge.commands.segmenter_options import add_segmenter_options, scal
 from hemaedge.edge.count import DEFAULT_REVIEW_THRESHOLD, DEFAULT_TARGET, REVIEW
 from hemaedge.edge.errors import HemaedgeError, StoreError, Terminated, UsageError
 from hemaedge.edge.records import SessionState
-from hemaedge.edge.station import DEFAULT_THREADS
+from hemaedge.edge.station import DEFAULT_THREADS, is_stills
 from hemaedge.edge.store import SessionStore, StoredCell
 from hemaedge.edge.store.crop_folder import CropFolder
 
@@ -65,7 +65,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="auto, tensorrt, ort-tensorrt, ort-cuda, ort-cpu or openvino (default auto: on a CPU, the fastest "
         "measured here that reproduces the bundle's golden outputs)",
     )
-    parser.add_argument("--target", type=int, default=None, help=f"white cells to count (default {DEFAULT_TARGET})")
+    parser.add_argument(
+        "--target",
+        type=int,
+        default=None,
+        help=f"white cells to count (default {DEFAULT_TARGET}; a folder of pictures is counted whole unless given)",
+    )
     parser.add_argument(
         "--review-threshold",
         type=float,
@@ -342,6 +347,9 @@ def _count(args: argparse.Namespace, p: Plan, station: Any, err: Any, use_json: 
             crop_folder=crops,
             on_cell=printer,
             on_warning=None if use_tui else _warning_printer(err),
+            # A folder of pictures (an analyser's single-cell export, or fields already photographed) is counted whole:
+            # every picture is read, as the technician would read every cell of it; --target N stops at N instead.
+            stop_at_target=not (is_stills(source) and args.target is None and not p.resume),
             note=DEMO_NOTE if p.source == DEMO_SOURCE else "",
             platelets=platelets,
             not_estimated=() if platelets else station.platelet_classes,
