@@ -156,7 +156,7 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     the parent-validation numbers before and after."""
     import torch
     from hemaedge.export.checkpoint import build_model
-    from hemaedge.export.train import augment
+    from hemaedge.export.train import augment, to_model_input
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -167,9 +167,10 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     train = open_dataset(parent.data, "train", classes=parent.classes)
     val = open_dataset(parent.data, "val", classes=parent.classes)
     replay = train.subset(stratified_sample(train.labels, opts.replay, opts.seed))
-    xr = torch.from_numpy(_pre(replay, parent.spec))
+    # raw pixels at model size: augmented first, then the station's preprocessing, as in training
+    xr = torch.from_numpy(_raw(replay, parent.spec)).permute(0, 3, 1, 2).float() / 255
     yr = torch.from_numpy(replay.labels)
-    xn = torch.from_numpy(_pre(cells, parent.spec))
+    xn = torch.from_numpy(_raw(cells, parent.spec)).permute(0, 3, 1, 2).float() / 255
     yn = torch.from_numpy(cells.labels)
     before = _accuracy(model, val, parent.spec)
     log(f"parent on its own val ({parent.data}): {before:.4f}; {len(cells)} new cells, {len(replay)} replayed")
@@ -190,7 +191,7 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
         for _ in range(steps):
             i = torch.from_numpy(rng.integers(0, len(xn), n_new))
             j = torch.from_numpy(rng.integers(0, len(xr), opts.batch - n_new))
-            x = torch.cat([augment(xn[i], new_aug, gen, parent.spec), augment(xr[j], own, gen, parent.spec)])
+            x = to_model_input(torch.cat([augment(xn[i], new_aug, gen), augment(xr[j], own, gen)]), parent.spec)
             y = torch.cat([yn[i], yr[j]])
             loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -210,9 +211,11 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     return model, {"parent_val_accuracy": before, "adapted_val_accuracy": after, "seconds": round(time.time() - t0, 1)}
 
 
-def _pre(images: ImageSet, spec: InputSpec) -> np.ndarray:
+def _raw(images: ImageSet, spec: InputSpec) -> np.ndarray:
+    from hemaedge.export.train import raw_pixels
+
     idx = np.arange(len(images))
-    return np.concatenate([preprocess(images.images(idx[s : s + 256]), spec) for s in range(0, len(idx), 256)])
+    return np.concatenate([raw_pixels(images.images(idx[s : s + 256]), spec.height) for s in range(0, len(idx), 256)])
 
 
 def _accuracy(model: Any, images: ImageSet, spec: InputSpec) -> float:

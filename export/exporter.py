@@ -452,6 +452,8 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
             "training_lineage": source.meta.get("lineage") or [],
             "export_command": opts.command,
         }
+        if (source.meta.get("data") or {}).get("sources"):  # hemaedge train: every source, its weight and digests
+            provenance["data"]["train_sources"] = source.meta["data"]["sources"]
         if source.meta.get("adaptation"):  # hemaedge adapt: the parent bundle and the cells it learned from
             provenance["adaptation"] = source.meta["adaptation"]
         extra: dict[str, Any] = {"parity": parity, "onnx": simplify, "crop_geometry_from": crop_source}

@@ -1,22 +1,34 @@
 """Training recipes for registered architectures (``hemaedge train``).
 
-Images pass through the runtime's own ``preprocess`` before training, so
-training, calibration and the station see identical inputs. Augmentation
-(flips, 90-degree rotations, mild per-channel colour jitter) is applied to
-the preprocessed tensors; all three are valid for single blood cells.
+A batch goes the station's way: raw pixels (resized exactly as ``preprocess`` resizes) are augmented
+first, then pass through the runtime's own ``preprocess`` (white balance when the bundle has it,
+mean/std), as the station does on each crop it cuts; so training, calibration and the station see
+identical inputs, and colour augmentation meets the white balance the station applies.
+
+Training data may come from several sources (``Recipe.data`` and ``Recipe.more_data``, each
+``PATH[:WEIGHT]``): each is an ``.npz`` or a class-folder tree whose classes are matched to the first
+source's by the canonical vocabulary (a finer class joins its clinical group's one model class:
+``promyelocyte`` -> ``ig``; classes with no model class are dropped and reported). Every epoch draws
+its samples by source weight; each source's ``val`` split is scored every epoch. With ``ema`` the
+evaluated and saved weights are an exponential moving average of the trained ones.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import random
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset
 from hemaedge.edge.bundle.manifest import InputSpec
 from hemaedge.edge.bundle.preprocess import preprocess
@@ -28,10 +40,10 @@ from torch import nn
 
 @dataclass
 class Recipe:
-    """Everything that defines a training run (saved in the checkpoint and log)."""
+    """Everything that defines a training run (saved in the checkpoint and log, and from there in the bundle)."""
 
     arch: str = "bloodcnn5"
-    data: str = ""
+    data: str = ""  # the first source, PATH[:WEIGHT]; its classes are the model's
     out: str = "runs/bloodcnn5"
     epochs: int = 20
     batch: int = 128
@@ -41,6 +53,7 @@ class Recipe:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     aug: tuple[str, ...] = ("flip", "rot90")
+    aug_strength: float = 1.0
     balanced: bool = False
     early_stop: int = 0
     label_smoothing: float = 0.0
@@ -54,61 +67,442 @@ class Recipe:
     extra_data: tuple[str, ...] = ()
     extra_repeat: int = 1
     init: str = ""
+    more_data: tuple[str, ...] = ()  # further sources, PATH[:WEIGHT] each
+    samples: int = 0  # samples per epoch (0: as many as the sources hold)
+    ema: float = 0.0  # EMA decay of the weights (0: off); the evaluated and saved weights are the EMA ones
 
 
-def _stats(images: ImageSet, size: int, white_balance: bool, n: int = 2000, seed: int = 0):
-    """Per-channel mean/std of training pixels as the model will see them (after resize / white balance)."""
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
-    raw = InputSpec(height=size, width=size, white_balance=white_balance)
-    x = np.concatenate([preprocess(images.images(idx[s : s + 256]), raw) for s in range(0, len(idx), 256)])
-    return tuple(float(v) for v in x.mean((0, 2, 3))), tuple(float(v) for v in x.std((0, 2, 3)))
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentation: on *raw* ``N x 3 x H x W`` RGB batches in 0..1, before white balance and mean/std (``to_model_input``
+# then runs the station's own ``preprocess`` on them, as the station does on each crop it cuts).
+
+GEOMETRIC = ("flip", "rot90", "rotate", "zoom")
+# photometric ops in physical order: stain chemistry, lamp, camera response, colour, optics, sensor, codec
+PHOTOMETRIC = ("od", "stain", "gain", "color", "gamma", "hue", "gray", "blur", "noise", "jpeg")
+AUGMENTATIONS = GEOMETRIC + PHOTOMETRIC
+
+# H&E(-DAB) stain optical-density vectors (Ruifrok & Johnston), rows = stains, unit length
+_RGB_FROM_HED = torch.nn.functional.normalize(
+    torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]), dim=1
+)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 
-def _torch_white_balance(raw: torch.Tensor) -> torch.Tensor:
-    """``hemaedge.edge.bundle.preprocess.white_balance`` for ``N x C x H x W`` tensors in 0..1."""
-    from hemaedge.edge.bundle.preprocess import WB_PERCENTILE, WB_TARGET
-
-    bright = raw.mean(1).flatten(1)
-    cut = torch.quantile(bright, WB_PERCENTILE / 100, dim=1, keepdim=True)
-    mask = (bright >= cut).unsqueeze(1).float()
-    bg = (raw.flatten(2) * mask).sum(2) / mask.sum(2).clamp(min=1)
-    return (raw * (WB_TARGET / 255 / bg.clamp(min=1e-3))[:, :, None, None]).clamp(0, 1)
+def _u(gen: torch.Generator, n: int, lo: float, hi: float, *shape: int) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
 
-def stain_jitter(x: torch.Tensor, spec: InputSpec, gen: torch.Generator) -> torch.Tensor:
-    """Emulate another microscope / stain on a normalised batch: saturation, gamma, channel gains, brightness.
+def _logu(gen: torch.Generator, n: int, lo: float, hi: float, *shape: int) -> torch.Tensor:
+    return torch.exp(_u(gen, n, math.log(lo), math.log(hi), *shape))
 
-    Works on the pixels as the model sees them before normalisation, and
-    white-balances again afterwards when the bundle does (as the station would).
-    """
+
+def geometric(
+    x: torch.Tensor, gen: torch.Generator, zoom: bool = True, rotate: bool = True, shift: float = 0.08
+) -> torch.Tensor:
+    """Random scale 0.8-1.25 (log-uniform; > 1 shows the cell larger) and shift (``zoom``), any rotation angle
+    (``rotate``); borders reflected. The station's framing is the identity."""
     n = x.shape[0]
-    mean = torch.tensor(spec.mean)[None, :, None, None]
-    std = torch.tensor(spec.std)[None, :, None, None]
-    raw = (x * std + mean).clamp(1e-4, 1)
-
-    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
-
-    grey = raw.mean(1, keepdim=True)
-    raw = grey + u(0.35, 1.3, 1, 1, 1) * (raw - grey)
-    raw = raw.clamp(1e-4, 1) ** torch.exp(u(np.log(0.6), np.log(1.5), 1, 1, 1))
-    raw = raw * u(0.85, 1.15, raw.shape[1], 1, 1) * u(0.85, 1.1, 1, 1, 1)
-    raw = _torch_white_balance(raw.clamp(0, 1)) if spec.white_balance else raw.clamp(0, 1)
-    return (raw - mean) / std
-
-
-def zoom(x: torch.Tensor, gen: torch.Generator, lo: float = 0.8, hi: float = 1.25, shift: float = 0.08) -> torch.Tensor:
-    """Random scale (cell size within the crop) and small shifts, borders reflected."""
-    n = x.shape[0]
-    s = lo + (hi - lo) * torch.rand(n, generator=gen)
-    t = shift * (torch.rand(n, 2, generator=gen) * 2 - 1)
+    s = _logu(gen, n, 0.8, 1.25) if zoom else torch.ones(n)
+    ang = _u(gen, n, 0, 2 * math.pi) if rotate else torch.zeros(n)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = 1 / s
-    theta[:, 1, 1] = 1 / s
-    theta[:, :, 2] = t
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    theta[:, 0, 0] = torch.cos(ang) / s
+    theta[:, 0, 1] = -torch.sin(ang) / s
+    theta[:, 1, 0] = torch.sin(ang) / s
+    theta[:, 1, 1] = torch.cos(ang) / s
+    if zoom:
+        theta[:, :, 2] = shift * (torch.rand(n, 2, generator=gen) * 2 - 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def od_jitter(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """Stain chemistry (Tellez et al. 2018): in optical density, per-stain scale ``1 +- 0.3 s`` and bias
+    ``+- 0.08 s`` on an H&E-like basis, times a stain-strength factor in ``[0.4, 1.6]^s`` (pale to heavy smears).
+    ``s = 0`` is the identity."""
+    n = x.shape[0]
+    od = -torch.log10(x.clamp(1 / 255, 1))
+    hed = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB)
+    a = _u(gen, n, 1 - 0.3 * s, 1 + 0.3 * s, 3, 1, 1) * _logu(gen, n, 0.4**s, 1.6**s, 1, 1, 1)
+    b = _u(gen, n, -0.08 * s, 0.08 * s, 3, 1, 1) * (od.sum(1, keepdim=True) > 0.15)  # bias only where stained
+    od = torch.einsum("ndhw,dc->nchw", hed * a + b, _RGB_FROM_HED).clamp(min=0)
+    return torch.pow(10.0, -od).clamp(0, 1)
+
+
+def stain_jitter(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """``stain``, the earlier all-in-one jitter: saturation x0.35-1.3, gamma 0.6-1.5, channel gains x0.85-1.15,
+    brightness x0.85-1.1 (ranges at ``s = 1``)."""
+    n = x.shape[0]
+    grey = x.mean(1, keepdim=True)
+    x = grey + _u(gen, n, 1 - 0.65 * s, 1 + 0.3 * s, 1, 1, 1) * (x - grey)
+    x = x.clamp(1e-4, 1) ** _logu(gen, n, 0.6**s, 1.5**s, 1, 1, 1)
+    return (x * _u(gen, n, 1 - 0.15 * s, 1 + 0.15 * s, 3, 1, 1) * _u(gen, n, 1 - 0.15 * s, 1 + 0.1 * s, 1, 1, 1)).clamp(
+        0, 1
+    )
+
+
+def channel_gain(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """Lamp colour / camera white balance: per-channel gain in ``[0.7, 1.3]^s``, brightness ``[0.75, 1.2]^s``."""
+    n = x.shape[0]
+    return (x * _logu(gen, n, 0.7**s, 1.3**s, 3, 1, 1) * _logu(gen, n, 0.75**s, 1.2**s, 1, 1, 1)).clamp(0, 1)
+
+
+def colour_jitter(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """``color``: per-channel gain ``1 +- 0.15 s`` and offset ``+- 0.04 s``."""
+    n = x.shape[0]
+    return (x * _u(gen, n, 1 - 0.15 * s, 1 + 0.15 * s, 3, 1, 1) + _u(gen, n, -0.04 * s, 0.04 * s, 3, 1, 1)).clamp(0, 1)
+
+
+def gamma_contrast(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """Camera response: gamma in ``[0.6, 1.6]^s`` and contrast about mid-grey in ``[0.75, 1.3]^s``."""
+    n = x.shape[0]
+    x = x.clamp(1e-4, 1) ** _logu(gen, n, 0.6**s, 1.6**s, 1, 1, 1)
+    return ((x - 0.5) * _logu(gen, n, 0.75**s, 1.3**s, 1, 1, 1) + 0.5).clamp(0, 1)
+
+
+def saturation_hue(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """Saturation x ``[0.5, 1.6]^s`` and a hue rotation of ``+- 25 s`` degrees about the grey axis."""
+    n = x.shape[0]
+    grey = x.mean(1, keepdim=True)
+    x = grey + (x - grey) * _logu(gen, n, 0.5**s, 1.6**s, 1, 1, 1)
+    ang = _u(gen, n, -25 * s, 25 * s) * math.pi / 180
+    k = torch.full((3,), 1 / math.sqrt(3))
+    kx = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    c, si = torch.cos(ang)[:, None, None], torch.sin(ang)[:, None, None]
+    r = c * torch.eye(3) + si * kx + (1 - c) * torch.outer(k, k)  # Rodrigues rotation about the grey axis
+    return torch.einsum("nij,njhw->nihw", r, x).clamp(0, 1)
+
+
+def grayscale(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """Luminance on all three channels for a fraction ``0.1 s`` of the batch."""
+    m = (torch.rand(x.shape[0], generator=gen) < 0.1 * s)[:, None, None, None]
+    g = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    return torch.where(m, g, x)
+
+
+def blur(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """Defocus: Gaussian blur, sigma uniform in ``[0.3, 0.3 + 0.9 s]`` pixels, on half the batch."""
+    n, c, h, w = x.shape
+    sig = _u(gen, n, 0.3, 0.3 + 0.9 * s)
+    on = torch.rand(n, generator=gen) < (0.5 if s > 0 else 0.0)
+    r = min(3, (min(h, w) - 1) // 2)
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-(t[None] ** 2) / (2 * sig[:, None] ** 2))
+    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t[None] == 0).to(x.dtype)).repeat_interleave(c, 0)
+    y = F.pad(x.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(F.conv2d(y, k[:, None, None, :], groups=n * c), k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w).clamp(0, 1)
+
+
+def noise(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """Sensor noise: Gaussian, standard deviation uniform in ``[0, 0.03 s]``."""
+    sd = _u(gen, x.shape[0], 0, 0.03 * s, 1, 1, 1)
+    return (x + sd * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+def _dct8() -> torch.Tensor:
+    i = torch.arange(8.0)
+    m = torch.cos((2 * i[None] + 1) * i[:, None] * math.pi / 16) * math.sqrt(2 / 8)
+    m[0] = math.sqrt(1 / 8)
+    return m
+
+
+_D8 = _dct8()
+# the JPEG standard's luminance and chrominance quantisation tables (quality 50)
+_QY = torch.tensor(
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29]
+    + [51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121]
+    + [120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
+    dtype=torch.float32,
+).view(8, 8)
+_QC = torch.full((8, 8), 99.0)
+_QC[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]])
+
+
+def jpeg(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """Codec: on half the batch, YCbCr, 8x8 DCT quantised with the standard tables at a quality uniform in
+    ``[95 - 65 s, 95]`` (libjpeg scaling), and back: block artefacts and chroma loss."""
+    n, _, h, w = x.shape
+    on = torch.rand(n, generator=gen) < (0.5 if s > 0 else 0.0)
+    q = _u(gen, n, 95 - 65 * min(s, 1.3), 95)[on]
+    if not on.any():
+        return x
+    v = x[on] * 255
+    m = v.shape[0]
+    ycc = (
+        torch.einsum(
+            "ij,njhw->nihw",
+            torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]),
+            v,
+        )
+        + torch.tensor([0.0, 128.0, 128.0])[None, :, None, None]
+    )
+    scale = torch.where(q < 50, 5000 / q, 200 - 2 * q) / 100
+    ph, pw = (-h) % 8, (-w) % 8
+    t = F.pad(ycc - 128, (0, pw, 0, ph), mode="replicate")
+    hh, ww = t.shape[2:]
+    blocks = t.reshape(m, 3, hh // 8, 8, ww // 8, 8).permute(0, 1, 2, 4, 3, 5)
+    table = torch.stack([_QY, _QC, _QC])[None, :, None, None] * scale[:, None, None, None, None, None]
+    qt = table.clamp(min=1)
+    coef = torch.round((_D8 @ blocks @ _D8.T) / qt) * qt
+    rec = (_D8.T @ coef @ _D8).permute(0, 1, 2, 4, 3, 5).reshape(m, 3, hh, ww)[:, :, :h, :w] + 128
+    rgb = torch.einsum(
+        "ij,njhw->nihw",
+        torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]]),
+        rec - torch.tensor([0.0, 128.0, 128.0])[None, :, None, None],
+    )
+    out = x.clone()
+    out[on] = (rgb / 255).clamp(0, 1)
+    return out
+
+
+_PHOTOMETRIC_OPS = {
+    "od": od_jitter,
+    "stain": stain_jitter,
+    "gain": channel_gain,
+    "color": colour_jitter,
+    "gamma": gamma_contrast,
+    "hue": saturation_hue,
+    "gray": grayscale,
+    "blur": blur,
+    "noise": noise,
+    "jpeg": jpeg,
+}
+
+
+def check_aug(aug: tuple[str, ...]) -> tuple[str, ...]:
+    """``aug`` itself, or a UsageError naming what is unknown (before any data is read)."""
+    unknown = [a for a in aug if a not in AUGMENTATIONS]
+    if unknown:
+        raise UsageError(f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+    return aug
+
+
+def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Augment a raw ``N x 3 x H x W`` RGB batch in 0..1 (before white balance and mean/std): geometry first
+    (``flip``, ``rot90``, ``rotate``, ``zoom``), then the photometric ops named in ``aug`` in physical order
+    (``PHOTOMETRIC``; ``strength`` scales their ranges, 0 leaves the pixels alone). Returns raw pixels in 0..1."""
+    n = x.shape[0]
+    if "zoom" in aug or "rotate" in aug:
+        x = geometric(x, gen, zoom="zoom" in aug, rotate="rotate" in aug)
+    if "flip" in aug:
+        x = torch.where((torch.rand(n, generator=gen) < 0.5)[:, None, None, None], x.flip(3), x)
+    if "rot90" in aug and x.shape[2] == x.shape[3]:
+        k = torch.randint(0, 4, (n,), generator=gen)
+        out = x.clone()
+        for r in (1, 2, 3):
+            if (k == r).any():
+                out[k == r] = torch.rot90(x[k == r], r, (2, 3))
+        x = out
+    for name in PHOTOMETRIC:
+        if name in aug:
+            x = _PHOTOMETRIC_OPS[name](x, gen, strength)
+    return x.clamp(0, 1)
+
+
+def to_model_input(raw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Raw ``N x 3 x H x W`` pixels in 0..1 at model size -> the model's input, through the station's own
+    ``preprocess`` (white balance, mean/std) on the uint8 crop a camera would have given."""
+    u8 = (raw * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(preprocess(u8, spec))
+
+
+def raw_pixels(images: Sequence[np.ndarray] | np.ndarray, size: int) -> np.ndarray:
+    """``N x size x size x 3`` uint8: images resized exactly as ``preprocess`` resizes them, nothing else."""
+    x = preprocess(images, InputSpec(height=size, width=size))  # mean 0, std 1, no white balance: pixels / 255
+    return np.rint(x.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources: labelled sets aligned to the model's classes, sampled by weight
+
+
+def parse_source(spec: str) -> tuple[str, float | None]:
+    """``"PATH[:WEIGHT]"`` -> ``(PATH, WEIGHT or None)``; a suffix that is not a positive number stays in the path."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            w = float(tail)
+        except ValueError:
+            return spec, None
+        if not w > 0:
+            raise UsageError(f"source weight must be positive: {spec!r}")
+        return path, w
+    return spec, None
+
+
+def class_map(have: Sequence[str], classes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """For each class of a source, the index of the model class it trains (-1: dropped), and the dropped names.
+
+    A class matches a model class of the same name or spelling (``ig`` is ``immature granulocyte``); otherwise, when
+    exactly one model class is in its clinical group, that one (``neutrophil_segmented`` -> ``neutrophil``,
+    ``promyelocyte`` -> ``ig``, ``giant_platelet`` -> ``platelet``); otherwise it is dropped (``blast`` for an
+    8-class model).
+    """
+    from hemaedge.edge.bundle.class_groups import default_class_groups, group_of
+    from hemaedge.edge.bundle.vocabulary import canonical_classes, canonical_or_same, same_class
+
+    canon = canonical_classes(classes)
+    groups = default_class_groups(canon)
+    out, dropped = [], []
+    for name in have:
+        i = next((k for k, c in enumerate(classes) if same_class(name, c)), None)
+        if i is None:
+            members = groups.get(group_of(canonical_or_same(name)) or "", [])
+            i = canon.index(members[0]) if len(members) == 1 else None
+        out.append(-1 if i is None else i)
+        if i is None:
+            dropped.append(name)
+    return np.asarray(out, np.int64), dropped
+
+
+class _RawSet(torch.utils.data.Dataset):
+    """Raw uint8 pixels at model size, labels in the model's classes, and the source index of each image.
+
+    Held in memory when under ``budget`` bytes (decoded once), else decoded per item.
+    """
+
+    def __init__(self, images: ImageSet, size: int, source: int, budget: float = 1.5e9):
+        self.images, self.size, self.source = images, size, source
+        self.array = None
+        if len(images) * size * size * 3 <= budget:
+            idx = np.arange(len(images))
+            self.array = np.concatenate(
+                [raw_pixels(images.images(idx[s : s + 256]), size) for s in range(0, len(idx), 256)]
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = self.array[i] if self.array is not None else raw_pixels([self.images.image(i)], self.size)[0]
+        return torch.from_numpy(np.ascontiguousarray(x)), int(self.images.labels[i]), self.source
+
+
+@dataclass
+class Source:
+    """One training source: its images (``parts``, each with a per-image repeat), share of an epoch, val split."""
+
+    name: str
+    path: str
+    weight: float | None
+    parts: list[tuple[ImageSet, float]]
+    val: ImageSet | None
+    dropped: dict[str, int]
+
+    def describe(self) -> dict[str, Any]:
+        """What the checkpoint and the bundle's provenance record about this source."""
+        return {
+            "name": self.name,
+            "path": self.path,
+            "weight": self.weight,
+            "train_images": sum(len(p) for p, _ in self.parts),
+            "train_digest": self.parts[0][0].digest,
+            "val_images": len(self.val) if self.val is not None else 0,
+            "val_digest": self.val.digest if self.val is not None else None,
+            "dropped": self.dropped,
+        }
+
+
+def _has_val(path: Path) -> bool:
+    if path.suffix.lower() == ".npz":
+        with np.load(path) as z:
+            return "val_images" in z.files
+    return (path / "val").is_dir()
+
+
+def _aligned(images: ImageSet, classes: Sequence[str], split: str) -> tuple[ImageSet, dict[str, int]]:
+    mapping, dropped = class_map(images.classes, classes)
+    new = np.where(images.labels >= 0, mapping[np.maximum(images.labels, 0)], -1)
+    keep = np.flatnonzero(new >= 0)
+    counts = {n: int((images.labels == k).sum()) for k, n in enumerate(images.classes) if n in dropped}
+    if len(keep) == 0:
+        raise UsageError(f"{images.name} ({split}) holds none of the model's classes {list(classes)}")
+    sub = images if len(keep) == len(images) else images.subset(keep)
+    return ImageSet(sub.name, tuple(classes), new[keep], sub.array, sub.paths, sub.digest), counts
+
+
+def open_sources(recipe: Recipe) -> tuple[tuple[str, ...], list[Source]]:
+    """The model's classes (the first source's) and every source, aligned to them.
+
+    Raises:
+        UsageError: weights given for some sources and not others, a source with none of the classes.
+    """
+    specs = [recipe.data, *recipe.more_data]
+    parsed = [parse_source(s) for s in specs]
+    if len({w is None for _, w in parsed}) > 1:
+        raise UsageError("give a weight to every --data source (PATH:WEIGHT) or to none (shares follow sizes)")
+    first = open_dataset(parsed[0][0], "train")
+    classes = first.classes
+    sources, names = [], []
+    for k, (path, weight) in enumerate(parsed):
+        p = Path(path)
+        npz = p.suffix.lower() == ".npz"
+        name = p.stem if npz else p.name
+        name = name if name not in names else f"{name}#{k}"
+        names.append(name)
+        own = first if k == 0 else open_dataset(p, "train")
+        tr, dropped = _aligned(own, classes, "train")
+        va = (
+            _aligned(open_dataset(p, "val", classes=own.classes if npz else None), classes, "val")[0]
+            if _has_val(p)
+            else None
+        )
+        sources.append(Source(name, str(path), weight, [(tr, 1.0)], va, dropped))
+    for path in recipe.extra_data:  # crops from the station's own microscope, seen extra_repeat times an epoch
+        ex = load_folder(path, None, classes=classes)
+        sources[0].parts.append((ex, float(recipe.extra_repeat)))
+    return classes, sources
+
+
+def sample_weights(sources: list[Source], balanced: bool) -> np.ndarray:
+    """Sampling weight of every training image, sources and their parts concatenated in order.
+
+    A source's images together get its share of each epoch: its weight over all weights, or, when no weight is
+    given, its size (with repeats) over all sizes. Inside a source an image counts its part's repeat, and with
+    ``balanced`` one over its class's count.
+    """
+    out = []
+    sizes = [sum(len(p) * r for p, r in s.parts) for s in sources]
+    shares = [s.weight if s.weight is not None else float(n) for s, n in zip(sources, sizes)]
+    total = sum(shares)
+    for s, share in zip(sources, shares):
+        w = np.concatenate([np.full(len(p), r, np.float64) for p, r in s.parts])
+        if balanced:
+            labels = np.concatenate([p.labels for p, _ in s.parts])
+            w = w / np.maximum(np.bincount(labels)[labels], 1)
+        out.append(w / w.sum() * share / total)
+    return np.concatenate(out)
+
+
+class Ema:
+    """Exponential moving average of all weights and batch-norm statistics; decay ``min(decay, (1+t)/(10+t))``, so
+    a short run is not dominated by the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.t = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.t += 1
+        d = min(self.decay, (1 + self.t) / (10 + self.t))
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(m.detach(), alpha=1 - d)
+            else:
+                e.copy_(m)
+
+
+def _stats(data: torch.utils.data.Dataset, weights: np.ndarray, size: int, white_balance: bool, n: int = 2000):
+    """Per-channel mean/std of training pixels as the model will see them (white-balanced when the bundle is), over
+    images drawn as training draws them."""
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(len(weights), size=min(n, len(weights)), replace=False, p=weights / weights.sum()))
+    raw = np.stack([data[int(i)][0].numpy() for i in idx])
+    x = preprocess(raw, InputSpec(height=size, width=size, white_balance=white_balance))
+    return tuple(float(v) for v in x.mean((0, 2, 3))), tuple(float(v) for v in x.std((0, 2, 3)))
 
 
 def stage_lineage(path: str | Path, ck: dict) -> list[dict]:
@@ -129,35 +523,6 @@ def stage_lineage(path: str | Path, ck: dict) -> list[dict]:
     return [*(ck.get("lineage") or []), own]
 
 
-def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator, spec: InputSpec | None = None) -> torch.Tensor:
-    """Augment a normalised ``N x C x H x W`` batch.
-
-    ``flip`` and ``rot90`` (valid for single cells), ``color`` (per-channel
-    gain/offset), ``stain`` (see ``stain_jitter``; needs ``spec``) and ``zoom``.
-    """
-    n = x.shape[0]
-    if "stain" in aug and spec is not None:
-        x = stain_jitter(x, spec, gen)
-    if "zoom" in aug:
-        x = zoom(x, gen)
-    if "flip" in aug:
-        m = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(m[:, None, None, None], x.flip(3), x)
-    if "rot90" in aug and x.shape[2] == x.shape[3]:
-        k = torch.randint(0, 4, (n,), generator=gen)
-        out = x.clone()
-        for r in (1, 2, 3):
-            sel = k == r
-            if sel.any():
-                out[sel] = torch.rot90(x[sel], r, (2, 3))
-        x = out
-    if "color" in aug:
-        gain = 1 + 0.15 * (torch.rand(n, x.shape[1], 1, 1, generator=gen) * 2 - 1)
-        bias = 0.15 * (torch.rand(n, x.shape[1], 1, 1, generator=gen) * 2 - 1)
-        x = x * gain + bias
-    return x
-
-
 class _FolderData(torch.utils.data.Dataset):
     def __init__(self, images: ImageSet, spec: InputSpec):
         self.images, self.spec = images, spec
@@ -169,30 +534,15 @@ class _FolderData(torch.utils.data.Dataset):
         return torch.from_numpy(preprocess([self.images.image(i)], self.spec)[0]), int(self.images.labels[i])
 
 
-def _loader(images: ImageSet, spec: InputSpec, batch: int, shuffle: bool, balanced: bool, workers: int, seed: int):
-    """Batches of preprocessed tensors: in memory for npz sets, decoded on the fly for folders."""
+def _val_loader(images: ImageSet, spec: InputSpec, workers: int):
+    """Validation batches through the station's ``preprocess`` (in memory for npz sets, decoded for folders)."""
     if images.array is not None:
         data = torch.utils.data.TensorDataset(
             torch.from_numpy(preprocess(images.array, spec)), torch.from_numpy(images.labels)
         )
     else:
         data = _FolderData(images, spec)
-    gen = torch.Generator().manual_seed(seed)
-    sampler = None
-    if balanced and shuffle:
-        counts = np.bincount(images.labels, minlength=len(images.classes)).astype(np.float64)
-        w = 1.0 / np.maximum(counts[images.labels], 1)
-        sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(w), len(images), generator=gen)
-    return torch.utils.data.DataLoader(
-        data,
-        batch_size=batch,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        generator=gen,
-        drop_last=False,
-        persistent_workers=workers > 0,
-    )
+    return torch.utils.data.DataLoader(data, batch_size=256, num_workers=workers, persistent_workers=workers > 0)
 
 
 @torch.no_grad()
@@ -207,66 +557,73 @@ def predict(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
-    """Train, checkpoint the best epoch on ``val``, log every epoch; resumable from ``out/last.pt``.
+    """Train; score each source's val split every epoch; write ``best.pt`` (best mean val accuracy over the sources
+    that have one), ``final.pt`` (the last epoch's weights: with ``ema`` the run's model, no epoch picking) and a
+    log line per epoch; resumable from ``out/last.pt``.
 
     Returns:
-        A summary dict (best epoch, val accuracy, paths, minutes).
+        A summary dict (best epoch, val accuracy per source, paths, minutes).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    check_aug(recipe.aug)
+    if not 0 <= recipe.ema < 1:
+        raise UsageError(f"--ema must be in [0, 1) (0: off), not {recipe.ema}")
+    if recipe.aug_strength < 0:
+        raise UsageError(f"--aug-strength must be >= 0, not {recipe.aug_strength}")
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
-    tr = open_dataset(recipe.data, "train")
-    va = open_dataset(recipe.data, "val", classes=tr.classes)
-    size = recipe.img_size or DEFAULTS.get(recipe.arch, {}).get("input_size") or tr.image(0).shape[0]
-    mean, std = _stats(tr, size, recipe.white_balance)
-    spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
-    model = build(recipe.arch, len(tr.classes), **recipe.arch_kwargs)
+    classes, sources = open_sources(recipe)
+    first = sources[0].parts[0][0]
+    size = recipe.img_size or DEFAULTS.get(recipe.arch, {}).get("input_size") or first.image(0).shape[0]
+    parts = [p for s in sources for p, _ in s.parts]
+    src_of = [k for k, s in enumerate(sources) for _ in s.parts]
+    data = torch.utils.data.ConcatDataset([_RawSet(p, size, k) for p, k in zip(parts, src_of)])
+    weights = sample_weights(sources, recipe.balanced)
+    samples = recipe.samples or int(round(sum(len(p) * r for s in sources for p, r in s.parts)))
+    mean, std = _stats(data, weights, size, recipe.white_balance)
+    model = build(recipe.arch, len(classes), **recipe.arch_kwargs)
     lineage: list[dict] = []
     if recipe.init:  # fine-tune: start from another run's weights (same architecture, same classes)
         init = checkpoint.load(recipe.init)
         lineage = stage_lineage(recipe.init, init)
-        if init.get("classes") not in (None, list(tr.classes)):
-            raise UsageError(f"--init {recipe.init} was trained on classes {init['classes']}, not {list(tr.classes)}")
+        if init.get("classes") not in (None, list(classes)):
+            raise UsageError(f"--init {recipe.init} was trained on classes {init['classes']}, not {list(classes)}")
         model.load_state_dict(init["state_dict"])
         if init.get("input"):  # keep the normalisation the weights were trained with
             mean, std = tuple(init["input"]["mean"]), tuple(init["input"]["std"])
-            spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
-    tl = _loader(tr, spec, recipe.batch, True, recipe.balanced, recipe.workers, recipe.seed)
-    extra_digests = []
-    if recipe.extra_data:
-        if tr.array is None:
-            raise UsageError("--extra-data is supported with in-memory (.npz) training sets")
-        xs, ys = [torch.from_numpy(preprocess(tr.array, spec))], [torch.from_numpy(tr.labels)]
-        for path in recipe.extra_data:
-            ex = load_folder(path, None, classes=tr.classes)
-            extra_digests.append(
-                {"path": str(path), "images": len(ex), "digest": ex.digest, "repeat": recipe.extra_repeat}
-            )
-            xe = torch.from_numpy(
-                np.concatenate(
-                    [preprocess(ex.images(np.arange(s, min(s + 256, len(ex)))), spec) for s in range(0, len(ex), 256)]
-                )
-            )
-            xs += [xe] * recipe.extra_repeat
-            ys += [torch.from_numpy(ex.labels)] * recipe.extra_repeat
-        data = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
-        tl = torch.utils.data.DataLoader(
-            data, batch_size=recipe.batch, shuffle=True, generator=torch.Generator().manual_seed(recipe.seed)
-        )
-    vl = _loader(va, spec, 256, False, False, recipe.workers, recipe.seed)
+    spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
+    gen_loader = torch.Generator().manual_seed(recipe.seed)
+    plain = len(parts) == 1 and not recipe.balanced and samples == len(data)
+    sampler = (
+        None
+        if plain
+        else torch.utils.data.WeightedRandomSampler(torch.from_numpy(weights), samples, generator=gen_loader)
+    )
+    tl = torch.utils.data.DataLoader(
+        data,
+        batch_size=recipe.batch,
+        shuffle=plain,
+        sampler=sampler,
+        num_workers=recipe.workers,
+        generator=gen_loader,
+        persistent_workers=recipe.workers > 0,
+    )
+    vls = {s.name: _val_loader(s.val, spec, recipe.workers) for s in sources if s.val is not None}
     if recipe.optimizer == "sgd":
         opt = torch.optim.SGD(
             model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=True
         )
     elif recipe.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    elif recipe.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     else:
-        raise UsageError(f"optimizer must be sgd or adam, not {recipe.optimizer!r}")
+        raise UsageError(f"optimizer must be sgd, adam or adamw, not {recipe.optimizer!r}")
     steps = len(tl)
     if recipe.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps)
@@ -281,6 +638,7 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     per_step = recipe.schedule in ("onecycle", "cosine")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
+    ema = Ema(model, recipe.ema) if recipe.ema else None
     start, best, best_epoch, stale = 0, -1.0, -1, 0
     last = out / "last.pt"
     if last.exists():  # resume
@@ -289,19 +647,36 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("scheduler"):
             sched.load_state_dict(ck["scheduler"])
+        if ema is not None and ck.get("ema_state_dict"):
+            ema.module.load_state_dict(ck["ema_state_dict"])
+            ema.t = ck["ema_steps"]
         start, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
         gen.set_state(ck["gen"])
     meta = dict(
         arch=recipe.arch,
         arch_kwargs=recipe.arch_kwargs,
-        classes=list(tr.classes),
+        classes=list(classes),
         input=asdict(spec),
-        data={"path": str(recipe.data), "train_digest": tr.digest, "val_digest": va.digest, "extra": extra_digests},
+        data={
+            "path": str(sources[0].path),
+            "train_digest": first.digest,
+            "val_digest": sources[0].val.digest if sources[0].val is not None else None,
+            "extra": [
+                {"path": str(p), "images": len(ex), "digest": ex.digest, "repeat": recipe.extra_repeat}
+                for p, (ex, _) in zip(recipe.extra_data, sources[0].parts[1:])
+            ],
+            "sources": [s.describe() for s in sources],
+            "samples_per_epoch": samples,
+        },
         recipe=asdict(recipe),
         lineage=lineage,
     )
+    for s in sources:
+        if s.dropped:
+            print(f"{s.name}: classes not in the model, left out: {s.dropped}", file=sys.stderr)
     log = open(out / "train.log.jsonl", "a", encoding="utf-8")
     t0 = time.time()
+    final = model
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -315,8 +690,11 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             model.train()
             st = bar.add_task(f"epoch {epoch + 1}", total=steps, info="")
             tot, correct, seen = 0.0, 0, 0
-            for x, y in tl:
-                x = augment(x, recipe.aug, gen, spec)
+            drawn = np.zeros(len(sources), np.int64)
+            for x, y, src in tl:
+                x = to_model_input(
+                    augment(x.permute(0, 3, 1, 2).float() / 255, recipe.aug, gen, recipe.aug_strength), spec
+                )
                 logits = model(x)
                 loss = loss_fn(logits, y)
                 opt.zero_grad(set_to_none=True)
@@ -324,24 +702,30 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                 opt.step()
                 if per_step:
                     sched.step()
+                if ema is not None:
+                    ema.update(model)
+                drawn += np.bincount(src.numpy(), minlength=len(sources))
                 tot += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
                 bar.update(st, advance=1, info=f"loss {tot / seen:.3f} acc {correct / seen:.3f}")
             bar.remove_task(st)
-            probs, labels = predict(model, vl)
-            val_acc = float((probs.argmax(1) == labels).mean())
-            if sched is not None and not per_step:
+            final = ema.module if ema is not None else model
+            val = {}
+            for name, vl in vls.items():
+                probs, labels = predict(final, vl)
+                val[name] = float((probs.argmax(1) == labels).mean())
+            val_acc = float(np.mean(list(val.values()))) if val else None
+            if sched is not None and not per_step and val_acc is not None:
                 sched.step(val_acc)
-            improved = val_acc > best
-            if improved:
+            if val_acc is not None and val_acc > best:
                 best, best_epoch, stale = val_acc, epoch, 0
                 checkpoint.save(
                     out / "best.pt",
                     **meta,
-                    state_dict=model.state_dict(),
+                    state_dict=final.state_dict(),
                     epoch=epoch,
-                    metrics={"val_accuracy": val_acc},
+                    metrics={"val_accuracy": val_acc, "val_by_source": val},
                 )
             else:
                 stale += 1
@@ -350,6 +734,8 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                 "train_loss": tot / seen,
                 "train_acc": correct / seen,
                 "val_acc": val_acc,
+                "val_by_source": val,
+                "drawn_by_source": {s.name: int(n) for s, n in zip(sources, drawn)},
                 "lr": opt.param_groups[0]["lr"],
                 "best": best,
                 "seconds": round(time.time() - t0, 1),
@@ -359,6 +745,8 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             torch.save(
                 {
                     "state_dict": model.state_dict(),
+                    "ema_state_dict": ema.module.state_dict() if ema is not None else None,
+                    "ema_steps": ema.t if ema is not None else 0,
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict() if sched is not None else None,
                     "epoch": epoch,
@@ -369,16 +757,27 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                 },
                 last,
             )
-            bar.update(ep_task, advance=1, info=f"val {val_acc:.4f} best {best:.4f}@{best_epoch + 1}")
+            checkpoint.save(
+                out / "final.pt",
+                **meta,
+                state_dict=final.state_dict(),
+                epoch=epoch,
+                metrics={"val_accuracy": val_acc, "val_by_source": val},
+            )
+            per_source = " ".join(f"{k} {v:.4f}" for k, v in val.items())
+            bar.update(ep_task, advance=1, info=f"val {per_source or 'none'}")
+            if progress:
+                bar.console.print(f"epoch {epoch + 1}: loss {tot / seen:.3f}, val {per_source or '(no val split)'}")
             if recipe.early_stop and stale >= recipe.early_stop:
                 break
             if recipe.max_minutes and (time.time() - t0) / 60 > recipe.max_minutes:
                 break
     log.close()
     return {
-        "best_checkpoint": str(out / "best.pt"),
-        "best_epoch": best_epoch + 1,
-        "val_accuracy": best,
+        "best_checkpoint": str(out / "best.pt") if best_epoch >= 0 else None,
+        "final_checkpoint": str(out / "final.pt"),
+        "best_epoch": best_epoch + 1 if best_epoch >= 0 else None,
+        "val_accuracy": best if best_epoch >= 0 else None,
         "minutes": round((time.time() - t0) / 60, 2),
         "log": str(out / "train.log.jsonl"),
     }

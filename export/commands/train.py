@@ -12,16 +12,45 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``hemaedge train``."""
     p.add_argument("--arch", default="bloodcnn5", help="registered architecture (default bloodcnn5)")
     p.add_argument(
-        "--data", default=None, help="a MedMNIST .npz or a class-folder tree (default $HEMAEDGE_DATA/bloodmnist28.npz)"
+        "--data",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="a training source: a MedMNIST-style .npz or a class-folder tree (train/ and val/ splits or none), e.g. "
+        "crops from 'hemaedge collect --labelled'. Repeat for several sources; the first one's classes are the "
+        "model's, the others' class folders are matched to them by the class vocabulary. WEIGHT: the source's share "
+        "of every epoch (give one to all sources or to none: then shares follow sizes). Each source's val split is "
+        "scored every epoch (default $HEMAEDGE_DATA/bloodmnist28.npz)",
     )
     p.add_argument("--out", default=None, help="run directory (default runs/ARCH); an existing last.pt resumes")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 sgd, 5e-4 adam)")
+    p.add_argument("--samples", type=int, default=0, help="samples per epoch (default: as many as the sources hold)")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 sgd, 5e-4 adam/adamw)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", choices=["onecycle", "cosine", "plateau", "none"], default="onecycle")
-    p.add_argument("--aug", default="flip,rot90", help="comma list of flip, rot90, color, stain, zoom ('' for none)")
+    p.add_argument(
+        "--aug",
+        default="flip,rot90",
+        help="comma list ('' for none), applied to raw pixels before the white balance and mean/std. Geometry: flip, "
+        "rot90, rotate (any angle), zoom (0.8-1.25 and shift). Colour, in this order: od (stain jitter in optical "
+        "density: per-stain scale/bias and stain strength), stain (saturation/gamma/gain, the older jitter), gain "
+        "(lamp colour per channel), color (channel gain/offset), gamma (gamma and contrast), hue (saturation and hue), "
+        "gray (grayscale, 10%%), blur (defocus), noise (sensor), jpeg (8x8 DCT artefacts). The research recipe: "
+        "flip,rotate,zoom,od,gain,gamma,blur,noise,jpeg",
+    )
+    p.add_argument(
+        "--aug-strength", type=float, default=1.0, help="scales every colour augmentation's range (0: none; default 1)"
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights (e.g. 0.998); the validated and saved weights are "
+        "the average's. Export final.pt (no epoch picking)",
+    )
     p.add_argument("--balanced", action="store_true", help="class-balanced sampling for rare classes")
     p.add_argument("--early-stop", type=int, default=0, help="stop after N epochs without val improvement")
     p.add_argument("--label-smoothing", type=float, default=0.0)
@@ -64,9 +93,14 @@ def run(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             kwargs[k] = v
     lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 5e-4)
+    sources = args.data or [str(data_root() / "bloodmnist28.npz")]
     recipe = Recipe(
         arch=args.arch,
-        data=args.data or str(data_root() / "bloodmnist28.npz"),
+        data=sources[0],
+        more_data=tuple(sources[1:]),
+        samples=args.samples,
+        aug_strength=args.aug_strength,
+        ema=args.ema,
         out=args.out or f"runs/{args.arch}",
         epochs=args.epochs,
         batch=args.batch,
@@ -92,9 +126,11 @@ def run(args: argparse.Namespace) -> int:
     summary = train(recipe, progress=not args.json)
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
+    elif summary["best_checkpoint"]:
         print(
             f"best val accuracy {summary['val_accuracy']:.4f} at epoch {summary['best_epoch']} "
-            f"({summary['minutes']} min); checkpoint {summary['best_checkpoint']}"
+            f"({summary['minutes']} min); checkpoint {summary['best_checkpoint']}, last epoch {summary['final_checkpoint']}"
         )
+    else:
+        print(f"trained {summary['minutes']} min (no val split); checkpoint {summary['final_checkpoint']}")
     return 0
