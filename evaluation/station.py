@@ -106,7 +106,7 @@ class StationEvaluation:
     matches: dict[str, LabelMatch]
     truth: list[str] = field(default_factory=list)  # per labelled cell: its label
     predicted: list[str] = field(default_factory=list)  # per labelled cell: the bundle class, or MISSED
-    confidence: list[float] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)  # per cell: its group's probability (what review uses)
     review_threshold: float = 0.6
     typical_side: float | None = None
 
@@ -248,11 +248,15 @@ def evaluate_station(
         confidence=[0.0] * len(cells),
         typical_side=typical,
     )
+    from hemaedge.edge.count import DifferentialCounter
+
+    m = station.bundle.manifest
+    review = DifferentialCounter(m.classes, 1, class_groups=m.class_groups)  # the station's review decision
     for s in range(0, len(crops), batch):
         part = crops[s : s + batch]
         for (i, _), pred in zip(part, station.predict([c for _, c in part])):
             result.predicted[i] = pred.class_name
-            result.confidence[i] = pred.confidence
+            result.confidence[i] = review.group_confidence(pred.class_index, pred.probabilities)
     return result
 
 

@@ -215,3 +215,24 @@ def test_different_views_with_a_white_cell_in_the_same_place_are_not_one_view(da
     assert a.field != b.field
     c, d = reg.register(img(37)), reg.register(img(38))
     assert c.field == d.field and d.how == "tracked" and abs(d.ox - c.ox + 5) < 3
+
+
+def test_review_weighs_the_top_class_s_group_not_the_class_alone():
+    """Unsure only between band and segmented neutrophil: still a neutrophil in the differential, not a review cell;
+    unsure between a neutrophil and a blast: review."""
+    import numpy as np
+    from hemaedge.edge.records import Prediction
+
+    classes = ["blast", "neutrophil_band", "neutrophil_segmented", "lymphocyte"]
+    groups = {
+        "blasts": ["blast"],
+        "neutrophils": ["neutrophil_band", "neutrophil_segmented"],
+        "lymphocytes": ["lymphocyte"],
+    }
+    c = DifferentialCounter(classes, 10, 0.6, groups)
+    split = np.array([0.05, 0.45, 0.40, 0.10], np.float32)
+    assert c.decide(split) == (1, "neutrophil_band", pytest.approx(0.45), False)
+    assert not c.is_review(Prediction(1, "neutrophil_band", 0.45, split))
+    torn = np.array([0.40, 0.45, 0.05, 0.10], np.float32)
+    assert c.decide(torn)[3] and c.is_review(Prediction(1, "neutrophil_band", 0.45, torn))
+    assert c.group_confidence(0, torn) == pytest.approx(0.40)

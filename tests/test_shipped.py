@@ -165,7 +165,7 @@ def test_shipped_efficientnet_metrics_reproduce_on_val(efficientnet, data_root):
     assert rep["accuracy"] == pytest.approx(efficientnet.manifest.metrics["int8"]["accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize("name", ["bloodcnn5", "effb0-pbc256"])
+@pytest.mark.parametrize("name", ["bloodcnn5", "effb0-pbc256", "hemanet64", "hemanet64-blast"])
 def test_shipped_bundles_carry_their_int8_gate_on_openvino(name):
     """Measured on val with ``hemaedge evaluate --backend openvino --record`` (they predate export measuring it)."""
     m = load_bundle(default_bundle_path(name)).manifest
@@ -185,3 +185,52 @@ def test_shipped_efficientnet_int8_gate_on_openvino_reproduces_on_val(efficientn
     rep = evaluate_bundle(efficientnet, str(folder), "val", "int8", backend="openvino")
     # OpenVINO's kernels may round differently across versions and CPUs: allow two images of 1,731
     assert rep["accuracy"] == pytest.approx(efficientnet.manifest.metrics["int8_openvino"]["accuracy"], abs=0.0012)
+
+
+# The multi-source station models (docs/models.md): hemanet at 64 px, trained on PBC, DeepAPL's training patients and
+# BCCD train. DeepAPL is research-use data, so both say so wherever the model's results are shown.
+
+
+@pytest.mark.parametrize("name", ["hemanet64", "hemanet64-blast"])
+def test_multisource_bundles_are_intact_and_say_they_are_research_use_only(name):
+    b = load_bundle(default_bundle_path(name))
+    m = b.manifest
+    assert m.architecture == "hemanet" and m.input.height == m.input.width == 64 and m.input.white_balance
+    assert m.crop.scale == "session" and m.crop.cell_fraction == pytest.approx(0.685)
+    assert m.notice.startswith("research use only") and "DeepAPL" in m.notice
+    assert m.metrics["fp32"]["accuracy"] - m.metrics["int8"]["accuracy"] <= 0.01
+    ck = ROOT / "export" / "checkpoints" / f"{name}.pt"
+    assert m.provenance["source_model"]["sha256"] == sha256_file(ck)
+    res = subprocess.run(
+        [sys.executable, "-m", "hemaedge", "verify", str(b.path), "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0 and json.loads(res.stdout)["passed"] is True, res.stderr[-1500:]
+
+
+def test_blast_aware_bundle_carries_its_triage_rules_and_gates_its_blast_recall():
+    from hemaedge.edge.count.triage import rules_for_bundle
+
+    b = load_bundle(default_bundle_path("hemanet64-blast"))
+    m = b.manifest
+    assert {"blast", "promyelocyte", "smudge_cell", "neutrophil_band", "lymphocyte_variant"} <= set(m.classes)
+    assert m.class_groups["blasts"] == ["blast"]
+    rules = rules_for_bundle(b)
+    assert rules is not None and rules.apl is not None and rules.false_call_rate > 0
+    assert {c.name for c in rules.chronic} == {"CML pattern", "CLL pattern"}
+    gate = m.metrics["critical_classes"]  # INT8 recall per critical class on the 22 held-out patients' cells
+    assert set(gate) == {"blast", "promyelocyte"} and gate["blast"]["support"] >= 800
+    assert gate["blast"]["int8_recall"] >= 0.80 and gate["blast"]["drop_points"] <= m.metrics["max_class_drop"]
+
+
+@pytest.mark.data
+def test_blast_aware_bundle_calls_a_held_out_aml_patient_acute(data_root, tmp_path, capsys):
+    """Patient_28 is one of the 22 DeepAPL patients held out of training (docs/models.md): its cells, counted whole."""
+    folder = data_root / "deepapl" / "cells" / "Patient_28"
+    if not folder.is_dir():
+        pytest.skip(f"data not found: {folder}")
+    from hemaedge.cli import main
+
+    code = main(["count", str(folder), "--no-tui", "--json", "--bundle", "hemanet64-blast", "--out", str(tmp_path)])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["triage"]["call"] == "acute", doc["triage"]
+    assert doc["bundle"]["notice"].startswith("research use only")

@@ -96,16 +96,18 @@ def test_abnormal_promyelocytes_are_evidence_too():
 def test_borderline_blasts_ask_for_more_cells():
     t = call({**NORMAL, "blast": 4})  # 4 in 204: p ~ 0.02, between alpha and 0.05
     assert RULES.alpha <= t.evidence["p_value"] < RULES.borderline_alpha
-    assert t.call == "none" and t.wants_more and "counting more" in t.rule
+    assert t.call == "insufficient" and t.wants_more and "counting more" in t.rule  # never "none" while borderline
     big = {k: v * 3 for k, v in NORMAL.items()}
-    assert not call({**big, "blast": 4}, rules=RULES).wants_more  # 4 in 604 is what a normal smear shows
+    t = call({**big, "blast": 4}, rules=RULES)
+    assert not t.wants_more and t.call == "none"  # 4 in 604 is what a normal smear shows
 
 
 def test_borderline_never_asks_beyond_the_rules_limit():
     big = {k: v * 3 for k, v in NORMAL.items()}  # 600 white cells, above max_cells 500
     rules = TriageRules(version="t", false_call_rate=0.02)
     t = triage({**big, "blast": 20}, 620, 0, GROUPS, rules)
-    assert t.evidence["p_value"] < 0.05 and not t.wants_more
+    assert rules.alpha <= t.evidence["p_value"] < 0.05 and not t.wants_more  # p = 0.027
+    assert t.call == "insufficient" and "an expert should look" in t.rule  # borderline at the limit: never "none"
 
 
 def test_cml_pattern_is_chronic_and_turns_acute_with_many_blasts():
@@ -120,6 +122,15 @@ def test_cml_pattern_is_chronic_and_turns_acute_with_many_blasts():
     t = call(cml)
     assert t.call == "chronic" and t.evidence["chronic_patterns"] == ["CML"]
     assert call({**cml, "blast": 80}).call == "acute"  # blasts >= 20 %: blast phase, acute
+
+
+def test_an_apl_slide_full_of_promyelocytes_is_acute_even_with_a_left_shift():
+    """Abnormal promyelocytes are blast equivalents (WHO): with basophils >= 3 % the immature granulocytes form the
+    CML pattern's left shift, but 25 % blast equivalents make the slide acute."""
+    apl = {"neutrophil_segmented": 90, "promyelocyte": 50, "myelocyte": 4, "basophil": 8, "lymphocyte": 48}
+    t = call(apl)
+    assert t.evidence["chronic_patterns"] == ["CML"] and t.evidence["blast_percent"] == 0.0
+    assert t.evidence["blast_equivalent_percent"] == 25.0 and t.call == "acute"
 
 
 def test_cll_pattern_is_chronic_without_blasts():

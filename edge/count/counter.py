@@ -37,7 +37,9 @@ class DifferentialCounter:
     Args:
         classes: Class names in model order.
         target: White cells to count before the session is complete.
-        review_threshold: Top probability below which a cell goes to review.
+        review_threshold: Probability below which a cell goes to review: the probability of the top class's
+            clinical group (its members summed), so a model unsure only between two classes of one group (band or
+            segmented neutrophil) counts the cell in that group; with one class per group it is the top probability.
         class_groups: The manifest's ``class_groups`` (empty: derived from names).
     """
 
@@ -57,6 +59,12 @@ class DifferentialCounter:
         self.review_threshold = float(review_threshold)
         self.groups = ClassGroups.build(self.classes, class_groups)
         self._in_differential = [c for c, d in zip(self.classes, self.groups.differential) if d]
+        index = {c: i for i, c in enumerate(self.classes)}
+        self._group_members: list[tuple[int, ...]] = [(i,) for i in range(len(self.classes))]
+        for members in self.groups.groups.values():
+            idx = tuple(index[m] for m in members if m in index)
+            for i in idx:
+                self._group_members[i] = idx
         self.reset()
 
     def reset(self) -> None:
@@ -76,8 +84,15 @@ class DifferentialCounter:
         return self.total >= self.target
 
     def decide(self, probabilities: np.ndarray) -> tuple[int, str, float, bool]:
-        """See :func:`decide` (with this counter's classes and threshold)."""
-        return decide(probabilities, self.classes, self.review_threshold)
+        """See :func:`decide`, with this counter's classes and threshold applied to the top class's group."""
+        i, name, conf, _ = decide(probabilities, self.classes, self.review_threshold)
+        return i, name, conf, self.group_confidence(i, probabilities) < self.review_threshold
+
+    def group_confidence(self, class_index: int, probabilities: np.ndarray | None) -> float:
+        """The probability of ``class_index``'s clinical group: its members' probabilities summed."""
+        if probabilities is None or len(probabilities) != len(self.classes):
+            raise ValueError("group_confidence needs one probability per class")
+        return float(sum(float(probabilities[j]) for j in self._group_members[class_index]))
 
     def extend_target(self, by: int, limit: int) -> int:
         """Raise the target by ``by`` white cells, at most to ``limit``; returns the new target."""
@@ -85,8 +100,11 @@ class DifferentialCounter:
         return self.target
 
     def is_review(self, prediction: Prediction) -> bool:
-        """Does this prediction go to the review bucket (top probability below the review threshold)?"""
-        return prediction.confidence < self.review_threshold
+        """Does this prediction go to the review bucket (its group's probability below the review threshold)?"""
+        probs = getattr(prediction, "probabilities", None)
+        if probs is None or len(probs) != len(self.classes):
+            return prediction.confidence < self.review_threshold
+        return self.group_confidence(prediction.class_index, probs) < self.review_threshold
 
     def add(self, class_index: int, review: bool) -> str:
         """Count one cell; returns its bucket (a class name or ``"review"``)."""

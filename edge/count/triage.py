@@ -240,6 +240,9 @@ def triage(
     k = sum(counts.get(c, 0) for c in evidence_classes)
     p = binomial_tail(k, wbc, rules.false_call_rate) if wbc else 1.0
     blasts = _share(counts, [c for g in rules.evidence_groups for c in groups.get(g, ())], wbc)
+    # Blasts and their equivalents (WHO: the abnormal promyelocytes of APL count as blasts) against the acute threshold:
+    # an APL slide full of promyelocytes has the "left shift" of a CML pattern, and is acute.
+    equivalents = 100.0 * k / wbc if wbc else 0.0
     shares = {g: round(_share(counts, members, wbc), 2) for g, members in groups.items()}
     chronic = [r for r in rules.chronic if _pattern(r, groups, counts, wbc)]
     evidence: dict[str, Any] = {
@@ -250,6 +253,7 @@ def triage(
         "expected_on_a_normal_smear": round(rules.false_call_rate * wbc, 2),
         "p_value": float(f"{p:.3g}"),
         "blast_percent": round(blasts, 2),
+        "blast_equivalent_percent": round(equivalents, 2),
         "group_percent": shares,
         "chronic_patterns": [r.name for r in chronic],
         "rules": rules.version,
@@ -264,17 +268,19 @@ def triage(
         return Triage(call, apl, evidence, f"{rules.version}: {why}", more, ids)
 
     if significant:
-        if chronic and blasts < rules.acute_blast_percent:
+        if chronic and equivalents < rules.acute_blast_percent:
             return out("chronic", f"{k} evidence cells in {wbc} (p={p:.2g}) with the {chronic[0].name} pattern")
         return out("acute", f"{k} evidence cells in {wbc} white cells: p={p:.2g} < {rules.alpha} on a normal smear")
     if wbc < rules.min_cells:
         return out("insufficient", f"{wbc} white cells counted, fewer than {rules.min_cells}", wants_more)
     if wbc and review / wbc > rules.max_review_share:
         return out("insufficient", f"{review} of {wbc} cells in review (over {rules.max_review_share:.0%})")
-    if chronic and blasts < rules.acute_blast_percent:
+    if chronic and equivalents < rules.acute_blast_percent:
         return out("chronic", f"the {chronic[0].name} pattern ({chronic[0].reference})".replace(" ()", ""))
-    if wants_more:
-        return out("none", f"{k} evidence cells in {wbc} is not yet significant (p={p:.2g}): counting more", True)
+    if borderline:  # never "none" while the evidence is borderline: more cells, or an expert, must settle it
+        if wants_more:
+            return out("insufficient", f"{k} evidence cells in {wbc} is borderline (p={p:.2g}): counting more", True)
+        return out("insufficient", f"{k} evidence cells in {wbc} is borderline (p={p:.2g}): an expert should look")
     return out("none", f"{k} evidence cells in {wbc} white cells is what a normal smear shows (p={p:.2g})")
 
 
