@@ -109,13 +109,17 @@ def evaluate_bundle(
     machine, when the bundle has one), ``portable`` the TensorRT-compatible one (ONNX Runtime only).
     ``backend``: ``onnxruntime`` or ``openvino`` (which runs the portable INT8 model, as the station does).
     """
+    from pathlib import Path
+
     import numpy as np
     from hemaedge.calibration.datasets import batches, open_dataset
     from hemaedge.edge.classify.onnxruntime import OrtBackend
     from hemaedge.evaluation.metrics import classification_report
 
     classes = bundle.manifest.classes
-    images = open_dataset(data, split)
+    # class folders are matched to the bundle's classes by name (in any order, any spelling); an .npz's labels are
+    # indices in the bundle's order already
+    images = open_dataset(data, split, classes if Path(data).is_dir() else None)
     if len(images.classes) != len(classes):
         raise UsageError(f"data set has {len(images.classes)} classes, bundle has {len(classes)}")
     idx = np.arange(min(limit, len(images)) if limit else len(images))

@@ -197,7 +197,7 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += float(loss)
+            tot += float(loss.detach())
         log(f"  adapt epoch {epoch + 1}/{opts.epochs}: loss {tot / steps:.3f} ({time.time() - t0:.0f} s)")
     model.eval()
     after = _accuracy(model, val, parent.spec)

@@ -116,3 +116,29 @@ def test_export_ships_triage_rules_and_refuses_rules_the_model_cannot_serve(tmp_
     )
     got = rules_for_bundle(load_bundle(summary["bundle"]))
     assert got is not None and got.version == "test-1" and got.false_call_rate == pytest.approx(0.004)
+
+
+def test_evaluate_data_matches_class_folders_to_the_bundle_by_name_not_by_sorted_order(tmp_path):
+    """The bundle's classes (neutrophil, lymphocyte, monocyte, eosinophil) are not in alphabetical order: a folder
+    tree must still be scored against the right class (it once was scored by sorted position: 2 % on 75 %)."""
+    import cv2
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.evaluation.command import evaluate_bundle
+    from hemaedge.export.exporter import ExportOptions, run_export
+
+    ck, _ = _checkpoint(tmp_path)
+    data = _cells(tmp_path, len(CLASSES))
+    bundle = load_bundle(run_export(ExportOptions(source=str(ck), out=str(tmp_path / "b"), data=str(data)))["bundle"])
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    from hemaedge.edge.bundle import preprocess
+    from hemaedge.edge.classify.onnxruntime import OrtBackend
+
+    with OrtBackend(bundle, "fp32") as be:  # label each picture with what the model says: accuracy must be 1.0
+        pred = be.classify(preprocess(list(imgs), bundle.manifest.input)).argmax(1)
+    for i, (img, k) in enumerate(zip(imgs, pred)):
+        folder = tmp_path / "cells" / "val" / CLASSES[k]
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{i}.png"), img[..., ::-1])
+    rep = evaluate_bundle(bundle, str(tmp_path / "cells"), "val", "fp32")
+    assert rep["n"] == 40 and rep["accuracy"] == 1.0
