@@ -206,7 +206,9 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     if drop > opts.max_parent_drop:
         raise AccuracyGateError(
             f"adapting lost {drop:.2f} points on the parent's own validation data ({before:.4f} -> {after:.4f}), more "
-            f"than --max-parent-drop {opts.max_parent_drop}: try --strategy head or fewer --epochs"
+            f"than --max-parent-drop {opts.max_parent_drop}: try "
+            + ("--strategy head, " if opts.strategy == "all" else "")
+            + "fewer --epochs, a lower --lr or more --replay"
         )
     return model, {"parent_val_accuracy": before, "adapted_val_accuracy": after, "seconds": round(time.time() - t0, 1)}
 

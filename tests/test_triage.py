@@ -96,7 +96,7 @@ def test_abnormal_promyelocytes_are_evidence_too():
 def test_borderline_blasts_ask_for_more_cells():
     t = call({**NORMAL, "blast": 4})  # 4 in 204: p ~ 0.02, between alpha and 0.05
     assert RULES.alpha <= t.evidence["p_value"] < RULES.borderline_alpha
-    assert t.call == "insufficient" and t.wants_more and "counting more" in t.rule  # never "none" while borderline
+    assert t.call == "insufficient" and t.wants_more and "more cells needed" in t.rule  # never "none" while borderline
     big = {k: v * 3 for k, v in NORMAL.items()}
     t = call({**big, "blast": 4}, rules=RULES)
     assert not t.wants_more and t.call == "none"  # 4 in 604 is what a normal smear shows

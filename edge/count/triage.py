@@ -279,7 +279,9 @@ def triage(
         return out("chronic", f"the {chronic[0].name} pattern ({chronic[0].reference})".replace(" ()", ""))
     if borderline:  # never "none" while the evidence is borderline: more cells, or an expert, must settle it
         if wants_more:
-            return out("insufficient", f"{k} evidence cells in {wbc} is borderline (p={p:.2g}): counting more", True)
+            return out(
+                "insufficient", f"{k} evidence cells in {wbc} is borderline (p={p:.2g}): more cells needed", True
+            )
         return out("insufficient", f"{k} evidence cells in {wbc} is borderline (p={p:.2g}): an expert should look")
     return out("none", f"{k} evidence cells in {wbc} white cells is what a normal smear shows (p={p:.2g})")
 
