@@ -97,7 +97,11 @@ def count_slide(folder: Path, bundle: str | None, out: Path, extra: list[str]) -
     if res.returncode not in (0,) or not res.stdout.strip():
         return {"error": (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1], "exit": res.returncode}
     doc = json.loads(res.stdout)
-    doc.pop("cells", None)
+    cells = doc.pop("cells", None) or []
+    counts: dict[str, int] = {}
+    for c in cells:  # by top class, review cells included: what the triage (and its APL score) sees
+        counts[c["top_class"]] = counts.get(c["top_class"], 0) + 1
+    doc["top_class_counts"] = counts
     return doc
 
 
@@ -159,6 +163,70 @@ def score(
     return result
 
 
+# Feature sets tried for the APL score, smallest first; the one with the best leave-one-patient-out AUC on the
+# training patients is kept (ties: the smaller set).
+APL_FEATURE_SETS = (
+    ("promyelocyte",),
+    ("promyelocyte", "monocyte"),
+    ("promyelocyte", "blast", "monocyte"),
+    ("promyelocyte", "blast", "monocyte", "lymphocyte"),
+    ("promyelocyte", "blast", "monocyte", "lymphocyte", "neutrophil_segmented", "smudge_cell"),
+)
+
+
+def _log_shares(counts: list[dict[str, int]], features: tuple[str, ...], eps: float) -> np.ndarray:
+    rows = []
+    for c in counts:
+        n = max(1, sum(c.values()))
+        rows.append([np.log(c.get(f, 0) / n + eps) for f in features])
+    return np.asarray(rows, np.float64)
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 3000, lr: float = 0.1):
+    """L2-regularised logistic regression on standardised features (gradient descent): ``(coef, b, mean, sd)``."""
+    mean, sd = x.mean(0), x.std(0) + 1e-9
+    z = (x - mean) / sd
+    w, b = np.zeros(z.shape[1]), 0.0
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(z @ w + b)))
+        w -= lr * (z.T @ (p - y) + l2 * w) / len(y)
+        b -= lr * float((p - y).mean())
+    return w, b, mean, sd
+
+
+def fit_apl(counts: list[dict[str, int]], is_apl: list[bool], eps: float = 0.01) -> dict[str, Any]:
+    """The APL model of the triage rules (``TriageRules.apl``) from patients' counted compositions.
+
+    Each feature set of ``APL_FEATURE_SETS`` is scored by leave-one-patient-out AUC on these patients only; the best
+    is refit on all of them. Give it training patients only: the held-out patients are for ``score``.
+    """
+    y = np.asarray(is_apl, np.float64)
+    if len(y) < 6 or y.sum() < 2 or (1 - y).sum() < 2:
+        raise SystemExit("fit-apl needs at least 2 APL and 2 other patients (6 in all)")
+    tried = []
+    for feats in APL_FEATURE_SETS:
+        x = _log_shares(counts, feats, eps)
+        scores = []
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            w, b, mean, sd = _logistic(x[keep], y[keep])
+            scores.append(float(((x[i] - mean) / sd) @ w + b))
+        tried.append((auc(scores, [bool(v) for v in y]) or 0.0, feats))
+    best_auc, feats = max(tried, key=lambda t: (round(t[0], 6), -len(t[1])))
+    w, b, mean, sd = _logistic(_log_shares(counts, feats, eps), y)
+    return {
+        "features": list(feats),
+        "coef": [float(v) for v in w],
+        "mean": [float(v) for v in mean],
+        "sd": [float(v) for v in sd],
+        "intercept": float(b),
+        "eps": eps,
+        "note": f"logistic on log shares, fit on {len(y)} patients ({int(y.sum())} APL); leave-one-patient-out AUC "
+        f"{best_auc:.3f} on them",
+        "loo_auc": {"+".join(f): round(a, 4) for a, f in tried},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hemaedge.evaluation.slides", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -177,7 +245,31 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--patients", type=Path, help="patients.csv (patient, diagnosis) for the APL AUC")
     sc.add_argument("--only", type=Path, help="a file listing the slide folders to score (e.g. held-out patients)")
     sc.add_argument("--json", action="store_true")
+    fa = sub.add_parser("fit-apl", help="fit the APL score of a triage rule file on training patients' counts")
+    fa.add_argument("root", type=Path, help="one folder of single-cell pictures per patient")
+    fa.add_argument("--patients", required=True, type=Path, help="patients.csv (patient, diagnosis)")
+    fa.add_argument("--only", required=True, type=Path, help="the training patients (never the held-out ones)")
+    fa.add_argument("--bundle", required=True)
+    fa.add_argument("--rules", required=True, type=Path, help="the rule file to complete (its 'apl' is replaced)")
+    fa.add_argument("--out", required=True, type=Path, help="where to write the completed rule file")
+    fa.add_argument("--sessions", type=Path, default=Path("runs/apl-sessions"))
     a, extra = ap.parse_known_args(argv)
+    if a.what == "fit-apl":
+        keep = {ln.strip() for ln in a.only.read_text().split() if ln.strip()}
+        with open(a.patients, newline="") as f:
+            diagnosis = {r["patient"]: r["diagnosis"] for r in csv.DictReader(f)}
+        counts, is_apl = [], []
+        for folder in sorted(p for p in a.root.iterdir() if p.is_dir() and p.name in keep):
+            doc = count_slide(folder, a.bundle, a.sessions, extra)
+            if "error" in doc:
+                raise SystemExit(f"{folder.name}: {doc['error']}")
+            counts.append(doc["top_class_counts"])
+            is_apl.append(diagnosis[folder.name] == "APL")
+        rules = json.loads(a.rules.read_text())
+        rules["apl"] = fit_apl(counts, is_apl)
+        a.out.write_text(json.dumps(rules, indent=1) + "\n")
+        print(f"{a.out}: APL score on {rules['apl']['features']} ({rules['apl']['note']})")
+        return 0
     if a.what == "make-normal":
         doc = make_normal(a.cells, a.out, a.n, a.wbc, a.platelets, a.seed)
         print(

@@ -244,3 +244,26 @@ def test_normal_slides_never_show_a_picture_twice_and_say_when_the_pool_is_too_s
         assert all(comp[c] <= sizes[c] for c in NORMAL_RANGES)
     with pytest.raises(SystemExit, match="too few pictures for 400-cell slides"):
         make_normal(cells, tmp_path / "big", n=1, wbc=400, platelets=0)
+
+
+def test_fit_apl_learns_a_score_that_separates_apl_by_its_promyelocytes_and_monocytes():
+    import numpy as np
+    from hemaedge.edge.count.triage import AplModel
+    from hemaedge.evaluation.slides import auc, fit_apl
+
+    rng = np.random.default_rng(0)
+    counts, is_apl = [], []
+    for i in range(24):
+        apl = i % 3 == 0
+        c = {"blast": int(rng.integers(20, 60)), "lymphocyte": int(rng.integers(20, 40)), "smudge_cell": 10}
+        c["promyelocyte"] = int(rng.integers(15, 40)) if apl else int(rng.integers(0, 4))
+        c["monocyte"] = int(rng.integers(0, 3)) if apl else int(rng.integers(5, 30))
+        c["neutrophil_segmented"] = int(rng.integers(5, 30))
+        counts.append(c)
+        is_apl.append(apl)
+    apl = fit_apl(counts, is_apl)
+    assert "promyelocyte" in apl["features"] and max(apl["loo_auc"].values()) > 0.9
+    model = AplModel(tuple(apl["features"]), tuple(apl["coef"]), tuple(apl["mean"]), tuple(apl["sd"]), apl["intercept"])
+    assert auc([model.probability(c) for c in counts], is_apl) > 0.95
+    with pytest.raises(SystemExit, match="at least 2 APL"):
+        fit_apl(counts[:4], [True, False, False, False])
