@@ -1,6 +1,6 @@
 """``hemaedge evaluate --detect DATA [DATA...]``: recall and precision of white-cell detection on labelled folders.
 
-Replaces ``tools/eval_detect.py``. The folders are Pascal VOC or YOLO (``hemaedge.edge.segment.evaluation``);
+Replaces ``tools/eval_detect.py``. The folders are Pascal VOC or YOLO (``hemaedge.evaluation.frames``);
 the table is per source (``sources.csv``) and per folder. ``--segmenter learned`` scores the detector bundle
 (each image's scale measured on its own red cells: still images may come from several microscopes);
 ``--phone N`` instead builds N synthetic phone-through-the-eyepiece frames from the folders' frames
@@ -57,7 +57,7 @@ def make_detector(args: argparse.Namespace) -> Any:
     if name != "learned":
         if args.detector or args.threshold is not None:
             raise UsageError("--detector and --threshold are for --segmenter learned")
-        from hemaedge.edge.segment.evaluation import config_overrides
+        from hemaedge.evaluation.frames import config_overrides
 
         return make_segmenter(name, **config_overrides(args.set))
     if args.set:
@@ -76,7 +76,7 @@ def make_detector(args: argparse.Namespace) -> Any:
 def run_detect(args: argparse.Namespace) -> int:
     """Score detection and print a table (or JSON)."""
     import numpy as np
-    from hemaedge.edge.segment.evaluation import folder_items, report_table, score_detections
+    from hemaedge.evaluation.frames import folder_items, report_table, score_detections
 
     if not 0 < args.iou <= 1:
         raise UsageError(f"--iou must be within (0, 1], not {args.iou}")
@@ -91,7 +91,7 @@ def run_detect(args: argparse.Namespace) -> int:
             failures.append(f"{item.source}\t{item.path}\ttp={counts[0]} fp={counts[1]} fn={counts[2]}")
 
     if args.phone:
-        from hemaedge.edge.segment.evaluation import RBC_NAMES
+        from hemaedge.evaluation.frames import RBC_NAMES
         from hemaedge.export.detector.phone import Tile, phone_set, score_phone
 
         tiles = []

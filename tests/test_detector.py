@@ -87,7 +87,7 @@ def test_learned_segmenter_finds_nuclei_at_the_session_scale(detector_dir):
     seg = make_segmenter("learned", bundle=detector_dir)
     assert seg.name == "learned" and seg.precision == "fp32"
     tp = n = 0
-    from hemaedge.edge.segment.groundtruth import match
+    from hemaedge.edge.segment.matching import match
 
     for f in SyntheticSource(seed=5, frames=12, rbc_px=30):
         dets = seg.detect(f)
@@ -235,7 +235,7 @@ def _write_yolo(root: Path, frames) -> None:  # noqa: ANN001
 
 
 def test_evaluate_detect_reads_voc_and_yolo_folders_with_sources(tmp_path, capsys):
-    from hemaedge.edge.segment.evaluation import folder_items, folder_kind
+    from hemaedge.evaluation.frames import folder_items, folder_kind
 
     from hemaedge.cli import main
 
@@ -470,7 +470,7 @@ def test_shipped_detector_on_bccd_val(data_root):
     """The shipped detector through the product path on BCCD val (never trained on): the bar is 0.97 / 0.95."""
     from conftest import need
     from hemaedge.edge.models import default_detector_path
-    from hemaedge.edge.segment.evaluation import folder_items, score_detections
+    from hemaedge.evaluation.frames import folder_items, score_detections
 
     try:
         path = default_detector_path()

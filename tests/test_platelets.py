@@ -20,10 +20,11 @@ from hemaedge.edge.count import DifferentialCounter, SlideTracker
 from hemaedge.edge.counting import CountingSession
 from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment import SegmenterConfig, StainSegmenter
-from hemaedge.edge.segment.groundtruth import centre_matrix, evaluate, match
+from hemaedge.edge.segment.matching import centre_matrix, match
 from hemaedge.edge.sources import open_source
 from hemaedge.edge.station import PLATELET_TO_WBC, CellFinder, Station, platelet_classes
 from hemaedge.edge.store import SessionStore
+from hemaedge.evaluation.groundtruth import evaluate
 
 SMEAR = "synthetic://?seed={seed}&frames={frames}&rbc_px=144"
 
@@ -140,7 +141,7 @@ def test_centre_rule_matches_tiny_boxes_iou_does_not():
 
 
 def test_evaluate_scores_one_kind_and_extra_rules():
-    from hemaedge.edge.segment.groundtruth import Labelled
+    from hemaedge.evaluation.groundtruth import Labelled
 
     class Fixed:
         def detect(self, image):  # noqa: ANN001
@@ -169,7 +170,7 @@ def test_evaluate_scores_one_kind_and_extra_rules():
 def test_bccd_val_platelets(data_root):
     """Held-out BCCD val: recall and precision the README may quote (tuned on BCCD train / TXL half a)."""
     from conftest import need
-    from hemaedge.edge.segment.groundtruth import bccd_items
+    from hemaedge.evaluation.groundtruth import bccd_items
 
     need(data_root / "bccd" / "val.txt")
     on = StainSegmenter(platelets=True)
@@ -190,7 +191,7 @@ def test_bccd_val_platelets(data_root):
 @pytest.mark.data
 def test_txl_half_b_platelets_per_source(data_root):
     from conftest import need
-    from hemaedge.edge.segment.groundtruth import txl_items
+    from hemaedge.evaluation.groundtruth import txl_items
 
     need(data_root / "txl-pbc" / "images")
     res = evaluate(

@@ -106,7 +106,7 @@ def test_measurement_against_labelled_red_cells(data_root):
     """The blob diameter is BLOB_TO_BOX of a labelled red-cell box on every source (every 8th frame, full size)."""
     import cv2
     from conftest import need
-    from hemaedge.edge.segment.groundtruth import bccd_items, txl_items
+    from hemaedge.evaluation.groundtruth import bccd_items, txl_items
 
     need(data_root / "txl-pbc")
     ratios: dict[str, list[float]] = {}

@@ -23,9 +23,10 @@ from hemaedge.edge.segment import (
     make_segmenter,
     measure_cell_fraction,
 )
-from hemaedge.edge.segment.groundtruth import Labelled, evaluate, hash_half, iou_matrix, match, read_voc, read_yolo
+from hemaedge.edge.segment.matching import iou_matrix, match
 from hemaedge.edge.segment.stain import _open_relative, otsu3, white_balance
 from hemaedge.edge.sources import SyntheticSource
+from hemaedge.evaluation.groundtruth import Labelled, evaluate, hash_half, read_voc, read_yolo
 
 
 def _wbc_truth(frame: Frame) -> np.ndarray:
@@ -367,7 +368,7 @@ def test_detect_command_table(tmp_path, capsys):
 @pytest.mark.data
 def test_bccd_val_detection_bar(data_root):
     from conftest import need
-    from hemaedge.edge.segment.groundtruth import bccd_items
+    from hemaedge.evaluation.groundtruth import bccd_items
 
     need(data_root / "bccd" / "val.txt")
     res = evaluate(StainSegmenter(), bccd_items(data_root / "bccd", "val"))["all"]
@@ -380,7 +381,7 @@ def test_bccd_val_detection_bar(data_root):
 @pytest.mark.parametrize("half", ["a", "b"])
 def test_txl_pbc_detection(data_root, half):
     from conftest import need
-    from hemaedge.edge.segment.groundtruth import txl_items
+    from hemaedge.evaluation.groundtruth import txl_items
 
     need(data_root / "txl-pbc" / "images")
     res = evaluate(StainSegmenter(), txl_items(data_root / "txl-pbc", "all", half))["all"]

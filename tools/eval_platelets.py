@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hemaedge.edge.config import data_root  # noqa: E402
 from hemaedge.edge.segment import StainSegmenter  # noqa: E402
-from hemaedge.edge.segment.evaluation import config_overrides as _overrides  # noqa: E402
-from hemaedge.edge.segment.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
+from hemaedge.evaluation.frames import config_overrides as _overrides  # noqa: E402
+from hemaedge.evaluation.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
 
 
 def common_args(description: str) -> argparse.ArgumentParser:

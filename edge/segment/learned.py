@@ -436,7 +436,7 @@ def verify_detector(bundle: Any, precision: str = "auto") -> dict[str, Any]:
     in INT8.
     """
     from hemaedge.edge.bundle.golden import load_golden
-    from hemaedge.edge.segment.groundtruth import match
+    from hemaedge.edge.segment.matching import match
 
     seg = LearnedSegmenter(bundle, precision=precision)
     golden = load_golden(seg.bundle)

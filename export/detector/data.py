@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from hemaedge.edge.segment.groundtruth import read_voc, read_yolo
 from hemaedge.edge.segment.scale import estimate_scale, frame_guess
 from hemaedge.edge.segment.stain import white_balance
+from hemaedge.evaluation.groundtruth import read_voc, read_yolo
 
 KEEP = 2.0  # frames are stored at this multiple of the working scale
 SOURCES = ("PBC", "Raabin", "BCDD", "BCCD")

@@ -103,7 +103,8 @@ class _Frames:
         return [run(x)[0] for x in self.inputs]
 
     def score(self, outs: list[np.ndarray], spec: DetectorSpec) -> dict[str, Any]:
-        from hemaedge.edge.segment.groundtruth import Tally, match
+        from hemaedge.edge.segment.matching import match
+        from hemaedge.evaluation.groundtruth import Tally
 
         tallies: dict[str, Tally] = {"all": Tally()}
         for it, out, size, shape in zip(self.items, outs, self.sizes, self.shapes):
@@ -142,8 +143,8 @@ def gate_items(root: Path, held_out: tuple[str, ...]) -> list:
     source was held out: it measures what INT8 loses, not how well the detector generalises) and every TXL-PBC
     frame of the checkpoint's held-out sources. One box is about 0.3 points of recall on these 300-odd cells;
     on BCCD val alone it would be 1.1, coarser than the gate."""
-    from hemaedge.edge.segment.groundtruth import Labelled
-    from hemaedge.edge.segment.groundtruth import txl_items as _txl
+    from hemaedge.evaluation.groundtruth import Labelled
+    from hemaedge.evaluation.groundtruth import txl_items as _txl
     from hemaedge.export.detector.data import bccd_duplicates, source_of
     from hemaedge.export.detector.train import held_out_items
 
@@ -236,8 +237,8 @@ def export_detector(opts: DetectorExportOptions, log=print) -> dict[str, Any]:  
 
         def station_score(path: Path) -> dict[str, Any]:
             """Recall/precision of a model through the station's own segmenter (scale per frame, white-cell check)."""
-            from hemaedge.edge.segment.evaluation import score_detections
             from hemaedge.edge.segment.learned import LearnedSegmenter
+            from hemaedge.evaluation.frames import score_detections
 
             seg = LearnedSegmenter.from_model(path, spec, mean, std, "frame")
             return {k: v.as_dict() for k, v in score_detections(seg.detect, gate.items).items()}

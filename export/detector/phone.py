@@ -195,7 +195,8 @@ def score_phone(
     detect: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], frames: Sequence[PhoneFrame], iou: float = 0.5
 ):
     """Recall/precision over phone frames; detections centred in an ignore region are left out."""
-    from hemaedge.edge.segment.groundtruth import Tally, match
+    from hemaedge.edge.segment.matching import match
+    from hemaedge.evaluation.groundtruth import Tally
 
     tallies: dict[str, Tally] = {"all": Tally()}
     for f in frames:
@@ -211,7 +212,7 @@ def score_phone(
                 & (cy[:, None] <= ig[None, :, 3])
             ).any(1)
             # a detection that also matches a real cell is kept
-            from hemaedge.edge.segment.groundtruth import iou_matrix
+            from hemaedge.edge.segment.matching import iou_matrix
 
             real = iou_matrix(boxes, f.boxes).max(1) >= iou if len(f.boxes) else np.zeros(len(boxes), bool)
             k = ~inside | real
@@ -226,7 +227,7 @@ def tiles_from(root, sources: Sequence[str], bccd_split: str = "") -> list[Tile]
     """Tiles from the shared data: TXL-PBC frames of ``sources`` and, with ``bccd_split``, BCCD frames of that split."""
     from pathlib import Path
 
-    from hemaedge.edge.segment.groundtruth import bccd_items, read_voc, txl_items
+    from hemaedge.evaluation.groundtruth import bccd_items, read_voc, txl_items
     from hemaedge.export.detector.data import source_of
 
     root = Path(root)

@@ -8,7 +8,7 @@ centre heatmap and L1 on log box size and centre offset, at the centres only.
 The last epoch's weights are kept: no checkpoint is chosen on the frames it is scored on. Scoring
 (``score``) runs each held-out frame exactly as the station does: measure its scale, resize, white
 balance, run, decode (``hemaedge.edge.segment.learned``), and matches boxes one-to-one at IoU >= 0.5
-(``hemaedge.edge.segment.groundtruth.match``).
+(``hemaedge.edge.segment.matching.match``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from hemaedge.edge.segment.groundtruth import Tally, match
 from hemaedge.edge.segment.learned import DetectorSpec, decode, prepare, to_frame
+from hemaedge.edge.segment.matching import match
 from hemaedge.edge.segment.scale import Scale, estimate_scale, frame_guess
+from hemaedge.evaluation.groundtruth import Tally
 from hemaedge.export import checkpoint
 from hemaedge.export.detector.augment import make_canvas, targets
 from hemaedge.export.detector.data import KEEP, SOURCES, LabelledFrame, load_frames
@@ -288,7 +289,7 @@ def _plain(d: Any) -> Any:
 def held_out_items(root: Path, sources: Sequence[str], bccd_split: str = "val") -> list:
     """Labelled frames to score: TXL-PBC frames of ``sources`` (BCCD-source ones included) and, when ``BCCD`` is among
     them or ``bccd_split`` is given, BCCD frames of that split (VOC labels, source ``BCCD-VOC``)."""
-    from hemaedge.edge.segment.groundtruth import bccd_items, txl_items
+    from hemaedge.evaluation.groundtruth import bccd_items, txl_items
     from hemaedge.export.detector.data import source_of
 
     items = []

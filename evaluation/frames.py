@@ -9,7 +9,7 @@ A labelled folder is one of:
   white-cell class is the line ``WBC`` of ``classes.txt`` (else class 0); ``sources.csv`` (file name,
   source) splits the table by microscope.
 
-Boxes are matched one-to-one, greedily by score, at IoU >= 0.5 (``groundtruth.match``); a label file
+Boxes are matched one-to-one, greedily by score, at IoU >= 0.5 (``hemaedge.edge.segment.matching.match``); a label file
 that repeats a box exactly counts it once (``groundtruth.distinct_boxes``). The numbers are per source
 and in total; ``--json`` prints them for machines.
 """
@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 from hemaedge.edge.errors import InputError, UsageError
-from hemaedge.edge.segment.groundtruth import Labelled, Tally, distinct_boxes, hash_half, match, read_yolo
+from hemaedge.edge.segment.matching import match
+from hemaedge.evaluation.groundtruth import Labelled, Tally, distinct_boxes, hash_half, read_yolo
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 WBC_NAMES = ("wbc", "white blood cell", "white_blood_cell", "leukocyte", "leucocyte")
