@@ -115,6 +115,20 @@ def test_every_package_folder_installs_under_the_hemaedge_namespace():
     assert set(conf["packages"]) == expected
 
 
+def _setuptools_version() -> tuple[int, ...]:
+    try:
+        from importlib.metadata import version
+
+        return tuple(int(p) for p in version("setuptools").split(".")[:2])
+    except Exception:  # noqa: BLE001 - not installed, or an odd version string
+        return (0,)
+
+
+@pytest.mark.skipif(
+    _setuptools_version() < (68,),
+    reason="this venv's setuptools is older than the build's setuptools>=68 (the JetPack 5 venv): the wheel is built "
+    "without build isolation here, so the main suite checks it",
+)
 def test_the_wheel_a_station_installs_holds_every_package_and_the_shipped_models(tmp_path):
     """deploy/*/install.sh pip-installs a wheel, not the checkout: it must carry the folders mapped under hemaedge.*
     and the package data (shipped bundles, checkpoints)."""
