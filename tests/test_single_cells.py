@@ -74,3 +74,18 @@ def test_a_folder_of_pictures_is_counted_whole_unless_a_target_is_given(tiny_bun
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["cells"]) == n and doc["frames"] == n + 1 and doc["inputs"]["not_read"] == 0
     assert doc["differential"]["target"] == 5 and doc["differential"]["complete"]
+
+
+def test_class_folders_that_are_links_are_followed_once(tiny_bundle_dir, tmp_path, capsys):
+    """An export assembled from links to class folders (as scripts make them) is read; a link back up the tree is
+    not gone round."""
+    n = _export(tmp_path / "real", n=6)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for sub in ("a", "b"):
+        (linked / sub).symlink_to(tmp_path / "real" / sub, target_is_directory=True)
+    (tmp_path / "real" / "a" / "loop").symlink_to(linked, target_is_directory=True)
+    args = ["count", str(linked), "--bundle", str(tiny_bundle_dir), "--json", "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["frames"] == n + 1 and len(doc["cells"]) == n

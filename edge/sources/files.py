@@ -50,13 +50,27 @@ def expand_images(spec: str | os.PathLike[str]) -> list[Path]:
     if path.is_dir():
         paths = _images_in(path)
         if not paths:
-            paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            paths = _images_below(path)
         if not paths:
             raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) in folder {path} or its subfolders")
         return paths
     if path.is_file():
         return [path]
     raise SourceError(f"not found: {text}")
+
+
+def _images_below(root: Path) -> list[Path]:
+    """Every image file in ``root``'s subfolders, sorted; linked folders are followed (each real folder once)."""
+    seen: set[str] = set()
+    out: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree: do not go round
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in out if p.is_file())
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
