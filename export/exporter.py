@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from hemaedge.calibration.datasets import ImageSet, batches, open_dataset, stratified_sample
 from hemaedge.edge import __version__
-from hemaedge.edge.bundle import BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
+from hemaedge.edge.bundle import Bundle, BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
 from hemaedge.edge.bundle.class_groups import default_class_groups
 from hemaedge.edge.bundle.vocabulary import canonical_classes
 from hemaedge.edge.errors import InputError, MissingDependencyError, UsageError
@@ -225,6 +225,96 @@ def _check_triage_classes(path: str, classes: Sequence[str], groups: Mapping[str
         raise UsageError(f"--triage {path}: its APL model uses classes this model lacks: {', '.join(missing)}")
 
 
+@dataclass
+class _Model:
+    """The model to export as loaded, the validation split it is checked on, and how its input is prepared."""
+
+    source: Source
+    info: dict[str, Any]  # what adapting a foreign ONNX or building an ensemble found out
+    classes: list[str]
+    val: ImageSet
+    spec: InputSpec
+    output_kind: str
+
+    def probs(self, path: Path) -> np.ndarray:
+        """Class probabilities of an ONNX file on the whole validation split (ONNX Runtime, CPU)."""
+        return _ort_probs(path, self.val, self.spec, np.arange(len(self.val)), self.output_kind)
+
+
+@dataclass
+class _Checked:
+    """The FP32 ONNX file's checks: the simplifier's node counts and its parity with the source model."""
+
+    simplify: dict[str, Any]
+    parity: dict[str, Any]
+    timings: dict[str, float]
+
+
+@dataclass
+class _Fp32:
+    """The FP32 model's scores on the validation split."""
+
+    report: dict[str, Any]  # classification_report
+    metrics: dict[str, Any]  # the manifest's metrics, before the INT8 stages add theirs
+    timings: dict[str, float]
+
+
+@dataclass
+class _Calibrated:
+    """The INT8 model as first quantized, how (the manifest's calibration record) and its calibration reader."""
+
+    path: Path
+    calibration: dict[str, Any]
+    reader: Callable[[], Any]  # a fresh calibration reader, to quantize again with the same images
+    seconds: float
+
+
+@dataclass
+class _Gated:
+    """The INT8 model's metrics once it passed its gates, and the classes whose recall was gated."""
+
+    metrics: dict[str, Any]
+    critical: list[str]
+
+
+@dataclass
+class _Runtimes:
+    """The INT8 model on the station's runtimes: the CPU variant (if it passed its gate), OpenVINO, CPU speed."""
+
+    cpu_path: Path | None
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+
+
+@dataclass
+class _Int8:
+    """What the INT8 stages built and measured (nothing without ``--int8``)."""
+
+    path: Path | None = None
+    cpu_path: Path | None = None
+    calibration: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Crop:
+    """The crop geometry the bundle asks the station for, and where its cell fraction came from."""
+
+    geometry: CropGeometry
+    source: str
+    measured: dict[str, Any] | None  # measure_training_framing's record, when it was measured
+
+
+@dataclass
+class _Written:
+    """The finished bundle and its golden outputs' record (None when the golden writer is not installed)."""
+
+    bundle: Bundle
+    golden: dict[str, Any] | None
+
+
 def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
     """Export a model to a bundle; returns the summary (also what ``--json`` prints).
 
@@ -233,293 +323,403 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
     """
     opts.validate()
     t0 = time.time()
-    timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         fp32 = tmp / "model.onnx"
-        info: dict[str, Any] = {}
-        if opts.ensemble:
-            from hemaedge.export.ensemble import export_ensemble  # issue 6
-
-            source, info = export_ensemble(opts.ensemble, fp32)
-        else:
-            kind = detect_kind(Path(opts.source))
-            val_probe = open_dataset(opts.data, "val") if kind != "checkpoint" or opts.arch else None
-            source = load_source(opts.source, opts.arch, list(val_probe.classes) if val_probe else None)
-            log(f"source: {source.kind} {source.path}")
-            if source.kind == "onnx":
-                info = adapt_foreign_onnx(source.path, fp32)
-        classes = list(opts.classes or source.meta.get("classes") or [])
-        val = open_dataset(opts.data, "val", classes=classes or None)
-        classes = classes or list(val.classes)
-        if len(classes) != len(val.classes):
-            raise UsageError(f"the model has {len(classes)} classes but {opts.data} has {len(val.classes)}")
-        spec = _spec_from(source, opts, info, val)
-        output_kind = info.get("output_kind", source.meta.get("output_kind", "logits"))
-        if source.kind != "onnx" and not opts.ensemble:
-            t = time.time()
-            export_torch(source, spec.height, spec.width, fp32)
-            timings["onnx_export_s"] = round(time.time() - t, 2)
-        simplify = check_and_simplify(fp32)
-        log(f"ONNX checked and simplified: {simplify['nodes_before']} -> {simplify['nodes_after']} nodes")
-
-        # FP32 parity against the source model on real validation images.
-        pidx = stratified_sample(val.labels, PARITY_IMAGES, opts.seed)
-        px = np.concatenate([x for x, _ in batches(val, spec, pidx, 256)])
-        ref = (
-            _raw_original_onnx(source.path, px, info)
-            if source.kind == "onnx"
-            else (info["reference"](px) if "reference" in info else torch_forward(source, px))
-        )
-        got = _raw(fp32, px)
-        parity = {
-            "images": int(len(px)),
-            "max_abs_diff": float(np.abs(ref - got).max()),
-            "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
-        }
-        log(
-            f"FP32 parity vs source on {len(px)} val images: max |diff| {parity['max_abs_diff']:.2e}, "
-            f"top-1 agreement {parity['top1_agreement']:.4f}"
-        )
-        if parity["top1_agreement"] < 0.99:
-            raise UsageError(
-                f"exported ONNX disagrees with the source model on {1 - parity['top1_agreement']:.1%} "
-                "of images; refusing to ship it"
-            )
-
-        t = time.time()
-        vidx = np.arange(len(val))
-        p32 = _ort_probs(fp32, val, spec, vidx, output_kind)
-        from hemaedge.evaluation.metrics import classification_report
-
-        m32 = classification_report(p32, val.labels, classes)
-        timings["eval_fp32_s"] = round(time.time() - t, 2)
-        metrics: dict[str, Any] = {
-            "split": "val",
-            "data": str(opts.data),
-            "n": int(len(val)),
-            "fp32": {k: m32[k] for k in ("accuracy", "macro_f1", "macro_auroc")},
-        }
-        log(f"FP32 on val: accuracy {m32['accuracy']:.4f}, macro F1 {m32['macro_f1']:.4f}")
-        calibration = None
-        int8_path = cpu_path = None
-        search_info = None
-        outputs = {"fp32": p32}
-        if opts.int8:
-            t = time.time()
-            if opts.calib:
-                cal_set = open_dataset(opts.calib, None)
-                cal_name = f"{opts.calib} (folder)"
-            else:
-                cal_set = open_dataset(opts.data, "train", classes=classes)
-                cal_name = f"{opts.data} [train split]"
-            from hemaedge.calibration.ort import equal_batches, make_reader
-
-            cidx = equal_batches(stratified_sample(cal_set.labels, opts.calib_size, opts.seed))
-
-            int8_path = tmp / "model.int8.onnx"
-            quantize_int8(fp32, int8_path, make_reader(cal_set, spec, cidx), opts.calib_method, opts.per_channel)
-            timings["quantize_s"] = round(time.time() - t, 2)
-            calibration = {
-                "method": opts.calib_method,
-                "num_images": int(len(cidx)),
-                "set": cal_name,
-                "digest": cal_set.subset(cidx).digest,
-                "per_channel": opts.per_channel,
-                "symmetric": True,
-                "format": "QDQ",
-                "stratified": True,
-                "seed": opts.seed,
-            }
-            t = time.time()
-            p8 = _ort_probs(int8_path, val, spec, vidx, output_kind)
-            m8 = classification_report(p8, val.labels, classes)
-            timings["eval_int8_s"] = round(time.time() - t, 2)
-            drop = (m32["accuracy"] - m8["accuracy"]) * 100
-            log(f"INT8 on val: accuracy {m8['accuracy']:.4f} (drop {drop:+.2f} points, gate {opts.max_drop})")
-            if drop > opts.max_drop and opts.search:
-                from hemaedge.export.quant_search import search_int8  # issue 6
-
-                def eval_fn(path: Path) -> float:
-                    return float((_ort_probs(path, val, spec, vidx, output_kind).argmax(1) == val.labels).mean())
-
-                plain_path = tmp / "plain.int8.onnx"
-                shutil.copyfile(int8_path, plain_path)
-                res = search_int8(
-                    fp32,
-                    lambda: make_reader(cal_set, spec, cidx),
-                    eval_fn,
-                    opts.max_drop,
-                    out=int8_path,
-                    baseline=m32["accuracy"],
-                    log=log,
-                )
-                search_info = {
-                    "method": res.method,
-                    "per_channel": res.per_channel,
-                    "float_nodes": list(res.excluded_nodes),
-                    "float_node_labels": res.excluded_labels,
-                    "drop": res.drop,
-                    "passed": res.passed,
-                    "log": res.log,
-                    "speed": search_speed_cost(fp32, plain_path, int8_path, spec, log),
-                }
-                calibration.update(method=res.method, per_channel=res.per_channel, float_nodes=list(res.excluded_nodes))
-                p8 = _ort_probs(int8_path, val, spec, vidx, output_kind)
-                m8 = classification_report(p8, val.labels, classes)
-                drop = (m32["accuracy"] - m8["accuracy"]) * 100
-            metrics["int8"] = {k: m8[k] for k in ("accuracy", "macro_f1", "macro_auroc")}
-            metrics["drop_points"] = round(drop, 4)
-            metrics["max_drop"] = opts.max_drop
-            accuracy_gate(m32["accuracy"], m8["accuracy"], opts.max_drop)
-            critical = opts.critical_classes if opts.critical_classes is not None else default_critical(classes)
-            drops = class_drops(m32, m8, critical, classes)
-            if drops:
-                metrics["critical_classes"] = drops
-                metrics["max_class_drop"] = opts.max_class_drop
-                log(
-                    "INT8 recall of critical classes: "
-                    + ", ".join(f"{n} {d['fp32_recall']:.3f} -> {d['int8_recall']:.3f}" for n, d in drops.items())
-                )
-                class_gate(drops, opts.max_class_drop)
-            outputs["int8"] = p8
-            t = time.time()
-            cpu_path = _cpu_variant(
-                fp32,
-                tmp / "model.int8.cpu.onnx",
-                lambda: make_reader(cal_set, spec, cidx),
-                calibration,
-                lambda p: _ort_probs(p, val, spec, vidx, output_kind),
-                val.labels,
-                classes,
-                m32["accuracy"],
-                opts.max_drop,
-                metrics,
-                log,
-                gate_classes=lambda m: misses_class_gate(class_drops(m32, m, critical, classes), opts.max_class_drop),
-            )
-            timings["cpu_variant_s"] = round(time.time() - t, 2)
-            t = time.time()
-            ov_gate = openvino_gate(
-                int8_path,
-                lambda p: _ov_probs(p, val, spec, vidx, output_kind),
-                val.labels,
-                classes,
-                m32["accuracy"],
-                opts.max_drop,
-                log,
-            )
-            if ov_gate is not None:
-                metrics["int8_openvino"] = ov_gate
-                timings["openvino_gate_s"] = round(time.time() - t, 2)
-            metrics["cpu_speed"] = _cpu_speed(fp32, cpu_path or int8_path, spec, log)
-
-        crop = source.meta.get("crop") or {}
-        fraction, crop_source = opts.cell_fraction, "--cell-fraction"
-        if fraction is None and crop.get("cell_fraction"):
-            fraction, crop_source = crop["cell_fraction"], "the checkpoint"
-        crop_measure = None
-        if fraction is None:
-            crop_measure = measure_training_framing(opts.data, classes, opts.seed)
-            if crop_measure:
-                fraction, crop_source = crop_measure["median"], "measured on the training images"
-            else:
-                fraction, crop_source = CropGeometry.cell_fraction, "default (no cell found in the training images)"
-        geom = CropGeometry(cell_fraction=fraction, scale=opts.crop_scale)
-        log(
-            f"crop geometry: the {'typical ' if geom.scale == 'session' else ''}cell spans {geom.cell_fraction:.3f} "
-            f"of the crop side ({crop_source}), scale {geom.scale}"
-        )
-        # one vocabulary across bundles: the manifest lists canonical class names ("ig" -> "immature_granulocyte")
-        bundle_classes = canonical_classes(classes)
-        groups = default_class_groups(bundle_classes)
-        provenance = {
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "code_version": _git_version(),
-            "source_model": {
-                "file": Path(opts.source).name if opts.source else None,
-                "kind": source.kind,
-                "sha256": sha256_file(opts.source) if opts.source else None,
-                "arch": source.meta.get("arch"),
-                "epoch": source.meta.get("epoch"),
-            },
-            "data": {
-                "path": str(opts.data),
-                "val_digest": val.digest,
-                "train_digest": (source.meta.get("data") or {}).get("train_digest"),
-            },
-            "training_recipe": source.meta.get("recipe"),
-            "training_lineage": source.meta.get("lineage") or [],
-            "export_command": opts.command,
-        }
-        if (source.meta.get("data") or {}).get("sources"):  # hemaedge train: every source, its weight and digests
-            provenance["data"]["train_sources"] = source.meta["data"]["sources"]
-        if source.meta.get("adaptation"):  # hemaedge adapt: the parent bundle and the cells it learned from
-            provenance["adaptation"] = source.meta["adaptation"]
-        extra: dict[str, Any] = {"parity": parity, "onnx": simplify, "crop_geometry_from": crop_source}
-        if source.meta.get("notice"):  # terms of the training data (DeepAPL: research use only) travel with the model
-            extra["notice"] = str(source.meta["notice"])
-        if metrics.get("critical_classes"):  # gated per class at export: the station's reports may single them out
-            extra["critical_classes"] = sorted(metrics["critical_classes"])
-        if crop_measure:
-            extra["crop_measurement"] = crop_measure
-        if info.get("members"):
-            extra["ensemble"] = info["members"]
-        if info.get("original_input"):
-            extra["foreign_onnx"] = {k: v for k, v in info.items() if k not in ("reference",)}
-        if search_info:
-            extra["int8_search"] = search_info
-        manifest = Manifest(
-            name=opts.name or Path(opts.out).name,
-            architecture=str(source.meta.get("arch") or info.get("arch") or source.kind),
-            classes=tuple(bundle_classes),
-            input=spec,
-            crop=geom,
-            artifacts=(),
-            output_kind=output_kind,
-            output_name="output",
-            class_groups=groups,
-            calibration=calibration,
-            metrics=metrics,
-            provenance=provenance,
-            extra=extra,
-        )
-        if opts.triage is not None:
-            _check_triage_classes(opts.triage, bundle_classes, groups)
-        with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
-            w.add(fp32, "onnx", "fp32", opset=_opset(fp32))
-            if opts.triage is not None:
-                w.add(Path(opts.triage), "triage", None)
-            if int8_path is not None:
-                w.add(int8_path, "onnx", "int8", opset=_opset(int8_path), format="QDQ", activations="symmetric")
-            if cpu_path is not None:
-                w.add(
-                    cpu_path,
-                    "onnx",
-                    "int8",
-                    opset=_opset(cpu_path),
-                    format="QDQ",
-                    activations="asymmetric",
-                    target="cpu",
-                )
-            golden = _write_golden(w, val, spec, fp32, int8_path, opts.seed, output_kind, cpu_path)
-            bundle = w.finish(manifest)
+        model = _load_model(opts, fp32, log)
+        checked = _export_and_check(opts, model, fp32, log)
+        base = _fp32_metrics(opts, model, fp32, log)
+        int8 = _int8(opts, model, base, fp32, tmp, log) if opts.int8 else _Int8()
+        crop = _crop_geometry(opts, model, log)
+        metrics = {**base.metrics, **int8.metrics}
+        manifest = _manifest(opts, model, checked, metrics, int8, crop)
+        written = _write_bundle(opts, manifest, model, fp32, int8)
     summary = {
-        "bundle": str(bundle.path),
-        "classes": list(bundle.manifest.classes),
-        "input": [spec.height, spec.width],
-        "parity": parity,
+        "bundle": str(written.bundle.path),
+        "classes": list(written.bundle.manifest.classes),
+        "input": [model.spec.height, model.spec.width],
+        "parity": checked.parity,
         "metrics": metrics,
-        "calibration": calibration,
-        "artifacts": [a.file for a in bundle.manifest.artifacts],
-        "golden": golden,
+        "calibration": int8.calibration,
+        "artifacts": [a.file for a in written.bundle.manifest.artifacts],
+        "golden": written.golden,
         "seconds": round(time.time() - t0, 1),
-        "timings": timings,
+        "timings": {**checked.timings, **base.timings, **int8.timings},
         "gate": "passed" if opts.int8 else "n/a",
     }
-    if search_info:
-        summary["int8_search"] = search_info
+    if int8.search:
+        summary["int8_search"] = int8.search
     return summary
+
+
+def _load_model(opts: ExportOptions, fp32: Path, log) -> _Model:  # noqa: ANN001
+    """Resolve and load the source model (an ensemble's or a foreign ONNX's FP32 file is written to ``fp32`` here)
+    and open the validation split in the model's class order."""
+    info: dict[str, Any] = {}
+    if opts.ensemble:
+        from hemaedge.export.ensemble import export_ensemble  # issue 6
+
+        source, info = export_ensemble(opts.ensemble, fp32)
+    else:
+        kind = detect_kind(Path(opts.source))
+        val_probe = open_dataset(opts.data, "val") if kind != "checkpoint" or opts.arch else None
+        source = load_source(opts.source, opts.arch, list(val_probe.classes) if val_probe else None)
+        log(f"source: {source.kind} {source.path}")
+        if source.kind == "onnx":
+            info = adapt_foreign_onnx(source.path, fp32)
+    classes = list(opts.classes or source.meta.get("classes") or [])
+    val = open_dataset(opts.data, "val", classes=classes or None)
+    classes = classes or list(val.classes)
+    if len(classes) != len(val.classes):
+        raise UsageError(f"the model has {len(classes)} classes but {opts.data} has {len(val.classes)}")
+    spec = _spec_from(source, opts, info, val)
+    output_kind = info.get("output_kind", source.meta.get("output_kind", "logits"))
+    return _Model(source, info, classes, val, spec, output_kind)
+
+
+def _export_and_check(opts: ExportOptions, model: _Model, fp32: Path, log) -> _Checked:  # noqa: ANN001
+    """Export a torch model to ``fp32`` (the other kinds are there already), check and simplify the ONNX file and
+    refuse it unless it agrees with the source model."""
+    timings: dict[str, float] = {}
+    if model.source.kind != "onnx" and not opts.ensemble:
+        t = time.time()
+        export_torch(model.source, model.spec.height, model.spec.width, fp32)
+        timings["onnx_export_s"] = round(time.time() - t, 2)
+    simplify = check_and_simplify(fp32)
+    log(f"ONNX checked and simplified: {simplify['nodes_before']} -> {simplify['nodes_after']} nodes")
+    return _Checked(simplify, _parity(opts, model, fp32, log), timings)
+
+
+def _parity(opts: ExportOptions, model: _Model, fp32: Path, log) -> dict[str, Any]:  # noqa: ANN001
+    """FP32 parity against the source model on real validation images; refuses an export that disagrees."""
+    source, info = model.source, model.info
+    pidx = stratified_sample(model.val.labels, PARITY_IMAGES, opts.seed)
+    px = np.concatenate([x for x, _ in batches(model.val, model.spec, pidx, 256)])
+    ref = (
+        _raw_original_onnx(source.path, px, info)
+        if source.kind == "onnx"
+        else (info["reference"](px) if "reference" in info else torch_forward(source, px))
+    )
+    got = _raw(fp32, px)
+    parity = {
+        "images": int(len(px)),
+        "max_abs_diff": float(np.abs(ref - got).max()),
+        "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+    }
+    log(
+        f"FP32 parity vs source on {len(px)} val images: max |diff| {parity['max_abs_diff']:.2e}, "
+        f"top-1 agreement {parity['top1_agreement']:.4f}"
+    )
+    if parity["top1_agreement"] < 0.99:
+        raise UsageError(
+            f"exported ONNX disagrees with the source model on {1 - parity['top1_agreement']:.1%} "
+            "of images; refusing to ship it"
+        )
+    return parity
+
+
+def _fp32_metrics(opts: ExportOptions, model: _Model, fp32: Path, log) -> _Fp32:  # noqa: ANN001
+    """Score the FP32 ONNX model on the whole validation split."""
+    t = time.time()
+    p32 = model.probs(fp32)
+    from hemaedge.evaluation.metrics import classification_report
+
+    m32 = classification_report(p32, model.val.labels, model.classes)
+    timings = {"eval_fp32_s": round(time.time() - t, 2)}
+    metrics: dict[str, Any] = {
+        "split": "val",
+        "data": str(opts.data),
+        "n": int(len(model.val)),
+        "fp32": {k: m32[k] for k in ("accuracy", "macro_f1", "macro_auroc")},
+    }
+    log(f"FP32 on val: accuracy {m32['accuracy']:.4f}, macro F1 {m32['macro_f1']:.4f}")
+    return _Fp32(m32, metrics, timings)
+
+
+def _int8(opts: ExportOptions, model: _Model, base: _Fp32, fp32: Path, tmp: Path, log) -> _Int8:  # noqa: ANN001
+    """Quantize, score (searching float nodes if asked and the drop is too large), gate, then the runtime variants."""
+    from hemaedge.evaluation.metrics import classification_report
+
+    q = _quantize(opts, model, fp32, tmp)
+    timings = {"quantize_s": q.seconds}
+    t = time.time()
+    m8 = classification_report(model.probs(q.path), model.val.labels, model.classes)
+    timings["eval_int8_s"] = round(time.time() - t, 2)
+    drop = (base.report["accuracy"] - m8["accuracy"]) * 100
+    log(f"INT8 on val: accuracy {m8['accuracy']:.4f} (drop {drop:+.2f} points, gate {opts.max_drop})")
+    search = None
+    if drop > opts.max_drop and opts.search:
+        search = _search_int8(opts, model, base, fp32, q, tmp, log)
+        q.calibration.update(
+            method=search["method"], per_channel=search["per_channel"], float_nodes=list(search["float_nodes"])
+        )
+        m8 = classification_report(model.probs(q.path), model.val.labels, model.classes)
+        drop = (base.report["accuracy"] - m8["accuracy"]) * 100
+    gated = _gate_int8(opts, model.classes, base.report, m8, drop, log)
+    rt = _int8_runtimes(opts, model, base, fp32, q, gated.critical, log)
+    return _Int8(
+        path=q.path,
+        cpu_path=rt.cpu_path,
+        calibration=q.calibration,
+        search=search,
+        metrics={**gated.metrics, **rt.metrics},
+        timings={**timings, **rt.timings},
+    )
+
+
+def _quantize(opts: ExportOptions, model: _Model, fp32: Path, tmp: Path) -> _Calibrated:
+    """Quantize the FP32 model to INT8 (QDQ, symmetric) on a stratified sample of the calibration set."""
+    t = time.time()
+    if opts.calib:
+        cal_set = open_dataset(opts.calib, None)
+        cal_name = f"{opts.calib} (folder)"
+    else:
+        cal_set = open_dataset(opts.data, "train", classes=model.classes)
+        cal_name = f"{opts.data} [train split]"
+    from hemaedge.calibration.ort import equal_batches, make_reader
+
+    cidx = equal_batches(stratified_sample(cal_set.labels, opts.calib_size, opts.seed))
+
+    path = tmp / "model.int8.onnx"
+    quantize_int8(fp32, path, make_reader(cal_set, model.spec, cidx), opts.calib_method, opts.per_channel)
+    seconds = round(time.time() - t, 2)
+    calibration = {
+        "method": opts.calib_method,
+        "num_images": int(len(cidx)),
+        "set": cal_name,
+        "digest": cal_set.subset(cidx).digest,
+        "per_channel": opts.per_channel,
+        "symmetric": True,
+        "format": "QDQ",
+        "stratified": True,
+        "seed": opts.seed,
+    }
+    return _Calibrated(path, calibration, lambda: make_reader(cal_set, model.spec, cidx), seconds)
+
+
+def _search_int8(
+    opts: ExportOptions,
+    model: _Model,
+    base: _Fp32,
+    fp32: Path,
+    q: _Calibrated,
+    tmp: Path,
+    log,  # noqa: ANN001
+) -> dict[str, Any]:
+    """Search a quantization that passes the gate (method, per-channel, nodes left in float); it replaces the INT8
+    model at ``q.path``. Returns the manifest's ``int8_search`` record."""
+    from hemaedge.export.quant_search import search_int8  # issue 6
+
+    def eval_fn(path: Path) -> float:
+        return float((model.probs(path).argmax(1) == model.val.labels).mean())
+
+    plain_path = tmp / "plain.int8.onnx"
+    shutil.copyfile(q.path, plain_path)
+    res = search_int8(fp32, q.reader, eval_fn, opts.max_drop, out=q.path, baseline=base.report["accuracy"], log=log)
+    return {
+        "method": res.method,
+        "per_channel": res.per_channel,
+        "float_nodes": list(res.excluded_nodes),
+        "float_node_labels": res.excluded_labels,
+        "drop": res.drop,
+        "passed": res.passed,
+        "log": res.log,
+        "speed": search_speed_cost(fp32, plain_path, q.path, model.spec, log),
+    }
+
+
+def _gate_int8(
+    opts: ExportOptions,
+    classes: list[str],
+    m32: dict[str, Any],
+    m8: dict[str, Any],
+    drop: float,
+    log,  # noqa: ANN001
+) -> _Gated:
+    """The INT8 gates: overall accuracy (``--max-drop``), then the recall of each critical class (``--max-class-drop``).
+
+    Raises:
+        AccuracyGateError: either gate missed.
+    """
+    metrics: dict[str, Any] = {
+        "int8": {k: m8[k] for k in ("accuracy", "macro_f1", "macro_auroc")},
+        "drop_points": round(drop, 4),
+        "max_drop": opts.max_drop,
+    }
+    accuracy_gate(m32["accuracy"], m8["accuracy"], opts.max_drop)
+    critical = opts.critical_classes if opts.critical_classes is not None else default_critical(classes)
+    drops = class_drops(m32, m8, critical, classes)
+    if drops:
+        metrics["critical_classes"] = drops
+        metrics["max_class_drop"] = opts.max_class_drop
+        log(
+            "INT8 recall of critical classes: "
+            + ", ".join(f"{n} {d['fp32_recall']:.3f} -> {d['int8_recall']:.3f}" for n, d in drops.items())
+        )
+        class_gate(drops, opts.max_class_drop)
+    return _Gated(metrics, critical)
+
+
+def _int8_runtimes(
+    opts: ExportOptions,
+    model: _Model,
+    base: _Fp32,
+    fp32: Path,
+    q: _Calibrated,
+    critical: list[str],
+    log,  # noqa: ANN001
+) -> _Runtimes:
+    """The INT8 model for ONNX Runtime's CPU kernels (gated like the portable one), OpenVINO's gate, CPU speed."""
+    m32, classes = base.report, model.classes
+    metrics: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    t = time.time()
+    cpu_path = _cpu_variant(
+        fp32,
+        q.path.parent / "model.int8.cpu.onnx",  # next to the portable INT8 model
+        q.reader,
+        q.calibration,
+        model.probs,
+        model.val.labels,
+        classes,
+        m32["accuracy"],
+        opts.max_drop,
+        metrics,
+        log,
+        gate_classes=lambda m: misses_class_gate(class_drops(m32, m, critical, classes), opts.max_class_drop),
+    )
+    timings["cpu_variant_s"] = round(time.time() - t, 2)
+    t = time.time()
+    ov_gate = openvino_gate(
+        q.path,
+        lambda p: _ov_probs(p, model.val, model.spec, np.arange(len(model.val)), model.output_kind),
+        model.val.labels,
+        classes,
+        m32["accuracy"],
+        opts.max_drop,
+        log,
+    )
+    if ov_gate is not None:
+        metrics["int8_openvino"] = ov_gate
+        timings["openvino_gate_s"] = round(time.time() - t, 2)
+    metrics["cpu_speed"] = _cpu_speed(fp32, cpu_path or q.path, model.spec, log)
+    return _Runtimes(cpu_path, metrics, timings)
+
+
+def _crop_geometry(opts: ExportOptions, model: _Model, log) -> _Crop:  # noqa: ANN001
+    """The cell fraction: ``--cell-fraction``, else the checkpoint's, else measured on the training images."""
+    crop = model.source.meta.get("crop") or {}
+    fraction, crop_source = opts.cell_fraction, "--cell-fraction"
+    if fraction is None and crop.get("cell_fraction"):
+        fraction, crop_source = crop["cell_fraction"], "the checkpoint"
+    crop_measure = None
+    if fraction is None:
+        crop_measure = measure_training_framing(opts.data, model.classes, opts.seed)
+        if crop_measure:
+            fraction, crop_source = crop_measure["median"], "measured on the training images"
+        else:
+            fraction, crop_source = CropGeometry.cell_fraction, "default (no cell found in the training images)"
+    geom = CropGeometry(cell_fraction=fraction, scale=opts.crop_scale)
+    log(
+        f"crop geometry: the {'typical ' if geom.scale == 'session' else ''}cell spans {geom.cell_fraction:.3f} "
+        f"of the crop side ({crop_source}), scale {geom.scale}"
+    )
+    return _Crop(geom, crop_source, crop_measure)
+
+
+def _manifest(
+    opts: ExportOptions,
+    model: _Model,
+    checked: _Checked,
+    metrics: dict[str, Any],
+    int8: _Int8,
+    crop: _Crop,
+) -> Manifest:
+    """The bundle's manifest (its artifacts are added as the bundle is written)."""
+    source, info = model.source, model.info
+    # one vocabulary across bundles: the manifest lists canonical class names ("ig" -> "immature_granulocyte")
+    bundle_classes = canonical_classes(model.classes)
+    extra: dict[str, Any] = {"parity": checked.parity, "onnx": checked.simplify, "crop_geometry_from": crop.source}
+    if source.meta.get("notice"):  # terms of the training data (DeepAPL: research use only) travel with the model
+        extra["notice"] = str(source.meta["notice"])
+    if metrics.get("critical_classes"):  # gated per class at export: the station's reports may single them out
+        extra["critical_classes"] = sorted(metrics["critical_classes"])
+    if crop.measured:
+        extra["crop_measurement"] = crop.measured
+    if info.get("members"):
+        extra["ensemble"] = info["members"]
+    if info.get("original_input"):
+        extra["foreign_onnx"] = {k: v for k, v in info.items() if k not in ("reference",)}
+    if int8.search:
+        extra["int8_search"] = int8.search
+    return Manifest(
+        name=opts.name or Path(opts.out).name,
+        architecture=str(source.meta.get("arch") or info.get("arch") or source.kind),
+        classes=tuple(bundle_classes),
+        input=model.spec,
+        crop=crop.geometry,
+        artifacts=(),
+        output_kind=model.output_kind,
+        output_name="output",
+        class_groups=default_class_groups(bundle_classes),
+        calibration=int8.calibration,
+        metrics=metrics,
+        provenance=_provenance(opts, model),
+        extra=extra,
+    )
+
+
+def _provenance(opts: ExportOptions, model: _Model) -> dict[str, Any]:
+    """Where the bundle came from: the source model, the data, the training recipe and lineage, the command."""
+    source = model.source
+    provenance = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": _git_version(),
+        "source_model": {
+            "file": Path(opts.source).name if opts.source else None,
+            "kind": source.kind,
+            "sha256": sha256_file(opts.source) if opts.source else None,
+            "arch": source.meta.get("arch"),
+            "epoch": source.meta.get("epoch"),
+        },
+        "data": {
+            "path": str(opts.data),
+            "val_digest": model.val.digest,
+            "train_digest": (source.meta.get("data") or {}).get("train_digest"),
+        },
+        "training_recipe": source.meta.get("recipe"),
+        "training_lineage": source.meta.get("lineage") or [],
+        "export_command": opts.command,
+    }
+    if (source.meta.get("data") or {}).get("sources"):  # hemaedge train: every source, its weight and digests
+        provenance["data"]["train_sources"] = source.meta["data"]["sources"]
+    if source.meta.get("adaptation"):  # hemaedge adapt: the parent bundle and the cells it learned from
+        provenance["adaptation"] = source.meta["adaptation"]
+    return provenance
+
+
+def _write_bundle(opts: ExportOptions, manifest: Manifest, model: _Model, fp32: Path, int8: _Int8) -> _Written:
+    """Write the bundle: its models (FP32, portable INT8, CPU INT8), the triage rules and the golden outputs."""
+    if opts.triage is not None:
+        _check_triage_classes(opts.triage, manifest.classes, manifest.class_groups)
+    with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
+        w.add(fp32, "onnx", "fp32", opset=_opset(fp32))
+        if opts.triage is not None:
+            w.add(Path(opts.triage), "triage", None)
+        if int8.path is not None:
+            w.add(int8.path, "onnx", "int8", opset=_opset(int8.path), format="QDQ", activations="symmetric")
+        if int8.cpu_path is not None:
+            w.add(
+                int8.cpu_path,
+                "onnx",
+                "int8",
+                opset=_opset(int8.cpu_path),
+                format="QDQ",
+                activations="asymmetric",
+                target="cpu",
+            )
+        golden = _write_golden(w, model.val, model.spec, fp32, int8.path, opts.seed, model.output_kind, int8.cpu_path)
+        return _Written(w.finish(manifest), golden)
 
 
 def measure_training_framing(data: str | None, classes: list[str], seed: int = 0, n: int = 200) -> dict | None:

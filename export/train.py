@@ -556,6 +556,68 @@ def predict(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(probs), np.concatenate(labels)
 
 
+@dataclass
+class _TrainData:
+    """The training sources, concatenated, and how an epoch draws from them."""
+
+    classes: tuple[str, ...]
+    sources: list[Source]
+    data: torch.utils.data.ConcatDataset  # every source's parts, in order
+    weights: np.ndarray  # sampling weight of every image in ``data``
+    samples: int  # samples per epoch
+    plain: bool  # one part drawn once an epoch, unweighted: shuffled rather than sampled
+    size: int  # the model's input side
+    mean: tuple[float, ...]  # of the training pixels as the model sees them
+    std: tuple[float, ...]
+
+
+@dataclass
+class _Net:
+    """The model, the input it is trained on, and the training stages behind its initial weights (``--init``)."""
+
+    model: nn.Module
+    spec: InputSpec
+    lineage: list[dict]
+
+
+@dataclass
+class _Loaders:
+    train: torch.utils.data.DataLoader
+    val: dict[str, torch.utils.data.DataLoader]  # per source that has a val split
+
+
+@dataclass
+class _Fit:
+    """How the weights are fitted: optimizer, LR schedule, loss, the augmentation's generator and the EMA."""
+
+    opt: torch.optim.Optimizer
+    sched: Any  # the LR scheduler; None for schedule "none"
+    per_step: bool  # the schedule steps every batch (else, plateau, once an epoch on the val accuracy)
+    loss_fn: nn.Module
+    gen: torch.Generator
+    ema: Ema | None
+
+
+@dataclass
+class _RunState:
+    """Where the run stands (saved in ``last.pt``): the first epoch to run, the best mean val accuracy, its epoch
+    and the epochs since it improved."""
+
+    start: int = 0
+    best: float = -1.0
+    best_epoch: int = -1
+    stale: int = 0
+
+
+@dataclass
+class _Epoch:
+    """One epoch's training numbers."""
+
+    loss: float  # mean over the samples seen
+    acc: float
+    drawn: np.ndarray  # samples drawn from each source
+
+
 def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Train; score each source's val split every epoch; write ``best.pt`` (best mean val accuracy over the sources
     that have one), ``final.pt`` (the last epoch's weights: with ``ema`` the run's model, no epoch picking) and a
@@ -566,6 +628,56 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    out = _start(recipe)
+    d = _open_data(recipe)
+    net = _build_model(recipe, d)
+    loaders = _loaders(recipe, d, net.spec)
+    fit = _fit(recipe, net.model, len(loaders.train))
+    state = _resume(out / "last.pt", net.model, fit)
+    meta = _checkpoint_meta(recipe, d, net)
+    for s in d.sources:
+        if s.dropped:
+            print(f"{s.name}: classes not in the model, left out: {s.dropped}", file=sys.stderr)
+    log = open(out / "train.log.jsonl", "a", encoding="utf-8")
+    t0 = time.time()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not progress,
+    ) as bar:
+        ep_task = bar.add_task("epochs", total=recipe.epochs, completed=state.start, info="")
+        for epoch in range(state.start, recipe.epochs):
+            ep = _train_epoch(recipe, net, loaders.train, fit, len(d.sources), bar, epoch)
+            final = fit.ema.module if fit.ema is not None else net.model
+            val = {name: _accuracy(final, vl) for name, vl in loaders.val.items()}
+            val_acc = float(np.mean(list(val.values()))) if val else None
+            state = _keep_best(out, epoch, final, fit, state, meta, val, val_acc)
+            _log_epoch(log, epoch, ep, val, val_acc, d.sources, fit, state, t0)
+            _save_epoch(out, epoch, net.model, final, fit, state, meta, val, val_acc)
+            per_source = " ".join(f"{k} {v:.4f}" for k, v in val.items())
+            bar.update(ep_task, advance=1, info=f"val {per_source or 'none'}")
+            if progress:
+                bar.console.print(f"epoch {epoch + 1}: loss {ep.loss:.3f}, val {per_source or '(no val split)'}")
+            if recipe.early_stop and state.stale >= recipe.early_stop:
+                break
+            if recipe.max_minutes and (time.time() - t0) / 60 > recipe.max_minutes:
+                break
+    log.close()
+    return {
+        "best_checkpoint": str(out / "best.pt") if state.best_epoch >= 0 else None,
+        "final_checkpoint": str(out / "final.pt"),
+        "best_epoch": state.best_epoch + 1 if state.best_epoch >= 0 else None,
+        "val_accuracy": state.best if state.best_epoch >= 0 else None,
+        "minutes": round((time.time() - t0) / 60, 2),
+        "log": str(out / "train.log.jsonl"),
+    }
+
+
+def _start(recipe: Recipe) -> Path:
+    """Refuse a bad recipe, set the threads and seeds, and make the output folder (returned)."""
     check_aug(recipe.aug)
     if not 0 <= recipe.ema < 1:
         raise UsageError(f"--ema must be in [0, 1) (0: off), not {recipe.ema}")
@@ -577,6 +689,11 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     random.seed(recipe.seed)
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _open_data(recipe: Recipe) -> _TrainData:
+    """Open every source, concatenate their training parts, weigh their images and measure the pixels' mean/std."""
     classes, sources = open_sources(recipe)
     first = sources[0].parts[0][0]
     size = recipe.img_size or DEFAULTS.get(recipe.arch, {}).get("input_size") or first.image(0).shape[0]
@@ -586,34 +703,50 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     weights = sample_weights(sources, recipe.balanced)
     samples = recipe.samples or int(round(sum(len(p) * r for s in sources for p, r in s.parts)))
     mean, std = _stats(data, weights, size, recipe.white_balance)
-    model = build(recipe.arch, len(classes), **recipe.arch_kwargs)
+    plain = len(parts) == 1 and not recipe.balanced and samples == len(data)
+    return _TrainData(classes, sources, data, weights, samples, plain, size, mean, std)
+
+
+def _build_model(recipe: Recipe, d: _TrainData) -> _Net:
+    """Build the architecture; with ``--init`` start from another run's weights and keep their normalisation."""
+    model = build(recipe.arch, len(d.classes), **recipe.arch_kwargs)
+    mean, std = d.mean, d.std
     lineage: list[dict] = []
     if recipe.init:  # fine-tune: start from another run's weights (same architecture, same classes)
         init = checkpoint.load(recipe.init)
         lineage = stage_lineage(recipe.init, init)
-        if init.get("classes") not in (None, list(classes)):
-            raise UsageError(f"--init {recipe.init} was trained on classes {init['classes']}, not {list(classes)}")
+        if init.get("classes") not in (None, list(d.classes)):
+            raise UsageError(f"--init {recipe.init} was trained on classes {init['classes']}, not {list(d.classes)}")
         model.load_state_dict(init["state_dict"])
         if init.get("input"):  # keep the normalisation the weights were trained with
             mean, std = tuple(init["input"]["mean"]), tuple(init["input"]["std"])
-    spec = InputSpec(height=size, width=size, mean=mean, std=std, white_balance=recipe.white_balance)
+    spec = InputSpec(height=d.size, width=d.size, mean=mean, std=std, white_balance=recipe.white_balance)
+    return _Net(model, spec, lineage)
+
+
+def _loaders(recipe: Recipe, d: _TrainData, spec: InputSpec) -> _Loaders:
+    """The training batches (shuffled, or drawn by weight) and each source's validation batches."""
     gen_loader = torch.Generator().manual_seed(recipe.seed)
-    plain = len(parts) == 1 and not recipe.balanced and samples == len(data)
     sampler = (
         None
-        if plain
-        else torch.utils.data.WeightedRandomSampler(torch.from_numpy(weights), samples, generator=gen_loader)
+        if d.plain
+        else torch.utils.data.WeightedRandomSampler(torch.from_numpy(d.weights), d.samples, generator=gen_loader)
     )
     tl = torch.utils.data.DataLoader(
-        data,
+        d.data,
         batch_size=recipe.batch,
-        shuffle=plain,
+        shuffle=d.plain,
         sampler=sampler,
         num_workers=recipe.workers,
         generator=gen_loader,
         persistent_workers=recipe.workers > 0,
     )
-    vls = {s.name: _val_loader(s.val, spec, recipe.workers) for s in sources if s.val is not None}
+    vls = {s.name: _val_loader(s.val, spec, recipe.workers) for s in d.sources if s.val is not None}
+    return _Loaders(tl, vls)
+
+
+def _fit(recipe: Recipe, model: nn.Module, steps: int) -> _Fit:
+    """The optimizer and LR schedule (``steps`` batches an epoch), the loss, augmentation generator and EMA."""
     if recipe.optimizer == "sgd":
         opt = torch.optim.SGD(
             model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=True
@@ -624,7 +757,6 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     else:
         raise UsageError(f"optimizer must be sgd, adam or adamw, not {recipe.optimizer!r}")
-    steps = len(tl)
     if recipe.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps)
     elif recipe.schedule == "cosine":
@@ -639,145 +771,174 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
     ema = Ema(model, recipe.ema) if recipe.ema else None
-    start, best, best_epoch, stale = 0, -1.0, -1, 0
-    last = out / "last.pt"
-    if last.exists():  # resume
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None and ck.get("scheduler"):
-            sched.load_state_dict(ck["scheduler"])
-        if ema is not None and ck.get("ema_state_dict"):
-            ema.module.load_state_dict(ck["ema_state_dict"])
-            ema.t = ck["ema_steps"]
-        start, best, best_epoch, stale = ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"]
-        gen.set_state(ck["gen"])
-    meta = dict(
+    return _Fit(opt, sched, per_step, loss_fn, gen, ema)
+
+
+def _resume(last: Path, model: nn.Module, fit: _Fit) -> _RunState:
+    """Where to start: from scratch, or (``last`` exists) where the interrupted run stopped, its state restored."""
+    if not last.exists():
+        return _RunState()
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    model.load_state_dict(ck["state_dict"])
+    fit.opt.load_state_dict(ck["optimizer"])
+    if fit.sched is not None and ck.get("scheduler"):
+        fit.sched.load_state_dict(ck["scheduler"])
+    if fit.ema is not None and ck.get("ema_state_dict"):
+        fit.ema.module.load_state_dict(ck["ema_state_dict"])
+        fit.ema.t = ck["ema_steps"]
+    fit.gen.set_state(ck["gen"])
+    return _RunState(ck["epoch"] + 1, ck["best"], ck["best_epoch"], ck["stale"])
+
+
+def _checkpoint_meta(recipe: Recipe, d: _TrainData, net: _Net) -> dict[str, Any]:
+    """What every checkpoint records besides its weights: the model, its input, the data and the recipe."""
+    first = d.sources[0]
+    return dict(
         arch=recipe.arch,
         arch_kwargs=recipe.arch_kwargs,
-        classes=list(classes),
-        input=asdict(spec),
+        classes=list(d.classes),
+        input=asdict(net.spec),
         data={
-            "path": str(sources[0].path),
-            "train_digest": first.digest,
-            "val_digest": sources[0].val.digest if sources[0].val is not None else None,
+            "path": str(first.path),
+            "train_digest": first.parts[0][0].digest,
+            "val_digest": first.val.digest if first.val is not None else None,
             "extra": [
                 {"path": str(p), "images": len(ex), "digest": ex.digest, "repeat": recipe.extra_repeat}
-                for p, (ex, _) in zip(recipe.extra_data, sources[0].parts[1:])
+                for p, (ex, _) in zip(recipe.extra_data, first.parts[1:])
             ],
-            "sources": [s.describe() for s in sources],
-            "samples_per_epoch": samples,
+            "sources": [s.describe() for s in d.sources],
+            "samples_per_epoch": d.samples,
         },
         recipe=asdict(recipe),
-        lineage=lineage,
+        lineage=net.lineage,
     )
-    for s in sources:
-        if s.dropped:
-            print(f"{s.name}: classes not in the model, left out: {s.dropped}", file=sys.stderr)
-    log = open(out / "train.log.jsonl", "a", encoding="utf-8")
-    t0 = time.time()
-    final = model
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        disable=not progress,
-    ) as bar:
-        ep_task = bar.add_task("epochs", total=recipe.epochs, completed=start, info="")
-        for epoch in range(start, recipe.epochs):
-            model.train()
-            st = bar.add_task(f"epoch {epoch + 1}", total=steps, info="")
-            tot, correct, seen = 0.0, 0, 0
-            drawn = np.zeros(len(sources), np.int64)
-            for x, y, src in tl:
-                x = to_model_input(
-                    augment(x.permute(0, 3, 1, 2).float() / 255, recipe.aug, gen, recipe.aug_strength), spec
-                )
-                logits = model(x)
-                loss = loss_fn(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if per_step:
-                    sched.step()
-                if ema is not None:
-                    ema.update(model)
-                drawn += np.bincount(src.numpy(), minlength=len(sources))
-                tot += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                bar.update(st, advance=1, info=f"loss {tot / seen:.3f} acc {correct / seen:.3f}")
-            bar.remove_task(st)
-            final = ema.module if ema is not None else model
-            val = {}
-            for name, vl in vls.items():
-                probs, labels = predict(final, vl)
-                val[name] = float((probs.argmax(1) == labels).mean())
-            val_acc = float(np.mean(list(val.values()))) if val else None
-            if sched is not None and not per_step and val_acc is not None:
-                sched.step(val_acc)
-            if val_acc is not None and val_acc > best:
-                best, best_epoch, stale = val_acc, epoch, 0
-                checkpoint.save(
-                    out / "best.pt",
-                    **meta,
-                    state_dict=final.state_dict(),
-                    epoch=epoch,
-                    metrics={"val_accuracy": val_acc, "val_by_source": val},
-                )
-            else:
-                stale += 1
-            rec = {
-                "epoch": epoch + 1,
-                "train_loss": tot / seen,
-                "train_acc": correct / seen,
-                "val_acc": val_acc,
-                "val_by_source": val,
-                "drawn_by_source": {s.name: int(n) for s, n in zip(sources, drawn)},
-                "lr": opt.param_groups[0]["lr"],
-                "best": best,
-                "seconds": round(time.time() - t0, 1),
-            }
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            torch.save(
-                {
-                    "state_dict": model.state_dict(),
-                    "ema_state_dict": ema.module.state_dict() if ema is not None else None,
-                    "ema_steps": ema.t if ema is not None else 0,
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "epoch": epoch,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "stale": stale,
-                    "gen": gen.get_state(),
-                },
-                last,
-            )
-            checkpoint.save(
-                out / "final.pt",
-                **meta,
-                state_dict=final.state_dict(),
-                epoch=epoch,
-                metrics={"val_accuracy": val_acc, "val_by_source": val},
-            )
-            per_source = " ".join(f"{k} {v:.4f}" for k, v in val.items())
-            bar.update(ep_task, advance=1, info=f"val {per_source or 'none'}")
-            if progress:
-                bar.console.print(f"epoch {epoch + 1}: loss {tot / seen:.3f}, val {per_source or '(no val split)'}")
-            if recipe.early_stop and stale >= recipe.early_stop:
-                break
-            if recipe.max_minutes and (time.time() - t0) / 60 > recipe.max_minutes:
-                break
-    log.close()
-    return {
-        "best_checkpoint": str(out / "best.pt") if best_epoch >= 0 else None,
-        "final_checkpoint": str(out / "final.pt"),
-        "best_epoch": best_epoch + 1 if best_epoch >= 0 else None,
-        "val_accuracy": best if best_epoch >= 0 else None,
-        "minutes": round((time.time() - t0) / 60, 2),
-        "log": str(out / "train.log.jsonl"),
+
+
+def _train_epoch(
+    recipe: Recipe,
+    net: _Net,
+    tl: torch.utils.data.DataLoader,
+    fit: _Fit,
+    n_sources: int,
+    bar,  # noqa: ANN001 - rich.progress.Progress
+    epoch: int,
+) -> _Epoch:
+    """One pass over the training batches: augment, step (and the per-step schedule), update the EMA."""
+    model = net.model
+    model.train()
+    st = bar.add_task(f"epoch {epoch + 1}", total=len(tl), info="")
+    tot, correct, seen = 0.0, 0, 0
+    drawn = np.zeros(n_sources, np.int64)
+    for x, y, src in tl:
+        x = to_model_input(
+            augment(x.permute(0, 3, 1, 2).float() / 255, recipe.aug, fit.gen, recipe.aug_strength), net.spec
+        )
+        logits = model(x)
+        loss = fit.loss_fn(logits, y)
+        fit.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        fit.opt.step()
+        if fit.per_step:
+            fit.sched.step()
+        if fit.ema is not None:
+            fit.ema.update(model)
+        drawn += np.bincount(src.numpy(), minlength=n_sources)
+        tot += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.update(st, advance=1, info=f"loss {tot / seen:.3f} acc {correct / seen:.3f}")
+    bar.remove_task(st)
+    return _Epoch(tot / seen, correct / seen, drawn)
+
+
+def _accuracy(model: nn.Module, loader) -> float:  # noqa: ANN001
+    probs, labels = predict(model, loader)
+    return float((probs.argmax(1) == labels).mean())
+
+
+def _keep_best(
+    out: Path,
+    epoch: int,
+    final: nn.Module,
+    fit: _Fit,
+    state: _RunState,
+    meta: dict[str, Any],
+    val: dict[str, float],
+    val_acc: float | None,
+) -> _RunState:
+    """Step the plateau schedule; write ``best.pt`` when the mean val accuracy improved. Returns the new progress."""
+    if fit.sched is not None and not fit.per_step and val_acc is not None:
+        fit.sched.step(val_acc)
+    if val_acc is not None and val_acc > state.best:
+        checkpoint.save(
+            out / "best.pt",
+            **meta,
+            state_dict=final.state_dict(),
+            epoch=epoch,
+            metrics={"val_accuracy": val_acc, "val_by_source": val},
+        )
+        return _RunState(state.start, val_acc, epoch, 0)
+    return _RunState(state.start, state.best, state.best_epoch, state.stale + 1)
+
+
+def _log_epoch(
+    log,  # noqa: ANN001 - the open train.log.jsonl
+    epoch: int,
+    ep: _Epoch,
+    val: dict[str, float],
+    val_acc: float | None,
+    sources: list[Source],
+    fit: _Fit,
+    state: _RunState,
+    t0: float,
+) -> None:
+    """The epoch's line in ``train.log.jsonl``."""
+    rec = {
+        "epoch": epoch + 1,
+        "train_loss": ep.loss,
+        "train_acc": ep.acc,
+        "val_acc": val_acc,
+        "val_by_source": val,
+        "drawn_by_source": {s.name: int(n) for s, n in zip(sources, ep.drawn)},
+        "lr": fit.opt.param_groups[0]["lr"],
+        "best": state.best,
+        "seconds": round(time.time() - t0, 1),
     }
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+def _save_epoch(
+    out: Path,
+    epoch: int,
+    model: nn.Module,
+    final: nn.Module,
+    fit: _Fit,
+    state: _RunState,
+    meta: dict[str, Any],
+    val: dict[str, float],
+    val_acc: float | None,
+) -> None:
+    """Write ``last.pt`` (everything a resumed run needs) and ``final.pt`` (this epoch's evaluated weights)."""
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "ema_state_dict": fit.ema.module.state_dict() if fit.ema is not None else None,
+            "ema_steps": fit.ema.t if fit.ema is not None else 0,
+            "optimizer": fit.opt.state_dict(),
+            "scheduler": fit.sched.state_dict() if fit.sched is not None else None,
+            "epoch": epoch,
+            "best": state.best,
+            "best_epoch": state.best_epoch,
+            "stale": state.stale,
+            "gen": fit.gen.get_state(),
+        },
+        out / "last.pt",
+    )
+    checkpoint.save(
+        out / "final.pt",
+        **meta,
+        state_dict=final.state_dict(),
+        epoch=epoch,
+        metrics={"val_accuracy": val_acc, "val_by_source": val},
+    )
