@@ -121,142 +121,252 @@ def search_int8(
     """
     fp32 = Path(fp32_onnx)
     out = Path(out) if out is not None else fp32.with_suffix(".int8.onnx")
-    records: list[dict[str, Any]] = []
     if baseline is None:
         baseline = float(eval_fn(fp32))
-    settings = list(settings) if settings is not None else [(m, pc) for pc in (True, False) for m in _ORDER]
-    skip_set = {(m, bool(pc)) for m, pc in skip}
+    plan = _Plan(
+        max_drop,
+        list(settings) if settings is not None else [(m, pc) for pc in (True, False) for m in _ORDER],
+        {(m, bool(pc)) for m, pc in skip},
+        analysis_batches,
+        max_float_fraction,
+        max_trials,
+    )
     with tempfile.TemporaryDirectory(prefix="hemaedge-qsearch-") as tmpdir:
-        tmp = Path(tmpdir)
-        best: tuple[float, str, bool, Path] | None = None
-
-        seen: dict[tuple, tuple[float, Path]] = {}
-
-        def trial(stage: str, method: str, per_channel: bool, exclude: Sequence[str], name: str) -> tuple[float, Path]:
-            key = (method, per_channel, tuple(sorted(exclude)))
-            if key in seen:  # overlapping groups can give the same float set for two k
-                return seen[key]
-            t = time.time()
-            path = tmp / f"{name}.onnx"
-            with entropy_bins() if method == "entropy" else contextlib.nullcontext():
-                quantize_int8(fp32, path, calib_reader_factory(), method, per_channel, exclude=list(exclude))
-            acc = float(eval_fn(path))
-            drop = (baseline - acc) * 100
-            rec = {
-                "stage": stage,
-                "method": method,
-                "per_channel": per_channel,
-                "float_nodes": len(exclude),
-                "accuracy": round(acc, 5),
-                "drop": round(drop, 3),
-                "seconds": round(time.time() - t, 1),
-            }
-            records.append(rec)
-            log(
-                f"  int8 search ({stage}) {method}, {'per-channel' if per_channel else 'per-tensor'}"
-                f"{f', {len(exclude)} float nodes' if exclude else ''}: accuracy {acc:.4f}, drop {drop:+.2f} pts"
+        trials = _Trials(fp32, Path(tmpdir), calib_reader_factory, eval_fn, baseline, log)
+        first = _calibration_settings(plan, trials)
+        if first.passed:
+            drop, (method, per_channel) = first.best.drop, first.best.setting
+            shutil.copyfile(first.best.path, out)
+            return SearchResult(
+                out, method, per_channel, [], drop, trials.records, baseline - drop / 100, baseline, True
             )
-            seen[key] = (drop, path)
-            return drop, path
+        ranking = _rank(fp32, first.best, calib_reader_factory, plan, log)
+        fallback = _float_fallback(plan, trials, ranking, first.best)
+        k_best = _smallest_passing(plan, trials, ranking, fallback)
+        return _result(plan, trials, ranking, k_best, fallback.tried[k_best], out)
 
-        # Step 1: calibration settings.
-        for method, per_channel in settings:
-            if method not in METHODS:
-                raise ValueError(f"unknown calibration method {method!r}")
-            if (method, per_channel) in skip_set:
-                continue
-            drop, path = trial("calibration", method, per_channel, (), f"{method}_{int(per_channel)}")
-            if best is None or drop < best[0]:
-                best = (drop, method, per_channel, path)
-            if drop <= max_drop:
-                shutil.copyfile(path, out)
-                return SearchResult(out, method, per_channel, [], drop, records, baseline - drop / 100, baseline, True)
-        if best is None:  # every setting skipped: re-run the first so there is a model to analyse
-            method, per_channel = settings[0]
-            drop, path = trial("calibration", method, per_channel, (), "base")
-            best = (drop, method, per_channel, path)
-        drop0, method, per_channel, qdq0 = best
 
-        # Step 2: rank nodes by the noise they add, keep the worst in float.
+@dataclass
+class _Plan:
+    """The gate and the search's limits, as ``search_int8`` was asked for them."""
+
+    max_drop: float
+    settings: list[tuple[str, bool]]  # step 1's candidates, in order (also re-tried with a float set)
+    skip: set[tuple[str, bool]]
+    analysis_batches: int
+    max_float_fraction: float
+    max_trials: int
+
+
+@dataclass
+class _Candidate:
+    """One quantized candidate: its accuracy drop (points), its file and its calibration setting."""
+
+    drop: float
+    path: Path
+    setting: tuple[str, bool]
+
+
+@dataclass
+class _Trials:
+    """Quantizes and evaluates candidates, logging each; keeps the records and never runs one twice."""
+
+    fp32: Path
+    tmp: Path
+    calib_reader_factory: Callable[[], Any]
+    eval_fn: Callable[[Path], float]
+    baseline: float
+    log: Callable[[str], None]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    seen: dict[tuple, tuple[float, Path]] = field(default_factory=dict)
+
+    def run(self, stage: str, method: str, per_channel: bool, exclude: Sequence[str], name: str) -> tuple[float, Path]:
+        """``(drop, path)`` of ``method``/``per_channel`` with ``exclude`` kept in float."""
+        key = (method, per_channel, tuple(sorted(exclude)))
+        if key in self.seen:  # overlapping groups can give the same float set for two k
+            return self.seen[key]
         t = time.time()
-        ranking = rank_nodes(fp32, qdq0, calib_reader_factory(), max_batches=analysis_batches)
-        log(
-            f"  int8 search: ranked {len(ranking)} quantized nodes by added quantization noise in "
-            f"{time.time() - t:.0f} s; worst: " + ", ".join(f"{lab} ({db:.1f} dB)" for _, lab, db, _ in ranking[:3])
+        path = self.tmp / f"{name}.onnx"
+        with entropy_bins() if method == "entropy" else contextlib.nullcontext():
+            quantize_int8(self.fp32, path, self.calib_reader_factory(), method, per_channel, exclude=list(exclude))
+        acc = float(self.eval_fn(path))
+        drop = (self.baseline - acc) * 100
+        rec = {
+            "stage": stage,
+            "method": method,
+            "per_channel": per_channel,
+            "float_nodes": len(exclude),
+            "accuracy": round(acc, 5),
+            "drop": round(drop, 3),
+            "seconds": round(time.time() - t, 1),
+        }
+        self.records.append(rec)
+        self.log(
+            f"  int8 search ({stage}) {method}, {'per-channel' if per_channel else 'per-tensor'}"
+            f"{f', {len(exclude)} float nodes' if exclude else ''}: accuracy {acc:.4f}, drop {drop:+.2f} pts"
         )
-        labels = {n: lab for n, lab, _, _ in ranking}
-        top = [(n, lab, round(db, 2)) for n, lab, db, _ in ranking[:20]]
+        self.seen[key] = (drop, path)
+        return drop, path
 
-        def excluded_for(k: int) -> list[str]:
-            return list(dict.fromkeys(m for _, _, _, group in ranking[:k] for m in group))
 
-        limit = max(1, int(len(ranking) * max_float_fraction)) if ranking else 0
-        current = (method, per_channel)
-        tried: dict[int, tuple[float, Path, tuple[str, bool]]] = {0: (drop0, qdq0, current)}
-        k, prev_k, passing, failing, reselected = 1, 0, None, 0, False
-        while k <= limit and len(tried) - 1 < max_trials:
-            d, p = trial("float-fallback", *current, excluded_for(k), f"mixed_{k}")
-            if d > max_drop and not reselected and d < 0.5 * tried[prev_k][0]:
-                # Keeping these nodes in float changed the picture (e.g. an outlier path is gone): the
-                # calibration setting that was least bad with everything quantized may not be best now.
-                reselected = True
-                tried_here = current
-                for m, pc in settings:
-                    if (m, pc) == tried_here:
-                        continue
-                    d2, p2 = trial("re-select setting", m, pc, excluded_for(k), f"mixed_{k}_{m}_{int(pc)}")
-                    if d2 < d:
-                        d, p, current = d2, p2, (m, pc)
-                    if d <= max_drop:
-                        break
-            tried[k] = (d, p, current)
-            if d <= max_drop:
-                passing = k
-                break
-            failing, prev_k = k, k
-            k = min(limit, k * 2) if k < limit else limit + 1
-        if passing is not None:
-            lo, hi = failing, passing  # lo fails, hi passes: bisect for the smallest passing k
-            while hi - lo > 1 and len(tried) - 1 < max_trials:
-                mid = (lo + hi) // 2
-                d, p = trial("float-fallback", *current, excluded_for(mid), f"mixed_{mid}")
-                tried[mid] = (d, p, current)
-                if d <= max_drop:
-                    hi = mid
-                else:
-                    lo = mid
-            k_best = hi
+@dataclass
+class _Settings:
+    """Step 1's outcome: the least bad calibration setting, and whether it met the gate there."""
+
+    best: _Candidate
+    passed: bool
+
+
+@dataclass
+class _Ranking:
+    """Step 2's ranking: quantized nodes, worst first, with their labels and how many may go to float."""
+
+    nodes: list[tuple[str, str, float, list[str]]]  # rank_nodes: (node, label, SQNR dB, float set)
+    labels: dict[str, str]
+    top: list[tuple[str, str, float]]  # the first 20, for the result
+    limit: int  # most nodes kept in float (max_float_fraction)
+
+    def excluded_for(self, k: int) -> list[str]:
+        """The nodes kept in float for the ``k`` worst: each with the producers of its inputs."""
+        return list(dict.fromkeys(m for _, _, _, group in self.nodes[:k] for m in group))
+
+
+@dataclass
+class _Fallback:
+    """The float sets tried (by k, 0 = everything quantized), the first passing k and the last failing one."""
+
+    tried: dict[int, _Candidate]
+    passing: int | None
+    failing: int
+
+
+def _calibration_settings(plan: _Plan, trials: _Trials) -> _Settings:
+    """Step 1: every calibration setting in order until one is within the gate; else the least bad one."""
+    best: _Candidate | None = None
+    for method, per_channel in plan.settings:
+        if method not in METHODS:
+            raise ValueError(f"unknown calibration method {method!r}")
+        if (method, per_channel) in plan.skip:
+            continue
+        drop, path = trials.run("calibration", method, per_channel, (), f"{method}_{int(per_channel)}")
+        if best is None or drop < best.drop:
+            best = _Candidate(drop, path, (method, per_channel))
+        if drop <= plan.max_drop:
+            return _Settings(_Candidate(drop, path, (method, per_channel)), True)
+    if best is None:  # every setting skipped: re-run the first so there is a model to analyse
+        method, per_channel = plan.settings[0]
+        drop, path = trials.run("calibration", method, per_channel, (), "base")
+        best = _Candidate(drop, path, (method, per_channel))
+    return _Settings(best, False)
+
+
+def _rank(
+    fp32: Path, start: _Candidate, calib_reader_factory: Callable[[], Any], plan: _Plan, log: Callable[[str], None]
+) -> _Ranking:
+    """Step 2a: rank the quantized nodes of the step-1 model by the noise they add."""
+    t = time.time()
+    ranking = rank_nodes(fp32, start.path, calib_reader_factory(), max_batches=plan.analysis_batches)
+    log(
+        f"  int8 search: ranked {len(ranking)} quantized nodes by added quantization noise in "
+        f"{time.time() - t:.0f} s; worst: " + ", ".join(f"{lab} ({db:.1f} dB)" for _, lab, db, _ in ranking[:3])
+    )
+    return _Ranking(
+        ranking,
+        {n: lab for n, lab, _, _ in ranking},
+        [(n, lab, round(db, 2)) for n, lab, db, _ in ranking[:20]],
+        max(1, int(len(ranking) * plan.max_float_fraction)) if ranking else 0,
+    )
+
+
+def _float_fallback(plan: _Plan, trials: _Trials, ranking: _Ranking, start: _Candidate) -> _Fallback:
+    """Step 2b: keep the k worst nodes in float, k = 1, 2, 4 ... until the drop is within the gate."""
+    current = start.setting
+    tried: dict[int, _Candidate] = {0: start}
+    k, prev_k, passing, failing, reselected = 1, 0, None, 0, False
+    while k <= ranking.limit and len(tried) - 1 < plan.max_trials:
+        d, p = trials.run("float-fallback", *current, ranking.excluded_for(k), f"mixed_{k}")
+        cand = _Candidate(d, p, current)
+        if d > plan.max_drop and not reselected and d < 0.5 * tried[prev_k].drop:
+            reselected = True
+            cand = _reselect(plan, trials, ranking, k, cand)
+            current = cand.setting
+        tried[k] = cand
+        if cand.drop <= plan.max_drop:
+            passing = k
+            break
+        failing, prev_k = k, k
+        k = min(ranking.limit, k * 2) if k < ranking.limit else ranking.limit + 1
+    return _Fallback(tried, passing, failing)
+
+
+def _reselect(plan: _Plan, trials: _Trials, ranking: _Ranking, k: int, cand: _Candidate) -> _Candidate:
+    """Re-try the other calibration settings with the k worst nodes in float; the best candidate.
+
+    Keeping these nodes in float changed the picture (e.g. an outlier path is gone): the
+    calibration setting that was least bad with everything quantized may not be best now.
+    """
+    tried_here = cand.setting
+    for m, pc in plan.settings:
+        if (m, pc) == tried_here:
+            continue
+        d2, p2 = trials.run("re-select setting", m, pc, ranking.excluded_for(k), f"mixed_{k}_{m}_{int(pc)}")
+        if d2 < cand.drop:
+            cand = _Candidate(d2, p2, (m, pc))
+        if cand.drop <= plan.max_drop:
+            break
+    return cand
+
+
+def _smallest_passing(plan: _Plan, trials: _Trials, ranking: _Ranking, fallback: _Fallback) -> int:
+    """Step 2c: bisect for the smallest passing k (adding to ``fallback.tried``); the least bad k if none passed."""
+    tried = fallback.tried
+    if fallback.passing is None:
+        return min(tried, key=lambda kk: tried[kk].drop)
+    current = tried[fallback.passing].setting
+    lo, hi = fallback.failing, fallback.passing  # lo fails, hi passes
+    while hi - lo > 1 and len(tried) - 1 < plan.max_trials:
+        mid = (lo + hi) // 2
+        d, p = trials.run("float-fallback", *current, ranking.excluded_for(mid), f"mixed_{mid}")
+        tried[mid] = _Candidate(d, p, current)
+        if d <= plan.max_drop:
+            hi = mid
         else:
-            k_best = min(tried, key=lambda kk: tried[kk][0])
-        drop, path, (method, per_channel) = tried[k_best]
-        shutil.copyfile(path, out)
-        excluded = excluded_for(k_best)
-        excluded_labels = [labels.get(n, n) for n in excluded]
-        records.append(
-            {
-                "stage": "result",
-                "method": method,
-                "per_channel": per_channel,
-                "float_nodes": len(excluded),
-                "float_node_labels": excluded_labels,
-                "drop": round(drop, 3),
-                "passed": drop <= max_drop,
-                "ranking_top10": [list(r) for r in top[:10]],
-            }
-        )
-        return SearchResult(
-            out,
-            method,
-            per_channel,
-            excluded,
-            drop,
-            records,
-            baseline - drop / 100,
-            baseline,
-            drop <= max_drop,
-            excluded_labels,
-            top,
-        )
+            lo = mid
+    return hi
+
+
+def _result(plan: _Plan, trials: _Trials, ranking: _Ranking, k_best: int, best: _Candidate, out: Path) -> SearchResult:
+    """Write the chosen model to ``out``, record the outcome and return it."""
+    drop, (method, per_channel) = best.drop, best.setting
+    shutil.copyfile(best.path, out)
+    excluded = ranking.excluded_for(k_best)
+    excluded_labels = [ranking.labels.get(n, n) for n in excluded]
+    trials.records.append(
+        {
+            "stage": "result",
+            "method": method,
+            "per_channel": per_channel,
+            "float_nodes": len(excluded),
+            "float_node_labels": excluded_labels,
+            "drop": round(drop, 3),
+            "passed": drop <= plan.max_drop,
+            "ranking_top10": [list(r) for r in ranking.top[:10]],
+        }
+    )
+    baseline = trials.baseline
+    return SearchResult(
+        out,
+        method,
+        per_channel,
+        excluded,
+        drop,
+        trials.records,
+        baseline - drop / 100,
+        baseline,
+        drop <= plan.max_drop,
+        excluded_labels,
+        ranking.top,
+    )
 
 
 _ORDER = ("entropy", "percentile", "minmax")

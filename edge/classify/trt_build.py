@@ -484,17 +484,111 @@ def build_for_bundle(
     """
     log = log or (lambda _msg: None)
     t0 = time.monotonic()
-    if precision not in ENGINE_PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(ENGINE_PRECISIONS)}, not {precision!r}")
-    if implicit_int8 and precision != "int8":
-        raise UsageError("--implicit-int8 only applies to --precision int8")
-    if calib_dir is not None and not implicit_int8:
-        raise UsageError("--calib is used only with --implicit-int8 (explicit INT8 carries the workstation's scales)")
-    if calib_batch < 1 or calib_samples < 1:
-        raise UsageError("--calib-batch and --calib-samples must be positive")
+    opts = _BuildOptions(
+        precision,
+        implicit_int8,
+        calib_dir,
+        calib_samples,
+        calib_batch,
+        recalibrate,
+        profile,
+        allow_fp16_fallback,
+        workspace_mb,
+    )
+    opts.validate()
+    bundle = _writable_bundle(bundle_path, opts)
+    gpu = _open_gpu(trt, cudart, log)
+    target = _choose_precision(gpu, opts, log)
+    calib = _calibration(bundle, gpu, opts, target.built, log)
+    notes = target.notes + calib.notes
+    engine = _build_engine(bundle, gpu, opts, target.built, calib, log)
+    out = _write_engine(bundle, gpu, opts, target.built, engine, calib, notes, log)
+    return EngineBuild(
+        out,
+        precision,
+        target.built,
+        engine.mode,
+        gpu.station.trt_version,
+        gpu.station.gpu,
+        engine.profile,
+        time.monotonic() - t0,
+        calib.text,
+        notes,
+    )
+
+
+@dataclass
+class _BuildOptions:
+    """What ``build_for_bundle`` was asked to build, and how (its arguments, bar the bundle and the overrides)."""
+
+    precision: str
+    implicit_int8: bool
+    calib_dir: str | os.PathLike | None
+    calib_samples: int
+    calib_batch: int
+    recalibrate: bool
+    profile: BatchProfile
+    allow_fp16_fallback: bool
+    workspace_mb: int | None
+
+    def validate(self) -> None:
+        """Refuse a contradictory request before any work."""
+        if self.precision not in ENGINE_PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(ENGINE_PRECISIONS)}, not {self.precision!r}")
+        if self.implicit_int8 and self.precision != "int8":
+            raise UsageError("--implicit-int8 only applies to --precision int8")
+        if self.calib_dir is not None and not self.implicit_int8:
+            raise UsageError(
+                "--calib is used only with --implicit-int8 (explicit INT8 carries the workstation's scales)"
+            )
+        if self.calib_batch < 1 or self.calib_samples < 1:
+            raise UsageError("--calib-batch and --calib-samples must be positive")
+
+
+@dataclass
+class _Gpu:
+    """TensorRT and the CUDA runtime opened on this station, with the builder and its logger."""
+
+    trt: Any
+    cuda: CudaRuntime
+    station: Any  # probe_station's record: TensorRT version, GPU and its slug
+    logger: Any
+    builder: Any
+
+
+@dataclass
+class _Target:
+    """The precision to build (INT8 may become FP16 on a GPU without fast INT8) and the notes saying why."""
+
+    built: str
+    notes: list[str]
+
+
+@dataclass
+class _Calib:
+    """Implicit INT8's calibrator (None otherwise), what the log says about it, its cache key and notes."""
+
+    calibrator: Any = None
+    text: str = ""
+    key: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Engine:
+    """The serialized engine, its effective batch profile, the build mode and the ONNX artifact it came from."""
+
+    plan: bytes
+    profile: BatchProfile
+    mode: str
+    source: Artifact
+
+
+def _writable_bundle(bundle_path: str | os.PathLike | Bundle, opts: _BuildOptions) -> Bundle:
+    """Load the bundle; refuse explicit INT8 without a TensorRT-compatible QDQ model, or a read-only bundle."""
     bundle = bundle_path if isinstance(bundle_path, Bundle) else load_bundle(bundle_path)
     manifest = bundle.manifest
-    if precision == "int8" and not implicit_int8:
+    if opts.precision == "int8" and not opts.implicit_int8:
         if "int8" not in manifest.precisions("onnx"):
             raise UsageError(
                 f"bundle '{manifest.name}' has no int8 (QDQ) ONNX model: re-export with --int8, "
@@ -510,68 +604,104 @@ def build_for_bundle(
         raise UsageError(
             f"bundle {bundle.path} is not writable; copy it somewhere writable to add this station's engine"
         )
+    return bundle
 
+
+def _open_gpu(trt: Any, cudart: Any, log: Log) -> _Gpu:
+    """Open TensorRT (or the override) and the CUDA runtime, probe the station, make the builder."""
     trt = trt if trt is not None else load_tensorrt()
     cuda = CudaRuntime(cudart)
     station = probe_station(trt, cuda)
     logger = make_logger(trt, echo=log)
-    builder = trt.Builder(logger)
-    fast_int8, fast_fp16 = fast_precisions(builder, station.gpu)
-    built, note = plan_precision(precision, fast_int8, fast_fp16, allow_fp16_fallback, station.gpu)
-    notes = [note] if note else []
+    return _Gpu(trt, cuda, station, logger, trt.Builder(logger))
+
+
+def _choose_precision(gpu: _Gpu, opts: _BuildOptions, log: Log) -> _Target:
+    """The precision this GPU builds for the request (logged when it differs)."""
+    fast_int8, fast_fp16 = fast_precisions(gpu.builder, gpu.station.gpu)
+    built, note = plan_precision(opts.precision, fast_int8, fast_fp16, opts.allow_fp16_fallback, gpu.station.gpu)
     if note:
         log(note)
+    return _Target(built, [note] if note else [])
 
-    calibrator = None
-    calibration = ""
-    key: dict[str, Any] = {}
-    if built == "int8" and implicit_int8:
-        key = calibration_key(manifest, station.trt_version)
-        cached, stale = cache_status(manifest, key)
-        spec = manifest.input
-        batch_shape = (calib_batch, spec.channels, spec.height, spec.width)
-        if cached is not None and not recalibrate:
-            calibration = (
-                f"reused calibration cache {cached.file} (model, input shape, preprocessing and TensorRT match)"
-            )
-            calibrator = make_calibrator(trt, cuda, (), batch_shape, cache=bundle.file(cached).read_bytes())
+
+def _calibration(bundle: Bundle, gpu: _Gpu, opts: _BuildOptions, built: str, log: Log) -> _Calib:
+    """Implicit INT8: a calibrator from the bundle's matching cache, else from ``calib_dir``'s images."""
+    if not (built == "int8" and opts.implicit_int8):
+        return _Calib()
+    manifest = bundle.manifest
+    key = calibration_key(manifest, gpu.station.trt_version)
+    cached, stale = cache_status(manifest, key)
+    spec = manifest.input
+    batch_shape = (opts.calib_batch, spec.channels, spec.height, spec.width)
+    if cached is not None and not opts.recalibrate:
+        calibration = f"reused calibration cache {cached.file} (model, input shape, preprocessing and TensorRT match)"
+        calibrator = make_calibrator(gpu.trt, gpu.cuda, (), batch_shape, cache=bundle.file(cached).read_bytes())
+    else:
+        if stale:
+            why = f"the bundle's calibration cache is stale ({stale})"
+        elif opts.recalibrate and cached is not None:
+            why = "--recalibrate ignores the bundle's calibration cache"
         else:
-            if stale:
-                why = f"the bundle's calibration cache is stale ({stale})"
-            elif recalibrate and cached is not None:
-                why = "--recalibrate ignores the bundle's calibration cache"
-            else:
-                why = "the bundle has no calibration cache"
-            if calib_dir is None:
-                raise UsageError(f"{why}: give calibration images with --calib DIR")
-            calibration = f"{why}: recalibrating"
-            images = load_calibration_images(calib_dir, calib_samples)
-            calibrator = make_calibrator(trt, cuda, calibration_batches(images, spec, calib_batch), batch_shape)
-            calibration += f" with {len(images)} images from {calib_dir}"
-        log(calibration)
-        notes.append(calibration)
-        if int(str(station.trt_version).split(".")[0]) >= 10:
-            notes.append(
-                "implicit INT8 calibration is deprecated since TensorRT 10.1; the bundle's explicit QDQ INT8 is preferred"
-            )
+            why = "the bundle has no calibration cache"
+        if opts.calib_dir is None:
+            raise UsageError(f"{why}: give calibration images with --calib DIR")
+        calibration = f"{why}: recalibrating"
+        images = load_calibration_images(opts.calib_dir, opts.calib_samples)
+        batches = calibration_batches(images, spec, opts.calib_batch)
+        calibrator = make_calibrator(gpu.trt, gpu.cuda, batches, batch_shape)
+        calibration += f" with {len(images)} images from {opts.calib_dir}"
+    log(calibration)
+    notes = [calibration]
+    if int(str(gpu.station.trt_version).split(".")[0]) >= 10:
+        notes.append(
+            "implicit INT8 calibration is deprecated since TensorRT 10.1; the bundle's explicit QDQ INT8 is preferred"
+        )
+    return _Calib(calibrator, calibration, key, notes)
 
-    mode = {"int8": "implicit-int8" if implicit_int8 else "explicit-int8"}.get(built, built)
+
+def _build_engine(bundle: Bundle, gpu: _Gpu, opts: _BuildOptions, built: str, calib: _Calib, log: Log) -> _Engine:
+    """Build the engine from the ONNX model the mode needs (the calibrator is freed afterwards, built or not)."""
+    mode = {"int8": "implicit-int8" if opts.implicit_int8 else "explicit-int8"}.get(built, built)
     source = bundle.onnx_path("int8") if mode == "explicit-int8" else bundle.onnx_path("fp32")
-    source_art = manifest.artifact("int8" if mode == "explicit-int8" else "fp32", "onnx")
+    source_art = bundle.manifest.artifact("int8" if mode == "explicit-int8" else "fp32", "onnx")
     log(
-        f"building {mode} engine from {source.name} for {station.gpu.name} with TensorRT {station.trt_version} "
-        "(this can take minutes)"
+        f"building {mode} engine from {source.name} for {gpu.station.gpu.name} with TensorRT "
+        f"{gpu.station.trt_version} (this can take minutes)"
     )
+    calibrator = calib.calibrator
     try:
         plan, profile = build_serialized(
-            trt, builder, logger, source, built, profile, calibrator=calibrator, workspace_mb=workspace_mb, log=log
+            gpu.trt,
+            gpu.builder,
+            gpu.logger,
+            source,
+            built,
+            opts.profile,
+            calibrator=calibrator,
+            workspace_mb=opts.workspace_mb,
+            log=log,
         )
     finally:
         if calibrator is not None:
             calibrator.free()
+    return _Engine(plan, profile, mode, source_art)
 
+
+def _write_engine(
+    bundle: Bundle,
+    gpu: _Gpu,
+    opts: _BuildOptions,
+    built: str,
+    engine: _Engine,
+    calib: _Calib,
+    notes: list[str],
+    log: Log,
+) -> Path:
+    """Write the engine (and a new calibration cache) into the bundle and list them in its manifest."""
+    station = gpu.station
     out = bundle.path / engine_file_name(station.trt_version, station.gpu_slug, built)
-    _write_atomic(out, plan)
+    _write_atomic(out, engine.plan)
     bundle = add_artifact(
         bundle,
         out,
@@ -581,14 +711,15 @@ def build_for_bundle(
         gpu=station.gpu.name,
         gpu_slug=station.gpu_slug,
         compute_capability=station.gpu.compute_capability,
-        precision_requested=precision,
-        mode=mode,
-        source_onnx=source_art.file,
-        source_sha256=source_art.sha256,
-        profile={"min": profile.min, "opt": profile.opt, "max": profile.max},
+        precision_requested=opts.precision,
+        mode=engine.mode,
+        source_onnx=engine.source.file,
+        source_sha256=engine.source.sha256,
+        profile={"min": engine.profile.min, "opt": engine.profile.opt, "max": engine.profile.max},
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         notes=notes,
     )
+    calibrator = calib.calibrator
     if calibrator is not None and calibrator.written is not None:
         cache_path = bundle.path / CACHE_FILE
         _write_atomic(cache_path, calibrator.written)
@@ -597,21 +728,10 @@ def build_for_bundle(
             cache_path,
             CACHE_KIND,
             "int8",
-            **key,
+            **calib.key,
             algorithm=CALIBRATION_ALGORITHM,
             samples=calibrator.samples,
-            batch_size=calib_batch,
+            batch_size=opts.calib_batch,
         )
         log(f"wrote {CACHE_FILE} ({calibrator.samples} samples) into the bundle")
-    return EngineBuild(
-        out,
-        precision,
-        built,
-        mode,
-        station.trt_version,
-        station.gpu,
-        profile,
-        time.monotonic() - t0,
-        calibration,
-        notes,
-    )
+    return out
