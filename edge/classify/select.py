@@ -62,15 +62,20 @@ def normalise_preference(preference: str) -> str:
     return p
 
 
+def _require_int8(bundle: Bundle, have: list[str]) -> None:
+    """``--precision int8`` on a bundle without an INT8 ONNX model: a one-line UsageError saying what to do."""
+    if "int8" not in have:
+        raise UsageError(
+            f"bundle '{bundle.manifest.name}' has no int8 ONNX model (it has {have}); "
+            "use --precision fp32 or re-export with --int8"
+        )
+
+
 def _ort_precision(bundle: Bundle, choice: str, precision: str) -> tuple[str, str]:
     """Which ONNX artifact ONNX Runtime runs, and a note when it differs from the request."""
     have = bundle.manifest.precisions("onnx")
     if precision == "int8":
-        if "int8" not in have:
-            raise UsageError(
-                f"bundle '{bundle.manifest.name}' has no int8 ONNX model (it has {have}); "
-                "use --precision fp32 or re-export with --int8"
-            )
+        _require_int8(bundle, have)
         return "int8", ""
     if precision == "fp16":
         return "fp32", "fp16 is a TensorRT engine precision; ONNX Runtime runs the fp32 model"
@@ -120,11 +125,7 @@ def _wanted_precisions(bundle: Bundle, precision: str) -> tuple[list[str], str]:
     """The ONNX precisions a CPU runtime may run for a request, and a note when it differs from it."""
     have = bundle.manifest.precisions("onnx")
     if precision == "int8":
-        if "int8" not in have:
-            raise UsageError(
-                f"bundle '{bundle.manifest.name}' has no int8 ONNX model (it has {have}); "
-                "use --precision fp32 or re-export with --int8"
-            )
+        _require_int8(bundle, have)
         return ["int8"], ""
     if precision == "fp16":
         return ["fp32"], "fp16 is a TensorRT engine precision; the CPU runs the fp32 model"
