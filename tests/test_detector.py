@@ -153,6 +153,19 @@ def test_a_picture_through_an_eyepiece_is_searched_for_its_scale(detector_dir):
     assert any(found.px_per_um == pytest.approx(s.px_per_um * k) for k in (1.0, 0.7, 0.5))
     stated = LearnedSegmenter(detector_dir, scale=2.0)
     assert stated.eyepiece_search(f, stated.frame_scale(f)).px_per_um == 2.0
+    h, w = f.shape[:2]  # a camera picture rotated onto black (augmented copies): dark corners, no field stop
+    padded = cv2.warpAffine(
+        next(iter(SyntheticSource(seed=6, frames=1, rbc_px=16))).bgr(),
+        cv2.getRotationMatrix2D((w / 2, h / 2), 30, 1.0),
+        (w, h),
+    )
+    runs = []
+    real_run = plain.run
+    plain.run = lambda *a, **k: runs.append(1) or real_run(*a, **k)
+    s = plain.frame_scale(padded)
+    assert plain.eyepiece_search(padded, s) is s and not runs  # not searched at all
+    plain.eyepiece_search(f, plain.frame_scale(f))
+    assert len(runs) == 3  # the field stop is searched: the red-cell scale and two smaller ones
     session = LearnedSegmenter(detector_dir)
     for _ in range(12):
         session.detect(f)

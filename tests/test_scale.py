@@ -17,6 +17,7 @@ from hemaedge.edge.segment.scale import (
     estimate_scale,
     field_mask,
     frame_guess,
+    round_stop,
 )
 from hemaedge.edge.sources import SyntheticSource
 
@@ -97,6 +98,32 @@ def test_an_eyepiece_field_stop_is_found_and_its_cells_measured():
     assert field_mask(_frames(12.0, 1)[0].bgr()) is None
     s = estimate_scale(f)
     assert s is not None and 0.75 < s.rbc_px / 12.0 < 1.5
+
+
+def _rotated_onto_black(bgr: np.ndarray, angle: float) -> np.ndarray:
+    import cv2
+
+    h, w = bgr.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    return cv2.warpAffine(bgr, m, (w, h), borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+@pytest.mark.parametrize("radius", [220, 290])  # a field stop inside the frame; one cut by the frame
+def test_a_round_field_stop_is_told_from_the_straight_edges_of_padding(radius):
+    import cv2
+
+    f = _frames(12.0, 1)[0].bgr()
+    stop = f.copy()
+    mask = np.zeros(f.shape[:2], np.uint8)
+    cv2.circle(mask, (320, 240), radius, 1, -1)
+    stop[mask == 0] = 10
+    field = field_mask(stop)
+    assert field is not None and round_stop(field)
+    rotated = field_mask(_rotated_onto_black(f, 30))  # an augmented single-cell image: its corners are black
+    assert rotated is not None and not round_stop(rotated)
+    bar = f.copy()
+    bar[:, :120] = 0  # letter-boxed
+    assert field_mask(bar) is not None and not round_stop(field_mask(bar))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

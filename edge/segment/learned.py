@@ -300,7 +300,7 @@ class LearnedSegmenter:
         without a field stop (a microscope camera). A session searches its first frames and keeps the median
         choice (``_eyepiece_done`` after the session's scale is fixed).
         """
-        from hemaedge.edge.segment.scale import field_mask
+        from hemaedge.edge.segment.scale import field_mask, round_stop
 
         if scale.source == "user":
             self._eyepiece_done = True
@@ -313,7 +313,8 @@ class LearnedSegmenter:
                 self.session.correct(fixed)
                 return fixed
             return scale
-        if field_mask(bgr) is None:
+        field = field_mask(bgr)
+        if field is None or not round_stop(field):  # no surround, or the straight edges of padding
             return scale
         best, best_n = 1.0, -1
         for k in (1.0, *EYEPIECE_TRIES):

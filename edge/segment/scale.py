@@ -40,8 +40,10 @@ import numpy as np
 RBC_UM = 7.5  # a red cell's diameter in micrometres
 BLOB_TO_BOX = 0.84  # measured blob diameter / labelled red-cell box side (see the module docstring)
 MIN_PEAKS = 3  # fewer red-cell peaks than this: the frame says nothing about scale
-SESSION_FRAMES = 9
-SURROUND_MIN = 0.08  # share of the frame a field stop's dark surround covers at least  # frames whose median fixes a session's scale
+SESSION_FRAMES = 9  # frames whose median fixes a session's scale
+SURROUND_MIN = 0.08  # share of the frame a field stop's dark surround covers at least
+STOP_ROUNDNESS = 0.03  # a field stop's edge lies on a circle within this share of its radius (median)
+STRAIGHT_PX = 1.5  # an edge piece this close to a line (RMS pixels) is padding's straight edge, not a field stop's
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,41 @@ def field_mask(bgr: np.ndarray, dark: float = 0.35) -> np.ndarray | None:
     if surround.mean() < SURROUND_MIN:
         return None
     return (~surround).astype(np.uint8)
+
+
+def round_stop(field: np.ndarray, tolerance: float = STOP_ROUNDNESS) -> bool:
+    """Whether the lit field's edge is curved like an eyepiece's field stop, not straight like padding.
+
+    An image rotated or letter-boxed onto black (augmented single-cell sets, a scanned export) has a dark
+    surround too, bounded by straight lines. The field's edge pixels away from the frame border are split into
+    their connected pieces: padding's pieces each lie on a line (within ``STRAIGHT_PX``), a field stop's do not;
+    and all of a field stop's edge lies on one circle, within ``tolerance`` of its radius (median).
+    """
+    import cv2
+
+    inner = cv2.erode(field.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    edge = ((field > 0) & (inner == 0)).astype(np.uint8)
+    edge[:3], edge[-3:], edge[:, :3], edge[:, -3:] = 0, 0, 0, 0
+    n, lab = cv2.connectedComponents(edge, connectivity=8)
+    curved = False
+    for k in range(1, n):
+        pts = np.argwhere(lab == k).astype(np.float64)
+        if len(pts) < 10:
+            continue
+        spread = np.linalg.eigvalsh(np.cov((pts - pts.mean(0)).T))
+        curved |= float(np.sqrt(max(spread[0], 0.0))) > STRAIGHT_PX
+    ys, xs = np.nonzero(edge)
+    if not curved or len(xs) < 20:
+        return False
+    x, y = xs.astype(np.float64), ys.astype(np.float64)
+    a = np.stack([x, y, np.ones_like(x)], 1)
+    (d, e, f), *_ = np.linalg.lstsq(a, -(x * x + y * y), rcond=None)
+    cx, cy = -d / 2, -e / 2
+    r2 = cx * cx + cy * cy - f
+    if r2 <= 0:
+        return False
+    r = float(np.sqrt(r2))
+    return float(np.median(np.abs(np.hypot(x - cx, y - cy) - r))) <= tolerance * r
 
 
 def flatten(bgr: np.ndarray, field: np.ndarray) -> np.ndarray:
@@ -326,4 +363,5 @@ __all__ = [
     "measure_rbc",
     "rbc_peaks",
     "robust_diameter",
+    "round_stop",
 ]
