@@ -268,11 +268,31 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
+_STRENGTHS: dict[tuple, float | None] = {}
+
+
+def session_strength(images: ImageSet, spec, n: int = 2000) -> float | None:
+    """The stain strength of a set taken as one session (one microscope's cells, as ``evaluate --station`` takes a
+    labelled set): the median over up to ``n`` of its images, evenly spread (remembered per set and input size)."""
+    from hemaedge.edge.bundle.preprocess import resized, stain_strength
+
+    key = (images.digest or id(images), len(images), spec.height, spec.width, spec.colour_order, spec.resize)
+    if key not in _STRENGTHS:
+        if not len(images):
+            return None
+        idx = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).astype(int))
+        st = [stain_strength(resized(images.images(idx[s : s + 256]), spec)) for s in range(0, len(idx), 256)]
+        _STRENGTHS[key] = float(np.median(np.concatenate(st)))
+    return _STRENGTHS[key]
+
+
 def batches(images: ImageSet, spec, idx: np.ndarray | None = None, batch: int = 256):
-    """Yield ``(preprocessed NCHW float32, labels)`` batches with the shared preprocessing."""
+    """Yield ``(preprocessed NCHW float32, labels)`` batches with the shared preprocessing (a bundle with session
+    stain normalisation: the whole set is one session)."""
     from hemaedge.edge.bundle.preprocess import preprocess
 
+    stain = session_strength(images, spec) if getattr(spec, "stain_ref", 0) else None
     idx = np.arange(len(images)) if idx is None else np.asarray(idx)
     for s in range(0, len(idx), batch):
         part = idx[s : s + batch]
-        yield preprocess(images.images(part), spec), images.labels[part]
+        yield preprocess(images.images(part), spec, session=stain), images.labels[part]

@@ -531,7 +531,9 @@ class CountingSession:
             if self.stop_at_target and self.counter.done:
                 continue  # target reached: queued cells are neither stored nor counted
             found: Found = item.found
-            self._record(found, classify_crops(self.backend, self.bundle, found.crops), item.keyframes)
+            self._record(
+                found, classify_crops(self.backend, self.bundle, found.crops, self.finder.stain), item.keyframes
+            )
         with self._lock:
             if self._state not in (SessionState.FAILED, SessionState.DONE):
                 ended = self._source_done and not self._stop.is_set()

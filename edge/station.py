@@ -25,7 +25,7 @@ import numpy as np
 from hemaedge.edge.bundle import Bundle, load_bundle, preprocess
 from hemaedge.edge.bundle.class_groups import default_class_groups
 from hemaedge.edge.bundle.manifest import CropGeometry
-from hemaedge.edge.bundle.preprocess import cut_crop
+from hemaedge.edge.bundle.preprocess import SessionStain, cut_crop
 from hemaedge.edge.count import SlideTracker
 from hemaedge.edge.count.tracking import Registration, TrackedDetection
 from hemaedge.edge.records import CellKind, Crop, Detection, Frame, Prediction, SkipReason
@@ -161,6 +161,7 @@ class CellFinder:
         self.quality = quality
         self.platelets = False
         self._wbc_sides: collections.deque = collections.deque(maxlen=WBC_SIDES_KEPT)
+        self.stain = SessionStain()  # the session's stain strength, for bundles that normalise it
         if platelets:
             self.use_platelets(True)
 
@@ -255,12 +256,26 @@ def predictions(probabilities: np.ndarray, classes: Sequence[str]) -> list[Predi
     return out
 
 
-def classify_crops(backend: Any, bundle: Bundle, crops: Sequence[Crop | np.ndarray]) -> list[Prediction]:
-    """Preprocess crops (RGB) with the bundle's one preprocessing function and classify them with an entered backend."""
+def classify_crops(
+    backend: Any, bundle: Bundle, crops: Sequence[Crop | np.ndarray], stain: SessionStain | float | None = None
+) -> list[Prediction]:
+    """Preprocess crops (RGB) with the bundle's one preprocessing function and classify them with an entered backend.
+
+    ``stain``: for a bundle with session stain normalisation (``input.stain_ref``), the session's
+    ``SessionStain`` (its white-cell crops here are added to it first; platelet crops are not) or its strength;
+    None takes these crops as the session.
+    """
     if not len(crops):
         return []
+    spec = bundle.manifest.input
     pixels = [c.pixels if isinstance(c, Crop) else c for c in crops]
-    batch = preprocess(pixels, bundle.manifest.input, "RGB")
+    if spec.stain_ref and isinstance(stain, SessionStain):
+        stain.add_crops(
+            [p for c, p in zip(crops, pixels) if not (isinstance(c, Crop) and c.detection.kind == CellKind.PLATELET)],
+            spec,
+        )
+        stain = stain.strength
+    batch = preprocess(pixels, spec, "RGB", stain)
     return predictions(backend.classify(batch), bundle.manifest.classes)
 
 
@@ -401,11 +416,14 @@ class Station:
             single_cell_px=SINGLE_CELL_PX if is_stills(source) else 0,
         )
 
-    def predict(self, crops: Sequence[Crop | np.ndarray]) -> list[Prediction]:
-        """Classify crops (RGB) through the one preprocessing function and the backend (the station must be entered)."""
+    def predict(
+        self, crops: Sequence[Crop | np.ndarray], stain: SessionStain | float | None = None
+    ) -> list[Prediction]:
+        """Classify crops (RGB) through the one preprocessing function and the backend (the station must be entered);
+        ``stain`` as for ``classify_crops``."""
         if self.backend is None:
             raise RuntimeError("this station was assembled without a model (backend=None)")
-        return classify_crops(self.backend, self.bundle, crops)
+        return classify_crops(self.backend, self.bundle, crops, stain)
 
 
 __all__ = [

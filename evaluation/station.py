@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from hemaedge.edge.bundle.class_groups import group_of
+from hemaedge.edge.bundle.preprocess import SessionStain
 from hemaedge.edge.bundle.vocabulary import canonical_or_same, display_name, same_class
 from hemaedge.edge.errors import InputError, UsageError
 from hemaedge.edge.records import Frame
@@ -109,6 +110,7 @@ class StationEvaluation:
     confidence: list[float] = field(default_factory=list)  # per cell: its group's probability (what review uses)
     review_threshold: float = 0.6
     typical_side: float | None = None
+    stain_strength: float | None = None
 
     def outcome(self, i: int) -> str:
         """The label the prediction of cell ``i`` counts as (its own label when right), MISSED or OTHER."""
@@ -160,6 +162,7 @@ class StationEvaluation:
             "accuracy_of_detected": right / detected if detected else 0.0,
             "review_share": review / detected if detected else 0.0,
             "typical_cell_side_px": None if self.typical_side is None else round(self.typical_side, 1),
+            "stain_strength": None if self.stain_strength is None else round(self.stain_strength, 3),
             "per_class": per,
             "confusion": {"rows": labels, "columns": cols, "matrix": [[cm[t][c] for c in cols] for t in labels]},
             "predicted_classes": predicted_counts,
@@ -252,9 +255,14 @@ def evaluate_station(
 
     m = station.bundle.manifest
     review = DifferentialCounter(m.classes, 1, class_groups=m.class_groups)  # the station's review decision
+    stain = SessionStain()  # one session, settled over all its cells as the station's running median would be
+    if m.input.stain_ref:
+        for s in range(0, len(crops), batch):
+            stain.add_crops([c for _, c in crops[s : s + batch]], m.input)
+        result.stain_strength = stain.strength
     for s in range(0, len(crops), batch):
         part = crops[s : s + batch]
-        for (i, _), pred in zip(part, station.predict([c for _, c in part])):
+        for (i, _), pred in zip(part, station.predict([c for _, c in part], stain.strength)):
             result.predicted[i] = pred.class_name
             result.confidence[i] = review.group_confidence(pred.class_index, pred.probabilities)
     return result

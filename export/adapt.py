@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,8 @@ def find_parent(opts: AdaptOptions) -> Parent:
         mean=tuple(inp.get("mean", m.input.mean)),
         std=tuple(inp.get("std", m.input.std)),
         white_balance=bool(inp.get("white_balance", m.input.white_balance)),
+        stain_ref=float(inp.get("stain_ref", m.input.stain_ref)),
+        stain_gain_range=tuple(inp.get("stain_gain_range", m.input.stain_gain_range)),
     )
     return Parent(bundle, path, ck, str(data), spec, tuple(ck.get("classes") or m.classes))
 
@@ -191,7 +193,8 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
         for _ in range(steps):
             i = torch.from_numpy(rng.integers(0, len(xn), n_new))
             j = torch.from_numpy(rng.integers(0, len(xr), opts.batch - n_new))
-            x = to_model_input(torch.cat([augment(xn[i], new_aug, gen), augment(xr[j], own, gen)]), parent.spec)
+            x = torch.cat([augment(xn[i], new_aug, gen), augment(xr[j], own, gen)])
+            x = to_model_input(x, replace(parent.spec, stain_ref=0.0))  # sets were stain-normalised whole (``_raw``)
             y = torch.cat([yn[i], yr[j]])
             loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -214,21 +217,31 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
 
 
 def _raw(images: ImageSet, spec: InputSpec) -> np.ndarray:
+    """Raw pixels at model size; with session stain normalisation the set is one session (the lab's cells are one
+    microscope's; the parent's replayed data one source), normalised before augmentation as in training."""
+    from hemaedge.calibration.datasets import session_strength
+    from hemaedge.edge.bundle.preprocess import normalise_stain, stain_gain
     from hemaedge.export.train import raw_pixels
 
     idx = np.arange(len(images))
-    return np.concatenate([raw_pixels(images.images(idx[s : s + 256]), spec.height) for s in range(0, len(idx), 256)])
+    x = np.concatenate([raw_pixels(images.images(idx[s : s + 256]), spec.height) for s in range(0, len(idx), 256)])
+    if not spec.stain_ref:
+        return x
+    gain = stain_gain(session_strength(images, spec), spec)
+    return np.rint(normalise_stain(x.astype(np.float32), gain)).astype(np.uint8)
 
 
 def _accuracy(model: Any, images: ImageSet, spec: InputSpec) -> float:
     import torch
+    from hemaedge.calibration.datasets import session_strength
 
     model.eval()
     right = 0
+    stain = session_strength(images, spec) if spec.stain_ref else None
     with torch.no_grad():
         for s in range(0, len(images), 256):
             idx = np.arange(s, min(s + 256, len(images)))
-            x = torch.from_numpy(preprocess(images.images(idx), spec))
+            x = torch.from_numpy(preprocess(images.images(idx), spec, session=stain))
             right += int((model(x).argmax(1).numpy() == images.labels[idx]).sum())
     return right / max(1, len(images))
 

@@ -203,6 +203,8 @@ def _spec_from(source: Source, opts: ExportOptions, info: dict[str, Any], data: 
         colour_order=meta_in.get("colour_order", "RGB"),
         resize=meta_in.get("resize", "area"),
         white_balance=bool(meta_in.get("white_balance", False)),
+        stain_ref=float(meta_in.get("stain_ref", 0.0)),
+        stain_gain_range=tuple(meta_in.get("stain_gain_range", (0.5, 2.0))),
     )
 
 

@@ -22,16 +22,16 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset
+from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset, session_strength
 from hemaedge.edge.bundle.manifest import InputSpec
-from hemaedge.edge.bundle.preprocess import preprocess
+from hemaedge.edge.bundle.preprocess import normalise_stain, preprocess, stain_gain
 from hemaedge.edge.errors import UsageError
 from hemaedge.export import checkpoint
 from hemaedge.export.models import DEFAULTS, build
@@ -64,6 +64,8 @@ class Recipe:
     workers: int = 0
     max_minutes: float = 0.0
     white_balance: bool = False
+    stain_ref: float = 0.0  # session stain normalisation (0: off); each source is one session
+    stain_gain_range: tuple[float, float] = (0.5, 2.0)
     extra_data: tuple[str, ...] = ()
     extra_repeat: int = 1
     init: str = ""
@@ -78,7 +80,7 @@ class Recipe:
 
 GEOMETRIC = ("flip", "rot90", "rotate", "zoom")
 # photometric ops in physical order: stain chemistry, lamp, camera response, colour, optics, sensor, codec
-PHOTOMETRIC = ("od", "stain", "gain", "color", "gamma", "hue", "gray", "blur", "noise", "jpeg")
+PHOTOMETRIC = ("od", "odres", "stain", "gain", "color", "gamma", "hue", "gray", "blur", "noise", "jpeg")
 AUGMENTATIONS = GEOMETRIC + PHOTOMETRIC
 
 # H&E(-DAB) stain optical-density vectors (Ruifrok & Johnston), rows = stains, unit length
@@ -115,14 +117,16 @@ def geometric(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def od_jitter(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+def od_jitter(
+    x: torch.Tensor, gen: torch.Generator, s: float = 1.0, strength: tuple[float, float] = (0.4, 1.6)
+) -> torch.Tensor:
     """Stain chemistry (Tellez et al. 2018): in optical density, per-stain scale ``1 +- 0.3 s`` and bias
-    ``+- 0.08 s`` on an H&E-like basis, times a stain-strength factor in ``[0.4, 1.6]^s`` (pale to heavy smears).
-    ``s = 0`` is the identity."""
+    ``+- 0.08 s`` on an H&E-like basis, times a stain-strength factor in ``strength^s`` (``[0.4, 1.6]``: pale to
+    heavy smears). ``s = 0`` is the identity."""
     n = x.shape[0]
     od = -torch.log10(x.clamp(1 / 255, 1))
     hed = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB)
-    a = _u(gen, n, 1 - 0.3 * s, 1 + 0.3 * s, 3, 1, 1) * _logu(gen, n, 0.4**s, 1.6**s, 1, 1, 1)
+    a = _u(gen, n, 1 - 0.3 * s, 1 + 0.3 * s, 3, 1, 1) * _logu(gen, n, strength[0] ** s, strength[1] ** s, 1, 1, 1)
     b = _u(gen, n, -0.08 * s, 0.08 * s, 3, 1, 1) * (od.sum(1, keepdim=True) > 0.15)  # bias only where stained
     od = torch.einsum("ndhw,dc->nchw", hed * a + b, _RGB_FROM_HED).clamp(min=0)
     return torch.pow(10.0, -od).clamp(0, 1)
@@ -255,8 +259,15 @@ def jpeg(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
     return out
 
 
+def od_residual(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """``od`` with the stain-strength factor narrowed to ``[0.8, 1.25]^s``: for ``--stain-norm``, where the session's
+    normalisation removes a slide's stain strength and what is left is the error of measuring it."""
+    return od_jitter(x, gen, s, (0.8, 1.25))
+
+
 _PHOTOMETRIC_OPS = {
     "od": od_jitter,
+    "odres": od_residual,
     "stain": stain_jitter,
     "gain": channel_gain,
     "color": colour_jitter,
@@ -361,20 +372,27 @@ class _RawSet(torch.utils.data.Dataset):
     Held in memory when under ``budget`` bytes (decoded once), else decoded per item.
     """
 
-    def __init__(self, images: ImageSet, size: int, source: int, budget: float = 1.5e9):
+    def __init__(self, images: ImageSet, size: int, source: int, budget: float = 1.5e9, stain: InputSpec | None = None):
         self.images, self.size, self.source = images, size, source
         self.array = None
+        self.gain = 1.0  # with ``stain`` (a spec with stain_ref): the set is one session, normalised before augmenting
+        if stain is not None and stain.stain_ref:
+            self.gain = stain_gain(session_strength(images, InputSpec(height=size, width=size)), stain)
         if len(images) * size * size * 3 <= budget:
             idx = np.arange(len(images))
-            self.array = np.concatenate(
-                [raw_pixels(images.images(idx[s : s + 256]), size) for s in range(0, len(idx), 256)]
-            )
+            self.array = np.concatenate([self._raw(images.images(idx[s : s + 256])) for s in range(0, len(idx), 256)])
+
+    def _raw(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        x = raw_pixels(images, self.size)
+        if self.gain == 1.0:
+            return x
+        return np.rint(normalise_stain(x.astype(np.float32), self.gain)).astype(np.uint8)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        x = self.array[i] if self.array is not None else raw_pixels([self.images.image(i)], self.size)[0]
+        x = self.array[i] if self.array is not None else self._raw([self.images.image(i)])[0]
         return torch.from_numpy(np.ascontiguousarray(x)), int(self.images.labels[i]), self.source
 
 
@@ -524,24 +542,27 @@ def stage_lineage(path: str | Path, ck: dict) -> list[dict]:
 
 
 class _FolderData(torch.utils.data.Dataset):
-    def __init__(self, images: ImageSet, spec: InputSpec):
-        self.images, self.spec = images, spec
+    def __init__(self, images: ImageSet, spec: InputSpec, stain: float | None = None):
+        self.images, self.spec, self.stain = images, spec, stain
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(preprocess([self.images.image(i)], self.spec)[0]), int(self.images.labels[i])
+        x = preprocess([self.images.image(i)], self.spec, session=self.stain)[0]
+        return torch.from_numpy(x), int(self.images.labels[i])
 
 
 def _val_loader(images: ImageSet, spec: InputSpec, workers: int):
-    """Validation batches through the station's ``preprocess`` (in memory for npz sets, decoded for folders)."""
+    """Validation batches through the station's ``preprocess`` (in memory for npz sets, decoded for folders); with
+    session stain normalisation the set is one session, as ``evaluate --station`` takes a labelled set."""
+    stain = session_strength(images, spec) if spec.stain_ref else None
     if images.array is not None:
         data = torch.utils.data.TensorDataset(
-            torch.from_numpy(preprocess(images.array, spec)), torch.from_numpy(images.labels)
+            torch.from_numpy(preprocess(images.array, spec, session=stain)), torch.from_numpy(images.labels)
         )
     else:
-        data = _FolderData(images, spec)
+        data = _FolderData(images, spec, stain)
     return torch.utils.data.DataLoader(data, batch_size=256, num_workers=workers, persistent_workers=workers > 0)
 
 
@@ -699,7 +720,8 @@ def _open_data(recipe: Recipe) -> _TrainData:
     size = recipe.img_size or DEFAULTS.get(recipe.arch, {}).get("input_size") or first.image(0).shape[0]
     parts = [p for s in sources for p, _ in s.parts]
     src_of = [k for k, s in enumerate(sources) for _ in s.parts]
-    data = torch.utils.data.ConcatDataset([_RawSet(p, size, k) for p, k in zip(parts, src_of)])
+    stain = InputSpec(height=size, width=size, stain_ref=recipe.stain_ref, stain_gain_range=recipe.stain_gain_range)
+    data = torch.utils.data.ConcatDataset([_RawSet(p, size, k, stain=stain) for p, k in zip(parts, src_of)])
     weights = sample_weights(sources, recipe.balanced)
     samples = recipe.samples or int(round(sum(len(p) * r for s in sources for p, r in s.parts)))
     mean, std = _stats(data, weights, size, recipe.white_balance)
@@ -720,7 +742,15 @@ def _build_model(recipe: Recipe, d: _TrainData) -> _Net:
         model.load_state_dict(init["state_dict"])
         if init.get("input"):  # keep the normalisation the weights were trained with
             mean, std = tuple(init["input"]["mean"]), tuple(init["input"]["std"])
-    spec = InputSpec(height=d.size, width=d.size, mean=mean, std=std, white_balance=recipe.white_balance)
+    spec = InputSpec(
+        height=d.size,
+        width=d.size,
+        mean=mean,
+        std=std,
+        white_balance=recipe.white_balance,
+        stain_ref=recipe.stain_ref,
+        stain_gain_range=tuple(recipe.stain_gain_range),
+    )
     return _Net(model, spec, lineage)
 
 
@@ -830,8 +860,9 @@ def _train_epoch(
     tot, correct, seen = 0.0, 0, 0
     drawn = np.zeros(n_sources, np.int64)
     for x, y, src in tl:
-        x = to_model_input(
-            augment(x.permute(0, 3, 1, 2).float() / 255, recipe.aug, fit.gen, recipe.aug_strength), net.spec
+        x = to_model_input(  # sources were stain-normalised as sessions already (``_RawSet``): not again per batch
+            augment(x.permute(0, 3, 1, 2).float() / 255, recipe.aug, fit.gen, recipe.aug_strength),
+            replace(net.spec, stain_ref=0.0),
         )
         logits = model(x)
         loss = fit.loss_fn(logits, y)

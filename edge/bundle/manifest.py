@@ -13,7 +13,7 @@ from typing import Any
 from hemaedge.edge.errors import BundleError
 
 FORMAT = "hemaedge-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: input.stain_ref (written only by bundles that use it; others stay 1)
 MANIFEST = "manifest.json"
 LAYOUTS = ("NCHW",)
 COLOUR_ORDERS = ("RGB", "BGR")
@@ -30,6 +30,11 @@ class InputSpec:
     With ``white_balance`` each image is first scaled per channel so its bright
     background becomes neutral (removes the lamp / stain colour cast of one
     microscope; training and runtime both do it, through ``preprocess``).
+    With ``stain_ref`` (> 0) the session's stain strength is normalised first: every crop's
+    optical density is multiplied by ``stain_ref / the session's strength``, bounded by
+    ``stain_gain_range`` (``edge/bundle/preprocess.py``: a pale smear and a heavy one look alike,
+    while a basophil stays darker than a lymphocyte of the same slide). Such a manifest is
+    schema version 2.
     """
 
     height: int
@@ -43,6 +48,8 @@ class InputSpec:
     resize: str = "area"
     name: str = "input"
     white_balance: bool = False
+    stain_ref: float = 0.0
+    stain_gain_range: tuple[float, float] = (0.5, 2.0)
 
 
 CROP_SCALES = ("cell", "session")
@@ -100,7 +107,7 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = 1  # raised to 2 on writing when input.stain_ref is used
 
     def artifact(self, precision: str | None = None, kind: str = "onnx", target: str | None = None) -> Artifact:
         """The artifact of a kind (and precision), or a BundleError naming what exists.
@@ -132,9 +139,15 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the on-disk form)."""
         d = asdict(self)
-        out: dict[str, Any] = {"format": FORMAT, "schema_version": self.schema_version}
+        version = max(self.schema_version, 2) if self.input.stain_ref else self.schema_version
+        out: dict[str, Any] = {"format": FORMAT, "schema_version": version}
         for key in ("name", "architecture", "classes", "class_groups", "input", "crop"):
             out[key] = d[key]
+        if not self.input.stain_ref:  # a bundle without session stain normalisation reads as before (version 1)
+            for key in ("stain_ref", "stain_gain_range"):
+                out["input"].pop(key)
+        else:
+            out["input"]["stain_gain_range"] = list(self.input.stain_gain_range)
         out["output"] = {"name": self.output_name, "kind": self.output_kind}
         out["artifacts"] = d["artifacts"]
         out["calibration"] = d["calibration"]
@@ -185,6 +198,8 @@ def parse_manifest(d: dict[str, Any]) -> Manifest:
             resize=str(inp.get("resize", "area")),
             name=str(inp.get("name", "input")),
             white_balance=bool(inp.get("white_balance", False)),
+            stain_ref=float(inp.get("stain_ref", 0.0)),
+            stain_gain_range=tuple(float(x) for x in inp.get("stain_gain_range", (0.5, 2.0))),
         )
     except (TypeError, ValueError) as exc:
         raise BundleError(f"manifest 'input' is malformed: {exc}") from exc
@@ -194,6 +209,11 @@ def parse_manifest(d: dict[str, Any]) -> Manifest:
         raise BundleError(f"manifest input.colour_order {spec.colour_order!r} is not one of {COLOUR_ORDERS}")
     if len(spec.mean) != spec.channels or len(spec.std) != spec.channels or min(spec.std) <= 0:
         raise BundleError("manifest input.mean/std must have one positive value per channel")
+    lo_hi = spec.stain_gain_range
+    if spec.stain_ref < 0 or len(lo_hi) != 2 or not 0 < lo_hi[0] <= 1 <= lo_hi[1]:
+        raise BundleError(
+            "manifest input.stain_ref must be >= 0 and input.stain_gain_range [low <= 1 <= high], both > 0"
+        )
     crop_d = d.get("crop") or {}
     crop = CropGeometry(
         cell_fraction=float(crop_d.get("cell_fraction", 0.45)),

@@ -34,25 +34,89 @@ WB_PERCENTILE = 80.0
 WB_TARGET = 235.0
 
 
+def _background(flat: np.ndarray) -> np.ndarray:
+    """Per image (``N x P x 3``) its background colour: the mean of the pixels brighter than its
+    ``WB_PERCENTILE``-th brightness percentile (slide glass between cells)."""
+    bright = flat.mean(axis=2)
+    cut = np.percentile(bright, WB_PERCENTILE, axis=1)[:, None]
+    mask = (bright >= cut)[..., None]
+    return (flat * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
+
+
 def white_balance(images: np.ndarray) -> np.ndarray:
     """Scale each image's channels so its bright background becomes neutral grey ``WB_TARGET``.
-
-    The background colour is the mean of the pixels brighter than the image's
-    ``WB_PERCENTILE``-th brightness percentile (slide glass between cells).
 
     Args:
         images: ``N x H x W x 3`` float32 in 0..255 (modified in place and returned).
     """
     n = images.shape[0]
-    flat = images.reshape(n, -1, 3)
-    bright = flat.mean(axis=2)
-    cut = np.percentile(bright, WB_PERCENTILE, axis=1)[:, None]
-    mask = (bright >= cut)[..., None]
-    bg = (flat * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
+    bg = _background(images.reshape(n, -1, 3))
     gain = WB_TARGET / np.maximum(bg, 1.0)
     images *= gain[:, None, None, :]
     np.clip(images, 0, 255, out=images)
     return images
+
+
+STAIN_PERCENTILE = 97.0  # a crop's stain strength: this percentile of its summed optical density (its nucleus)
+
+
+def optical_density(images: np.ndarray) -> np.ndarray:
+    """``N x P x 3`` optical density ``-log10(I / background)`` of each image against its own background (>= 0)."""
+    n = images.shape[0]
+    flat = images.reshape(n, -1, 3)
+    bg = np.maximum(_background(flat), 1.0)[:, None, :]
+    return np.maximum(-np.log10(np.maximum(flat, 1.0) / bg), 0.0)
+
+
+def stain_strength(images: np.ndarray) -> np.ndarray:
+    """Per image (``N x H x W x 3`` float32 0..255) its stain strength: the ``STAIN_PERCENTILE``-th percentile of
+    the summed optical density, i.e. how dark its nucleus is stained."""
+    return np.percentile(optical_density(images).sum(axis=2), STAIN_PERCENTILE, axis=1)
+
+
+def stain_gain(strength: float | None, spec: InputSpec) -> float:
+    """The factor on optical density that brings a session of this ``strength`` to the bundle's ``stain_ref``."""
+    if not spec.stain_ref or not strength:
+        return 1.0
+    lo, hi = spec.stain_gain_range
+    return float(np.clip(spec.stain_ref / max(float(strength), 1e-3), lo, hi))
+
+
+def normalise_stain(images: np.ndarray, gain: float) -> np.ndarray:
+    """Multiply each image's optical density by ``gain``, against a neutral background ``WB_TARGET`` (so it is
+    white-balanced too). ``N x H x W x 3`` float32 0..255, modified in place and returned."""
+    od = optical_density(images) * np.float32(gain)
+    images[...] = np.clip(WB_TARGET * np.power(10.0, -od), 0, 255).reshape(images.shape)
+    return images
+
+
+class SessionStain:
+    """The session's stain strength: the median over its recent white-cell crops (``kept`` of them).
+
+    One slide is stained once, so its cells share one strength; a cell type's own darkness (a basophil's
+    granules, a lymphocyte's dense nucleus) stays, because every crop of the session gets the same gain.
+    Until the first crops are in, the strength is that of the crops seen so far.
+    """
+
+    def __init__(self, kept: int = 500):
+        import collections
+
+        self._seen: collections.deque = collections.deque(maxlen=kept)
+
+    def add(self, strengths: Sequence[float] | np.ndarray) -> None:
+        self._seen.extend(float(v) for v in np.ravel(strengths))
+
+    def add_crops(self, crops: Sequence[np.ndarray], spec: InputSpec, colour_order: str = "RGB") -> None:
+        """Measure white-cell crops (uint8, any size: resized as ``preprocess`` resizes them) and add them."""
+        if len(crops):
+            self.add(stain_strength(resized(crops, spec, colour_order)))
+
+    @property
+    def strength(self) -> float | None:
+        return float(np.median(self._seen)) if self._seen else None
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 def to_model_colour(img: np.ndarray, have: str, spec: InputSpec) -> np.ndarray:
@@ -60,18 +124,8 @@ def to_model_colour(img: np.ndarray, have: str, spec: InputSpec) -> np.ndarray:
     return img if have == spec.colour_order else img[..., ::-1]
 
 
-def preprocess(images: Sequence[np.ndarray] | np.ndarray, spec: InputSpec, colour_order: str = "RGB") -> np.ndarray:
-    """Turn uint8 HxWx3 images into the model's ``N x C x H x W`` float32 batch.
-
-    Args:
-        images: A list of HxWx3 uint8 images (any size; resized here) or an
-            ``N x H x W x 3`` uint8 array.
-        spec: The bundle's input specification.
-        colour_order: Channel order of ``images`` (``"RGB"`` or ``"BGR"``).
-
-    Returns:
-        Contiguous float32 array ``N x C x H x W``, ``(x/255 - mean) / std``.
-    """
+def resized(images: Sequence[np.ndarray] | np.ndarray, spec: InputSpec, colour_order: str = "RGB") -> np.ndarray:
+    """The images at the model's size and colour order: ``N x H x W x C`` float32 0..255 (step 1 of ``preprocess``)."""
     n = len(images)
     out = np.empty((n, spec.height, spec.width, spec.channels), dtype=np.float32)
     for i in range(n):
@@ -80,6 +134,43 @@ def preprocess(images: Sequence[np.ndarray] | np.ndarray, spec: InputSpec, colou
             img = np.repeat(img[..., None], 3, axis=2)
         img = to_model_colour(img, colour_order, spec)
         out[i] = _resize(img, spec.height, spec.width, spec.resize)
+    return out
+
+
+def preprocess(
+    images: Sequence[np.ndarray] | np.ndarray,
+    spec: InputSpec,
+    colour_order: str = "RGB",
+    session: SessionStain | float | None = None,
+) -> np.ndarray:
+    """Turn uint8 HxWx3 images into the model's ``N x C x H x W`` float32 batch.
+
+    Resize, then (``spec.stain_ref``) the session's stain normalisation, then (``spec.white_balance``) white
+    balance, then ``(x/255 - mean) / std``.
+
+    Args:
+        images: A list of HxWx3 uint8 images (any size; resized here) or an
+            ``N x H x W x 3`` uint8 array.
+        spec: The bundle's input specification.
+        colour_order: Channel order of ``images`` (``"RGB"`` or ``"BGR"``).
+        session: Only for bundles with ``spec.stain_ref``: the session these crops belong to (a
+            ``SessionStain``, which the crops are added to first), or its stain strength as a number. Without
+            one the batch is taken as one session (a folder of one microscope's cells, as in calibration).
+
+    Returns:
+        Contiguous float32 array ``N x C x H x W``, ``(x/255 - mean) / std``.
+    """
+    out = resized(images, spec, colour_order)
+    n = len(out)
+    if spec.stain_ref and n:
+        if isinstance(session, SessionStain):
+            session.add(stain_strength(out))
+            strength = session.strength
+        elif session is not None:
+            strength = float(session)
+        else:
+            strength = float(np.median(stain_strength(out)))
+        normalise_stain(out, stain_gain(strength, spec))
     if spec.white_balance:
         white_balance(out)
     mean = np.asarray(spec.mean, dtype=np.float32) * 255.0

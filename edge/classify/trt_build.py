@@ -165,6 +165,10 @@ def preprocess_fingerprint(spec: InputSpec) -> str:
         "resize": spec.resize,
         "layout": spec.layout,
     }
+    if spec.white_balance:  # named only when used, so the digest of a bundle without them is unchanged
+        d["white_balance"] = True
+    if spec.stain_ref:
+        d["stain"] = [spec.stain_ref, *spec.stain_gain_range]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -247,11 +251,16 @@ def calibration_batches(images: list[np.ndarray], spec: InputSpec, batch_size: i
     """
     if not images:
         return
+    stain = None  # session stain normalisation: the calibration set is one session
+    if spec.stain_ref:
+        from hemaedge.edge.bundle.preprocess import resized, stain_strength
+
+        stain = float(np.median(stain_strength(resized(images, spec))))
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         while len(chunk) < batch_size:
             chunk = chunk + images[: batch_size - len(chunk)]
-        yield preprocess(chunk, spec, colour_order="RGB")
+        yield preprocess(chunk, spec, colour_order="RGB", session=stain)
 
 
 def make_calibrator(

@@ -62,6 +62,22 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="neutralise each image's background colour (training and station alike; helps other microscopes)",
     )
     p.add_argument(
+        "--stain-norm",
+        type=float,
+        default=0.0,
+        metavar="REF",
+        help="normalise each session's stain strength to REF (summed optical density of the nuclei; PBC's is about "
+        "1.6): every --data source is one session here, every slide on the station (docs/training.md)",
+    )
+    p.add_argument(
+        "--stain-gain-range",
+        type=float,
+        nargs=2,
+        default=(0.5, 2.0),
+        metavar=("LOW", "HIGH"),
+        help="bounds on a session's stain gain (default 0.5 2.0)",
+    )
+    p.add_argument(
         "--extra-data",
         action="append",
         default=[],
@@ -115,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         img_size=args.img_size,
         arch_kwargs=kwargs,
         white_balance=args.white_balance,
+        stain_ref=args.stain_norm,
+        stain_gain_range=tuple(args.stain_gain_range),
         extra_data=tuple(args.extra_data),
         extra_repeat=args.extra_repeat,
         init=args.init,

@@ -1,0 +1,202 @@
+"""Session stain normalisation (``input.stain_ref``): one gain per session, the same in training and on the station.
+
+Synthetic crops only: a stained disc on bright glass, made paler or heavier in optical density as a weaker or
+stronger stain would make it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hemaedge.edge.bundle.manifest import InputSpec, parse_manifest
+from hemaedge.edge.bundle.preprocess import (
+    SessionStain,
+    normalise_stain,
+    optical_density,
+    preprocess,
+    stain_gain,
+    stain_strength,
+)
+from hemaedge.edge.errors import BundleError
+
+SPEC = InputSpec(height=32, width=32, white_balance=True, stain_ref=1.6)
+
+
+def _crop(rng: np.random.Generator, nucleus_od: float, size: int = 48) -> np.ndarray:
+    """A white cell in miniature: glass (230) with a disc of the given summed optical density (purple hue)."""
+    yy, xx = np.mgrid[:size, :size]
+    od = np.zeros((size, size, 3), np.float32)
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3.5) ** 2
+    od[disc] = np.array([0.4, 0.45, 0.15], np.float32) * nucleus_od * rng.uniform(0.9, 1.1)
+    img = 230 * np.power(10.0, -od) + rng.normal(0, 2, od.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _restain(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
+    """The same cells under a stain ``factor`` times as strong (optical density scaled)."""
+    out = []
+    for img in images:
+        x = img[None].astype(np.float32)
+        out.append(np.clip(np.rint(normalise_stain(x, factor)[0]), 0, 255).astype(np.uint8))
+    return out
+
+
+def _session(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [_crop(rng, od) for od in rng.uniform(1.2, 1.8, 24)]
+
+
+def test_a_pale_slide_and_a_heavy_one_look_alike_after_normalisation():
+    cells = _session()
+    pale, heavy = _restain(cells, 0.55), _restain(cells, 1.5)
+    plain = InputSpec(height=32, width=32, white_balance=True)
+    before = np.abs(preprocess(pale, plain) - preprocess(heavy, plain)).mean()
+    after = np.abs(preprocess(pale, SPEC) - preprocess(heavy, SPEC)).mean()
+    assert after < 0.25 * before, (before, after)
+    # each batch here is its own session; the same gain for a stated strength gives the same pixels
+    strength = float(np.median(stain_strength(preprocess_resized(pale))))
+    np.testing.assert_allclose(preprocess(pale, SPEC, session=strength), preprocess(pale, SPEC), atol=1e-5)
+
+
+def preprocess_resized(images: list[np.ndarray]) -> np.ndarray:
+    from hemaedge.edge.bundle.preprocess import resized
+
+    return resized(images, SPEC)
+
+
+def test_one_gain_per_session_keeps_a_dark_cell_darker_than_a_pale_one():
+    rng = np.random.default_rng(1)
+    dark, pale = _crop(rng, 2.4), _crop(rng, 0.9)
+    session = [*_session(2), dark, pale]
+    x = preprocess(session, InputSpec(height=32, width=32, stain_ref=1.6))  # mean 0, std 1: pixels / 255
+    od = optical_density(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) * 255).sum(axis=2).max(axis=1)
+    assert od[-2] > 1.8 * od[-1]  # a per-crop normalisation would have made them alike
+    alone = preprocess([dark], InputSpec(height=32, width=32, stain_ref=1.6))
+    assert not np.allclose(alone, x[-2:-1], atol=1e-3)  # alone it is its own session: another gain
+
+
+def test_the_gain_is_bounded_and_off_without_a_reference():
+    assert stain_gain(0.4, SPEC) == 2.0 and stain_gain(8.0, SPEC) == 0.5
+    assert stain_gain(1.0, SPEC) == pytest.approx(1.6)
+    assert stain_gain(1.0, InputSpec(height=8, width=8)) == 1.0
+    assert stain_gain(None, SPEC) == 1.0
+
+
+def test_the_session_keeps_its_recent_white_cells():
+    s = SessionStain(kept=3)
+    assert s.strength is None
+    s.add([1.0, 2.0, 3.0, 10.0])
+    assert len(s) == 3 and s.strength == 3.0
+
+
+def test_the_station_adds_white_cells_to_its_session_and_not_platelets():
+    from hemaedge.edge.records import CellKind, Crop, Detection
+    from hemaedge.edge.station import classify_crops
+
+    class Backend:
+        def classify(self, batch):
+            return np.tile([0.9, 0.1], (len(batch), 1)).astype(np.float32)
+
+    class Bundle:
+        class manifest:  # noqa: N801 - a stand-in for the bundle's manifest
+            input = SPEC
+            classes = ("a", "b")
+
+    cells = _session()
+    crops = [Crop(c, Detection((0, 0, 10, 10), 1.0, CellKind.WBC), 0) for c in cells[:5]]
+    crops.append(Crop(cells[5], Detection((0, 0, 4, 4), 1.0, CellKind.PLATELET), 0))
+    session = SessionStain()
+    preds = classify_crops(Backend(), Bundle, crops, session)
+    assert len(preds) == 6 and len(session) == 5
+
+
+def _manifest_dict(**inp) -> dict:
+    return {
+        "format": "hemaedge-bundle",
+        "schema_version": 1,
+        "name": "t",
+        "classes": ["a", "b"],
+        "input": {"height": 8, "width": 8, **inp},
+        "artifacts": [{"file": "model.onnx", "kind": "onnx", "precision": "fp32", "sha256": "0" * 64, "bytes": 1}],
+    }
+
+
+def test_the_manifest_carries_the_reference_and_says_it_needs_a_newer_reader():
+    plain = parse_manifest(_manifest_dict())
+    d = plain.to_dict()
+    assert d["schema_version"] == 1 and "stain_ref" not in d["input"]  # bundles without it read as before
+    stained = parse_manifest(_manifest_dict(stain_ref=1.6, stain_gain_range=[0.5, 2.0]))
+    d = stained.to_dict()
+    assert d["schema_version"] == 2 and d["input"]["stain_ref"] == 1.6 and d["input"]["stain_gain_range"] == [0.5, 2]
+    d = json.loads(json.dumps(d))  # as written to disk
+    assert parse_manifest(d).input == stained.input
+    with pytest.raises(BundleError, match="stain"):
+        parse_manifest(_manifest_dict(stain_ref=1.6, stain_gain_range=[1.5, 2.0]))
+    with pytest.raises(BundleError, match="newer"):
+        parse_manifest({**d, "schema_version": 3})
+    # a hemaedge that knows only schema 1 refuses this bundle instead of skipping the normalisation
+    from hemaedge.edge.bundle import manifest as M
+
+    old = M.SCHEMA_VERSION
+    M.SCHEMA_VERSION = 1
+    try:
+        with pytest.raises(BundleError, match="upgrade hemaedge"):
+            parse_manifest(d)
+    finally:
+        M.SCHEMA_VERSION = old
+
+
+def _write_source(root, factor: float, n: int = 16, seed: int = 0):
+    """Two classes (by nucleus hue) in train/ and val/, stained ``factor`` times PBC-like strength."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for name, hue in (("lymphocyte", (0.55, 0.5, 0.1)), ("neutrophil", (0.3, 0.45, 0.25))):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = _crop(rng, 1.5 * factor, 28)
+                od = -np.log10(np.maximum(img.astype(np.float32), 1) / 230)
+                od = od.sum(axis=2, keepdims=True) * np.asarray(hue, np.float32) / sum(hue)
+                img = np.clip(230 * np.power(10.0, -od), 0, 255).astype(np.uint8)
+                cv2.imwrite(str(root / split / name / f"{i}.png"), img[..., ::-1])
+    return root
+
+
+def test_training_normalises_each_source_as_a_session_and_the_bundle_says_so(tmp_path):
+    pytest.importorskip("torch")
+    from hemaedge.calibration.datasets import open_dataset
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.export import train as T
+    from hemaedge.export.exporter import ExportOptions, run_export
+
+    a, pale = _write_source(tmp_path / "a", 1.0), _write_source(tmp_path / "pale", 0.6, seed=1)
+    spec = InputSpec(height=28, width=28, stain_ref=1.6)
+    gain_a = T._RawSet(open_dataset(a, "train"), 28, 0, stain=spec).gain
+    gain_pale = T._RawSet(open_dataset(pale, "train"), 28, 1, stain=spec).gain
+    assert gain_pale / gain_a == pytest.approx(1 / 0.6, rel=0.12)  # the pale source is brought up to the other
+    assert T._RawSet(open_dataset(a, "train"), 28, 0).gain == 1.0  # off without a reference
+    recipe = T.Recipe(
+        data=str(a),
+        more_data=(str(pale),),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch=32,
+        samples=128,
+        optimizer="adamw",
+        lr=3e-3,
+        aug=("flip", "od", "gain"),
+        white_balance=True,
+        stain_ref=1.6,
+        arch_kwargs={"width": 0.5, "hidden": 16},
+        threads=1,
+    )
+    summary = T.train(recipe, progress=False)
+    out = run_export(
+        ExportOptions(source=summary["final_checkpoint"], out=str(tmp_path / "b"), data=str(a)), log=lambda m: None
+    )
+    m = load_bundle(out["bundle"]).manifest
+    assert m.schema_version == 2 and m.input.stain_ref == 1.6 and m.input.stain_gain_range == (0.5, 2.0)
+    assert m.provenance["training_recipe"]["stain_ref"] == 1.6
