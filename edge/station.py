@@ -28,6 +28,7 @@ from hemaedge.edge.bundle.manifest import CropGeometry
 from hemaedge.edge.bundle.preprocess import SessionStain, cut_crop
 from hemaedge.edge.count import SlideTracker
 from hemaedge.edge.count.tracking import Registration, TrackedDetection
+from hemaedge.edge.errors import InputError
 from hemaedge.edge.records import CellKind, Crop, Detection, Frame, Prediction, SkipReason
 from hemaedge.edge.segment.crops import central_detection, cut_crops
 
@@ -40,6 +41,7 @@ PLATELET_TO_WBC = 4.3
 WBC_SIDES_KEPT = 50  # recent white-cell box sides: their median is the session scale (platelet and "session" crops)
 # Still images no larger than this on either side are single-cell pictures (analysers export 360 px ones).
 SINGLE_CELL_PX = 400
+PRIME_IMAGES = 32  # images of a still-image folder sampled to measure the session before counting it
 # ONNX Runtime threads: all cores but one, which the capture thread (segmentation, registration) needs.
 DEFAULT_THREADS = max(1, (os.cpu_count() or 2) - 1)
 
@@ -200,6 +202,34 @@ class CellFinder:
             else:
                 out.append(Crop(cut_crop(rgb, box, self.geometry, typical), d, frame.index, frame.name))
         return tuple(out)
+
+    def prime(self, paths: Sequence[Any], spec: Any) -> int:
+        """Measure the session on an even sample of a folder of still images before counting it (``PRIME_IMAGES``).
+
+        An analyser's export is sorted by class, so the running medians that set the session's scale, typical cell
+        side and stain strength would otherwise start from one class (the basophils first). The sampled cells are
+        not counted here; they are counted when their image comes. Returns the white cells measured.
+        """
+        from hemaedge.edge.sources.files import read_image
+
+        idx = np.unique(np.linspace(0, len(paths) - 1, min(PRIME_IMAGES, len(paths))).astype(int)) if paths else []
+        found = []
+        for i in idx:
+            try:
+                bgr = read_image(paths[i])
+            except InputError:
+                continue  # reported when its turn comes
+            frame = Frame(bgr, "BGR", 0.0, "prime", 0, str(paths[i]))
+            dets = [d for d in self.segmenter.detect(frame) if d.kind == CellKind.WBC]
+            if self.is_single_cell(frame):
+                det = central_detection(dets, bgr.shape)
+                dets = [det] if det is not None else []
+            found.append((frame, dets))
+        self._wbc_sides.extend(max(d.box[2] - d.box[0], d.box[3] - d.box[1]) for _, dets in found for d in dets)
+        crops = [c.pixels for frame, dets in found for c in cut_crops(frame, dets, self.geometry, self.typical_side)]
+        if getattr(spec, "stain_ref", 0):
+            self.stain.add_crops(crops, spec)
+        return len(crops)
 
     def is_single_cell(self, frame: Frame) -> bool:
         """Is this frame a single-cell picture (see the class docstring)?"""
@@ -406,8 +436,11 @@ class Station:
         tracker: SlideTracker | None = None,
         platelets: bool = False,
     ) -> CellFinder:
-        """The capture-side stages for a source: quality check, tracker, segmenter and the bundle's crop geometry."""
-        return CellFinder(
+        """The capture-side stages for a source: quality check, tracker, segmenter and the bundle's crop geometry.
+
+        For a folder of still images and a bundle with session stain normalisation, the session is measured on an
+        even sample of the folder first (``CellFinder.prime``)."""
+        finder = CellFinder(
             self.segmenter,
             self.geometry,
             tracker or self.tracker(source, count_edge_cells),
@@ -415,6 +448,9 @@ class Station:
             platelets=platelets,
             single_cell_px=SINGLE_CELL_PX if is_stills(source) else 0,
         )
+        if is_stills(source) and self.manifest.input.stain_ref:
+            finder.prime(list(source.paths), self.manifest.input)
+        return finder
 
     def predict(
         self, crops: Sequence[Crop | np.ndarray], stain: SessionStain | float | None = None

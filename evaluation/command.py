@@ -276,9 +276,9 @@ def run_station(args: argparse.Namespace) -> int:
             raise UsageError(f"--classes {absent}: no cells labelled so in {args.station} (labels: {sorted(have)})")
         cells = [c for c in cells if c.label in keep]
     m = station.manifest
-    groups = m.class_groups or __import__(
-        "hemaedge.edge.bundle.class_groups", fromlist=["default_class_groups"]
-    ).default_class_groups(m.classes)
+    from hemaedge.edge.bundle.class_groups import default_class_groups
+
+    groups = m.class_groups or default_class_groups(m.classes)
     matches = match_labels((c.label for c in cells), m.classes, groups, parse_map(args.map))
     err = Console(stderr=True, highlight=False)
     if not args.json:

@@ -255,7 +255,7 @@ def evaluate_station(
 
     m = station.bundle.manifest
     review = DifferentialCounter(m.classes, 1, class_groups=m.class_groups)  # the station's review decision
-    stain = SessionStain()  # one session, settled over all its cells as the station's running median would be
+    stain = SessionStain(kept=max(1, len(crops)))  # one session: the median over all its cells (in any order)
     if m.input.stain_ref:
         for s in range(0, len(crops), batch):
             stain.add_crops([c for _, c in crops[s : s + batch]], m.input)

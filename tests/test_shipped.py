@@ -17,7 +17,8 @@ CHECKPOINT = ROOT / "export" / "checkpoints" / "bloodcnn5.pt"
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_bundle(default_bundle_path())
+    """The BloodMNIST 28x28 CNN (seed 1's reproduction; the default until 2026-12-07)."""
+    return load_bundle(default_bundle_path("bloodcnn5"))
 
 
 def test_shipped_bundle_verifies_and_meets_its_own_int8_bar(shipped):
@@ -165,7 +166,7 @@ def test_shipped_efficientnet_metrics_reproduce_on_val(efficientnet, data_root):
     assert rep["accuracy"] == pytest.approx(efficientnet.manifest.metrics["int8"]["accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize("name", ["bloodcnn5", "effb0-pbc256", "hemanet64", "hemanet64-blast"])
+@pytest.mark.parametrize("name", ["bloodcnn5", "effb0-pbc256", "hemanet64", "hemanet64-blast", "hemanet64-sn"])
 def test_shipped_bundles_carry_their_int8_gate_on_openvino(name):
     """Measured on val with ``hemaedge evaluate --backend openvino --record`` (they predate export measuring it)."""
     m = load_bundle(default_bundle_path(name)).manifest
@@ -234,3 +235,45 @@ def test_blast_aware_bundle_calls_a_held_out_aml_patient_acute(data_root, tmp_pa
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["triage"]["call"] == "acute", doc["triage"]
     assert doc["bundle"]["notice"].startswith("research use only")
+
+
+# The default station model (docs/models.md "Choosing the default"): hemanet at 64 px with session stain
+# normalisation, trained on PBC and BCCD train only, so it carries no research-use notice.
+
+
+def test_the_default_is_the_stain_normalised_model_and_is_licence_clean():
+    b = load_bundle(default_bundle_path())
+    m = b.manifest
+    assert b.path.name == "hemanet64-sn" and m.architecture == "hemanet"
+    assert m.schema_version == 2 and m.input.stain_ref == pytest.approx(1.6) and m.input.white_balance
+    assert m.crop.scale == "session" and m.crop.cell_fraction == pytest.approx(0.685)
+    assert not m.notice, "trained on PBC (CC BY) and BCCD (MIT) only: no research-use terms"
+    recipe = m.provenance["training_recipe"]
+    assert recipe["train"] == ["pbc_train", "bccd_train"] and recipe["sessnorm"] is True
+    assert m.metrics["fp32"]["accuracy"] - m.metrics["int8"]["accuracy"] <= 0.01
+    assert m.provenance["source_model"]["sha256"] == sha256_file(ROOT / "export" / "checkpoints" / "hemanet64-sn.pt")
+    res = subprocess.run(
+        [sys.executable, "-m", "hemaedge", "verify", str(b.path), "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0 and json.loads(res.stdout)["passed"] is True, res.stderr[-1500:]
+
+
+@pytest.mark.data
+def test_the_default_keeps_pbc_val_through_the_station_path(data_root):
+    """The no-regression bar: PBC val (8 classes) through detect, crop, stain normalisation and INT8 >= 0.96."""
+    from hemaedge.edge.bundle.class_groups import default_class_groups
+    from hemaedge.edge.station import Station
+    from hemaedge.evaluation.labelled import read_labelled
+    from hemaedge.evaluation.station import evaluate_station, match_labels
+
+    folder = data_root / "pbc256"
+    if not folder.is_dir():
+        pytest.skip(f"data not found: {folder}")
+    cells, _ = read_labelled(folder, "val")
+    with Station.from_bundle(None) as station:
+        m = station.manifest
+        groups = m.class_groups or default_class_groups(m.classes)
+        res = evaluate_station(station, cells, match_labels([c.label for c in cells], m.classes, groups))
+    d = res.to_dict()
+    assert d["accuracy"] >= 0.96, d["accuracy"]
+    assert 1.4 < d["stain_strength"] < 1.9  # PBC is the reference stain: a gain near 1

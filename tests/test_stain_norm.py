@@ -200,3 +200,21 @@ def test_training_normalises_each_source_as_a_session_and_the_bundle_says_so(tmp
     m = load_bundle(out["bundle"]).manifest
     assert m.schema_version == 2 and m.input.stain_ref == 1.6 and m.input.stain_gain_range == (0.5, 2.0)
     assert m.provenance["training_recipe"]["stain_ref"] == 1.6
+
+
+@pytest.mark.data
+def test_a_class_sorted_folder_is_measured_on_an_even_sample_before_counting(data_root):
+    """An analyser's export is sorted by class: the session is measured on an even sample of the folder first, so its
+    stain strength and scale do not start from the first class alone."""
+    from hemaedge.edge.sources.files import open_images
+    from hemaedge.edge.station import PRIME_IMAGES, Station
+
+    folder = data_root / "pbc256" / "val"
+    if not folder.is_dir():
+        pytest.skip(f"data not found: {folder}")
+    station = Station.from_bundle(None, backend=None, segmenter="stain")
+    assert station.manifest.input.stain_ref  # the default normalises the stain
+    source = open_images(folder)
+    finder = station.cell_finder(source)
+    assert 0.8 * PRIME_IMAGES <= len(finder.stain) <= PRIME_IMAGES
+    assert abs(finder.stain.strength - 1.64) < 0.15, finder.stain.strength  # PBC val, all classes: 1.64

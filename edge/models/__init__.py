@@ -6,12 +6,12 @@ from pathlib import Path
 
 from hemaedge.edge.errors import BundleError
 
-DEFAULT_BUNDLE = "bloodcnn5"
+DEFAULT_BUNDLE = "hemanet64-sn"  # chosen by docs/models.md "Choosing the default"
 DEFAULT_DETECTOR = "wbcnet"
 
 
 def default_bundle_path(name: str = DEFAULT_BUNDLE) -> Path:
-    """Directory of a shipped bundle (default: the BloodMNIST 28x28 INT8 CNN)."""
+    """Directory of a shipped bundle (default: ``DEFAULT_BUNDLE``, the station model chosen in docs/models.md)."""
     path = Path(__file__).parent / name
     if not (path / "manifest.json").is_file():
         raise BundleError(
