@@ -299,11 +299,9 @@ def classify_crops(
         return []
     spec = bundle.manifest.input
     pixels = [c.pixels if isinstance(c, Crop) else c for c in crops]
-    if spec.stain_ref and isinstance(stain, SessionStain):
-        stain.add_crops(
-            [p for c, p in zip(crops, pixels) if not (isinstance(c, Crop) and c.detection.kind == CellKind.PLATELET)],
-            spec,
-        )
+    platelet = [isinstance(c, Crop) and c.detection.kind == CellKind.PLATELET for c in crops]
+    if spec.stain_ref and isinstance(stain, SessionStain) and any(platelet):  # else preprocess adds them itself
+        stain.add_crops([p for p, flat in zip(pixels, platelet) if not flat], spec)
         stain = stain.strength
     batch = preprocess(pixels, spec, "RGB", stain)
     return predictions(backend.classify(batch), bundle.manifest.classes)

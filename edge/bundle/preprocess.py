@@ -64,14 +64,18 @@ def optical_density(images: np.ndarray) -> np.ndarray:
     """``N x P x 3`` optical density ``-log10(I / background)`` of each image against its own background (>= 0)."""
     n = images.shape[0]
     flat = images.reshape(n, -1, 3)
-    bg = np.maximum(_background(flat), 1.0)[:, None, :]
-    return np.maximum(-np.log10(np.maximum(flat, 1.0) / bg), 0.0)
+    bg = np.maximum(_background(flat), 1.0)[:, None, :].astype(np.float32)
+    return np.maximum(-np.log10(np.maximum(flat, np.float32(1.0)) / bg), np.float32(0.0))
 
 
 def stain_strength(images: np.ndarray) -> np.ndarray:
     """Per image (``N x H x W x 3`` float32 0..255) its stain strength: the ``STAIN_PERCENTILE``-th percentile of
     the summed optical density, i.e. how dark its nucleus is stained."""
-    return np.percentile(optical_density(images).sum(axis=2), STAIN_PERCENTILE, axis=1)
+    return _strengths(optical_density(images))
+
+
+def _strengths(od: np.ndarray) -> np.ndarray:
+    return np.percentile(od.sum(axis=2), STAIN_PERCENTILE, axis=1)
 
 
 def stain_gain(strength: float | None, spec: InputSpec) -> float:
@@ -86,7 +90,7 @@ def normalise_stain(images: np.ndarray, gain: float) -> np.ndarray:
     """Multiply each image's optical density by ``gain``, against a neutral background ``WB_TARGET`` (so it is
     white-balanced too). ``N x H x W x 3`` float32 0..255, modified in place and returned."""
     od = optical_density(images) * np.float32(gain)
-    images[...] = np.clip(WB_TARGET * np.power(10.0, -od), 0, 255).reshape(images.shape)
+    images[...] = np.clip(WB_TARGET * np.power(np.float32(10.0), -od), 0, 255).reshape(images.shape)
     return images
 
 
@@ -163,14 +167,16 @@ def preprocess(
     out = resized(images, spec, colour_order)
     n = len(out)
     if spec.stain_ref and n:
+        od = optical_density(out)  # once: it gives the strengths and is then scaled
         if isinstance(session, SessionStain):
-            session.add(stain_strength(out))
+            session.add(_strengths(od))
             strength = session.strength
         elif session is not None:
             strength = float(session)
         else:
-            strength = float(np.median(stain_strength(out)))
-        normalise_stain(out, stain_gain(strength, spec))
+            strength = float(np.median(_strengths(od)))
+        od *= np.float32(stain_gain(strength, spec))
+        out[...] = np.clip(WB_TARGET * np.power(np.float32(10.0), -od), 0, 255).reshape(out.shape)
     if spec.white_balance:
         white_balance(out)
     mean = np.asarray(spec.mean, dtype=np.float32) * 255.0
