@@ -178,7 +178,7 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     log(f"parent on its own val ({parent.data}): {before:.4f}; {len(cells)} new cells, {len(replay)} replayed")
     params = _trainable(model, opts.strategy)
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=1e-4)
-    own = tuple((parent.ck.get("recipe") or {}).get("aug") or ("flip", "rot90"))
+    own = parent_augmentation(parent.ck.get("recipe") or {}, parent.spec)
     # the few new cells get the parent's augmentation plus stain and zoom jitter (so ten cells teach a colour
     # range, not ten pictures); the replayed images get exactly what the parent was trained with
     new_aug = tuple(dict.fromkeys(own + ("stain", "zoom")))
@@ -214,6 +214,22 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
             + "fewer --epochs, a lower --lr or more --replay"
         )
     return model, {"parent_val_accuracy": before, "adapted_val_accuracy": after, "seconds": round(time.time() - t0, 1)}
+
+
+def parent_augmentation(recipe: dict[str, Any], spec: InputSpec) -> tuple[str, ...]:
+    """The augmentation the parent was trained with, as ``augment`` names.
+
+    ``hemaedge train`` records a tuple; the research trainer that made the multi-source models recorded a comma
+    string of photometric ops and always applied flips, any-angle rotation and zoom. With session stain
+    normalisation the strength jitter is the residual one (``odres``), as in its training.
+    """
+    aug = recipe.get("aug") or ("flip", "rot90")
+    names = tuple(a for a in (aug.split(",") if isinstance(aug, str) else aug) if a)
+    if isinstance(aug, str) and "framing" in recipe:  # the research trainer: geometry always on
+        names = ("flip", "rotate", "zoom", *names)
+    if spec.stain_ref:
+        names = tuple("odres" if a == "od" else a for a in names)
+    return tuple(dict.fromkeys(names))
 
 
 def _raw(images: ImageSet, spec: InputSpec) -> np.ndarray:

@@ -93,3 +93,18 @@ def test_too_few_cells_or_one_class_are_refused_before_any_work(parent, tmp_path
         other = tmp_path / "other.pt"
         other.write_bytes(ckpt.read_bytes() + b"x")
         adapt(AdaptOptions(cells=str(tmp_path / "few"), **{**base, "checkpoint": str(other)}), log=lambda m: None)
+
+
+def test_the_parents_augmentation_is_read_from_either_trainers_recipe():
+    from hemaedge.edge.bundle.manifest import InputSpec
+    from hemaedge.export.adapt import parent_augmentation
+
+    # the research trainer (the multi-source bundles) wrote a comma string and always flipped, rotated and zoomed;
+    # read as a tuple of characters it would have augmented nothing
+    research = {"aug": "od,gain,gamma,blur,noise,jpeg", "framing": "station"}
+    assert parent_augmentation(research, InputSpec(64, 64)) == (
+        "flip", "rotate", "zoom", "od", "gain", "gamma", "blur", "noise", "jpeg",
+    )  # fmt: skip
+    assert "odres" in parent_augmentation(research, InputSpec(64, 64, stain_ref=1.6))  # stain-normalised parent
+    assert parent_augmentation({"aug": ["flip", "rot90", "stain"]}, InputSpec(28, 28)) == ("flip", "rot90", "stain")
+    assert parent_augmentation({}, InputSpec(28, 28)) == ("flip", "rot90")
