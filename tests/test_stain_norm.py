@@ -218,3 +218,29 @@ def test_a_class_sorted_folder_is_measured_on_an_even_sample_before_counting(dat
     finder = station.cell_finder(source)
     assert 0.8 * PRIME_IMAGES <= len(finder.stain) <= PRIME_IMAGES
     assert abs(finder.stain.strength - 1.64) < 0.15, finder.stain.strength  # PBC val, all classes: 1.64
+
+
+def test_the_session_summary_says_how_the_stain_was_normalised(tmp_path, capsys):
+    from hemaedge.cli import main
+
+    code = main(["count", "--demo", "--no-tui", "--json", "--target", "20", "--out", str(tmp_path / "a")])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["bundle"]["name"] == "hemanet64-sn"
+    stain = doc["stain"]
+    assert stain["reference"] == 1.6 and stain["cells_measured"] >= 20 and stain["strength"] > 0
+    assert stain["gain"] == pytest.approx(stain_gain(stain["strength"], SPEC), abs=1e-3)
+    code = main(
+        [
+            "count",
+            "--demo",
+            "--no-tui",
+            "--json",
+            "--target",
+            "5",
+            "--bundle",
+            "bloodcnn5",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert code == 0 and "stain" not in json.loads(capsys.readouterr().out)  # a bundle without it says nothing

@@ -448,6 +448,18 @@ def _info(session: Any, result: Any, p: Plan, station: Any) -> dict[str, Any]:
         "inputs": session.inputs().to_dict(),
         "not_estimated": list(session.not_estimated),
     }
+    spec = station.manifest.input
+    finder = getattr(session, "finder", None)
+    if spec.stain_ref and finder is not None:  # the session's stain normalisation, as the model saw it
+        from hemaedge.edge.bundle.preprocess import stain_gain
+
+        strength = finder.stain.strength
+        info["stain"] = {
+            "strength": None if strength is None else round(strength, 3),
+            "reference": spec.stain_ref,
+            "gain": round(stain_gain(strength, spec), 3),
+            "cells_measured": len(finder.stain),
+        }
     if p.source == DEMO_SOURCE:
         info["note"] = DEMO_NOTE
     if result is not None:

@@ -256,6 +256,13 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
     ]
     if (summary.get("scale") or {}).get("describe"):
         meta.insert(3, f"scale {e(str(summary['scale']['describe']))}")
+    stain = summary.get("stain") or {}
+    if stain.get("strength") is not None:
+        meta.insert(
+            3,
+            f"stain strength {stain['strength']:.2f} (x{stain['gain']:.2f} to the model's "
+            f"{stain['reference']:.2f}, from {stain['cells_measured']} cells)",
+        )
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
     if summary["bundle"].get("notice"):
         parts.append(f"<p class=notice>Model terms: {e(summary['bundle']['notice'])}</p>")
