@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output image folder (crops go to OUT/unlabelled/)")
     parser.add_argument(
         "--bundle",
-        help="bundle whose crop geometry (and, with --by-class, model) to use (default: the shipped bloodcnn5)",
+        help="bundle whose crop geometry (and, with --by-class, model) to use (default: the shipped default, hemanet64-sn)",
     )
     parser.add_argument("--max", type=int, default=None, help="stop after this many crops")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")

@@ -52,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="camera (0, v4l2:///dev/video0, csi://0, picam://0), rtsp://..., "
         "a video, an image, a folder or a glob, or synthetic://?seed=N",
     )
-    parser.add_argument("--bundle", help="model bundle directory (default: the shipped bloodcnn5)")
+    parser.add_argument("--bundle", help="model bundle directory or shipped name (default: hemanet64-sn)")
     parser.add_argument(
         "--precision",
         choices=PRECISION_CHOICES,
