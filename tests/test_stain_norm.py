@@ -229,6 +229,7 @@ def test_the_session_summary_says_how_the_stain_was_normalised(tmp_path, capsys)
     stain = doc["stain"]
     assert stain["reference"] == 1.6 and stain["cells_measured"] >= 20 and stain["strength"] > 0
     assert stain["gain"] == pytest.approx(stain_gain(stain["strength"], SPEC), abs=1e-3)
+    assert "warning" not in stain  # within the bounds: nothing to warn about
     code = main(
         [
             "count",
@@ -244,3 +245,21 @@ def test_the_session_summary_says_how_the_stain_was_normalised(tmp_path, capsys)
         ]
     )
     assert code == 0 and "stain" not in json.loads(capsys.readouterr().out)  # a bundle without it says nothing
+
+
+@pytest.mark.data
+def test_a_stain_beyond_what_the_model_normalises_is_said_plainly(data_root, tmp_path, capsys):
+    """BCCD's smears carry a third of PBC's stain: the gain stops at its bound and the count says so."""
+    from hemaedge.cli import main
+
+    frames = data_root / "bccd" / "JPEGImages"
+    if not frames.is_dir():
+        pytest.skip(f"data not found: {frames}")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in sorted(p.name for p in frames.glob("*.jpg"))[:6]:
+        (folder / name).symlink_to(frames / name)
+    code = main(["count", str(folder), "--no-tui", "--json", "--out", str(tmp_path / "s")])
+    stain = json.loads(capsys.readouterr().out)["stain"]
+    assert code == 0 and stain["gain"] == SPEC.stain_gain_range[1] and stain["strength"] < 0.8
+    assert "paler than the model can normalise" in stain["warning"]

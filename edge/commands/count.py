@@ -454,12 +454,19 @@ def _info(session: Any, result: Any, p: Plan, station: Any) -> dict[str, Any]:
         from hemaedge.edge.bundle.preprocess import stain_gain
 
         strength = finder.stain.strength
+        gain = stain_gain(strength, spec)
         info["stain"] = {
             "strength": None if strength is None else round(strength, 3),
             "reference": spec.stain_ref,
-            "gain": round(stain_gain(strength, spec), 3),
+            "gain": round(gain, 3),
             "cells_measured": len(finder.stain),
         }
+        if strength and gain in spec.stain_gain_range:  # the bound held it: the model sees a paler/heavier stain
+            info["stain"]["warning"] = (
+                f"this slide's stain is {'paler' if gain > 1 else 'heavier'} than the model can normalise "
+                f"(strength {strength:.2f}, reference {spec.stain_ref:.2f}): check the differential on a few cells "
+                "(hemaedge evaluate --station) before trusting it"
+            )
     if p.source == DEMO_SOURCE:
         info["note"] = DEMO_NOTE
     if result is not None:
@@ -553,6 +560,9 @@ def _print_final(console: Any, summary: dict[str, Any], paths: dict[str, Path]) 
         apl = f", APL probability {t['apl_probability']:.2f}" if t.get("apl_probability") is not None else ""
         style = "bold red" if t["call"] in ("acute", "chronic") else "bold"
         console.print(f"[{style}]slide triage: {t['call'].upper()}[/] ({escape(t['rule'])}{apl})")
+    stain = (summary.get("stain") or {}).get("warning")
+    if stain:
+        console.print(f"[yellow]{escape(stain)}[/]")
     notice = summary.get("bundle", {}).get("notice")
     if notice:
         console.print(f"[dim]model terms: {escape(notice)}[/]")

@@ -264,6 +264,8 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
             f"{stain['reference']:.2f}, from {stain['cells_measured']} cells)",
         )
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
+    if (summary.get("stain") or {}).get("warning"):
+        parts.append(f"<p class=warn>{e(str(summary['stain']['warning']))}</p>")
     if summary["bundle"].get("notice"):
         parts.append(f"<p class=notice>Model terms: {e(summary['bundle']['notice'])}</p>")
     parts.append(_verification_banner(summary, ver, status))
