@@ -236,15 +236,12 @@ def _raw(images: ImageSet, spec: InputSpec) -> np.ndarray:
     """Raw pixels at model size; with session stain normalisation the set is one session (the lab's cells are one
     microscope's; the parent's replayed data one source), normalised before augmentation as in training."""
     from hemaedge.calibration.datasets import session_strength
-    from hemaedge.edge.bundle.preprocess import normalise_stain, stain_gain
+    from hemaedge.edge.bundle.preprocess import normalise_stain_u8, stain_gain
     from hemaedge.export.train import raw_pixels
 
     idx = np.arange(len(images))
     x = np.concatenate([raw_pixels(images.images(idx[s : s + 256]), spec.height) for s in range(0, len(idx), 256)])
-    if not spec.stain_ref:
-        return x
-    gain = stain_gain(session_strength(images, spec), spec)
-    return np.rint(normalise_stain(x.astype(np.float32), gain)).astype(np.uint8)
+    return normalise_stain_u8(x, stain_gain(session_strength(images, spec), spec)) if spec.stain_ref else x
 
 
 def _accuracy(model: Any, images: ImageSet, spec: InputSpec) -> float:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset, session_strength
 from hemaedge.edge.bundle.manifest import InputSpec
-from hemaedge.edge.bundle.preprocess import normalise_stain, preprocess, stain_gain
+from hemaedge.edge.bundle.preprocess import normalise_stain_u8, preprocess, stain_gain
 from hemaedge.edge.errors import UsageError
 from hemaedge.export import checkpoint
 from hemaedge.export.models import DEFAULTS, build
@@ -383,10 +383,7 @@ class _RawSet(torch.utils.data.Dataset):
             self.array = np.concatenate([self._raw(images.images(idx[s : s + 256])) for s in range(0, len(idx), 256)])
 
     def _raw(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        x = raw_pixels(images, self.size)
-        if self.gain == 1.0:
-            return x
-        return np.rint(normalise_stain(x.astype(np.float32), self.gain)).astype(np.uint8)
+        return normalise_stain_u8(raw_pixels(images, self.size), self.gain)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -94,6 +94,14 @@ def normalise_stain(images: np.ndarray, gain: float) -> np.ndarray:
     return images
 
 
+def normalise_stain_u8(pixels: np.ndarray, gain: float) -> np.ndarray:
+    """``normalise_stain`` on uint8 ``N x H x W x 3`` pixels, back as uint8 (training's raw pixels, normalised as one
+    session before augmentation); a gain of exactly 1 leaves them as they are."""
+    if gain == 1.0:
+        return pixels
+    return np.rint(normalise_stain(pixels.astype(np.float32), gain)).astype(np.uint8)
+
+
 class SessionStain:
     """The session's stain strength: the median over its recent white-cell crops (``kept`` of them).
 
