@@ -268,22 +268,36 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
-_STRENGTHS: dict[tuple, float | None] = {}
+_STAINS: dict[tuple, object] = {}  # set (and spec) -> its StainEstimate
 
 
-def session_strength(images: ImageSet, spec, n: int = 2000) -> float | None:
-    """The stain strength of a set taken as one session (one microscope's cells, as ``evaluate --station`` takes a
-    labelled set): the median over up to ``n`` of its images, evenly spread (remembered per set and input size)."""
-    from hemaedge.edge.bundle.preprocess import resized, stain_strength
+def set_stain_vectors(images: ImageSet, spec):
+    """The two stains (``2 x 3``, or None) of a set taken as one session, from an even sample of its images."""
+    from hemaedge.edge.bundle.preprocess import HUE_CROPS, optical_density, resized, stain_vectors
+
+    if not len(images):
+        return None
+    pick = np.unique(np.linspace(0, len(images) - 1, min(HUE_CROPS, len(images))).astype(int))
+    return stain_vectors(optical_density(resized(images.images(pick), spec)))
+
+
+def session_stain(images: ImageSet, spec, n: int = 2000):
+    """The stain of a set taken as one session (one microscope's cells, as ``evaluate --station`` takes a labelled
+    set): a ``StainEstimate``, as ``estimate_stain`` makes it, over up to ``n`` of its images, evenly spread
+    (remembered per set and input spec)."""
+    from hemaedge.edge.bundle.preprocess import StainEstimate, hue_matrix, resized, stain_strength
 
     key = (images.digest or id(images), len(images), spec.height, spec.width, spec.colour_order, spec.resize)
-    if key not in _STRENGTHS:
+    key += (tuple(getattr(spec, "stain_vectors", ())),)
+    if key not in _STAINS:
         if not len(images):
-            return None
+            return StainEstimate(None)
+        vectors = set_stain_vectors(images, spec) if getattr(spec, "stain_vectors", ()) else None
+        matrix = hue_matrix(vectors, spec)
         idx = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).astype(int))
-        st = [stain_strength(resized(images.images(idx[s : s + 256]), spec)) for s in range(0, len(idx), 256)]
-        _STRENGTHS[key] = float(np.median(np.concatenate(st)))
-    return _STRENGTHS[key]
+        st = [stain_strength(resized(images.images(idx[s : s + 256]), spec), matrix) for s in range(0, len(idx), 256)]
+        _STAINS[key] = StainEstimate(float(np.median(np.concatenate(st))), vectors)
+    return _STAINS[key]
 
 
 def batches(images: ImageSet, spec, idx: np.ndarray | None = None, batch: int = 256):
@@ -291,7 +305,7 @@ def batches(images: ImageSet, spec, idx: np.ndarray | None = None, batch: int = 
     stain normalisation: the whole set is one session)."""
     from hemaedge.edge.bundle.preprocess import preprocess
 
-    stain = session_strength(images, spec) if getattr(spec, "stain_ref", 0) else None
+    stain = session_stain(images, spec) if getattr(spec, "stain_ref", 0) else None
     idx = np.arange(len(images)) if idx is None else np.asarray(idx)
     for s in range(0, len(idx), batch):
         part = idx[s : s + batch]

@@ -25,7 +25,7 @@ import numpy as np
 from hemaedge.edge.bundle import Bundle, load_bundle, preprocess
 from hemaedge.edge.bundle.class_groups import default_class_groups
 from hemaedge.edge.bundle.manifest import CropGeometry
-from hemaedge.edge.bundle.preprocess import SessionStain, cut_crop
+from hemaedge.edge.bundle.preprocess import SessionStain, StainEstimate, cut_crop
 from hemaedge.edge.count import SlideTracker
 from hemaedge.edge.count.tracking import Registration, TrackedDetection
 from hemaedge.edge.errors import InputError
@@ -287,13 +287,13 @@ def predictions(probabilities: np.ndarray, classes: Sequence[str]) -> list[Predi
 
 
 def classify_crops(
-    backend: Any, bundle: Bundle, crops: Sequence[Crop | np.ndarray], stain: SessionStain | float | None = None
+    backend: Any, bundle: Bundle, crops: Sequence[Crop | np.ndarray], stain: SessionStain | StainEstimate | None = None
 ) -> list[Prediction]:
     """Preprocess crops (RGB) with the bundle's one preprocessing function and classify them with an entered backend.
 
     ``stain``: for a bundle with session stain normalisation (``input.stain_ref``), the session's
-    ``SessionStain`` (its white-cell crops here are added to it first; platelet crops are not) or its strength;
-    None takes these crops as the session.
+    ``SessionStain`` (its white-cell crops here are added to it first; platelet crops are not) or its
+    ``StainEstimate``; None takes these crops as the session.
     """
     if not len(crops):
         return []
@@ -302,7 +302,7 @@ def classify_crops(
     platelet = [isinstance(c, Crop) and c.detection.kind == CellKind.PLATELET for c in crops]
     if spec.stain_ref and isinstance(stain, SessionStain) and any(platelet):  # else preprocess adds them itself
         stain.add_crops([p for p, flat in zip(pixels, platelet) if not flat], spec)
-        stain = stain.strength
+        stain = stain.estimate
     batch = preprocess(pixels, spec, "RGB", stain)
     return predictions(backend.classify(batch), bundle.manifest.classes)
 
@@ -451,7 +451,7 @@ class Station:
         return finder
 
     def predict(
-        self, crops: Sequence[Crop | np.ndarray], stain: SessionStain | float | None = None
+        self, crops: Sequence[Crop | np.ndarray], stain: SessionStain | StainEstimate | None = None
     ) -> list[Prediction]:
         """Classify crops (RGB) through the one preprocessing function and the backend (the station must be entered);
         ``stain`` as for ``classify_crops``."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from hemaedge.edge.bundle.class_groups import group_of
-from hemaedge.edge.bundle.preprocess import SessionStain
+from hemaedge.edge.bundle.preprocess import SessionStain, stain_angles
 from hemaedge.edge.bundle.vocabulary import canonical_or_same, display_name, same_class
 from hemaedge.edge.errors import InputError, UsageError
 from hemaedge.edge.records import Frame
@@ -111,6 +111,7 @@ class StationEvaluation:
     review_threshold: float = 0.6
     typical_side: float | None = None
     stain_strength: float | None = None
+    stain_angles: list[float] | None = None  # degrees between the set's two stains and the bundle's reference ones
 
     def outcome(self, i: int) -> str:
         """The label the prediction of cell ``i`` counts as (its own label when right), MISSED or OTHER."""
@@ -163,6 +164,7 @@ class StationEvaluation:
             "review_share": review / detected if detected else 0.0,
             "typical_cell_side_px": None if self.typical_side is None else round(self.typical_side, 1),
             "stain_strength": None if self.stain_strength is None else round(self.stain_strength, 3),
+            **({} if self.stain_angles is None else {"stain_angles_deg": [round(a, 1) for a in self.stain_angles]}),
             "per_class": per,
             "confusion": {"rows": labels, "columns": cols, "matrix": [[cm[t][c] for c in cols] for t in labels]},
             "predicted_classes": predicted_counts,
@@ -255,14 +257,13 @@ def evaluate_station(
 
     m = station.bundle.manifest
     review = DifferentialCounter(m.classes, 1, class_groups=m.class_groups)  # the station's review decision
-    stain = SessionStain(kept=max(1, len(crops)))  # one session: the median over all its cells (in any order)
+    stain = SessionStain.of_set([c for _, c in crops], m.input, batch)  # one session, in any order
     if m.input.stain_ref:
-        for s in range(0, len(crops), batch):
-            stain.add_crops([c for _, c in crops[s : s + batch]], m.input)
         result.stain_strength = stain.strength
+        result.stain_angles = stain_angles(stain.vectors, m.input)
     for s in range(0, len(crops), batch):
         part = crops[s : s + batch]
-        for (i, _), pred in zip(part, station.predict([c for _, c in part], stain.strength)):
+        for (i, _), pred in zip(part, station.predict([c for _, c in part], stain.estimate)):
             result.predicted[i] = pred.class_name
             result.confidence[i] = review.group_confidence(pred.class_index, pred.probabilities)
     return result

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset, stratified_sample
 from hemaedge.edge.bundle import InputSpec, preprocess, sha256_file
+from hemaedge.edge.bundle.manifest import stain_fields
 from hemaedge.edge.errors import AccuracyGateError, InputError, UsageError
 
 STRATEGIES = ("all", "head", "norm")
@@ -107,8 +108,7 @@ def find_parent(opts: AdaptOptions) -> Parent:
         mean=tuple(inp.get("mean", m.input.mean)),
         std=tuple(inp.get("std", m.input.std)),
         white_balance=bool(inp.get("white_balance", m.input.white_balance)),
-        stain_ref=float(inp.get("stain_ref", m.input.stain_ref)),
-        stain_gain_range=tuple(inp.get("stain_gain_range", m.input.stain_gain_range)),
+        **stain_fields(inp, m.input),
     )
     return Parent(bundle, path, ck, str(data), spec, tuple(ck.get("classes") or m.classes))
 
@@ -235,22 +235,22 @@ def parent_augmentation(recipe: dict[str, Any], spec: InputSpec) -> tuple[str, .
 def _raw(images: ImageSet, spec: InputSpec) -> np.ndarray:
     """Raw pixels at model size; with session stain normalisation the set is one session (the lab's cells are one
     microscope's; the parent's replayed data one source), normalised before augmentation as in training."""
-    from hemaedge.calibration.datasets import session_strength
-    from hemaedge.edge.bundle.preprocess import normalise_stain_u8, stain_gain
+    from hemaedge.calibration.datasets import session_stain
+    from hemaedge.edge.bundle.preprocess import normalise_stain_u8
     from hemaedge.export.train import raw_pixels
 
     idx = np.arange(len(images))
     x = np.concatenate([raw_pixels(images.images(idx[s : s + 256]), spec.height) for s in range(0, len(idx), 256)])
-    return normalise_stain_u8(x, stain_gain(session_strength(images, spec), spec)) if spec.stain_ref else x
+    return normalise_stain_u8(x, session_stain(images, spec), spec) if spec.stain_ref else x
 
 
 def _accuracy(model: Any, images: ImageSet, spec: InputSpec) -> float:
     import torch
-    from hemaedge.calibration.datasets import session_strength
+    from hemaedge.calibration.datasets import session_stain
 
     model.eval()
     right = 0
-    stain = session_strength(images, spec) if spec.stain_ref else None
+    stain = session_stain(images, spec) if spec.stain_ref else None
     with torch.no_grad():
         for s in range(0, len(images), 256):
             idx = np.arange(s, min(s + 256, len(images)))

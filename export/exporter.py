@@ -21,6 +21,7 @@ from hemaedge.calibration.datasets import ImageSet, batches, open_dataset, strat
 from hemaedge.edge import __version__
 from hemaedge.edge.bundle import Bundle, BundleWriter, CropGeometry, InputSpec, Manifest, sha256_file
 from hemaedge.edge.bundle.class_groups import default_class_groups
+from hemaedge.edge.bundle.manifest import stain_fields
 from hemaedge.edge.bundle.vocabulary import canonical_classes
 from hemaedge.edge.errors import InputError, MissingDependencyError, UsageError
 from hemaedge.export.gates import accuracy_gate, class_drops, class_gate, default_critical, misses_class_gate
@@ -203,8 +204,7 @@ def _spec_from(source: Source, opts: ExportOptions, info: dict[str, Any], data: 
         colour_order=meta_in.get("colour_order", "RGB"),
         resize=meta_in.get("resize", "area"),
         white_balance=bool(meta_in.get("white_balance", False)),
-        stain_ref=float(meta_in.get("stain_ref", 0.0)),
-        stain_gain_range=tuple(meta_in.get("stain_gain_range", (0.5, 2.0))),
+        **stain_fields(meta_in),
     )
 
 

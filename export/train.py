@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset, session_strength
-from hemaedge.edge.bundle.manifest import InputSpec
-from hemaedge.edge.bundle.preprocess import normalise_stain_u8, preprocess, stain_gain
+from hemaedge.calibration.datasets import ImageSet, load_folder, open_dataset, session_stain, set_stain_vectors
+from hemaedge.edge.bundle.manifest import InputSpec, stain_fields
+from hemaedge.edge.bundle.preprocess import StainEstimate, normalise_stain_u8, preprocess
 from hemaedge.edge.errors import UsageError
 from hemaedge.export import checkpoint
 from hemaedge.export.models import DEFAULTS, build
@@ -66,6 +66,8 @@ class Recipe:
     white_balance: bool = False
     stain_ref: float = 0.0  # session stain normalisation (0: off); each source is one session
     stain_gain_range: tuple[float, float] = (0.5, 2.0)
+    stain_hue: bool = False  # also map each session's two stains onto the first source's (needs stain_ref)
+    stain_hue_tolerance: float = 0.0  # degrees a session's stain may differ from the reference unmapped
     extra_data: tuple[str, ...] = ()
     extra_repeat: int = 1
     init: str = ""
@@ -375,15 +377,15 @@ class _RawSet(torch.utils.data.Dataset):
     def __init__(self, images: ImageSet, size: int, source: int, budget: float = 1.5e9, stain: InputSpec | None = None):
         self.images, self.size, self.source = images, size, source
         self.array = None
-        self.gain = 1.0  # with ``stain`` (a spec with stain_ref): the set is one session, normalised before augmenting
-        if stain is not None and stain.stain_ref:
-            self.gain = stain_gain(session_strength(images, InputSpec(height=size, width=size)), stain)
+        self.spec = stain  # with ``stain`` (a spec with stain_ref) the set is one session, normalised before augmenting
+        self.stain = session_stain(images, stain) if stain is not None and stain.stain_ref else None
         if len(images) * size * size * 3 <= budget:
             idx = np.arange(len(images))
             self.array = np.concatenate([self._raw(images.images(idx[s : s + 256])) for s in range(0, len(idx), 256)])
 
     def _raw(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        return normalise_stain_u8(raw_pixels(images, self.size), self.gain)
+        x = raw_pixels(images, self.size)
+        return x if self.stain is None else normalise_stain_u8(x, self.stain, self.spec)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -539,7 +541,7 @@ def stage_lineage(path: str | Path, ck: dict) -> list[dict]:
 
 
 class _FolderData(torch.utils.data.Dataset):
-    def __init__(self, images: ImageSet, spec: InputSpec, stain: float | None = None):
+    def __init__(self, images: ImageSet, spec: InputSpec, stain: StainEstimate | None = None):
         self.images, self.spec, self.stain = images, spec, stain
 
     def __len__(self) -> int:
@@ -553,7 +555,7 @@ class _FolderData(torch.utils.data.Dataset):
 def _val_loader(images: ImageSet, spec: InputSpec, workers: int):
     """Validation batches through the station's ``preprocess`` (in memory for npz sets, decoded for folders); with
     session stain normalisation the set is one session, as ``evaluate --station`` takes a labelled set."""
-    stain = session_strength(images, spec) if spec.stain_ref else None
+    stain = session_stain(images, spec) if spec.stain_ref else None
     if images.array is not None:
         data = torch.utils.data.TensorDataset(
             torch.from_numpy(preprocess(images.array, spec, session=stain)), torch.from_numpy(images.labels)
@@ -587,6 +589,7 @@ class _TrainData:
     size: int  # the model's input side
     mean: tuple[float, ...]  # of the training pixels as the model sees them
     std: tuple[float, ...]
+    stain: InputSpec  # the session stain normalisation the sources were trained with (its stain_* fields)
 
 
 @dataclass
@@ -710,6 +713,29 @@ def _start(recipe: Recipe) -> Path:
     return out
 
 
+def _stain_spec(recipe: Recipe, size: int, first: ImageSet) -> InputSpec:
+    """The session stain normalisation the sources are trained with; with ``stain_hue`` the reference stains are
+    the first source's own (its first part's)."""
+    vectors: tuple = ()
+    if recipe.stain_hue:
+        if not recipe.stain_ref:
+            raise UsageError(
+                "--stain-hue maps each session's stains as part of --stain-norm: pass --stain-norm REF too"
+            )
+        ref = set_stain_vectors(first, InputSpec(height=size, width=size))
+        if ref is None:
+            raise UsageError(f"--stain-hue: too few stained pixels in {first.name} to measure its two stains")
+        vectors = tuple(tuple(round(float(x), 6) for x in v / np.linalg.norm(v)) for v in ref)
+    return InputSpec(
+        height=size,
+        width=size,
+        stain_ref=recipe.stain_ref,
+        stain_gain_range=tuple(recipe.stain_gain_range),
+        stain_vectors=vectors,
+        stain_hue_tolerance=recipe.stain_hue_tolerance if vectors else 0.0,
+    )
+
+
 def _open_data(recipe: Recipe) -> _TrainData:
     """Open every source, concatenate their training parts, weigh their images and measure the pixels' mean/std."""
     classes, sources = open_sources(recipe)
@@ -717,13 +743,13 @@ def _open_data(recipe: Recipe) -> _TrainData:
     size = recipe.img_size or DEFAULTS.get(recipe.arch, {}).get("input_size") or first.image(0).shape[0]
     parts = [p for s in sources for p, _ in s.parts]
     src_of = [k for k, s in enumerate(sources) for _ in s.parts]
-    stain = InputSpec(height=size, width=size, stain_ref=recipe.stain_ref, stain_gain_range=recipe.stain_gain_range)
+    stain = _stain_spec(recipe, size, first)
     data = torch.utils.data.ConcatDataset([_RawSet(p, size, k, stain=stain) for p, k in zip(parts, src_of)])
     weights = sample_weights(sources, recipe.balanced)
     samples = recipe.samples or int(round(sum(len(p) * r for s in sources for p, r in s.parts)))
     mean, std = _stats(data, weights, size, recipe.white_balance)
     plain = len(parts) == 1 and not recipe.balanced and samples == len(data)
-    return _TrainData(classes, sources, data, weights, samples, plain, size, mean, std)
+    return _TrainData(classes, sources, data, weights, samples, plain, size, mean, std, stain)
 
 
 def _build_model(recipe: Recipe, d: _TrainData) -> _Net:
@@ -745,8 +771,7 @@ def _build_model(recipe: Recipe, d: _TrainData) -> _Net:
         mean=mean,
         std=std,
         white_balance=recipe.white_balance,
-        stain_ref=recipe.stain_ref,
-        stain_gain_range=tuple(recipe.stain_gain_range),
+        **stain_fields(asdict(d.stain)),
     )
     return _Net(model, spec, lineage)
 

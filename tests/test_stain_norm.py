@@ -7,17 +7,24 @@ stronger stain would make it.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from hemaedge.calibration.datasets import set_stain_vectors
 from hemaedge.edge.bundle.manifest import InputSpec, parse_manifest
 from hemaedge.edge.bundle.preprocess import (
+    HUE_CROPS,
     SessionStain,
+    StainEstimate,
+    hue_matrix,
     normalise_stain,
     optical_density,
     preprocess,
+    stain_angles,
     stain_gain,
     stain_strength,
+    stain_vectors,
 )
 from hemaedge.edge.errors import BundleError
 
@@ -135,7 +142,7 @@ def test_the_manifest_carries_the_reference_and_says_it_needs_a_newer_reader():
     with pytest.raises(BundleError, match="stain"):
         parse_manifest(_manifest_dict(stain_ref=1.6, stain_gain_range=[1.5, 2.0]))
     with pytest.raises(BundleError, match="newer"):
-        parse_manifest({**d, "schema_version": 3})
+        parse_manifest({**d, "schema_version": 4})
     # a hemaedge that knows only schema 1 refuses this bundle instead of skipping the normalisation
     from hemaedge.edge.bundle import manifest as M
 
@@ -174,10 +181,10 @@ def test_training_normalises_each_source_as_a_session_and_the_bundle_says_so(tmp
 
     a, pale = _write_source(tmp_path / "a", 1.0), _write_source(tmp_path / "pale", 0.6, seed=1)
     spec = InputSpec(height=28, width=28, stain_ref=1.6)
-    gain_a = T._RawSet(open_dataset(a, "train"), 28, 0, stain=spec).gain
-    gain_pale = T._RawSet(open_dataset(pale, "train"), 28, 1, stain=spec).gain
+    gain_a = stain_gain(T._RawSet(open_dataset(a, "train"), 28, 0, stain=spec).stain.strength, spec)
+    gain_pale = stain_gain(T._RawSet(open_dataset(pale, "train"), 28, 1, stain=spec).stain.strength, spec)
     assert gain_pale / gain_a == pytest.approx(1 / 0.6, rel=0.12)  # the pale source is brought up to the other
-    assert T._RawSet(open_dataset(a, "train"), 28, 0).gain == 1.0  # off without a reference
+    assert T._RawSet(open_dataset(a, "train"), 28, 0).stain is None  # off without a reference
     recipe = T.Recipe(
         data=str(a),
         more_data=(str(pale),),
@@ -190,6 +197,8 @@ def test_training_normalises_each_source_as_a_session_and_the_bundle_says_so(tmp
         aug=("flip", "od", "gain"),
         white_balance=True,
         stain_ref=1.6,
+        stain_hue=True,
+        stain_hue_tolerance=3.0,
         arch_kwargs={"width": 0.5, "hidden": 16},
         threads=1,
     )
@@ -198,8 +207,12 @@ def test_training_normalises_each_source_as_a_session_and_the_bundle_says_so(tmp
         ExportOptions(source=summary["final_checkpoint"], out=str(tmp_path / "b"), data=str(a)), log=lambda m: None
     )
     m = load_bundle(out["bundle"]).manifest
-    assert m.schema_version == 2 and m.input.stain_ref == 1.6 and m.input.stain_gain_range == (0.5, 2.0)
-    assert m.provenance["training_recipe"]["stain_ref"] == 1.6
+    assert m.schema_version == 3 and m.input.stain_ref == 1.6 and m.input.stain_gain_range == (0.5, 2.0)
+    assert m.provenance["training_recipe"]["stain_ref"] == 1.6 and m.provenance["training_recipe"]["stain_hue"]
+    # the reference stains are the first source's own, as measured on it
+    first = set_stain_vectors(open_dataset(a, "train"), InputSpec(height=28, width=28))
+    np.testing.assert_allclose(np.asarray(m.input.stain_vectors), first, atol=1e-4)
+    assert m.input.stain_hue_tolerance == 3.0
 
 
 @pytest.mark.data
@@ -258,8 +271,135 @@ def test_a_stain_beyond_what_the_model_normalises_is_said_plainly(data_root, tmp
     folder = tmp_path / "frames"
     folder.mkdir()
     for name in sorted(p.name for p in frames.glob("*.jpg"))[:6]:
-        (folder / name).symlink_to(frames / name)
+        (folder / name).symlink_to((frames / name).resolve())
     code = main(["count", str(folder), "--no-tui", "--json", "--out", str(tmp_path / "s")])
-    stain = json.loads(capsys.readouterr().out)["stain"]
+    got = capsys.readouterr()
+    assert got.out, got.err[-2000:]
+    stain = json.loads(got.out)["stain"]
     assert code == 0 and stain["gain"] == SPEC.stain_gain_range[1] and stain["strength"] < 0.8
     assert "paler than the model can normalise" in stain["warning"]
+
+
+# --- the session's two stains (``input.stain_vectors``) ---------------------------------------------------------------
+
+NUCLEAR = np.array([0.50, 0.85, 0.14])  # a Romanowsky nucleus: absorbs red and green (purple-blue)
+EOSIN = np.array([0.55, 0.69, 0.47])  # eosin: pink
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _turn(v: np.ndarray, towards: np.ndarray, degrees: float) -> np.ndarray:
+    """``v`` turned by ``degrees`` in the plane it spans with ``towards`` (away from it for negative degrees)."""
+    v, w = _unit(v), _unit(towards)
+    w = _unit(w - (w @ v) * v)
+    a = np.radians(degrees)
+    return np.cos(a) * v + np.sin(a) * w
+
+
+def _two_stain_cells(stains: np.ndarray, n: int = 24, seed: int = 0, size: int = 40) -> list[np.ndarray]:
+    """Cells of two stains: a nucleus of the first, cytoplasm and a red cell of the second, on glass (230)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        c = size / 2 + rng.uniform(-2, 2, 2)
+        r = np.hypot(yy - c[0], xx - c[1])
+        nuc = (r < size / 6) * rng.uniform(1.0, 1.6)
+        cyto = ((r >= size / 6) & (r < size / 3.2)) * rng.uniform(0.3, 0.6)
+        rbc = (np.hypot(yy - 4, xx - 4) < 7) * rng.uniform(0.5, 0.8)
+        od = nuc[..., None] * stains[0] + (cyto + rbc)[..., None] * stains[1]
+        img = 230 * np.power(10.0, -od) + rng.normal(0, 1.5, od.shape)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+REF = np.stack([_unit(NUCLEAR), _unit(EOSIN)])
+HUE = InputSpec(
+    height=32, width=32, white_balance=True, stain_ref=1.6, stain_vectors=tuple(tuple(r) for r in REF.round(6))
+)
+
+
+def test_the_two_stains_are_measured_nuclear_first():
+    from hemaedge.edge.bundle.preprocess import resized
+
+    v = stain_vectors(optical_density(resized(_two_stain_cells(REF), HUE)))
+    assert v is not None and max(stain_angles(v, HUE)) < 3.0, stain_angles(v, HUE)
+    one = stain_vectors(optical_density(resized(_two_stain_cells(np.stack([REF[0], REF[0]])), HUE)))
+    assert one is None  # one stain only: nothing to map
+    assert hue_matrix(None, HUE) is None and hue_matrix(v, SPEC) is None  # nothing measured, or a bundle without it
+
+
+def test_a_bluer_and_redder_stain_looks_like_the_reference_after_mapping():
+    """The same cells under stains turned 14 degrees from the reference's (as another lab's: a nuclear stain that
+    absorbs less blue light, an eosin that absorbs more) come out as under the reference's."""
+    turned = np.stack([_turn(REF[0], [0.5, 0.85, -0.4], 14), _turn(REF[1], [0.0, 0.5, 1.0], 14)])
+    ref_cells, odd_cells = _two_stain_cells(REF), _two_stain_cells(turned)
+    without = replace(HUE, stain_vectors=())
+    before = np.abs(preprocess(ref_cells, without) - preprocess(odd_cells, without)).mean()
+    after = np.abs(preprocess(ref_cells, HUE) - preprocess(odd_cells, HUE)).mean()
+    assert after < 0.35 * before, (before, after)
+    # within the tolerance a session's stains are left as they are (the strength is still normalised)
+    tolerant = replace(HUE, stain_hue_tolerance=20.0)
+    np.testing.assert_allclose(preprocess(odd_cells, tolerant), preprocess(odd_cells, without), atol=1e-4)
+    # a tolerance short of the turn maps part of the way
+    partial = np.abs(preprocess(ref_cells, HUE) - preprocess(odd_cells, replace(HUE, stain_hue_tolerance=7.0))).mean()
+    assert after < partial < before
+
+
+def test_the_session_measures_its_stains_on_its_first_white_cells_and_keeps_them():
+    turned = np.stack([_turn(REF[0], [0.5, 0.85, -0.4], 14), REF[1]])
+    session = SessionStain(hue_crops=8)
+    assert session.vectors is None
+    session.add_crops(_two_stain_cells(turned, n=8), HUE)
+    first = session.vectors
+    assert first is not None and 6 < stain_angles(first, HUE)[0] < 17 and stain_angles(first, HUE)[1] < 4
+    session.add_crops(_two_stain_cells(REF, n=8, seed=3), HUE)  # later crops count for strength, not for stains
+    np.testing.assert_array_equal(session.vectors, first)
+    assert len(session) == 16
+    est = session.estimate
+    assert isinstance(est, StainEstimate) and est.strength == session.strength
+    # preprocess given the estimate maps as the session does
+    cells = _two_stain_cells(turned, n=4, seed=5)
+    np.testing.assert_allclose(preprocess(cells, HUE, session=est), preprocess(cells, HUE, session=est), atol=0)
+    with pytest.raises(ValueError, match="SessionStain or StainEstimate"):
+        preprocess(cells, HUE, session=1.5)  # a bare strength cannot say how to map the stains
+    assert HUE_CROPS == 64
+
+
+def test_a_class_sorted_set_measures_its_stains_on_an_even_sample():
+    """``SessionStain.of_set``: a folder sorted by class gives the stains of all its classes, not of the first."""
+    bluish = np.stack([_turn(REF[0], [0.5, 0.85, -0.4], 14), REF[1]])
+    cells = _two_stain_cells(REF, n=70) + _two_stain_cells(bluish, n=70, seed=1)
+    both = SessionStain.of_set(cells, HUE)
+    first_only = SessionStain.of_set(cells[:70], HUE)
+    assert len(both) == 140
+    assert stain_angles(both.vectors, HUE)[0] > stain_angles(first_only.vectors, HUE)[0] + 2
+
+
+def test_the_manifest_carries_the_stains_and_needs_a_reader_that_maps_them():
+    from hemaedge.edge.bundle import manifest as M
+
+    ref = [list(r) for r in REF.round(6)]
+    m = parse_manifest(_manifest_dict(stain_ref=1.6, stain_vectors=ref, stain_hue_tolerance=8))
+    d = json.loads(json.dumps(m.to_dict()))
+    assert d["schema_version"] == 3 and d["input"]["stain_vectors"] == ref and d["input"]["stain_hue_tolerance"] == 8
+    assert parse_manifest(d).input == m.input
+    assert "stain_vectors" not in parse_manifest(_manifest_dict(stain_ref=1.6)).to_dict()["input"]
+    for bad, why in (
+        (dict(stain_ref=1.6, stain_vectors=[[1, 0, 0]]), "two unit-length"),
+        (dict(stain_ref=1.6, stain_vectors=[[2, 0, 0], [0, 1, 0]]), "two unit-length"),
+        (dict(stain_vectors=ref), "needs input.stain_ref"),
+        (dict(stain_ref=1.6, stain_vectors=ref, stain_hue_tolerance=50), "degrees"),
+    ):
+        with pytest.raises(BundleError, match=why):
+            parse_manifest(_manifest_dict(**bad))
+    old = M.SCHEMA_VERSION
+    M.SCHEMA_VERSION = 2  # a hemaedge that normalises strength only refuses it instead of skipping the mapping
+    try:
+        with pytest.raises(BundleError, match="upgrade hemaedge"):
+            parse_manifest(d)
+    finally:
+        M.SCHEMA_VERSION = old

@@ -13,7 +13,7 @@ from typing import Any
 from hemaedge.edge.errors import BundleError
 
 FORMAT = "hemaedge-bundle"
-SCHEMA_VERSION = 2  # 2: input.stain_ref (written only by bundles that use it; others stay 1)
+SCHEMA_VERSION = 3  # 2: input.stain_ref; 3: input.stain_vectors (each written only by bundles that use it)
 MANIFEST = "manifest.json"
 LAYOUTS = ("NCHW",)
 COLOUR_ORDERS = ("RGB", "BGR")
@@ -35,6 +35,10 @@ class InputSpec:
     ``stain_gain_range`` (``edge/bundle/preprocess.py``: a pale smear and a heavy one look alike,
     while a basophil stays darker than a lymphocyte of the same slide). Such a manifest is
     schema version 2.
+    With ``stain_vectors`` (the reference's nuclear and eosin stain directions in optical density,
+    two unit RGB rows) the session's own two stains are measured too and mapped onto them first
+    (a slide stained bluer or redder than the training slides looks like them); a session stain
+    within ``stain_hue_tolerance`` degrees of its reference is left as it is. Schema version 3.
     """
 
     height: int
@@ -50,6 +54,20 @@ class InputSpec:
     white_balance: bool = False
     stain_ref: float = 0.0
     stain_gain_range: tuple[float, float] = (0.5, 2.0)
+    stain_vectors: tuple[tuple[float, ...], ...] = ()
+    stain_hue_tolerance: float = 0.0
+
+
+def stain_fields(inp: dict[str, Any], default: InputSpec | None = None) -> dict[str, Any]:
+    """The stain-normalisation fields of an ``input`` record (a manifest's or a checkpoint's), as ``InputSpec``
+    keywords; missing ones from ``default`` (else off)."""
+    base = default or InputSpec(height=1, width=1)
+    return {
+        "stain_ref": float(inp.get("stain_ref", base.stain_ref)),
+        "stain_gain_range": tuple(float(x) for x in inp.get("stain_gain_range", base.stain_gain_range)),
+        "stain_vectors": tuple(tuple(float(x) for x in v) for v in inp.get("stain_vectors", base.stain_vectors)),
+        "stain_hue_tolerance": float(inp.get("stain_hue_tolerance", base.stain_hue_tolerance)),
+    }
 
 
 CROP_SCALES = ("cell", "session")
@@ -107,7 +125,7 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = 1  # raised to 2 on writing when input.stain_ref is used
+    schema_version: int = 1  # raised on writing to 2 when input.stain_ref is used, 3 with input.stain_vectors
 
     def artifact(self, precision: str | None = None, kind: str = "onnx", target: str | None = None) -> Artifact:
         """The artifact of a kind (and precision), or a BundleError naming what exists.
@@ -139,7 +157,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the on-disk form)."""
         d = asdict(self)
-        version = max(self.schema_version, 2) if self.input.stain_ref else self.schema_version
+        need = 3 if self.input.stain_vectors else 2 if self.input.stain_ref else 1
+        version = max(self.schema_version, need)
         out: dict[str, Any] = {"format": FORMAT, "schema_version": version}
         for key in ("name", "architecture", "classes", "class_groups", "input", "crop"):
             out[key] = d[key]
@@ -148,6 +167,11 @@ class Manifest:
                 out["input"].pop(key)
         else:
             out["input"]["stain_gain_range"] = list(self.input.stain_gain_range)
+        if not self.input.stain_vectors:
+            for key in ("stain_vectors", "stain_hue_tolerance"):
+                out["input"].pop(key)
+        else:
+            out["input"]["stain_vectors"] = [list(v) for v in self.input.stain_vectors]
         out["output"] = {"name": self.output_name, "kind": self.output_kind}
         out["artifacts"] = d["artifacts"]
         out["calibration"] = d["calibration"]
@@ -198,8 +222,7 @@ def parse_manifest(d: dict[str, Any]) -> Manifest:
             resize=str(inp.get("resize", "area")),
             name=str(inp.get("name", "input")),
             white_balance=bool(inp.get("white_balance", False)),
-            stain_ref=float(inp.get("stain_ref", 0.0)),
-            stain_gain_range=tuple(float(x) for x in inp.get("stain_gain_range", (0.5, 2.0))),
+            **stain_fields(inp),
         )
     except (TypeError, ValueError) as exc:
         raise BundleError(f"manifest 'input' is malformed: {exc}") from exc
@@ -214,6 +237,14 @@ def parse_manifest(d: dict[str, Any]) -> Manifest:
         raise BundleError(
             "manifest input.stain_ref must be >= 0 and input.stain_gain_range [low <= 1 <= high], both > 0"
         )
+    if spec.stain_vectors:
+        rows = spec.stain_vectors
+        if len(rows) != 2 or any(len(v) != 3 or abs(sum(x * x for x in v) - 1.0) > 1e-3 for v in rows):
+            raise BundleError("manifest input.stain_vectors must be two unit-length RGB rows (nuclear stain, eosin)")
+        if not spec.stain_ref:
+            raise BundleError("manifest input.stain_vectors needs input.stain_ref (the session's stain normalisation)")
+        if not 0.0 <= spec.stain_hue_tolerance < 45.0:
+            raise BundleError("manifest input.stain_hue_tolerance must be in degrees, 0 to under 45")
     crop_d = d.get("crop") or {}
     crop = CropGeometry(
         cell_fraction=float(crop_d.get("cell_fraction", 0.45)),

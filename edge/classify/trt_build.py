@@ -169,6 +169,8 @@ def preprocess_fingerprint(spec: InputSpec) -> str:
         d["white_balance"] = True
     if spec.stain_ref:
         d["stain"] = [spec.stain_ref, *spec.stain_gain_range]
+    if spec.stain_vectors:
+        d["stain_vectors"] = [list(v) for v in spec.stain_vectors] + [spec.stain_hue_tolerance]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -253,9 +255,9 @@ def calibration_batches(images: list[np.ndarray], spec: InputSpec, batch_size: i
         return
     stain = None  # session stain normalisation: the calibration set is one session
     if spec.stain_ref:
-        from hemaedge.edge.bundle.preprocess import resized, stain_strength
+        from hemaedge.edge.bundle.preprocess import estimate_stain, resized
 
-        stain = float(np.median(stain_strength(resized(images, spec))))
+        stain = estimate_stain(resized(images, spec), spec)
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         while len(chunk) < batch_size:

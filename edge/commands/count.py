@@ -451,7 +451,7 @@ def _info(session: Any, result: Any, p: Plan, station: Any) -> dict[str, Any]:
     spec = station.manifest.input
     finder = getattr(session, "finder", None)
     if spec.stain_ref and finder is not None:  # the session's stain normalisation, as the model saw it
-        from hemaedge.edge.bundle.preprocess import stain_gain
+        from hemaedge.edge.bundle.preprocess import stain_angles, stain_gain
 
         strength = finder.stain.strength
         gain = stain_gain(strength, spec)
@@ -461,6 +461,9 @@ def _info(session: Any, result: Any, p: Plan, station: Any) -> dict[str, Any]:
             "gain": round(gain, 3),
             "cells_measured": len(finder.stain),
         }
+        angles = stain_angles(finder.stain.vectors, spec)
+        if angles is not None:  # how far this slide's two stains lie from the reference's (mapped onto them)
+            info["stain"]["stain_angles_deg"] = [round(a, 1) for a in angles]
         if strength and gain in spec.stain_gain_range:  # the bound held it: the model sees a paler/heavier stain
             info["stain"]["warning"] = (
                 f"this slide's stain is {'paler' if gain > 1 else 'heavier'} than the model can normalise "

@@ -261,7 +261,13 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
         meta.insert(
             3,
             f"stain strength {stain['strength']:.2f} (x{stain['gain']:.2f} to the model's "
-            f"{stain['reference']:.2f}, from {stain['cells_measured']} cells)",
+            f"{stain['reference']:.2f}, from {stain['cells_measured']} cells"
+            + (
+                f"; its two stains {stain['stain_angles_deg'][0]:.0f}&deg; and {stain['stain_angles_deg'][1]:.0f}&deg;"
+                " from the model's, mapped onto them)"
+                if stain.get("stain_angles_deg")
+                else ")"
+            ),
         )
     parts.append(f"<div class=meta>{' &middot; '.join(meta)}</div>")
     if (summary.get("stain") or {}).get("warning"):

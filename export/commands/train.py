@@ -78,6 +78,19 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="bounds on a session's stain gain (default 0.5 2.0)",
     )
     p.add_argument(
+        "--stain-hue",
+        action="store_true",
+        help="with --stain-norm: also measure each session's two stains (nuclear, eosin) and map them onto the "
+        "first --data source's, which the bundle carries (a bluer or redder stain looks like the training one)",
+    )
+    p.add_argument(
+        "--stain-hue-tolerance",
+        type=float,
+        default=0.0,
+        metavar="DEG",
+        help="a session stain within DEG degrees of the reference is left as it is; beyond, turned to DEG (default 0)",
+    )
+    p.add_argument(
         "--extra-data",
         action="append",
         default=[],
@@ -133,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         white_balance=args.white_balance,
         stain_ref=args.stain_norm,
         stain_gain_range=tuple(args.stain_gain_range),
+        stain_hue=args.stain_hue,
+        stain_hue_tolerance=args.stain_hue_tolerance,
         extra_data=tuple(args.extra_data),
         extra_repeat=args.extra_repeat,
         init=args.init,
