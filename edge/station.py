@@ -26,6 +26,8 @@ from hemaedge.edge.bundle import Bundle, load_bundle, preprocess
 from hemaedge.edge.bundle.class_groups import default_class_groups
 from hemaedge.edge.bundle.manifest import CropGeometry
 from hemaedge.edge.bundle.preprocess import SessionStain, StainEstimate, cut_crop
+from hemaedge.edge.classify.views import expand as expand_views
+from hemaedge.edge.classify.views import merge as merge_views
 from hemaedge.edge.count import SlideTracker
 from hemaedge.edge.count.tracking import Registration, TrackedDetection
 from hemaedge.edge.errors import InputError
@@ -293,7 +295,8 @@ def classify_crops(
 
     ``stain``: for a bundle with session stain normalisation (``input.stain_ref``), the session's
     ``SessionStain`` (its white-cell crops here are added to it first; platelet crops are not) or its
-    ``StainEstimate``; None takes these crops as the session.
+    ``StainEstimate``; None takes these crops as the session. A bundle with ``views`` > 1 has each crop classified
+    in that many views (flipped, turned) and their probabilities averaged (``edge/classify/views.py``).
     """
     if not len(crops):
         return []
@@ -304,7 +307,8 @@ def classify_crops(
         stain.add_crops([p for p, flat in zip(pixels, platelet) if not flat], spec)
         stain = stain.estimate
     batch = preprocess(pixels, spec, "RGB", stain)
-    return predictions(backend.classify(batch), bundle.manifest.classes)
+    views = bundle.manifest.views  # test-time views: each crop as it is and flipped / turned, averaged
+    return predictions(merge_views(backend.classify(expand_views(batch, views)), views), bundle.manifest.classes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from hemaedge.edge.bundle import Bundle, BundleWriter, CropGeometry, InputSpec, 
 from hemaedge.edge.bundle.class_groups import default_class_groups
 from hemaedge.edge.bundle.manifest import stain_fields
 from hemaedge.edge.bundle.vocabulary import canonical_classes
+from hemaedge.edge.classify.views import VIEWS
 from hemaedge.edge.errors import InputError, MissingDependencyError, UsageError
 from hemaedge.export.gates import accuracy_gate, class_drops, class_gate, default_critical, misses_class_gate
 from hemaedge.export.quantize import METHODS, quantize_int8
@@ -70,6 +71,7 @@ class ExportOptions:
     seed: int = 0
     command: str = ""
     triage: str | None = None
+    views: int = 1  # test-time views the station averages per crop (edge/classify/views.py)
 
     def validate(self) -> None:
         """Refuse contradictory or unsupported options before any work is done."""
@@ -88,6 +90,8 @@ class ExportOptions:
             raise UsageError(f"--calib-method must be one of {', '.join(METHODS)}")
         if self.calib_size < 1:
             raise UsageError("--calib-size must be at least 1")
+        if self.views not in VIEWS:
+            raise UsageError(f"--views must be one of {', '.join(map(str, VIEWS))}, not {self.views}")
         if self.triage is not None:
             from hemaedge.edge.count.triage import load_rules
 
@@ -642,6 +646,10 @@ def _manifest(
     # one vocabulary across bundles: the manifest lists canonical class names ("ig" -> "immature_granulocyte")
     bundle_classes = canonical_classes(model.classes)
     extra: dict[str, Any] = {"parity": checked.parity, "onnx": checked.simplify, "crop_geometry_from": crop.source}
+    if opts.views > 1:  # the station classifies each crop in this many views and averages them
+        if opts.views > 2 and model.spec.height != model.spec.width:
+            raise UsageError(f"--views {opts.views} turns crops by 90 degrees: the model's input must be square")
+        extra["views"] = opts.views
     if source.meta.get("notice"):  # terms of the training data (DeepAPL: research use only) travel with the model
         extra["notice"] = str(source.meta["notice"])
     if metrics.get("critical_classes"):  # gated per class at export: the station's reports may single them out

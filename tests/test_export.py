@@ -285,6 +285,7 @@ def test_export_from_torchscript_pt2_and_foreign_nhwc_onnx(trained, tmp_path):
         (dict(target="coreml"), "--target"),
         (dict(target="tensorrt"), "TensorRT"),
         (dict(ensemble=[("a.pt", 0.5)]), "not both"),
+        (dict(views=3), "--views"),
     ],
 )
 def test_contradictory_options_are_refused_before_work(trained, tmp_path, kw, match):
@@ -363,10 +364,12 @@ def test_crop_geometry_is_measured_on_the_training_images(data_root):
 def test_export_records_where_its_crop_geometry_came_from(trained, tmp_path):
     _, data, ckpt, _ = trained
     given = run_export(
-        ExportOptions(source=str(ckpt), out=str(tmp_path / "g"), data=str(data), cell_fraction=0.5), log=lambda m: None
+        ExportOptions(source=str(ckpt), out=str(tmp_path / "g"), data=str(data), cell_fraction=0.5, views=4),
+        log=lambda m: None,
     )
     m = load_bundle(given["bundle"]).manifest
     assert m.crop.cell_fraction == 0.5 and m.extra["crop_geometry_from"] == "--cell-fraction"
+    assert m.views == 4  # --views travels in the manifest for the station
     auto = load_bundle(
         run_export(ExportOptions(source=str(ckpt), out=str(tmp_path / "a"), data=str(data)), log=lambda m: None)[
             "bundle"

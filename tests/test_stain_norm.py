@@ -110,6 +110,7 @@ def test_the_station_adds_white_cells_to_its_session_and_not_platelets():
         class manifest:  # noqa: N801 - a stand-in for the bundle's manifest
             input = SPEC
             classes = ("a", "b")
+            views = 1
 
     cells = _session()
     crops = [Crop(c, Detection((0, 0, 10, 10), 1.0, CellKind.WBC), 0) for c in cells[:5]]

@@ -146,6 +146,11 @@ class Manifest:
         raise BundleError(f"bundle '{self.name}' has no {kind} artifact at precision {precision}: it has {have}")
 
     @property
+    def views(self) -> int:
+        """Test-time views per crop (``edge/classify/views.py``): 1 unless the bundle asks for more."""
+        return int(self.extra.get("views", 1))
+
+    @property
     def notice(self) -> str:
         """Terms the bundle's training data put on its use (e.g. research use only), or ``""``."""
         return str(self.extra.get("notice") or "")
@@ -304,6 +309,11 @@ def parse_manifest(d: dict[str, Any]) -> Manifest:
         "metrics",
         "provenance",
     }
+    views = d.get("views", 1)
+    if views not in (1, 2, 4, 8) or isinstance(views, bool):
+        raise BundleError(f"manifest 'views' must be 1, 2, 4 or 8 (test-time views per crop), not {views!r}")
+    if views > 2 and spec.height != spec.width:
+        raise BundleError(f"manifest 'views' {views} turns crops by 90 degrees: it needs a square input")
     return Manifest(
         name=str(d.get("name", "unnamed")),
         architecture=str(d.get("architecture", "unknown")),

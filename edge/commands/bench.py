@@ -318,6 +318,7 @@ def bench_pipeline(
         "backend_choice": station.backend_reason,
         "threads": threads,
         "frames_per_run": frames,
+        "views": bundle.manifest.views,  # each crop classified in this many views (the bundle's test-time views)
     }
     m = bundle.manifest
     with station:

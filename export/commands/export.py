@@ -83,6 +83,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="slide-level triage rules (JSON, docs/triage.md) to ship in the bundle, checksummed with it",
     )
+    p.add_argument(
+        "--views",
+        type=int,
+        default=1,
+        choices=(1, 2, 4, 8),
+        help="test-time views the station averages per crop: 1, 2 (+ mirrored), 4 (+ flipped, turned 90 degrees), "
+        "8 (docs/models.md; default 1)",
+    )
     p.add_argument("--name", help="bundle name (default: the output folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0)
@@ -130,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         seed=args.seed,
         triage=args.triage,
+        views=args.views,
         command=" ".join(["export-model", *sys.argv[2 if sys.argv[1:2] == ["export"] else 1 :]]),
     )
     con = Console(stderr=True)
