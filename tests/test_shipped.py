@@ -247,6 +247,7 @@ def test_the_default_is_the_stain_normalised_model_and_is_licence_clean():
     assert b.path.name == "hemanet64-sn" and m.architecture == "hemanet"
     assert m.schema_version == 2 and m.input.stain_ref == pytest.approx(1.6) and m.input.white_balance
     assert m.crop.scale == "session" and m.crop.cell_fraction == pytest.approx(0.685)
+    assert m.views == 4  # each crop classified as it lies, mirrored, flipped and turned (docs/models.md)
     assert not m.notice, "trained on PBC (CC BY) and BCCD (MIT) only: no research-use terms"
     recipe = m.provenance["training_recipe"]
     assert recipe["train"] == ["pbc_train", "bccd_train"] and recipe["sessnorm"] is True
