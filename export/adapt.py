@@ -313,6 +313,7 @@ def adapt(opts: AdaptOptions, log=print) -> dict[str, Any]:
             max_drop=opts.max_drop,
             cell_fraction=m.crop.cell_fraction,
             crop_scale=m.crop.scale,
+            views=m.views,  # the station classifies the adapted model's crops as it did the parent's
             overwrite=opts.overwrite,
             name=opts.name or f"{m.name}-adapted",
             seed=opts.seed,

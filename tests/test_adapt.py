@@ -33,7 +33,7 @@ def parent(tmp_path_factory):
     )
     ckpt = Path(s["best_checkpoint"])
     run_export(
-        ExportOptions(source=str(ckpt), out=str(root / "parent"), data=str(data), int8=True, calib_size=64),
+        ExportOptions(source=str(ckpt), out=str(root / "parent"), data=str(data), int8=True, calib_size=64, views=2),
         log=lambda m: None,
     )
     return root, data, ckpt
@@ -72,6 +72,7 @@ def test_adapt_refits_records_its_cells_and_keeps_the_parents_accuracy(parent, t
     assert rec["parent_val_accuracy"] - rec["adapted_val_accuracy"] <= 0.05
     assert rec["cells_digest"] and rec["recipe"]["epochs"] == 2
     assert "int8" in summary["metrics"] and b.manifest.artifact("int8") is not None  # re-exported through the gate
+    assert b.manifest.views == 2  # classified on the station as the parent was
     assert json.loads((tmp_path / ".adapted.adapt" / "adaptation.json").read_text())["cells"] == str(tmp_path / "cells")
 
 
