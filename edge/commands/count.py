@@ -447,6 +447,7 @@ def _info(session: Any, result: Any, p: Plan, station: Any) -> dict[str, Any]:
         "resumed": p.resume,
         "inputs": session.inputs().to_dict(),
         "not_estimated": list(session.not_estimated),
+        "views": station.manifest.views,  # each crop classified in this many views, their probabilities averaged
     }
     spec = station.manifest.input
     finder = getattr(session, "finder", None)
