@@ -19,6 +19,20 @@ BLOODMNIST_CLASSES = (
 )
 
 
+def manifest_dict(inp: dict | None = None, **top) -> dict:
+    """A minimal manifest as read from JSON (8x8 input, two classes, one artifact), with ``input`` fields ``inp``
+    and top-level fields ``top`` added."""
+    return {
+        "format": "hemaedge-bundle",
+        "schema_version": 1,
+        "name": "t",
+        "classes": ["a", "b"],
+        "input": {"height": 8, "width": 8, **(inp or {})},
+        "artifacts": [{"file": "model.onnx", "kind": "onnx", "precision": "fp32", "sha256": "0" * 64, "bytes": 1}],
+        **top,
+    }
+
+
 def tiny_onnx(path: Path, size: int = 28, classes: int = 8, seed: int = 0) -> Path:
     """A conv -> relu -> global-average-pool -> gemm classifier with random weights (dynamic batch)."""
     import onnx

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from helpers import manifest_dict
 from hemaedge.calibration.datasets import set_stain_vectors
 from hemaedge.edge.bundle.manifest import InputSpec, parse_manifest
 from hemaedge.edge.bundle.preprocess import (
@@ -121,14 +122,7 @@ def test_the_station_adds_white_cells_to_its_session_and_not_platelets():
 
 
 def _manifest_dict(**inp) -> dict:
-    return {
-        "format": "hemaedge-bundle",
-        "schema_version": 1,
-        "name": "t",
-        "classes": ["a", "b"],
-        "input": {"height": 8, "width": 8, **inp},
-        "artifacts": [{"file": "model.onnx", "kind": "onnx", "precision": "fp32", "sha256": "0" * 64, "bytes": 1}],
-    }
+    return manifest_dict(inp)
 
 
 def test_the_manifest_carries_the_reference_and_says_it_needs_a_newer_reader():

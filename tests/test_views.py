@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import manifest_dict
 from hemaedge.edge.bundle.manifest import InputSpec, parse_manifest
 from hemaedge.edge.classify.views import expand, merge
 from hemaedge.edge.errors import BundleError
@@ -67,27 +68,14 @@ def test_the_station_averages_the_views_a_bundle_asks_for():
     assert four[0].probabilities.tolist() == pytest.approx([0.25, 0.75]) and four[0].class_name == "b"
 
 
-def _manifest_dict(**top) -> dict:
-    return {
-        "format": "hemaedge-bundle",
-        "schema_version": 1,
-        "name": "t",
-        "classes": ["a", "b"],
-        "input": {"height": 8, "width": 8},
-        "artifacts": [{"file": "model.onnx", "kind": "onnx", "precision": "fp32", "sha256": "0" * 64, "bytes": 1}],
-        **top,
-    }
-
-
 def test_the_manifest_says_how_many_views_and_refuses_what_cannot_be():
-    assert parse_manifest(_manifest_dict()).views == 1  # absent: each crop once, as before
-    m = parse_manifest(_manifest_dict(views=4))
+    assert parse_manifest(manifest_dict()).views == 1  # absent: each crop once, as before
+    m = parse_manifest(manifest_dict(views=4))
     assert m.views == 4 and m.to_dict()["views"] == 4 and m.schema_version == 1  # an older reader classifies once
     for bad in (3, 0, "4", True):
         with pytest.raises(BundleError, match="views"):
-            parse_manifest(_manifest_dict(views=bad))
-    wide = _manifest_dict(views=4)
-    wide["input"] = {"height": 8, "width": 12}
+            parse_manifest(manifest_dict(views=bad))
+    wide = manifest_dict({"width": 12}, views=4)
     with pytest.raises(BundleError, match="square"):
         parse_manifest(wide)
     wide["views"] = 2  # mirroring keeps the shape
