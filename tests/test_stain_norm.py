@@ -234,6 +234,8 @@ def test_the_session_summary_says_how_the_stain_was_normalised(tmp_path, capsys)
     code = main(["count", "--demo", "--no-tui", "--json", "--target", "20", "--out", str(tmp_path / "a")])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["bundle"]["name"] == "hemanet64-sn" and doc["views"] == 4
+    report = (tmp_path / "a").glob("*/report.html")
+    assert "hemanet64-sn (4 views per cell)" in next(report).read_text()
     stain = doc["stain"]
     assert stain["reference"] == 1.6 and stain["cells_measured"] >= 20 and stain["strength"] > 0
     assert stain["gain"] == pytest.approx(stain_gain(stain["strength"], SPEC), abs=1e-3)

@@ -249,7 +249,8 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
     parts.append("<h1>White-cell differential</h1>")
     meta = [
         f"session {e(str(summary.get('session', '')))}",
-        f"model {e(str(summary['bundle'].get('name')))}",
+        f"model {e(str(summary['bundle'].get('name')))}"
+        + (f" ({int(summary['views'])} views per cell)" if (summary.get("views") or 1) > 1 else ""),
         f"{e(str(summary.get('backend', '')))} {e(str(summary.get('precision', '')))}",
         f"source {e(str(summary.get('source', '')))}",
         f"written {e(str(summary.get('written', '')))}",
