@@ -273,19 +273,18 @@ _STAINS: dict[tuple, object] = {}  # set (and spec) -> its StainEstimate
 
 def set_stain_vectors(images: ImageSet, spec):
     """The two stains (``2 x 3``, or None) of a set taken as one session, from an even sample of its images."""
-    from hemaedge.edge.bundle.preprocess import HUE_CROPS, optical_density, resized, stain_vectors
+    from hemaedge.edge.bundle.preprocess import HUE_CROPS, even_sample, optical_density, resized, stain_vectors
 
     if not len(images):
         return None
-    pick = np.unique(np.linspace(0, len(images) - 1, min(HUE_CROPS, len(images))).astype(int))
-    return stain_vectors(optical_density(resized(images.images(pick), spec)))
+    return stain_vectors(optical_density(resized(images.images(even_sample(len(images), HUE_CROPS)), spec)))
 
 
 def session_stain(images: ImageSet, spec, n: int = 2000):
     """The stain of a set taken as one session (one microscope's cells, as ``evaluate --station`` takes a labelled
     set): a ``StainEstimate``, as ``estimate_stain`` makes it, over up to ``n`` of its images, evenly spread
     (remembered per set and input spec)."""
-    from hemaedge.edge.bundle.preprocess import StainEstimate, hue_matrix, resized, stain_strength
+    from hemaedge.edge.bundle.preprocess import StainEstimate, even_sample, hue_matrix, resized, stain_strength
 
     key = (images.digest or id(images), len(images), spec.height, spec.width, spec.colour_order, spec.resize)
     key += (tuple(getattr(spec, "stain_vectors", ())),)
@@ -294,7 +293,7 @@ def session_stain(images: ImageSet, spec, n: int = 2000):
             return StainEstimate(None)
         vectors = set_stain_vectors(images, spec) if getattr(spec, "stain_vectors", ()) else None
         matrix = hue_matrix(vectors, spec)
-        idx = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).astype(int))
+        idx = even_sample(len(images), n)
         st = [stain_strength(resized(images.images(idx[s : s + 256]), spec), matrix) for s in range(0, len(idx), 256)]
         _STAINS[key] = StainEstimate(float(np.median(np.concatenate(st))), vectors)
     return _STAINS[key]

@@ -25,7 +25,7 @@ import numpy as np
 from hemaedge.edge.bundle import Bundle, load_bundle, preprocess
 from hemaedge.edge.bundle.class_groups import default_class_groups
 from hemaedge.edge.bundle.manifest import CropGeometry
-from hemaedge.edge.bundle.preprocess import SessionStain, StainEstimate, cut_crop
+from hemaedge.edge.bundle.preprocess import SessionStain, StainEstimate, cut_crop, even_sample
 from hemaedge.edge.classify.views import expand as expand_views
 from hemaedge.edge.classify.views import merge as merge_views
 from hemaedge.edge.count import SlideTracker
@@ -214,7 +214,7 @@ class CellFinder:
         """
         from hemaedge.edge.sources.files import read_image
 
-        idx = np.unique(np.linspace(0, len(paths) - 1, min(PRIME_IMAGES, len(paths))).astype(int)) if paths else []
+        idx = even_sample(len(paths), PRIME_IMAGES)
         found = []
         for i in idx:
             try:

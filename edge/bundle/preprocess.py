@@ -88,6 +88,12 @@ def stain_gain(strength: float | None, spec: InputSpec) -> float:
     return float(np.clip(spec.stain_ref / max(float(strength), 1e-3), lo, hi))
 
 
+def even_sample(n: int, k: int) -> np.ndarray:
+    """Indices of up to ``k`` of ``n`` items, evenly spread from the first to the last (a folder sorted by class is
+    sampled across its classes)."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).astype(int)) if n else np.zeros(0, int)
+
+
 HUE_CROPS = 64  # a session's two stains are measured on (up to) this many of its white-cell crops
 HUE_MIN_OD = 0.3  # pixels with less summed optical density (background, pale cytoplasm) do not vote
 HUE_PERCENTILE = 2.0  # the stains are the 2nd and 98th percentile directions of the stained pixels
@@ -166,8 +172,7 @@ def estimate_stain(images: np.ndarray, spec: InputSpec) -> StainEstimate:
         return StainEstimate(None)
     vectors = None
     if spec.stain_vectors:
-        pick = np.unique(np.linspace(0, len(images) - 1, min(HUE_CROPS, len(images))).astype(int))
-        vectors = stain_vectors(optical_density(images[pick]))
+        vectors = stain_vectors(optical_density(images[even_sample(len(images), HUE_CROPS)]))
     return StainEstimate(float(np.median(stain_strength(images, hue_matrix(vectors, spec)))), vectors)
 
 
@@ -232,7 +237,7 @@ class SessionStain:
         stains are measured on an even sample of it, then every crop's strength is added."""
         stain = cls(kept=max(1, len(crops)))
         if spec.stain_ref and len(crops):
-            first = np.unique(np.linspace(0, len(crops) - 1, min(stain._hue_crops, len(crops))).astype(int))
+            first = even_sample(len(crops), stain._hue_crops)
             rest = np.setdiff1d(np.arange(len(crops)), first)
             for part in [first, *(rest[s : s + batch] for s in range(0, len(rest), batch))]:
                 stain.add_crops([crops[i] for i in part], spec)
