@@ -182,6 +182,9 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     # the few new cells get the parent's augmentation plus stain and zoom jitter (so ten cells teach a colour
     # range, not ten pictures); the replayed images get exactly what the parent was trained with
     new_aug = tuple(dict.fromkeys(own + ("stain", "zoom")))
+    sn = sr = None
+    if "stainrot" in own:  # each set one session: the lab's cells, the parent's training data
+        sn, sr = _stains(cells, parent.spec), _stains(train, parent.spec)
     gen = torch.Generator().manual_seed(opts.seed)
     steps = max(20, int(np.ceil(len(replay) / opts.batch)))
     n_new = max(1, int(round(opts.batch * opts.new_share)))
@@ -193,7 +196,12 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
         for _ in range(steps):
             i = torch.from_numpy(rng.integers(0, len(xn), n_new))
             j = torch.from_numpy(rng.integers(0, len(xr), opts.batch - n_new))
-            x = torch.cat([augment(xn[i], new_aug, gen), augment(xr[j], own, gen)])
+            x = torch.cat(
+                [
+                    augment(xn[i], new_aug, gen, stains=None if sn is None else sn.expand(len(i), 2, 3)),
+                    augment(xr[j], own, gen, stains=None if sr is None else sr.expand(len(j), 2, 3)),
+                ]
+            )
             x = to_model_input(x, replace(parent.spec, stain_ref=0.0))  # sets were stain-normalised whole (``_raw``)
             y = torch.cat([yn[i], yr[j]])
             loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.05)
@@ -227,9 +235,20 @@ def parent_augmentation(recipe: dict[str, Any], spec: InputSpec) -> tuple[str, .
     names = tuple(a for a in (aug.split(",") if isinstance(aug, str) else aug) if a)
     if isinstance(aug, str) and "framing" in recipe:  # the research trainer: geometry always on
         names = ("flip", "rotate", "zoom", *names)
+    if isinstance(aug, str) and recipe.get("stainrot"):  # the research trainer's stain turning, a separate option
+        names = ("stainrot", *names)
     if spec.stain_ref:
         names = tuple("odres" if a == "od" else a for a in names)
     return tuple(dict.fromkeys(names))
+
+
+def _stains(images: ImageSet, spec: InputSpec) -> Any:
+    """The set's two stains as a ``1 x 2 x 3`` tensor (zeros when too few stained pixels), for ``stainrot``."""
+    import torch
+    from hemaedge.calibration.datasets import set_stain_vectors
+
+    v = set_stain_vectors(images, InputSpec(height=spec.height, width=spec.width))
+    return torch.zeros(1, 2, 3) if v is None else torch.from_numpy(np.asarray(v, np.float32))[None]
 
 
 def _raw(images: ImageSet, spec: InputSpec) -> np.ndarray:

@@ -82,7 +82,7 @@ class Recipe:
 
 GEOMETRIC = ("flip", "rot90", "rotate", "zoom")
 # photometric ops in physical order: stain chemistry, lamp, camera response, colour, optics, sensor, codec
-PHOTOMETRIC = ("od", "odres", "stain", "gain", "color", "gamma", "hue", "gray", "blur", "noise", "jpeg")
+PHOTOMETRIC = ("stainrot", "od", "odres", "stain", "gain", "color", "gamma", "hue", "gray", "blur", "noise", "jpeg")
 AUGMENTATIONS = GEOMETRIC + PHOTOMETRIC
 
 # H&E(-DAB) stain optical-density vectors (Ruifrok & Johnston), rows = stains, unit length
@@ -117,6 +117,31 @@ def geometric(
         theta[:, :, 2] = shift * (torch.rand(n, 2, generator=gen) * 2 - 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+STAINROT_DEG = 10.0  # ``stainrot`` turns each stain by up to this many degrees (times the augmentation strength)
+
+
+def stain_rotate(x: torch.Tensor, gen: torch.Generator, stains: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+    """``stainrot``: another lab's dyes. Each sample's optical density is split on its session's two stains
+    (``stains``, ``N x 2 x 3`` unit rows, nuclear and eosin, as ``stain_vectors`` measures them) into amounts and a
+    residual, and put back with each stain's colour turned by up to ``STAINROT_DEG * s`` degrees, independently, in
+    a random direction: the same cell stained with a different azure/eosin batch or buffer, which per-stain scaling
+    on a fixed basis (``od``) does not make. A sample whose stains are unknown (all zero) is left as it is."""
+    n, _, h, w = x.shape
+    known = stains.flatten(1).abs().sum(1) > 0
+    v = torch.where(known[:, None, None], stains.to(x.dtype), torch.eye(3, dtype=x.dtype)[:2].expand(n, 2, 3))
+    od = -torch.log10(x.clamp(1 / 255, 1)).permute(0, 2, 3, 1).reshape(n, h * w, 3)
+    amount = od @ torch.linalg.pinv(v)  # N x P x 2
+    residual = od - amount @ v
+    u = torch.randn(n, 2, 3, generator=gen, dtype=x.dtype)
+    u = u - (u * v).sum(-1, keepdim=True) * v  # a direction at right angles to each stain
+    u = u / u.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    th = _u(gen, n, 0, STAINROT_DEG * s, 2, 1).to(x.dtype) * math.pi / 180 * known[:, None, None]
+    turned = torch.cos(th) * v + torch.sin(th) * u
+    turned = turned / turned.norm(dim=-1, keepdim=True)
+    out = torch.pow(10.0, -(amount @ turned + residual).clamp(min=0)).reshape(n, h, w, 3).permute(0, 3, 1, 2)
+    return torch.where(known[:, None, None, None], out.clamp(0, 1), x)
 
 
 def od_jitter(
@@ -290,10 +315,17 @@ def check_aug(aug: tuple[str, ...]) -> tuple[str, ...]:
     return aug
 
 
-def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    aug: tuple[str, ...],
+    gen: torch.Generator,
+    strength: float = 1.0,
+    stains: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Augment a raw ``N x 3 x H x W`` RGB batch in 0..1 (before white balance and mean/std): geometry first
     (``flip``, ``rot90``, ``rotate``, ``zoom``), then the photometric ops named in ``aug`` in physical order
-    (``PHOTOMETRIC``; ``strength`` scales their ranges, 0 leaves the pixels alone). Returns raw pixels in 0..1."""
+    (``PHOTOMETRIC``; ``strength`` scales their ranges, 0 leaves the pixels alone). ``stainrot`` needs each
+    sample's session stains (``stains``, ``N x 2 x 3``). Returns raw pixels in 0..1."""
     n = x.shape[0]
     if "zoom" in aug or "rotate" in aug:
         x = geometric(x, gen, zoom="zoom" in aug, rotate="rotate" in aug)
@@ -307,7 +339,11 @@ def augment(x: torch.Tensor, aug: tuple[str, ...], gen: torch.Generator, strengt
                 out[k == r] = torch.rot90(x[k == r], r, (2, 3))
         x = out
     for name in PHOTOMETRIC:
-        if name in aug:
+        if name == "stainrot" and name in aug:
+            if stains is None:
+                raise ValueError("the stainrot augmentation needs each sample's session stains")
+            x = stain_rotate(x, gen, stains, strength)
+        elif name in aug:
             x = _PHOTOMETRIC_OPS[name](x, gen, strength)
     return x.clamp(0, 1)
 
@@ -374,11 +410,22 @@ class _RawSet(torch.utils.data.Dataset):
     Held in memory when under ``budget`` bytes (decoded once), else decoded per item.
     """
 
-    def __init__(self, images: ImageSet, size: int, source: int, budget: float = 1.5e9, stain: InputSpec | None = None):
+    def __init__(
+        self,
+        images: ImageSet,
+        size: int,
+        source: int,
+        budget: float = 1.5e9,
+        stain: InputSpec | None = None,
+        measure_stains: bool = False,
+    ):
         self.images, self.size, self.source = images, size, source
         self.array = None
         self.spec = stain  # with ``stain`` (a spec with stain_ref) the set is one session, normalised before augmenting
         self.stain = session_stain(images, stain) if stain is not None and stain.stain_ref else None
+        # the set's two stains, for ``stainrot`` (zeros: unknown, or not asked for)
+        vectors = set_stain_vectors(images, InputSpec(height=size, width=size)) if measure_stains else None
+        self.stains = torch.zeros(2, 3) if vectors is None else torch.from_numpy(np.asarray(vectors, np.float32))
         if len(images) * size * size * 3 <= budget:
             idx = np.arange(len(images))
             self.array = np.concatenate([self._raw(images.images(idx[s : s + 256])) for s in range(0, len(idx), 256)])
@@ -392,7 +439,7 @@ class _RawSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         x = self.array[i] if self.array is not None else self._raw([self.images.image(i)])[0]
-        return torch.from_numpy(np.ascontiguousarray(x)), int(self.images.labels[i]), self.source
+        return torch.from_numpy(np.ascontiguousarray(x)), int(self.images.labels[i]), self.source, self.stains
 
 
 @dataclass
@@ -744,7 +791,10 @@ def _open_data(recipe: Recipe) -> _TrainData:
     parts = [p for s in sources for p, _ in s.parts]
     src_of = [k for k, s in enumerate(sources) for _ in s.parts]
     stain = _stain_spec(recipe, size, first)
-    data = torch.utils.data.ConcatDataset([_RawSet(p, size, k, stain=stain) for p, k in zip(parts, src_of)])
+    rot = "stainrot" in recipe.aug
+    data = torch.utils.data.ConcatDataset(
+        [_RawSet(p, size, k, stain=stain, measure_stains=rot) for p, k in zip(parts, src_of)]
+    )
     weights = sample_weights(sources, recipe.balanced)
     samples = recipe.samples or int(round(sum(len(p) * r for s in sources for p, r in s.parts)))
     mean, std = _stats(data, weights, size, recipe.white_balance)
@@ -881,9 +931,9 @@ def _train_epoch(
     st = bar.add_task(f"epoch {epoch + 1}", total=len(tl), info="")
     tot, correct, seen = 0.0, 0, 0
     drawn = np.zeros(n_sources, np.int64)
-    for x, y, src in tl:
+    for x, y, src, stains in tl:
         x = to_model_input(  # sources were stain-normalised as sessions already (``_RawSet``): not again per batch
-            augment(x.permute(0, 3, 1, 2).float() / 255, recipe.aug, fit.gen, recipe.aug_strength),
+            augment(x.permute(0, 3, 1, 2).float() / 255, recipe.aug, fit.gen, recipe.aug_strength, stains),
             replace(net.spec, stain_ref=0.0),
         )
         logits = model(x)

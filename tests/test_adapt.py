@@ -109,3 +109,6 @@ def test_the_parents_augmentation_is_read_from_either_trainers_recipe():
     assert "odres" in parent_augmentation(research, InputSpec(64, 64, stain_ref=1.6))  # stain-normalised parent
     assert parent_augmentation({"aug": ["flip", "rot90", "stain"]}, InputSpec(28, 28)) == ("flip", "rot90", "stain")
     assert parent_augmentation({}, InputSpec(28, 28)) == ("flip", "rot90")
+    # the research trainer's stain turning was an option of its own (degrees), not in its aug string
+    assert "stainrot" in parent_augmentation({**research, "stainrot": 10.0}, InputSpec(64, 64))
+    assert "stainrot" not in parent_augmentation({**research, "stainrot": 0.0}, InputSpec(64, 64))

@@ -40,10 +40,18 @@ def _cells(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(out / 255).permute(0, 3, 1, 2).contiguous()
 
 
+# PBC's two stains (nuclear, eosin), as ``stain_vectors`` measures them on its white-cell crops
+PBC_STAINS = torch.nn.functional.normalize(torch.tensor([[0.456, 0.881, 0.130], [0.630, 0.671, 0.391]]), dim=1)
+
+
+def _stains(n: int) -> torch.Tensor:
+    return PBC_STAINS.expand(n, 2, 3)
+
+
 @pytest.mark.parametrize("name", T.AUGMENTATIONS)
 def test_each_augmentation_keeps_shape_and_range_and_changes_pixels(name):
     x = _cells(64)
-    y = T.augment(x, (name,), torch.Generator().manual_seed(3))
+    y = T.augment(x, (name,), torch.Generator().manual_seed(3), stains=_stains(64))
     assert y.shape == x.shape and y.dtype == x.dtype
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
     changed = (y - x).abs().flatten(1).max(1).values > 1 / 255
@@ -56,8 +64,36 @@ def test_every_colour_augmentation_at_zero_strength_is_the_identity():
     x = _cells(16).clamp(0.05, 1)
     gen = torch.Generator().manual_seed(0)
     torch.testing.assert_close(T.od_jitter(x, gen, 0.0), x, atol=1e-4, rtol=0)
-    torch.testing.assert_close(T.augment(x, T.PHOTOMETRIC, gen, 0.0), x, atol=1e-4, rtol=0)
-    assert (T.augment(x, T.PHOTOMETRIC, gen, 1.0) - x).abs().max() > 0.05
+    torch.testing.assert_close(T.augment(x, T.PHOTOMETRIC, gen, 0.0, _stains(16)), x, atol=1e-4, rtol=0)
+    assert (T.augment(x, T.PHOTOMETRIC, gen, 1.0, _stains(16)) - x).abs().max() > 0.05
+
+
+def _two_stain_cells(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pictures made of PBC's two stains only (random amounts of each, on glass), and the amounts (``n x P x 2``)."""
+    g = torch.Generator().manual_seed(seed)
+    amount = torch.rand(n, size * size, 2, generator=g) * torch.tensor([1.2, 0.6])
+    amount[:, : size * size // 8, 1] = 0  # nucleus only
+    amount[:, size * size // 8 : size * size // 4, 0] = 0  # cytoplasm only
+    amount[:, -size * size // 4 :] = 0  # bare glass
+    od = amount @ PBC_STAINS
+    return torch.pow(10.0, -od).reshape(n, size, size, 3).permute(0, 3, 1, 2).contiguous(), amount
+
+
+def test_stainrot_turns_each_stain_by_at_most_its_range_and_keeps_the_amounts():
+    x, amount = _two_stain_cells(32)
+    y = T.stain_rotate(x, torch.Generator().manual_seed(0), _stains(32), 1.0)
+    od = -torch.log10(y.clamp(1 / 255, 1)).permute(0, 2, 3, 1).reshape(32, -1, 3)
+    # the stains the new picture was made of, given the amounts it was made with (least squares per picture)
+    fit = torch.linalg.lstsq(amount.double(), od.double()).solution.float()  # 32 x 2 x 3
+    assert torch.allclose(fit.norm(dim=-1), torch.ones(32, 2), atol=0.05)  # same amounts, unit stains (but OD >= 0)
+    cos = (torch.nn.functional.normalize(fit, dim=-1) * PBC_STAINS).sum(-1).clamp(-1, 1)
+    deg = torch.rad2deg(torch.arccos(cos))
+    assert float(deg.max()) <= T.STAINROT_DEG + 1 and float(deg.mean()) > 2  # turned, within the range
+    assert float((deg[:, 0] - deg[:, 1]).std()) > 1  # the two stains independently
+    torch.testing.assert_close(T.stain_rotate(x, torch.Generator(), _stains(32), 0.0), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(T.stain_rotate(x, torch.Generator(), torch.zeros(32, 2, 3), 1.0), x)  # unknown: kept
+    with pytest.raises(ValueError, match="session stains"):
+        T.augment(x, ("stainrot",), torch.Generator())
 
 
 def test_od_jitter_changes_the_stain_and_leaves_bare_glass_white():
@@ -284,3 +320,32 @@ def test_cli_options_reach_the_recipe(monkeypatch):
         0.998,
         2000,
     )
+
+
+def test_stainrot_training_measures_each_source_s_two_stains(tmp_path):
+    """Each source is one session: its two stains are measured once, every sample of it is turned from them."""
+    from hemaedge.calibration.datasets import open_dataset
+
+    x, _ = _two_stain_cells(40, size=28, seed=5)
+    u8 = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for split in ("train", "val"):
+        for k, cls in enumerate(("lymphocyte", "neutrophil")):
+            (tmp_path / "src" / split / cls).mkdir(parents=True)
+            for i in range(k, 40, 2):
+                cv2.imwrite(str(tmp_path / "src" / split / cls / f"{i}.png"), u8[i][..., ::-1])
+    part = T._RawSet(open_dataset(tmp_path / "src", "train"), 28, 0, measure_stains=True)
+    assert torch.allclose(part.stains, PBC_STAINS, atol=0.02)
+    assert part[0][3].shape == (2, 3)
+    assert not T._RawSet(open_dataset(tmp_path / "src", "train"), 28, 0)[0][3].any()  # not asked: zeros
+    recipe = T.Recipe(
+        data=str(tmp_path / "src"),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch=16,
+        optimizer="adamw",
+        aug=("flip", "stainrot", "odres"),
+        arch_kwargs={"width": 0.5, "hidden": 16},
+        threads=1,
+    )
+    summary = T.train(recipe, progress=False)
+    assert Path(summary["final_checkpoint"]).is_file()

@@ -34,7 +34,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--aug",
         default="flip,rot90",
         help="comma list ('' for none), applied to raw pixels before the white balance and mean/std. Geometry: flip, "
-        "rot90, rotate (any angle), zoom (0.8-1.25 and shift). Colour, in this order: od (stain jitter in optical "
+        "rot90, rotate (any angle), zoom (0.8-1.25 and shift). Colour, in this order: stainrot (each source's two "
+        "stains, measured, turned up to 10 degrees each: other dyes), od (stain jitter in optical "
         "density: per-stain scale/bias and stain strength), stain (saturation/gamma/gain, the older jitter), gain "
         "(lamp colour per channel), color (channel gain/offset), gamma (gamma and contrast), hue (saturation and hue), "
         "gray (grayscale, 10%%), blur (defocus), noise (sensor), jpeg (8x8 DCT artefacts). The research recipe: "
