@@ -158,7 +158,7 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     the parent-validation numbers before and after."""
     import torch
     from hemaedge.export.checkpoint import build_model
-    from hemaedge.export.train import augment, to_model_input
+    from hemaedge.export.train import augment, set_stains, to_model_input
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -184,7 +184,7 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     new_aug = tuple(dict.fromkeys(own + ("stain", "zoom")))
     sn = sr = None
     if "stainrot" in own:  # each set one session: the lab's cells, the parent's training data
-        sn, sr = _stains(cells, parent.spec), _stains(train, parent.spec)
+        sn, sr = set_stains(cells, parent.spec.height)[None], set_stains(train, parent.spec.height)[None]
     gen = torch.Generator().manual_seed(opts.seed)
     steps = max(20, int(np.ceil(len(replay) / opts.batch)))
     n_new = max(1, int(round(opts.batch * opts.new_share)))
@@ -240,15 +240,6 @@ def parent_augmentation(recipe: dict[str, Any], spec: InputSpec) -> tuple[str, .
     if spec.stain_ref:
         names = tuple("odres" if a == "od" else a for a in names)
     return tuple(dict.fromkeys(names))
-
-
-def _stains(images: ImageSet, spec: InputSpec) -> Any:
-    """The set's two stains as a ``1 x 2 x 3`` tensor (zeros when too few stained pixels), for ``stainrot``."""
-    import torch
-    from hemaedge.calibration.datasets import set_stain_vectors
-
-    v = set_stain_vectors(images, InputSpec(height=spec.height, width=spec.width))
-    return torch.zeros(1, 2, 3) if v is None else torch.from_numpy(np.asarray(v, np.float32))[None]
 
 
 def _raw(images: ImageSet, spec: InputSpec) -> np.ndarray:

@@ -315,6 +315,13 @@ def check_aug(aug: tuple[str, ...]) -> tuple[str, ...]:
     return aug
 
 
+def set_stains(images: ImageSet, size: int) -> torch.Tensor:
+    """A set's two stains taken as one session (``2 x 3``, as ``stainrot`` wants them; zeros when there are too few
+    stained pixels to measure them, which ``stainrot`` leaves unturned)."""
+    vectors = set_stain_vectors(images, InputSpec(height=size, width=size))
+    return torch.zeros(2, 3) if vectors is None else torch.from_numpy(np.asarray(vectors, np.float32))
+
+
 def augment(
     x: torch.Tensor,
     aug: tuple[str, ...],
@@ -423,9 +430,7 @@ class _RawSet(torch.utils.data.Dataset):
         self.array = None
         self.spec = stain  # with ``stain`` (a spec with stain_ref) the set is one session, normalised before augmenting
         self.stain = session_stain(images, stain) if stain is not None and stain.stain_ref else None
-        # the set's two stains, for ``stainrot`` (zeros: unknown, or not asked for)
-        vectors = set_stain_vectors(images, InputSpec(height=size, width=size)) if measure_stains else None
-        self.stains = torch.zeros(2, 3) if vectors is None else torch.from_numpy(np.asarray(vectors, np.float32))
+        self.stains = set_stains(images, size) if measure_stains else torch.zeros(2, 3)  # for ``stainrot``
         if len(images) * size * size * 3 <= budget:
             idx = np.arange(len(images))
             self.array = np.concatenate([self._raw(images.images(idx[s : s + 256])) for s in range(0, len(idx), 256)])

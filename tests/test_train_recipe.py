@@ -335,9 +335,7 @@ def test_stainrot_training_measures_each_source_s_two_stains(tmp_path):
                 cv2.imwrite(str(tmp_path / "src" / split / cls / f"{i}.png"), u8[i][..., ::-1])
     part = T._RawSet(open_dataset(tmp_path / "src", "train"), 28, 0, measure_stains=True)
     assert torch.allclose(part.stains, PBC_STAINS, atol=0.02)
-    from hemaedge.export.adapt import _stains  # adapt measures the lab's cells and the replayed set the same way
-
-    assert torch.allclose(_stains(open_dataset(tmp_path / "src", "val"), InputSpec(28, 28))[0], PBC_STAINS, atol=0.02)
+    assert torch.allclose(T.set_stains(open_dataset(tmp_path / "src", "val"), 28), PBC_STAINS, atol=0.02)  # adapt's
     assert part[0][3].shape == (2, 3)
     assert not T._RawSet(open_dataset(tmp_path / "src", "train"), 28, 0)[0][3].any()  # not asked: zeros
     recipe = T.Recipe(
