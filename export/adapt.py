@@ -324,6 +324,7 @@ def adapt(opts: AdaptOptions, log=print) -> dict[str, Any]:
             cell_fraction=m.crop.cell_fraction,
             crop_scale=m.crop.scale,
             views=m.views,  # the station classifies the adapted model's crops as it did the parent's
+            quant_ops=(m.calibration or {}).get("ops", "all"),  # quantized as the parent was (older bundles: all)
             overwrite=opts.overwrite,
             name=opts.name or f"{m.name}-adapted",
             seed=opts.seed,

@@ -26,7 +26,7 @@ from hemaedge.edge.bundle.vocabulary import canonical_classes
 from hemaedge.edge.classify.views import VIEWS
 from hemaedge.edge.errors import InputError, MissingDependencyError, UsageError
 from hemaedge.export.gates import accuracy_gate, class_drops, class_gate, default_critical, misses_class_gate
-from hemaedge.export.quantize import METHODS, quantize_int8
+from hemaedge.export.quantize import METHODS, QUANT_OPS, quantize_int8
 from hemaedge.export.to_onnx import (
     Source,
     adapt_foreign_onnx,
@@ -61,7 +61,7 @@ class ExportOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     cell_fraction: float | None = None
-    crop_scale: str = "session"
+    crop_scale: str | None = None  # None: the parent bundle's (a bundle source), else "session"
     input_size: tuple[int, int] | None = None
     target: str = "onnx"
     search: bool = False
@@ -71,7 +71,8 @@ class ExportOptions:
     seed: int = 0
     command: str = ""
     triage: str | None = None
-    views: int = 1  # test-time views the station averages per crop (edge/classify/views.py)
+    views: int | None = None  # test-time views per crop (edge/classify/views.py); None: the parent bundle's, else 1
+    quant_ops: str = "weighted"  # where the portable INT8 model's Q/DQ pairs go (export/quantize.py QUANT_OPS)
 
     def validate(self) -> None:
         """Refuse contradictory or unsupported options before any work is done."""
@@ -80,8 +81,10 @@ class ExportOptions:
         if not self.ensemble and not self.source:
             raise UsageError("no model given: export-model MODEL --out DIR (or --ensemble a.pt:0.4 b.pt:0.6)")
         for p in [self.source] if self.source else [m for m, _ in self.ensemble]:
-            if not Path(p).is_file():
+            if not Path(p).is_file() and not (Path(p) / "manifest.json").is_file():
                 raise InputError(f"model {p} does not exist")
+        if self.source and Path(self.out).resolve() == Path(self.source).resolve():
+            raise UsageError(f"--out {self.out} is the bundle being re-exported: write the new bundle elsewhere")
         if self.max_drop < 0:
             raise UsageError(f"--max-drop must be >= 0 percentage points, not {self.max_drop}")
         if self.max_class_drop < 0:
@@ -90,7 +93,9 @@ class ExportOptions:
             raise UsageError(f"--calib-method must be one of {', '.join(METHODS)}")
         if self.calib_size < 1:
             raise UsageError("--calib-size must be at least 1")
-        if self.views not in VIEWS:
+        if self.quant_ops not in QUANT_OPS:
+            raise UsageError(f"--quant-ops must be one of {', '.join(QUANT_OPS)}, not {self.quant_ops!r}")
+        if self.views is not None and self.views not in VIEWS:
             raise UsageError(f"--views must be one of {', '.join(map(str, VIEWS))}, not {self.views}")
         if self.triage is not None:
             from hemaedge.edge.count.triage import load_rules
@@ -130,7 +135,7 @@ class ExportOptions:
                 )
         if self.mean is not None and self.std is not None and (len(self.mean) != 3 or len(self.std) != 3):
             raise UsageError("--mean and --std take three comma-separated values")
-        if self.crop_scale not in ("cell", "session"):
+        if self.crop_scale is not None and self.crop_scale not in ("cell", "session"):
             raise UsageError(f"--crop-scale must be cell or session, not {self.crop_scale!r}")
         if self.cell_fraction is not None and not 0.05 <= self.cell_fraction <= 1:
             raise UsageError("--cell-fraction must be between 0.05 and 1")
@@ -333,6 +338,7 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
         tmp = Path(tmpdir)
         fp32 = tmp / "model.onnx"
         model = _load_model(opts, fp32, log)
+        opts = _with_source_defaults(opts, model.source)
         checked = _export_and_check(opts, model, fp32, log)
         base = _fp32_metrics(opts, model, fp32, log)
         int8 = _int8(opts, model, base, fp32, tmp, log) if opts.int8 else _Int8()
@@ -358,6 +364,23 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
     return summary
 
 
+def _with_source_defaults(opts: ExportOptions, source: Source) -> ExportOptions:
+    """Options not given on the command line: a bundle source's own (views, crop scale, name, critical classes,
+    triage rules), else the defaults."""
+    import dataclasses
+
+    meta = source.meta if source.kind == "bundle" else {}
+    crop = meta.get("crop") or {}
+    return dataclasses.replace(
+        opts,
+        views=opts.views if opts.views is not None else int(meta.get("views") or 1),
+        crop_scale=opts.crop_scale or crop.get("scale") or "session",
+        name=opts.name or meta.get("parent_bundle", {}).get("name"),
+        critical_classes=opts.critical_classes if opts.critical_classes is not None else meta.get("critical_classes"),
+        triage=opts.triage if opts.triage is not None else meta.get("triage"),
+    )
+
+
 def _load_model(opts: ExportOptions, fp32: Path, log) -> _Model:  # noqa: ANN001
     """Resolve and load the source model (an ensemble's or a foreign ONNX's FP32 file is written to ``fp32`` here)
     and open the validation split in the model's class order."""
@@ -370,9 +393,11 @@ def _load_model(opts: ExportOptions, fp32: Path, log) -> _Model:  # noqa: ANN001
         kind = detect_kind(Path(opts.source))
         val_probe = open_dataset(opts.data, "val") if kind != "checkpoint" or opts.arch else None
         source = load_source(opts.source, opts.arch, list(val_probe.classes) if val_probe else None)
-        log(f"source: {source.kind} {source.path}")
+        log(f"source: {source.kind} {opts.source if source.kind == 'bundle' else source.path}")
         if source.kind == "onnx":
             info = adapt_foreign_onnx(source.path, fp32)
+        elif source.kind == "bundle":  # its FP32 model as it is: re-quantized, re-gated, re-measured
+            shutil.copyfile(source.path, fp32)
     classes = list(opts.classes or source.meta.get("classes") or [])
     val = open_dataset(opts.data, "val", classes=classes or None)
     classes = classes or list(val.classes)
@@ -387,7 +412,7 @@ def _export_and_check(opts: ExportOptions, model: _Model, fp32: Path, log) -> _C
     """Export a torch model to ``fp32`` (the other kinds are there already), check and simplify the ONNX file and
     refuse it unless it agrees with the source model."""
     timings: dict[str, float] = {}
-    if model.source.kind != "onnx" and not opts.ensemble:
+    if model.source.kind not in ("onnx", "bundle") and not opts.ensemble:
         t = time.time()
         export_torch(model.source, model.spec.height, model.spec.width, fp32)
         timings["onnx_export_s"] = round(time.time() - t, 2)
@@ -404,6 +429,8 @@ def _parity(opts: ExportOptions, model: _Model, fp32: Path, log) -> dict[str, An
     ref = (
         _raw_original_onnx(source.path, px, info)
         if source.kind == "onnx"
+        else _raw(source.path, px)
+        if source.kind == "bundle"
         else (info["reference"](px) if "reference" in info else torch_forward(source, px))
     )
     got = _raw(fp32, px)
@@ -487,7 +514,9 @@ def _quantize(opts: ExportOptions, model: _Model, fp32: Path, tmp: Path) -> _Cal
     cidx = equal_batches(stratified_sample(cal_set.labels, opts.calib_size, opts.seed))
 
     path = tmp / "model.int8.onnx"
-    quantize_int8(fp32, path, make_reader(cal_set, model.spec, cidx), opts.calib_method, opts.per_channel)
+    quantize_int8(
+        fp32, path, make_reader(cal_set, model.spec, cidx), opts.calib_method, opts.per_channel, ops=opts.quant_ops
+    )
     seconds = round(time.time() - t, 2)
     calibration = {
         "method": opts.calib_method,
@@ -497,6 +526,7 @@ def _quantize(opts: ExportOptions, model: _Model, fp32: Path, tmp: Path) -> _Cal
         "per_channel": opts.per_channel,
         "symmetric": True,
         "format": "QDQ",
+        "ops": opts.quant_ops,
         "stratified": True,
         "seed": opts.seed,
     }
@@ -521,7 +551,16 @@ def _search_int8(
 
     plain_path = tmp / "plain.int8.onnx"
     shutil.copyfile(q.path, plain_path)
-    res = search_int8(fp32, q.reader, eval_fn, opts.max_drop, out=q.path, baseline=base.report["accuracy"], log=log)
+    res = search_int8(
+        fp32,
+        q.reader,
+        eval_fn,
+        opts.max_drop,
+        out=q.path,
+        baseline=base.report["accuracy"],
+        log=log,
+        ops=opts.quant_ops,
+    )
     return {
         "method": res.method,
         "per_channel": res.per_channel,
@@ -616,9 +655,10 @@ def _crop_geometry(opts: ExportOptions, model: _Model, log) -> _Crop:  # noqa: A
     """The cell fraction: ``--cell-fraction``, else the checkpoint's, else measured on the training images."""
     crop = model.source.meta.get("crop") or {}
     fraction, crop_source = opts.cell_fraction, "--cell-fraction"
-    if fraction is None and crop.get("cell_fraction"):
-        fraction, crop_source = crop["cell_fraction"], "the checkpoint"
     crop_measure = None
+    if fraction is None and crop.get("cell_fraction"):
+        fraction, crop_source = crop["cell_fraction"], crop.get("from") or f"the {model.source.kind}"
+        crop_measure = crop.get("measurement")  # a bundle source's own record of how it was measured
     if fraction is None:
         crop_measure = measure_training_framing(opts.data, model.classes, opts.seed)
         if crop_measure:
@@ -682,13 +722,18 @@ def _manifest(
 def _provenance(opts: ExportOptions, model: _Model) -> dict[str, Any]:
     """Where the bundle came from: the source model, the data, the training recipe and lineage, the command."""
     source = model.source
+    bundle = source.kind == "bundle"
     provenance = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": _git_version(),
         "source_model": {
-            "file": Path(opts.source).name if opts.source else None,
+            "file": f"{Path(opts.source).name}/{source.path.name}"
+            if bundle
+            else Path(opts.source).name
+            if opts.source
+            else None,
             "kind": source.kind,
-            "sha256": sha256_file(opts.source) if opts.source else None,
+            "sha256": sha256_file(source.path if bundle else opts.source) if opts.source else None,
             "arch": source.meta.get("arch"),
             "epoch": source.meta.get("epoch"),
         },
@@ -705,6 +750,8 @@ def _provenance(opts: ExportOptions, model: _Model) -> dict[str, Any]:
         provenance["data"]["train_sources"] = source.meta["data"]["sources"]
     if source.meta.get("adaptation"):  # hemaedge adapt: the parent bundle and the cells it learned from
         provenance["adaptation"] = source.meta["adaptation"]
+    if bundle:  # re-exported from a bundle's FP32 model: which bundle, and how it had been made
+        provenance["parent_bundle"] = source.meta["parent_bundle"]
     return provenance
 
 
@@ -786,10 +833,11 @@ def _cpu_variant(
 ) -> Path | None:  # noqa: ANN001
     """The INT8 model for ONNX Runtime on CPU: the same calibration, activations asymmetric.
 
-    The portable INT8 model is symmetric (zero points 0), which TensorRT requires; but then a ReLU
-    cannot be folded into the quantization that follows it, so ONNX Runtime's CPU kernels run
-    every ReLU (and the max-pool after it) in float between a dequantize and a quantize. With
-    asymmetric activations a ReLU's output range starts at the zero point and ONNX Runtime drops
+    The portable INT8 model is symmetric (zero points 0), which TensorRT requires, and may quantize only the inputs
+    of weighted operators (``--quant-ops weighted``). This one quantizes every operator ONNX Runtime can (its
+    kernels then keep a ReLU network in INT8 from layer to layer) with asymmetric activations: with symmetric ones
+    a ReLU cannot be folded into the quantization that follows it, so ONNX Runtime's CPU kernels run every ReLU
+    (and the max-pool after it) in float between a dequantize and a quantize. With asymmetric activations a ReLU's output range starts at the zero point and ONNX Runtime drops
     it. Same calibration set, method, weights and float nodes; gated like the portable model,
     and left out of the bundle (the station then runs the portable model) if it misses the gate.
     """
@@ -809,6 +857,7 @@ def _cpu_variant(
             calibration["per_channel"],
             symmetric=False,
             exclude=calibration.get("float_nodes") or (),
+            ops="all",
         )
     m = classification_report(probs_of(out), labels, classes)
     drop = (fp32_accuracy - m["accuracy"]) * 100
@@ -816,6 +865,7 @@ def _cpu_variant(
         **{k: m[k] for k in ("accuracy", "macro_f1", "macro_auroc")},
         "drop_points": round(drop, 4),
         "activations": "asymmetric",
+        "ops": "all",
     }
     class_miss = gate_classes(m)
     if drop > max_drop or class_miss:

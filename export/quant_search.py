@@ -97,6 +97,7 @@ def search_int8(
     analysis_batches: int = 4,
     max_float_fraction: float = 0.5,
     max_trials: int = 12,
+    ops: str = "all",
 ) -> SearchResult:
     """Find an INT8 model of ``fp32_onnx`` whose accuracy drop is within ``max_drop`` points.
 
@@ -114,6 +115,7 @@ def search_int8(
         analysis_batches: Calibration batches used to rank node sensitivity.
         max_float_fraction: Never keep more than this share of the quantized nodes in float.
         max_trials: Quantize+evaluate rounds allowed in step 2.
+        ops: Where every candidate's Q/DQ pairs go (``quantize.QUANT_OPS``).
 
     Returns:
         A ``SearchResult``; ``passed`` is False (and the best model found is written) when
@@ -132,7 +134,7 @@ def search_int8(
         max_trials,
     )
     with tempfile.TemporaryDirectory(prefix="hemaedge-qsearch-") as tmpdir:
-        trials = _Trials(fp32, Path(tmpdir), calib_reader_factory, eval_fn, baseline, log)
+        trials = _Trials(fp32, Path(tmpdir), calib_reader_factory, eval_fn, baseline, log, ops)
         first = _calibration_settings(plan, trials)
         if first.passed:
             drop, (method, per_channel) = first.best.drop, first.best.setting
@@ -177,6 +179,7 @@ class _Trials:
     eval_fn: Callable[[Path], float]
     baseline: float
     log: Callable[[str], None]
+    ops: str = "all"
     records: list[dict[str, Any]] = field(default_factory=list)
     seen: dict[tuple, tuple[float, Path]] = field(default_factory=dict)
 
@@ -188,7 +191,9 @@ class _Trials:
         t = time.time()
         path = self.tmp / f"{name}.onnx"
         with entropy_bins() if method == "entropy" else contextlib.nullcontext():
-            quantize_int8(self.fp32, path, self.calib_reader_factory(), method, per_channel, exclude=list(exclude))
+            quantize_int8(
+                self.fp32, path, self.calib_reader_factory(), method, per_channel, exclude=list(exclude), ops=self.ops
+            )
         acc = float(self.eval_fn(path))
         drop = (self.baseline - acc) * 100
         rec = {

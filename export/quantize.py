@@ -13,6 +13,15 @@ from hemaedge.edge.errors import UsageError
 
 METHODS = ("minmax", "entropy", "percentile")
 
+# Where the Q/DQ pairs go (``export-model --quant-ops``). "weighted": only on the inputs of the operators with
+# weights (convolutions, matrix products), never on their outputs: TensorRT's documented Q/DQ placement. A runtime
+# then fuses what follows a convolution (bias, SiLU, the residual add) into it and quantizes once, where the next
+# weighted operator needs INT8. "all": every operator ONNX Runtime can quantize, outputs included (the SiLU's
+# sigmoid and multiply too): its QDQ quantizer's default, and what its own CPU kernels need to keep a ReLU network
+# in INT8 from layer to layer, so the ONNX Runtime CPU variant uses it.
+QUANT_OPS = ("weighted", "all")
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
 
 CALIB_CHUNK_BATCHES = 4  # calibration batches whose activations are held in memory at once
 calibration_chunks: list[int] = []  # batches per chunk of the calibrations run in this process (for tests)
@@ -86,6 +95,7 @@ def quantize_int8(
     exclude: Sequence[str] = (),
     percentile: float = 99.999,
     dynamic_shapes: bool = False,
+    ops: str = "all",
 ) -> Path:
     """Quantize an FP32 ONNX model to INT8 QDQ.
 
@@ -100,6 +110,7 @@ def quantize_int8(
         percentile: Percentile for the ``percentile`` method.
         dynamic_shapes: The model takes inputs of any height and width (a detector): ONNX Runtime's symbolic
             shape inference cannot follow those through Resize, so the pre-processing pass skips it.
+        ops: Where the Q/DQ pairs go: ``weighted`` or ``all`` (see ``QUANT_OPS``).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -107,6 +118,8 @@ def quantize_int8(
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT warns via the root logger
     if method not in METHODS:
         raise UsageError(f"calibration method must be one of {METHODS}, not {method!r}")
+    if ops not in QUANT_OPS:
+        raise UsageError(f"--quant-ops must be one of {QUANT_OPS}, not {ops!r}")
     cal = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -117,6 +130,8 @@ def quantize_int8(
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=dynamic_shapes)
         extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric}
+        if ops == "weighted":
+            extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
         if method == "percentile":
             extra["CalibPercentile"] = percentile
         with bounded_calibration():
@@ -130,6 +145,7 @@ def quantize_int8(
                 weight_type=QuantType.QInt8,
                 calibrate_method=cal,
                 nodes_to_exclude=list(exclude),
+                op_types_to_quantize=list(WEIGHTED_OPS) if ops == "weighted" else None,
                 extra_options=extra,
             )
     return out

@@ -1,4 +1,5 @@
-"""Load a source model (checkpoint, TorchScript, torch.export .pt2, or foreign ONNX) and produce a checked FP32 ONNX."""
+"""Load a source model (checkpoint, TorchScript, torch.export .pt2, foreign ONNX, or a bundle) and produce a checked
+FP32 ONNX."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ class Source:
     """A model to export.
 
     Attributes:
-        kind: ``checkpoint``, ``torchscript``, ``pt2`` or ``onnx``.
-        path: The file given by the user.
+        kind: ``checkpoint``, ``torchscript``, ``pt2``, ``onnx`` or ``bundle``.
+        path: The file given by the user (for a bundle: its FP32 ONNX model).
         model: A callable torch module (None for ONNX sources).
         meta: What the file says about itself (classes, input spec, arch ...).
     """
@@ -31,7 +32,9 @@ class Source:
 
 
 def detect_kind(path: Path) -> str:
-    """Tell the source kind from the file (extension, then contents)."""
+    """Tell the source kind from the file (extension, then contents); a folder with a manifest is a bundle."""
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return "bundle"
     if not path.is_file():
         raise InputError(f"model {path} does not exist")
     suffix = path.suffix.lower()
@@ -51,7 +54,9 @@ def load_source(path: str | Path, arch: str | None = None, classes: list[str] | 
     """Open a model file for export.
 
     Args:
-        path: ``.pt``/``.pth`` checkpoint, TorchScript file, ``.pt2`` ExportedProgram, or ``.onnx``.
+        path: ``.pt``/``.pth`` checkpoint, TorchScript file, ``.pt2`` ExportedProgram, ``.onnx``, or a bundle
+            folder (its FP32 model re-exported: re-quantized with other settings, keeping what the bundle records
+            of its training).
         arch: Architecture name for bare state dicts.
         classes: Class names for bare state dicts.
     """
@@ -59,6 +64,8 @@ def load_source(path: str | Path, arch: str | None = None, classes: list[str] | 
     kind = detect_kind(path)
     if kind == "onnx":
         return Source(kind, path)
+    if kind == "bundle":
+        return bundle_source(path)
     import torch
 
     if kind == "torchscript":
@@ -83,6 +90,52 @@ def load_source(path: str | Path, arch: str | None = None, classes: list[str] | 
     model = checkpoint.build_model(ck)
     meta = {k: v for k, v in ck.items() if k != "state_dict"}
     return Source(kind, path, model, meta)
+
+
+def bundle_source(path: Path) -> Source:
+    """A bundle as an export source: its FP32 ONNX model, with what its manifest says of the model's training.
+
+    What the checkpoint would have told the exporter (classes, input, output kind, architecture, training recipe and
+    lineage, data digests, adaptation, terms of use, crop geometry, views) comes from the manifest, so a bundle can
+    be re-exported (e.g. re-quantized with ``--quant-ops``) when its checkpoint is gone. The parent is recorded.
+    """
+    from hemaedge.edge.bundle import load_bundle, sha256_file
+
+    bundle = load_bundle(path)  # verifies every artifact's sha256 first
+    m = bundle.manifest
+    prov = m.provenance or {}
+    src, data = prov.get("source_model") or {}, prov.get("data") or {}
+    meta: dict[str, Any] = {
+        "classes": list(m.classes),
+        "input": dict(m.to_dict()["input"]),
+        "output_kind": m.output_kind,
+        "arch": m.architecture,
+        "epoch": src.get("epoch"),
+        "recipe": prov.get("training_recipe"),
+        "lineage": prov.get("training_lineage") or [],
+        "data": {"train_digest": data.get("train_digest"), "sources": data.get("train_sources")},
+        "adaptation": prov.get("adaptation"),
+        "notice": m.notice or None,
+        "crop": {
+            "cell_fraction": m.crop.cell_fraction,
+            "scale": m.crop.scale,
+            "from": m.extra.get("crop_geometry_from"),  # how the parent got it: kept, with its measurement
+            "measurement": m.extra.get("crop_measurement"),
+        },
+        "views": m.views,
+        "critical_classes": m.extra.get("critical_classes"),
+        "triage": str(bundle.file(m.artifact(None, "triage"))) if "triage" in {a.kind for a in m.artifacts} else None,
+        "parent_bundle": {
+            "name": m.name,
+            "manifest_sha256": sha256_file(bundle.path / "manifest.json"),
+            "created": prov.get("created"),
+            "source_model": src,
+            "export_command": prov.get("export_command"),
+            "calibration": m.calibration,
+        },
+        "data_path": data.get("path"),
+    }
+    return Source("bundle", bundle.onnx_path("fp32"), None, meta)
 
 
 def torch_forward(source: Source, batch: np.ndarray) -> np.ndarray:

@@ -110,7 +110,8 @@ def test_fine_tuning_records_every_stage_and_the_bundle_carries_them(trained, tm
 
 
 def test_int8_cpu_variant_folds_relus_and_is_what_a_cpu_station_runs(trained, tmp_path):
-    """The bundle's second INT8 model (asymmetric activations) lets ONNX Runtime drop every ReLU on CPU."""
+    """The bundle's second INT8 model (asymmetric activations) lets ONNX Runtime drop every ReLU on CPU; with every
+    operator quantized (``--quant-ops all``) the portable model's symmetric activations keep them in float."""
     import onnxruntime as ort
     from hemaedge.edge.classify.onnxruntime import OrtBackend
     from hemaedge.edge.commands.verify import verify
@@ -118,7 +119,13 @@ def test_int8_cpu_variant_folds_relus_and_is_what_a_cpu_station_runs(trained, tm
     _, data, ckpt, _ = trained
     summary = run_export(
         ExportOptions(
-            source=str(ckpt), out=str(tmp_path / "b"), data=str(data), int8=True, calib_size=64, max_drop=5.0
+            source=str(ckpt),
+            out=str(tmp_path / "b"),
+            data=str(data),
+            int8=True,
+            calib_size=64,
+            max_drop=5.0,
+            quant_ops="all",
         ),
         log=lambda m: None,
     )
@@ -388,7 +395,13 @@ def test_export_records_and_gates_the_recall_of_critical_classes(trained, tmp_pa
     out = tmp_path / "b"
     s = run_export(
         ExportOptions(
-            source=str(ckpt), out=str(out), data=str(data), int8=True, calib_size=64, critical_classes=["class_1"]
+            source=str(ckpt),
+            out=str(out),
+            data=str(data),
+            int8=True,
+            calib_size=64,
+            critical_classes=["class_1"],
+            quant_ops="all",  # this toy's INT8 that passes the class gate (weighted: class_1 -4.35 points, refused)
         ),
         log=lambda m: None,
     )
@@ -396,3 +409,81 @@ def test_export_records_and_gates_the_recall_of_critical_classes(trained, tmp_pa
     assert set(crit) == {"fp32_recall", "int8_recall", "drop_points", "support"} and crit["support"] > 0
     assert s["metrics"]["max_class_drop"] == 2.0
     assert load_bundle(out).manifest.extra["critical_classes"] == ["class_1"]
+
+
+def _silu_net(path: Path) -> Path:
+    """Conv -> SiLU -> Conv -> SiLU -> pooled linear head, as EfficientNet's blocks are built."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = torch.nn.functional.silu(self.b(torch.nn.functional.silu(self.a(x))))
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    torch.onnx.export(Net().eval(), (torch.zeros(2, 3, 16, 16),), str(path), input_names=["input"], dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("ops", ["weighted", "all"])
+def test_quant_ops_weighted_quantizes_only_what_enters_a_weighted_operator(tmp_path, ops):
+    """``weighted`` (the default) leaves a convolution's output and its SiLU in float until the next convolution's
+    input, so a runtime can fuse them into the convolution (TensorRT's placement); ``all`` quantizes the sigmoid's
+    output too, as ONNX Runtime's quantizer does by default."""
+    import onnx
+    from hemaedge.export.quantize import _ListReader, quantize_int8
+
+    fp32 = _silu_net(tmp_path / "silu.onnx")
+    rng = np.random.default_rng(0)
+    reader = _ListReader([{"input": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)} for _ in range(4)])
+    out = quantize_int8(fp32, tmp_path / f"{ops}.onnx", reader, "minmax", ops=ops)
+    g = onnx.load(str(out)).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    quantized = [producer.get(n.input[0], "input") for n in g.node if n.op_type == "QuantizeLinear"]
+    convs = [n for n in g.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == 3 and all(producer[n.input[0]] == "DequantizeLinear" for n in convs)  # INT8 either way
+    if ops == "weighted":
+        assert "Sigmoid" not in quantized and "Conv" not in quantized
+        assert sorted(quantized) == ["Mul", "ReduceMean", "input"]  # just the inputs of the three layers
+    else:
+        assert "Sigmoid" in quantized
+    with pytest.raises(UsageError, match="quant-ops"):
+        quantize_int8(fp32, tmp_path / "x.onnx", reader, "minmax", ops="some")
+
+
+def test_a_bundle_re_exports_from_its_fp32_model_and_keeps_its_record(trained, tmp_path):
+    """``export-model BUNDLE``: the same FP32 model re-quantized (here with the other Q/DQ placement), re-gated and
+    re-measured; what the checkpoint had told the first export (training recipe, views, crop, name) is kept, and the
+    parent is recorded."""
+    from hemaedge.edge.bundle import sha256_file
+    from hemaedge.export.commands.export import _data_from_checkpoint
+
+    _, data, ckpt, _ = trained
+    first = dict(data=str(data), int8=True, calib_size=64, max_drop=5.0)
+    parent = Path(
+        run_export(
+            ExportOptions(source=str(ckpt), out=str(tmp_path / "p"), views=2, quant_ops="all", name="toy", **first),
+            log=lambda m: None,
+        )["bundle"]
+    )
+    child = run_export(ExportOptions(source=str(parent), out=str(tmp_path / "c"), **first), log=lambda m: None)
+    pm, cm = load_bundle(parent).manifest, load_bundle(child["bundle"]).manifest
+    assert (pm.calibration["ops"], cm.calibration["ops"]) == ("all", "weighted")
+    assert cm.metrics["int8_cpu"]["ops"] == "all"  # ONNX Runtime's CPU variant keeps its own placement
+    assert child["parity"]["max_abs_diff"] == 0.0 and cm.metrics["fp32"] == pm.metrics["fp32"]
+    assert (cm.name, cm.views, cm.crop) == ("toy", 2, pm.crop)
+    assert cm.extra["crop_geometry_from"] == pm.extra["crop_geometry_from"]  # how the parent got it
+    assert cm.extra.get("crop_measurement") == pm.extra.get("crop_measurement")
+    assert cm.provenance["training_recipe"] == pm.provenance["training_recipe"] is not None
+    assert cm.provenance["source_model"]["kind"] == "bundle"
+    assert cm.provenance["source_model"]["sha256"] == sha256_file(load_bundle(parent).onnx_path("fp32"))
+    record = cm.provenance["parent_bundle"]
+    assert record["name"] == "toy" and record["manifest_sha256"] == sha256_file(parent / "manifest.json")
+    assert record["calibration"]["ops"] == "all" and record["source_model"]["file"] == ckpt.name
+    assert _data_from_checkpoint(str(parent)) == str(data)  # --data defaults to the set the bundle was checked on
+    with pytest.raises(UsageError, match="being re-exported"):
+        ExportOptions(source=str(parent), out=str(parent), overwrite=True, **first).validate()

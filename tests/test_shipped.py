@@ -142,6 +142,11 @@ def test_shipped_efficientnet_bundle_meets_its_int8_gate_and_verifies(efficientn
     fp32, int8 = m.metrics["fp32"]["accuracy"], m.metrics["int8"]["accuracy"]
     assert int8 >= 0.98 and fp32 - int8 <= 0.01
     assert m.calibration["method"] == "entropy" and m.calibration["per_channel"]  # what the search chose
+    # re-quantized from its own FP32 model with Q/DQ on the inputs of weighted operators only (docs/openvino.md);
+    # the checkpoint it was first exported from is named by the parent record
+    assert m.calibration["ops"] == "weighted" and m.provenance["source_model"]["kind"] == "bundle"
+    assert m.provenance["parent_bundle"]["source_model"]["file"] == "best_e21.pt"
+    assert m.provenance["parent_bundle"]["calibration"].get("ops", "all") == "all"
     assert m.provenance["export_command"] in (ROOT / "docs" / "efficientnet.md").read_text()  # how to rebuild it
     res = subprocess.run(
         [sys.executable, "-m", "hemaedge", "verify", str(efficientnet.path), "--precision", "int8", "--json"],

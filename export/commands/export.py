@@ -28,12 +28,17 @@ def _member(text: str) -> tuple[str, float]:
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``export-model``."""
-    p.add_argument("model", nargs="?", help="checkpoint (.pt), TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="checkpoint (.pt), TorchScript (.pt), torch.export (.pt2), ONNX (.onnx), or a bundle folder: its FP32 "
+        "model re-exported (e.g. re-quantized with --quant-ops), keeping what it records of its training",
+    )
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument(
         "--data",
         help="data set (.npz or class folders): train split calibrates, val split checks "
-        "(default: the one the checkpoint was trained on)",
+        "(default: the one the checkpoint or bundle was made with)",
     )
     p.add_argument("--int8", action="store_true", help="also build a static INT8 QDQ model and gate its accuracy")
     p.add_argument(
@@ -42,6 +47,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-size", type=int, default=500, help="calibration images, stratified (default 500)")
     p.add_argument("--calib-method", default="entropy", help="minmax, entropy or percentile (default entropy)")
     p.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
+    p.add_argument(
+        "--quant-ops",
+        choices=["weighted", "all"],
+        default="weighted",
+        help="where the portable INT8 model's quantize/dequantize pairs go: weighted (default: inputs of "
+        "convolutions and matrix products, TensorRT's recommended placement; OpenVINO then fuses SiLU and sigmoid "
+        "into the convolution) or all (every operator ONNX Runtime can quantize, as before 2026-12-07)",
+    )
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy gate: max INT8 loss in points (default 1.0)")
     p.add_argument(
         "--max-class-drop",
@@ -71,9 +84,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--crop-scale",
         choices=["session", "cell"],
-        default="session",
-        help="station crops: one field of view per session (session: training images at a fixed "
-        "magnification) or sized to each cell (cell: training crops cut around each cell)",
+        help="station crops: one field of view per session (session, the default: training images at a fixed "
+        "magnification) or sized to each cell (cell: training crops cut around each cell); a bundle source keeps its "
+        "own",
     )
     p.add_argument(
         "--threshold", type=float, help="detector checkpoints: heatmap threshold recorded in the bundle (default 0.4)"
@@ -86,12 +99,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--views",
         type=int,
-        default=1,
         choices=(1, 2, 4, 8),
         help="test-time views the station averages per crop: 1, 2 (+ mirrored), 4 (+ flipped, turned 90 degrees), "
-        "8 (docs/models.md; default 1)",
+        "8 (docs/models.md; default 1, a bundle source's own)",
     )
-    p.add_argument("--name", help="bundle name (default: the output folder name)")
+    p.add_argument("--name", help="bundle name (default: a bundle source's, else the output folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
@@ -119,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         calib_size=args.calib_size,
         calib_method=args.calib_method,
         per_channel=not args.no_per_channel,
+        quant_ops=args.quant_ops,
         max_drop=args.max_drop,
         arch=args.arch,
         classes=args.classes.split(",") if args.classes else None,
@@ -186,12 +199,17 @@ def _data_from_checkpoint(model: str) -> str | None:
     if Path(model).suffix.lower() in (".onnx", ".pt2"):
         return None
     try:
-        from hemaedge.export import checkpoint
+        if (Path(model) / "manifest.json").is_file():  # a bundle: the data set its export checked against
+            import json
 
-        ck = checkpoint.load(model)
+            manifest = json.loads((Path(model) / "manifest.json").read_text(encoding="utf-8"))
+            path = ((manifest.get("provenance") or {}).get("data") or {}).get("path")
+        else:
+            from hemaedge.export import checkpoint
+
+            path = (checkpoint.load(model).get("data") or {}).get("path")
     except Exception:  # validated properly later; here we only look for a default
         return None
-    path = (ck.get("data") or {}).get("path")
     if not path or Path(path).exists():
         return path
     from hemaedge.edge.config import data_root
