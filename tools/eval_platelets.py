@@ -29,12 +29,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hemaedge.edge.config import data_root  # noqa: E402
-from hemaedge.edge.segment import StainSegmenter  # noqa: E402
-from hemaedge.evaluation.frames import config_overrides as _overrides  # noqa: E402
-from hemaedge.evaluation.groundtruth import bccd_items, evaluate, txl_items  # noqa: E402
+from hemaedge.edge.config import data_root  # the installed package (pip install -e .), not a path hack
+from hemaedge.edge.segment import StainSegmenter
+from hemaedge.evaluation.frames import config_overrides as _overrides
+from hemaedge.evaluation.groundtruth import bccd_items, evaluate, txl_items
 
 
 def common_args(description: str) -> argparse.ArgumentParser:
