@@ -149,8 +149,10 @@ class StationEvaluation:
             }
         review = sum(c < self.review_threshold for c, p in zip(self.confidence, self.predicted) if p != MISSED)
         predicted_counts: dict[str, int] = {}
-        for p in self.predicted:
+        by_label: dict[str, dict[str, int]] = {lab: {} for lab in labels}  # what each label's cells were called
+        for t, p in zip(self.truth, self.predicted):
             predicted_counts[p] = predicted_counts.get(p, 0) + 1
+            by_label[t][p] = by_label[t].get(p, 0) + 1
         return {
             "bundle": self.bundle,
             "data": self.data,
@@ -168,6 +170,10 @@ class StationEvaluation:
             "per_class": per,
             "confusion": {"rows": labels, "columns": cols, "matrix": [[cm[t][c] for c in cols] for t in labels]},
             "predicted_classes": predicted_counts,
+            # the bundle's own classes, per label: e.g. how many normal lymphocytes a blast-aware bundle calls blast
+            "predicted_by_label": {
+                lab: dict(sorted(by_label[lab].items(), key=lambda kv: (-kv[1], kv[0]))) for lab in labels
+            },
         }
 
 

@@ -108,6 +108,11 @@ def test_station_path_scores_right_wrong_and_missed_cells_exactly(station, tmp_p
     cm = res["confusion"]
     row = dict(zip(cm["columns"], cm["matrix"][cm["rows"].index("neutrophil")]))
     assert row[MISSED] == 1 and row["neutrophil"] == 4
+    # what each label's cells were called, in the bundle's own classes (the confusion matrix folds them into labels)
+    by = res["predicted_by_label"]
+    assert by["round"] == {"lymphocyte": 2, "neutrophil_segmented": 1}
+    assert by["neutrophil"] == {"neutrophil_segmented": 3, MISSED: 1, "neutrophil_band": 1}  # most called first
+    assert sum(n for lab in by for n in by[lab].values()) == res["cells"]
 
 
 def test_evaluate_station_command_with_map_classes_and_json(station, tmp_path, capsys, monkeypatch):
