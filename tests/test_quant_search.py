@@ -153,7 +153,8 @@ def test_throughput_measures_crops_per_second(outlier_model):
 
 
 @pytest.mark.slow
-def test_export_model_search_through_the_pipeline(tmp_path):
+@pytest.mark.parametrize("ops", ["weighted", "all"])
+def test_export_model_search_through_the_pipeline(tmp_path, ops):
     """``export-model --int8 --search``: the lead's pipeline calls search_int8 when plain INT8 fails the gate.
 
     A tiny bloodcnn5 learns a synthetic 8-class task (class = colour tint) in a few seconds; then four
@@ -206,7 +207,9 @@ def test_export_model_search_through_the_pipeline(tmp_path):
         state_dict=net.state_dict(),
         input={"height": 28, "width": 28, "mean": [0.5] * 3, "std": [0.25] * 3},
     )
-    opts = dict(source=str(ck), data=str(data), int8=True, calib_size=256, calib_method="minmax", max_drop=1.0)
+    opts = dict(
+        source=str(ck), data=str(data), int8=True, calib_size=256, calib_method="minmax", max_drop=1.0, quant_ops=ops
+    )
     with pytest.raises(AccuracyGateError):
         pipeline.run_export(pipeline.ExportOptions(out=str(tmp_path / "plain"), **opts), log=lambda m: None)
     summary = pipeline.run_export(
@@ -216,7 +219,10 @@ def test_export_model_search_through_the_pipeline(tmp_path):
     assert manifest.metrics["fp32"]["accuracy"] > 0.9
     assert manifest.metrics["drop_points"] <= 1.0
     assert manifest.extra["int8_search"]["float_nodes"] == manifest.calibration["float_nodes"]
-    assert len(manifest.calibration["float_nodes"]) == 3  # the outlier channel's producer, its ReLU, its consumer
+    if ops == "all":  # a pair on every tensor: the outlier channels' producer, their ReLU and their consumer
+        assert len(manifest.calibration["float_nodes"]) == 3
+    else:  # pairs only where a weighted operator reads: the outlier channels reach one, features.10
+        assert manifest.extra["int8_search"]["float_node_labels"] == ["features.10 (Conv)"]
     speed = manifest.extra["int8_search"]["speed"]  # the speed cost is reported, for all three models
     assert set(speed) >= {"fp32", "int8_plain", "int8_searched", "searched_vs_plain"}
     assert all(speed[k]["crops_per_cpu_s"] > 0 for k in ("fp32", "int8_plain", "int8_searched"))
