@@ -25,14 +25,14 @@ import numpy as np
 from hemaedge.edge.bundle import Bundle, load_bundle, preprocess
 from hemaedge.edge.bundle.class_groups import default_class_groups
 from hemaedge.edge.bundle.manifest import CropGeometry
-from hemaedge.edge.bundle.preprocess import SessionStain, StainEstimate, cut_crop, even_sample
+from hemaedge.edge.bundle.preprocess import SessionStain, StainEstimate, even_sample
 from hemaedge.edge.classify.views import expand as expand_views
 from hemaedge.edge.classify.views import merge as merge_views
 from hemaedge.edge.count import SlideTracker
 from hemaedge.edge.count.tracking import Registration, TrackedDetection
 from hemaedge.edge.errors import InputError
 from hemaedge.edge.records import CellKind, Crop, Detection, Frame, Prediction, SkipReason
-from hemaedge.edge.segment.crops import central_detection, cut_crops
+from hemaedge.edge.segment.crops import central_detection, cut_crops, cut_rgb
 
 # A platelet crop is cut as large as a white cell's crop would be in that frame (the training images of platelets,
 # PBC / BloodMNIST, are taken at the white cells' magnification, so a platelet is small in its crop). The white-cell
@@ -193,16 +193,15 @@ class CellFinder:
         typical = self.typical_side
         if all(d.kind != CellKind.PLATELET for d in detections):
             return tuple(cut_crops(frame, detections, self.geometry, typical))
-        rgb = frame.rgb()
         out = []
         for d in detections:
             box = d.box
             if d.kind == CellKind.PLATELET:
                 cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, self.platelet_side(box) / 2
                 box = (cx - half, cy - half, cx + half, cy + half)
-                out.append(Crop(cut_crop(rgb, box, replace(self.geometry, scale="cell")), d, frame.index, frame.name))
+                out.append(Crop(cut_rgb(frame, box, replace(self.geometry, scale="cell")), d, frame.index, frame.name))
             else:
-                out.append(Crop(cut_crop(rgb, box, self.geometry, typical), d, frame.index, frame.name))
+                out.append(Crop(cut_rgb(frame, box, self.geometry, typical), d, frame.index, frame.name))
         return tuple(out)
 
     def prime(self, paths: Sequence[Any], spec: Any) -> int:

@@ -288,6 +288,25 @@ def test_quality_monitor_learns_the_cameras_focus():
 # -- crops and crop geometry -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pad", ["reflect", "constant"])
+def test_a_bgr_frame_is_cut_before_its_colours_are_turned_and_gives_the_same_crops(pad):
+    """``cut_rgb`` flips only the crop of a BGR frame; crops, padded ones included, equal those of the whole frame
+    turned to RGB first."""
+    from hemaedge.edge.bundle.preprocess import cut_crop
+    from hemaedge.edge.segment.crops import cut_rgb
+
+    rng = np.random.default_rng(3)
+    bgr = rng.integers(0, 256, (120, 160, 3), np.uint8)
+    frame = Frame(bgr, "BGR", 0.0, "t", 0)
+    geom = CropGeometry(cell_fraction=0.4, pad=pad)
+    for box in [(60, 40, 90, 70), (0, 0, 30, 25), (140, 100, 160, 120)]:  # inside, top-left and bottom-right edges
+        want = cut_crop(frame.rgb(), box, geom)
+        got = cut_rgb(frame, box, geom)
+        assert got.flags["C_CONTIGUOUS"] and np.array_equal(got, want)
+    rgb = Frame(np.ascontiguousarray(bgr[..., ::-1]), "RGB", 0.0, "t", 0)
+    assert np.array_equal(cut_rgb(rgb, (60, 40, 90, 70), geom), cut_rgb(frame, (60, 40, 90, 70), geom))
+
+
 def test_cut_crops_are_rgb_squares_around_each_cell():
     f = SyntheticSource(seed=71, frames=1, wbc=2).frame(0)
     dets = StainSegmenter().detect(f)

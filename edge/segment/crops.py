@@ -25,8 +25,15 @@ def cut_crops(
 
     ``typical_side``: the session's typical white-cell box side (``geom.scale == "session"``).
     """
-    rgb = frame.rgb()
-    return [Crop(cut_crop(rgb, d.box, geom, typical_side), d, frame.index, frame.name) for d in detections]
+    return [Crop(cut_rgb(frame, d.box, geom, typical_side), d, frame.index, frame.name) for d in detections]
+
+
+def cut_rgb(frame: Frame, box: Sequence[float], geom: CropGeometry, typical_side: float | None = None) -> np.ndarray:
+    """``cut_crop`` of the frame's RGB pixels. A BGR frame is cut first and only the crop is turned to RGB (the cut
+    and its padding do not depend on the channel order): turning a whole 640x480 frame takes about 1.2 ms here, a
+    crop about 0.04 ms."""
+    crop = cut_crop(frame.pixels, box, geom, typical_side)
+    return crop if frame.colour_order == "RGB" else np.ascontiguousarray(crop[..., ::-1])
 
 
 def typical_side(boxes: Iterable[Sequence[float]]) -> float | None:
