@@ -147,6 +147,9 @@ def test_shipped_efficientnet_bundle_meets_its_int8_gate_and_verifies(efficientn
     assert m.calibration["ops"] == "weighted" and m.provenance["source_model"]["kind"] == "bundle"
     assert m.provenance["parent_bundle"]["source_model"]["file"] == "best_e21.pt"
     assert m.provenance["parent_bundle"]["calibration"].get("ops", "all") == "all"
+    from hemaedge.edge.classify.trt_build import qdq_problems
+
+    assert qdq_problems(efficientnet.onnx_path("int8")) == []  # symmetric signed INT8, as TensorRT requires
     assert m.provenance["export_command"] in (ROOT / "docs" / "efficientnet.md").read_text()  # how to rebuild it
     res = subprocess.run(
         [sys.executable, "-m", "hemaedge", "verify", str(efficientnet.path), "--precision", "int8", "--json"],
