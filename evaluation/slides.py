@@ -7,6 +7,10 @@
     python -m hemaedge.evaluation.slides score $HEMAEDGE_DATA/deepapl/cells --expect acute --bundle BUNDLE \\
         --patients $HEMAEDGE_DATA/deepapl/patients.csv --only runs/deepapl_heldout.txt
 
+    # on a lab's own normal white cells: how often the bundle calls one blast or promyelocyte, and rules with that rate
+    python -m hemaedge.evaluation.slides false-calls OUR_NORMAL_CELLS --bundle BUNDLE --out our-triage.json \\
+        --bundle-out OUR_BUNDLE   # and a copy of the bundle (the same models) carrying the lab's rate
+
 A normal slide holds ``--wbc`` white cells drawn in proportions from the adult reference ranges (neutrophils
 40-75 %, lymphocytes 20-45 %, monocytes 2-10 %, eosinophils 1-6 %, basophils 0-2 %) plus ``--platelets`` platelet
 pictures; a picture is used at most once per slide (a set too small for distinct cells across slides reuses
@@ -103,6 +107,102 @@ def count_slide(folder: Path, bundle: str | None, out: Path, extra: list[str]) -
         counts[c["top_class"]] = counts.get(c["top_class"], 0) + 1
     doc["top_class_counts"] = counts
     return doc
+
+
+def false_calls(normal: Path, bundle: str, confidence: float = 0.95, **station_kw: Any) -> dict[str, Any]:
+    """The bundle's evidence calls (blast, promyelocyte: what its triage counts) on normal white cells of one
+    microscope, through the station's path, and the rule file with the upper bound of that rate.
+
+    The triage asks whether a slide shows more evidence cells than a normal smear would, given the classifier's
+    ``false_call_rate``; a rate measured on another microscope's normal cells makes that test too eager (or too
+    lax) on this one. ``normal``: single-cell pictures of normal white cells (class folders, e.g. from
+    ``hemaedge collect --by-class``, or one folder of them), all from healthy smears of this microscope.
+    """
+    from hemaedge.edge.bundle.class_groups import default_class_groups
+    from hemaedge.edge.count.triage import rate_upper_bound, rules_for_bundle
+    from hemaedge.edge.errors import UsageError
+    from hemaedge.edge.station import Station
+    from hemaedge.evaluation.labelled import LabelledCell, read_labelled
+    from hemaedge.evaluation.station import MISSED, LabelMatch, evaluate_station
+
+    station = Station.from_bundle(bundle, **station_kw)
+    rules = rules_for_bundle(station.bundle)
+    if rules is None:
+        raise UsageError(f"bundle '{station.manifest.name}' carries no triage rules: nothing to calibrate")
+    m = station.manifest
+    groups = m.class_groups or default_class_groups(m.classes)
+    evidence = sorted(
+        {c for g in rules.evidence_groups for c in groups.get(g, ())}
+        | {c for c in rules.evidence_classes if c in m.classes}
+    )
+    flat = [p for p in sorted(Path(normal).iterdir()) if p.is_file()] if Path(normal).is_dir() else []
+    images = [p for p in flat if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")]
+    cells = [LabelledCell(p, "normal") for p in images] if images else read_labelled(normal)[0]
+    matches = {lab: LabelMatch(lab, (), "normal") for lab in {c.label for c in cells}}
+    with station:
+        res = evaluate_station(station, cells, matches, data=str(normal))
+    called = [p for p in res.predicted if p != MISSED]
+    if not called:
+        raise UsageError(f"no white cell was found in {normal}: nothing measured")
+    k = sum(p in evidence for p in called)
+    n = len(called)
+    rate = rate_upper_bound(k, n, confidence)
+    by_class = {c: called.count(c) for c in evidence if c in called}
+    doc = rules.to_dict()
+    doc["false_call_rate"] = round(rate, 5)
+    doc["version"] = f"{doc.get('version') or 'rules'}+false-calls-{n}"
+    doc["source"] = (
+        f"false_call_rate: Clopper-Pearson {confidence:.0%} upper bound of {k} evidence calls "
+        f"({', '.join(f'{c} {v}' for c, v in by_class.items()) or 'none'}) in {n} normal white cells of {normal}, "
+        f"bundle '{m.name}' through the station's path (python -m hemaedge.evaluation.slides false-calls). "
+        f"Before: {rules.false_call_rate}. " + str(doc.get("source") or "")
+    )
+    return {
+        "bundle": m.name,
+        "normal": str(normal),
+        "images": len(cells),
+        "white_cells": n,
+        "missed": len(cells) - n,
+        "evidence_classes": evidence,
+        "evidence_calls": k,
+        "evidence_by_class": by_class,
+        "observed_rate": k / n,
+        "false_call_rate": rate,
+        "confidence": confidence,
+        "bundle_false_call_rate": rules.false_call_rate,
+        "rules": doc,
+    }
+
+
+def bundle_with_rules(
+    bundle: str, rules_file: Path, out: Path, measured: dict[str, Any], name: str | None = None
+) -> Path:
+    """A copy of ``bundle`` at ``out`` whose triage rules are ``rules_file`` (re-checksummed in its manifest, which
+    records what was measured and the parent bundle). The models are the parent's, byte for byte."""
+    import dataclasses
+    import shutil
+
+    from hemaedge.edge.bundle import load_bundle, sha256_file
+    from hemaedge.edge.bundle.io import add_artifact, write_manifest
+    from hemaedge.edge.errors import UsageError
+
+    parent = load_bundle(bundle)
+    if Path(out).exists():
+        raise UsageError(f"{out} already exists: choose a new folder for the bundle")
+    old = next(a for a in parent.manifest.artifacts if a.kind == "triage")
+    shutil.copytree(parent.path, out)
+    copy = load_bundle(out)
+    extra = {
+        **copy.manifest.extra,
+        "triage_calibration": {
+            **{k: v for k, v in measured.items() if k != "rules"},
+            "parent_bundle": parent.manifest.name,
+            "parent_manifest_sha256": sha256_file(parent.path / "manifest.json"),
+        },
+    }
+    write_manifest(out, dataclasses.replace(copy.manifest, name=name or f"{parent.manifest.name}-local", extra=extra))
+    add_artifact(load_bundle(out, verify=False), rules_file, "triage", None, name=old.file)
+    return load_bundle(out).path
 
 
 def auc(scores: list[float], positive: list[bool]) -> float | None:
@@ -253,7 +353,46 @@ def main(argv: list[str] | None = None) -> int:
     fa.add_argument("--rules", required=True, type=Path, help="the rule file to complete (its 'apl' is replaced)")
     fa.add_argument("--out", required=True, type=Path, help="where to write the completed rule file")
     fa.add_argument("--sessions", type=Path, default=Path("runs/apl-sessions"))
+    fc = sub.add_parser(
+        "false-calls",
+        help="on a lab's own normal white cells: how often the bundle calls an evidence class, and triage rules with "
+        "that rate (its Clopper-Pearson upper bound)",
+    )
+    fc.add_argument(
+        "normal", type=Path, help="single-cell pictures of normal white cells (class folders or one folder)"
+    )
+    fc.add_argument("--bundle", required=True)
+    fc.add_argument(
+        "--out", required=True, type=Path, help="where to write the rule file (ship it: export-model --triage)"
+    )
+    fc.add_argument("--confidence", type=float, default=0.95)
+    fc.add_argument(
+        "--bundle-out",
+        type=Path,
+        help="also write a copy of the bundle carrying these rules (same models; its manifest records the measurement)",
+    )
+    fc.add_argument("--name", help="the copy's bundle name (default: BUNDLE-local)")
+    fc.add_argument("--json", action="store_true")
     a, extra = ap.parse_known_args(argv)
+    if a.what == "false-calls":
+        if a.bundle_out and a.bundle_out.exists():
+            from hemaedge.edge.errors import UsageError
+
+            raise UsageError(f"{a.bundle_out} already exists: choose a new folder for the bundle")
+        res = false_calls(a.normal, a.bundle, a.confidence)
+        a.out.write_text(json.dumps(res["rules"], indent=1) + "\n")
+        if a.bundle_out:
+            res["bundle_out"] = str(bundle_with_rules(a.bundle, a.out, a.bundle_out, res, a.name))
+        if a.json:
+            print(json.dumps({k: v for k, v in res.items() if k != "rules"}, indent=1))
+        else:
+            print(
+                f"{res['evidence_calls']} of {res['white_cells']} normal white cells called "
+                f"{'/'.join(res['evidence_classes'])} ({res['observed_rate']:.2%}); false_call_rate "
+                f"{res['false_call_rate']:.4f} (bundle: {res['bundle_false_call_rate']}) written to {a.out}"
+                + (f"; bundle with these rules: {res['bundle_out']}" if res.get("bundle_out") else "")
+            )
+        return 0
     if a.what == "fit-apl":
         keep = {ln.strip() for ln in a.only.read_text().split() if ln.strip()}
         with open(a.patients, newline="") as f:

@@ -13,6 +13,7 @@ from hemaedge.edge.count.triage import (
     ChronicRule,
     TriageRules,
     binomial_tail,
+    rate_upper_bound,
     session_triage,
     triage,
 )
@@ -72,6 +73,56 @@ def test_binomial_tail_is_exact():
         brute = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
         assert binomial_tail(k, n, p) == pytest.approx(brute, rel=1e-9)
     assert binomial_tail(0, 10, 0.1) == 1.0 and binomial_tail(11, 10, 0.1) == 0.0
+
+
+def test_the_false_call_rate_bound_is_clopper_pearson():
+    assert rate_upper_bound(5, 10) == pytest.approx(0.8129, abs=1e-4)  # the textbook 95 % interval 0.187-0.813
+    assert rate_upper_bound(0, 100) == pytest.approx(1 - 0.025 ** (1 / 100), rel=1e-9)  # closed form for k = 0
+    assert rate_upper_bound(1, 498) == pytest.approx(0.0111, abs=1e-4)  # the shipped rules' 0.011
+    assert rate_upper_bound(10, 10) == 1.0 and rate_upper_bound(1, 498, 0.99) > rate_upper_bound(1, 498)
+    for bad in ((3, 2), (-1, 5), (0, 0)):
+        with pytest.raises(ValueError):
+            rate_upper_bound(*bad)
+
+
+@pytest.mark.data
+def test_false_calls_on_a_labs_normal_cells_reproduce_the_shipped_rate_and_write_rules(data_root, tmp_path):
+    """``slides false-calls``: the blast bundle's evidence calls on normal white cells through the station's path.
+    On half A of PBC val (the cells its shipped rate was measured on) it finds the same 1 of 498."""
+    from hemaedge.edge.count.triage import load_rules
+    from hemaedge.edge.models import default_bundle_path
+    from hemaedge.evaluation.groundtruth import hash_half
+    from hemaedge.evaluation.slides import main
+
+    val = data_root / "pbc256" / "val"
+    if not val.is_dir():
+        pytest.skip(f"data not found: {val}")
+    normal = tmp_path / "normal"
+    for c in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"):
+        (normal / c).mkdir(parents=True)
+        for f in sorted((val / c).iterdir()):
+            if hash_half(f.name) == "a":
+                (normal / c / f.name).symlink_to(f)
+    out, copy = tmp_path / "rules.json", tmp_path / "ours"
+    args = ["false-calls", str(normal), "--bundle", "hemanet64-blast", "--out", str(out), "--bundle-out", str(copy)]
+    assert main(args) == 0
+    rules = load_rules(out)
+    assert rules.false_call_rate == pytest.approx(rate_upper_bound(1, 498), abs=1e-5)
+    assert rules.version.endswith("+false-calls-498") and "1 evidence calls (promyelocyte 1) in 498" in rules.source
+    assert rules.apl == load_rules(default_bundle_path("hemanet64-blast") / "triage.json").apl  # only the rate changes
+    # the copy carries them, checksummed, with the parent's models byte for byte
+    from hemaedge.edge.bundle import load_bundle
+    from hemaedge.edge.count.triage import rules_for_bundle
+
+    ours, parent = load_bundle(copy), load_bundle("hemanet64-blast")
+    assert rules_for_bundle(ours) == rules and ours.manifest.name == "hemanet64-blast-local"
+    assert ours.manifest.extra["triage_calibration"]["evidence_calls"] == 1
+    models = {a.file: a.sha256 for a in parent.manifest.artifacts if a.kind == "onnx"}
+    assert models and {a.file: a.sha256 for a in ours.manifest.artifacts if a.kind == "onnx"} == models
+    from hemaedge.edge.errors import UsageError
+
+    with pytest.raises(UsageError, match="already exists"):  # never over an existing folder, refused before measuring
+        main(args)
 
 
 def test_a_normal_smear_is_none():

@@ -210,6 +210,23 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
+def rate_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
+    """Clopper-Pearson upper bound of a rate seen ``k`` times in ``n`` (two-sided ``confidence``): the
+    ``false_call_rate`` a rule file should carry after ``k`` evidence calls among ``n`` normal white cells."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"a rate needs 0 <= k <= n and n > 0, not k={k}, n={n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), not {confidence}")
+    if k == n:
+        return 1.0
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = k / n, 1.0
+    for _ in range(60):  # P(X <= k | n, p) falls as p grows: bisect where it crosses alpha
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if 1.0 - binomial_tail(k + 1, n, mid) > alpha else (lo, mid)
+    return hi
+
+
 def _share(counts: Mapping[str, int], members: Sequence[str], n: int) -> float:
     return 100.0 * sum(counts.get(c, 0) for c in members) / n if n else 0.0
 
