@@ -723,17 +723,14 @@ def _provenance(opts: ExportOptions, model: _Model) -> dict[str, Any]:
     """Where the bundle came from: the source model, the data, the training recipe and lineage, the command."""
     source = model.source
     bundle = source.kind == "bundle"
+    model_file = source.path if bundle else opts.source  # a bundle's: its FP32 model, named with the bundle
     provenance = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": _git_version(),
         "source_model": {
-            "file": f"{Path(opts.source).name}/{source.path.name}"
-            if bundle
-            else Path(opts.source).name
-            if opts.source
-            else None,
+            "file": (f"{Path(opts.source).name}/" if bundle else "") + Path(model_file).name if model_file else None,
             "kind": source.kind,
-            "sha256": sha256_file(source.path if bundle else opts.source) if opts.source else None,
+            "sha256": sha256_file(model_file) if model_file else None,
             "arch": source.meta.get("arch"),
             "epoch": source.meta.get("epoch"),
         },
@@ -837,8 +834,8 @@ def _cpu_variant(
     of weighted operators (``--quant-ops weighted``). This one quantizes every operator ONNX Runtime can (its
     kernels then keep a ReLU network in INT8 from layer to layer) with asymmetric activations: with symmetric ones
     a ReLU cannot be folded into the quantization that follows it, so ONNX Runtime's CPU kernels run every ReLU
-    (and the max-pool after it) in float between a dequantize and a quantize. With asymmetric activations a ReLU's output range starts at the zero point and ONNX Runtime drops
-    it. Same calibration set, method, weights and float nodes; gated like the portable model,
+    (and the max-pool after it) in float between a dequantize and a quantize. With asymmetric activations a ReLU's
+    output range starts at the zero point and ONNX Runtime drops it. Same calibration set, method, weights and float nodes; gated like the portable model,
     and left out of the bundle (the station then runs the portable model) if it misses the gate.
     """
     import contextlib
