@@ -119,10 +119,10 @@ def false_calls(normal: Path, bundle: str, confidence: float = 0.95, **station_k
     ``hemaedge collect --by-class``, or one folder of them), all from healthy smears of this microscope.
     """
     from hemaedge.edge.bundle.class_groups import default_class_groups
-    from hemaedge.edge.count.triage import rate_upper_bound, rules_for_bundle
+    from hemaedge.edge.count.triage import evidence_classes_of, rate_upper_bound, rules_for_bundle
     from hemaedge.edge.errors import UsageError
     from hemaedge.edge.station import Station
-    from hemaedge.evaluation.labelled import LabelledCell, read_labelled
+    from hemaedge.evaluation.labelled import IMAGE_EXTS, LabelledCell, read_labelled
     from hemaedge.evaluation.station import MISSED, LabelMatch, evaluate_station
 
     station = Station.from_bundle(bundle, **station_kw)
@@ -131,12 +131,9 @@ def false_calls(normal: Path, bundle: str, confidence: float = 0.95, **station_k
         raise UsageError(f"bundle '{station.manifest.name}' carries no triage rules: nothing to calibrate")
     m = station.manifest
     groups = m.class_groups or default_class_groups(m.classes)
-    evidence = sorted(
-        {c for g in rules.evidence_groups for c in groups.get(g, ())}
-        | {c for c in rules.evidence_classes if c in m.classes}
-    )
+    evidence = evidence_classes_of(rules, groups, m.classes)
     flat = [p for p in sorted(Path(normal).iterdir()) if p.is_file()] if Path(normal).is_dir() else []
-    images = [p for p in flat if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")]
+    images = [p for p in flat if p.suffix.lower() in IMAGE_EXTS]
     cells = [LabelledCell(p, "normal") for p in images] if images else read_labelled(normal)[0]
     matches = {lab: LabelMatch(lab, (), "normal") for lab in {c.label for c in cells}}
     with station:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,16 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
+def evidence_classes_of(rules: TriageRules, groups: Mapping[str, Sequence[str]], known: Iterable[str]) -> list[str]:
+    """The classes whose cells are evidence under ``rules``: its groups' members, and its single classes among
+    ``known`` (the classes counted, or the bundle's)."""
+    known = set(known)
+    return sorted(
+        {c for g in rules.evidence_groups for c in groups.get(g, ())}
+        | {c for c in rules.evidence_classes if c in known}
+    )
+
+
 def rate_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
     """Clopper-Pearson upper bound of a rate seen ``k`` times in ``n`` (two-sided ``confidence``): the
     ``false_call_rate`` a rule file should carry after ``k`` evidence calls among ``n`` normal white cells."""
@@ -250,10 +260,7 @@ def triage(
         rules: The rule file.
         evidence_cells: Ids of the cells called an evidence class (shown with the call).
     """
-    evidence_classes = sorted(
-        {c for g in rules.evidence_groups for c in groups.get(g, ())}
-        | {c for c in rules.evidence_classes if c in counts}
-    )
+    evidence_classes = evidence_classes_of(rules, groups, counts)
     k = sum(counts.get(c, 0) for c in evidence_classes)
     p = binomial_tail(k, wbc, rules.false_call_rate) if wbc else 1.0
     blasts = _share(counts, [c for g in rules.evidence_groups for c in groups.get(g, ())], wbc)
