@@ -50,7 +50,7 @@ class ExportOptions:
     data: str | None = None
     int8: bool = False
     calib: str | None = None
-    calib_size: int = 500
+    calib_size: int | None = None  # None: a bundle source's own calibration size, else 500
     calib_method: str = "entropy"
     per_channel: bool = True
     max_drop: float = 1.0
@@ -91,7 +91,7 @@ class ExportOptions:
             raise UsageError(f"--max-class-drop must be >= 0 percentage points, not {self.max_class_drop}")
         if self.calib_method not in METHODS:
             raise UsageError(f"--calib-method must be one of {', '.join(METHODS)}")
-        if self.calib_size < 1:
+        if self.calib_size is not None and self.calib_size < 1:
             raise UsageError("--calib-size must be at least 1")
         if self.quant_ops not in QUANT_OPS:
             raise UsageError(f"--quant-ops must be one of {', '.join(QUANT_OPS)}, not {self.quant_ops!r}")
@@ -365,8 +365,8 @@ def run_export(opts: ExportOptions, log=print) -> dict[str, Any]:
 
 
 def _with_source_defaults(opts: ExportOptions, source: Source) -> ExportOptions:
-    """Options not given on the command line: a bundle source's own (views, crop scale, name, critical classes,
-    triage rules), else the defaults."""
+    """Options not given on the command line: a bundle source's own (views, crop scale, calibration size, name,
+    critical classes, triage rules), else the defaults."""
     import dataclasses
 
     meta = source.meta if source.kind == "bundle" else {}
@@ -375,6 +375,8 @@ def _with_source_defaults(opts: ExportOptions, source: Source) -> ExportOptions:
         opts,
         views=opts.views if opts.views is not None else int(meta.get("views") or 1),
         crop_scale=opts.crop_scale or crop.get("scale") or "session",
+        calib_size=opts.calib_size
+        or int((meta.get("parent_bundle", {}).get("calibration") or {}).get("num_images") or 500),
         name=opts.name or meta.get("parent_bundle", {}).get("name"),
         critical_classes=opts.critical_classes if opts.critical_classes is not None else meta.get("critical_classes"),
         triage=opts.triage if opts.triage is not None else meta.get("triage"),

@@ -485,5 +485,12 @@ def test_a_bundle_re_exports_from_its_fp32_model_and_keeps_its_record(trained, t
     assert record["name"] == "toy" and record["manifest_sha256"] == sha256_file(parent / "manifest.json")
     assert record["calibration"]["ops"] == "all" and record["source_model"]["file"] == ckpt.name
     assert _data_from_checkpoint(str(parent)) == str(data)  # --data defaults to the set the bundle was checked on
+    # no --calib-size: as many calibration images as the parent was calibrated on (64 here; the default 500 would
+    # have taken all 240 of the toy training split)
+    again = run_export(
+        ExportOptions(source=str(parent), out=str(tmp_path / "c2"), data=str(data), int8=True, max_drop=5.0),
+        log=lambda m: None,
+    )
+    assert load_bundle(again["bundle"]).manifest.calibration["num_images"] == pm.calibration["num_images"] == 64
     with pytest.raises(UsageError, match="being re-exported"):
         ExportOptions(source=str(parent), out=str(parent), overwrite=True, **first).validate()

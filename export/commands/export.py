@@ -44,7 +44,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib", help="calibrate on this image folder instead of the train split (e.g. 'hemaedge collect' output)"
     )
-    p.add_argument("--calib-size", type=int, default=500, help="calibration images, stratified (default 500)")
+    p.add_argument(
+        "--calib-size",
+        type=int,
+        help="calibration images, stratified (default: a bundle source's own number, else 500)",
+    )
     p.add_argument("--calib-method", default="entropy", help="minmax, entropy or percentile (default entropy)")
     p.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
     p.add_argument(
@@ -244,7 +248,7 @@ def _run_detector(args: argparse.Namespace) -> int:
         out=args.out,
         data=args.data or str(data_root()),
         int8=args.int8,
-        calib_size=args.calib_size if args.calib_size != 500 else 200,
+        calib_size=args.calib_size if args.calib_size is not None else 200,
         calib_method=args.calib_method,
         max_drop=args.max_drop,
         threshold=args.threshold,
