@@ -112,3 +112,28 @@ def test_the_parents_augmentation_is_read_from_either_trainers_recipe():
     # the research trainer's stain turning was an option of its own (degrees), not in its aug string
     assert "stainrot" in parent_augmentation({**research, "stainrot": 10.0}, InputSpec(64, 64))
     assert "stainrot" not in parent_augmentation({**research, "stainrot": 0.0}, InputSpec(64, 64))
+
+
+def test_the_exported_weights_are_the_moving_average_of_the_fine_tuning(parent, tmp_path):
+    """With ``--ema`` the adapted model is the average of the last steps' weights: it lags behind the last step,
+    so it lies nearer the parent than the last step's weights do, and ``--ema 0`` returns the last step itself."""
+    from hemaedge.export.adapt import find_parent, fine_tune, read_cells
+
+    root, data, ckpt = parent
+    _new_microscope(tmp_path / "cells", data, 8)
+    base = dict(bundle=str(root / "parent"), cells=str(tmp_path / "cells"), out=str(tmp_path / "x"))
+    base.update(checkpoint=str(ckpt), data=str(data), epochs=2, replay=200, max_parent_drop=100.0, threads=1)
+    models = {}
+    for ema in (0.0, 0.9):
+        opts = AdaptOptions(ema=ema, **base)
+        p = find_parent(opts)
+        models[ema], _ = fine_tune(p, read_cells(opts, p.classes)[0], opts, log=lambda m: None)
+    start = {k: v for k, v in p.ck["state_dict"].items() if v.dtype.is_floating_point}
+
+    def distance(model):
+        sd = model.state_dict()
+        return sum(float((sd[k] - v).pow(2).sum()) for k, v in start.items()) ** 0.5
+
+    assert 0 < distance(models[0.9]) < distance(models[0.0])
+    with pytest.raises(UsageError, match="--ema must be in"):
+        AdaptOptions(ema=1.0, **base).validate()

@@ -34,6 +34,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--max-parent-drop", type=float, default=d.max_parent_drop, help="points allowed lost on the parent's val"
     )
     p.add_argument("--max-drop", type=float, default=d.max_drop, help="INT8 accuracy gate of the re-export (points)")
+    p.add_argument(
+        "--ema", type=float, default=d.ema, help=f"EMA decay of the adapted weights, 0 off (default {d.ema})"
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="bundle name (default: PARENT-adapted)")
