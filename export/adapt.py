@@ -52,6 +52,7 @@ class AdaptOptions:
     max_drop: float = 1.0
     batch: int = 64
     ema: float = 0.99
+    holdout: float = 0.0
     seed: int = 0
     threads: int = 0
     overwrite: bool = False
@@ -65,6 +66,10 @@ class AdaptOptions:
             raise UsageError("--new-share must lie strictly between 0 and 1")
         if self.epochs < 1 or self.min_per_class < 1:
             raise UsageError("--epochs and --min-per-class must be at least 1")
+        if not 0.0 <= self.holdout < 1.0:
+            raise UsageError(
+                f"--holdout must be in [0, 1) (the share of each class's cells kept out), not {self.holdout}"
+            )
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"--ema must be in [0, 1) (0: off), not {self.ema}")
         if Path(self.out).exists() and any(Path(self.out).iterdir()) and not self.overwrite:
@@ -138,6 +143,27 @@ def read_cells(opts: AdaptOptions, classes: tuple[str, ...]) -> tuple[ImageSet, 
     if len(per) < 2:
         raise UsageError(f"--cells {opts.cells} holds one class only ({', '.join(per)}): adapt needs at least two")
     return cells, per
+
+
+def split_holdout(cells: ImageSet, opts: AdaptOptions) -> tuple[ImageSet, ImageSet | None]:
+    """``--holdout``: keep that share of each class's verified cells out of adapting, to score the parent and the
+    adapted model on cells of this microscope neither was fitted to. Refuses a split that leaves a class fewer than
+    ``--min-per-class`` cells to adapt on."""
+    if not opts.holdout:
+        return cells, None
+    rng = np.random.default_rng(opts.seed)
+    keep, held = [], []
+    for k in np.unique(cells.labels):
+        idx = rng.permutation(np.flatnonzero(cells.labels == k))
+        n = int(np.floor(len(idx) * opts.holdout))
+        if len(idx) - n < opts.min_per_class:
+            raise UsageError(
+                f"--holdout {opts.holdout} leaves {len(idx) - n} {cells.classes[k]} cells to adapt on (at least "
+                f"{opts.min_per_class}): verify more cells or keep out a smaller share"
+            )
+        held += idx[:n].tolist()
+        keep += idx[n:].tolist()
+    return cells.subset(np.sort(keep)), cells.subset(np.sort(held)) if held else None
 
 
 def _trainable(model: Any, strategy: str) -> list:
@@ -234,6 +260,30 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     return model, {"parent_val_accuracy": before, "adapted_val_accuracy": after, "seconds": round(time.time() - t0, 1)}
 
 
+def score_holdout(parent: Parent, model: Any, held: ImageSet, log=print) -> dict[str, Any]:
+    """The parent's and the adapted model's accuracy on the verified cells kept out of adapting (FP32, one session,
+    the parent bundle's test-time views), with the adapted one's 95 % Wilson interval."""
+    from hemaedge.edge.count.stats import wilson_interval
+    from hemaedge.export.checkpoint import build_model
+
+    views = parent.bundle.manifest.views
+    before = _accuracy(build_model(parent.ck), held, parent.spec, views)
+    after = _accuracy(model, held, parent.spec, views)
+    lo, hi = wilson_interval(round(after * len(held)), len(held))
+    log(
+        f"on {len(held)} verified cells kept out of adapting: parent {before:.3f} -> adapted {after:.3f} "
+        f"(95 % interval {lo / 100:.3f}-{hi / 100:.3f})"
+    )
+    per = {parent.classes[k]: int(n) for k, n in zip(*np.unique(held.labels, return_counts=True))}
+    return {
+        "cells_per_class": per,
+        "cells_digest": held.digest,
+        "parent_accuracy": round(before, 5),
+        "adapted_accuracy": round(after, 5),
+        "adapted_interval95": [round(lo / 100, 4), round(hi / 100, 4)],
+    }
+
+
 def parent_augmentation(recipe: dict[str, Any], spec: InputSpec) -> tuple[str, ...]:
     """The augmentation the parent was trained with, as ``augment`` names.
 
@@ -264,9 +314,12 @@ def _raw(images: ImageSet, spec: InputSpec) -> np.ndarray:
     return normalise_stain_u8(x, session_stain(images, spec), spec) if spec.stain_ref else x
 
 
-def _accuracy(model: Any, images: ImageSet, spec: InputSpec) -> float:
+def _accuracy(model: Any, images: ImageSet, spec: InputSpec, views: int = 1) -> float:
+    """Top-1 accuracy of a torch model on a set taken as one session, each crop classified in ``views`` views as
+    the station does."""
     import torch
     from hemaedge.calibration.datasets import session_stain
+    from hemaedge.edge.classify.views import expand, merge
 
     model.eval()
     right = 0
@@ -274,8 +327,9 @@ def _accuracy(model: Any, images: ImageSet, spec: InputSpec) -> float:
     with torch.no_grad():
         for s in range(0, len(images), 256):
             idx = np.arange(s, min(s + 256, len(images)))
-            x = torch.from_numpy(preprocess(images.images(idx), spec, session=stain))
-            right += int((model(x).argmax(1).numpy() == images.labels[idx]).sum())
+            x = expand(preprocess(images.images(idx), spec, session=stain), views)
+            p = merge(torch.softmax(model(torch.from_numpy(x)), 1).numpy(), views)
+            right += int((p.argmax(1) == images.labels[idx]).sum())
     return right / max(1, len(images))
 
 
@@ -298,8 +352,14 @@ def adapt(opts: AdaptOptions, log=print) -> dict[str, Any]:
 
     opts.validate()
     parent = find_parent(opts)
-    cells, per_class = read_cells(opts, parent.classes)
+    cells, _ = read_cells(opts, parent.classes)
+    cells, held = split_holdout(cells, opts)
+    if opts.holdout and held is None:
+        log(f"--holdout {opts.holdout} keeps no cell out: no class has {int(np.ceil(1 / opts.holdout))} cells")
+    per_class = {parent.classes[k]: int(n) for k, n in zip(*np.unique(cells.labels, return_counts=True))}
     model, numbers = fine_tune(parent, cells, opts, log)
+    if held is not None:
+        numbers["holdout"] = score_holdout(parent, model, held, log)
     out = Path(opts.out)
     work = out.parent / f".{out.name}.adapt"
     work.mkdir(parents=True, exist_ok=True)

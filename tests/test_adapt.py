@@ -137,3 +137,27 @@ def test_the_exported_weights_are_the_moving_average_of_the_fine_tuning(parent, 
     assert 0 < distance(models[0.9]) < distance(models[0.0])
     with pytest.raises(UsageError, match="--ema must be in"):
         AdaptOptions(ema=1.0, **base).validate()
+
+
+def test_holdout_scores_parent_and_adapted_model_on_verified_cells_neither_was_fitted_to(parent, tmp_path):
+    """``--holdout``: a share of each class's verified cells is kept out of adapting and both models are scored on
+    them; the record says what was adapted on and what was scored. On the toy 'new microscope' (channels rotated)
+    the parent is at chance (0.25 here) and the adapted model well above it (0.71)."""
+    root, data, ckpt = parent
+    _new_microscope(tmp_path / "cells", data, 12)
+    base = dict(bundle=str(root / "parent"), cells=str(tmp_path / "cells"), checkpoint=str(ckpt), data=str(data))
+    opts = AdaptOptions(
+        out=str(tmp_path / "a"), holdout=0.5, epochs=6, ema=0.0, replay=200, max_parent_drop=100.0, **base
+    )
+    adapt(opts, log=lambda m: None)
+    b = load_bundle(tmp_path / "a")
+    rec = b.manifest.provenance["adaptation"]
+    held = rec["holdout"]
+    assert rec["cells_per_class"] == {c: 6 for c in b.manifest.classes}  # what was adapted on
+    assert held["cells_per_class"] == {c: 6 for c in b.manifest.classes}
+    assert held["cells_digest"] != rec["cells_digest"]
+    assert held["adapted_accuracy"] - held["parent_accuracy"] >= 0.2, held
+    lo, hi = held["adapted_interval95"]
+    assert lo <= held["adapted_accuracy"] <= hi
+    with pytest.raises(UsageError, match="--holdout 0.6 leaves 5 .* cells to adapt on .at least 6"):
+        adapt(AdaptOptions(out=str(tmp_path / "b"), holdout=0.6, min_per_class=6, **base), log=lambda m: None)

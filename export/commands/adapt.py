@@ -37,6 +37,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ema", type=float, default=d.ema, help=f"EMA decay of the adapted weights, 0 off (default {d.ema})"
     )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=d.holdout,
+        help="share of each class's cells kept out of adapting and scored before and after (default 0: none)",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="bundle name (default: PARENT-adapted)")
