@@ -395,6 +395,7 @@ def adapt(opts: AdaptOptions, log=print) -> dict[str, Any]:
             crop_scale=m.crop.scale,
             views=m.views,  # the station classifies the adapted model's crops as it did the parent's
             quant_ops=(m.calibration or {}).get("ops", "all"),  # quantized as the parent was (older bundles: all)
+            calib_size=int((m.calibration or {}).get("num_images") or 500),  # as many images as the parent's
             overwrite=opts.overwrite,
             name=opts.name or f"{m.name}-adapted",
             seed=opts.seed,

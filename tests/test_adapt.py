@@ -73,6 +73,7 @@ def test_adapt_refits_records_its_cells_and_keeps_the_parents_accuracy(parent, t
     assert rec["cells_digest"] and rec["recipe"]["epochs"] == 2
     assert "int8" in summary["metrics"] and b.manifest.artifact("int8") is not None  # re-exported through the gate
     assert b.manifest.views == 2  # classified on the station as the parent was
+    assert b.manifest.calibration["num_images"] == load_bundle(root / "parent").manifest.calibration["num_images"]
     assert json.loads((tmp_path / ".adapted.adapt" / "adaptation.json").read_text())["cells"] == str(tmp_path / "cells")
 
 
