@@ -9,8 +9,8 @@ adaptation in the manifest: the parent bundle, the cells per class, their digest
 Two guards: too few verified cells of a class are refused before any work (``--min-per-class``), and the adapted
 model may not lose more than ``--max-parent-drop`` points on the parent's own validation split.
 
-What is adapted, and how much, is a measured choice (``docs/models.md``, "Adapting a bundle"): ``--strategy all`` fine-tunes every
-layer at a low learning rate with the new cells up-weighted; ``head`` only the classifier; ``norm`` the batch-norm
+What is adapted, and how much, is a measured choice (``docs/models.md``, "Adapting a bundle"): ``--strategy all``
+fine-tunes every layer at a low learning rate with the new cells up-weighted; ``head`` only the classifier; ``norm`` the batch-norm
 statistics and affine parameters plus the classifier. The exported weights are the moving average of the steps'
 (``--ema``), which made the result depend far less on the seed.
 """
@@ -132,7 +132,7 @@ def read_cells(opts: AdaptOptions, classes: tuple[str, ...]) -> tuple[ImageSet, 
         raise UsageError(
             f"--cells {opts.cells}: cells must be sorted into class folders named like the bundle's classes"
         )
-    per = {classes[k]: int(n) for k, n in zip(*np.unique(cells.labels, return_counts=True))}
+    per = per_class(cells)
     few = {c: n for c, n in per.items() if n < opts.min_per_class}
     if few:
         listed = ", ".join(f"{c} {n}" for c, n in few.items())
@@ -143,6 +143,11 @@ def read_cells(opts: AdaptOptions, classes: tuple[str, ...]) -> tuple[ImageSet, 
     if len(per) < 2:
         raise UsageError(f"--cells {opts.cells} holds one class only ({', '.join(per)}): adapt needs at least two")
     return cells, per
+
+
+def per_class(images: ImageSet) -> dict[str, int]:
+    """How many images of each class a set holds (classes it lacks left out)."""
+    return {images.classes[k]: int(n) for k, n in zip(*np.unique(images.labels, return_counts=True))}
 
 
 def split_holdout(cells: ImageSet, opts: AdaptOptions) -> tuple[ImageSet, ImageSet | None]:
@@ -274,9 +279,8 @@ def score_holdout(parent: Parent, model: Any, held: ImageSet, log=print) -> dict
         f"on {len(held)} verified cells kept out of adapting: parent {before:.3f} -> adapted {after:.3f} "
         f"(95 % interval {lo / 100:.3f}-{hi / 100:.3f})"
     )
-    per = {parent.classes[k]: int(n) for k, n in zip(*np.unique(held.labels, return_counts=True))}
     return {
-        "cells_per_class": per,
+        "cells_per_class": per_class(held),
         "cells_digest": held.digest,
         "parent_accuracy": round(before, 5),
         "adapted_accuracy": round(after, 5),
@@ -356,7 +360,7 @@ def adapt(opts: AdaptOptions, log=print) -> dict[str, Any]:
     cells, held = split_holdout(cells, opts)
     if opts.holdout and held is None:
         log(f"--holdout {opts.holdout} keeps no cell out: no class has {int(np.ceil(1 / opts.holdout))} cells")
-    per_class = {parent.classes[k]: int(n) for k, n in zip(*np.unique(cells.labels, return_counts=True))}
+    counts = per_class(cells)
     model, numbers = fine_tune(parent, cells, opts, log)
     if held is not None:
         numbers["holdout"] = score_holdout(parent, model, held, log)
@@ -368,7 +372,7 @@ def adapt(opts: AdaptOptions, log=print) -> dict[str, Any]:
         "parent_manifest_sha256": sha256_file(Path(parent.bundle.path) / "manifest.json"),
         "parent_checkpoint_sha256": sha256_file(parent.checkpoint),
         "cells": str(opts.cells),
-        "cells_per_class": per_class,
+        "cells_per_class": counts,
         "cells_digest": cells.digest,
         "sessions": sessions_of(opts.cells),
         "recipe": {k: v for k, v in asdict(opts).items() if k not in ("out", "overwrite")},
@@ -405,7 +409,5 @@ def adapt(opts: AdaptOptions, log=print) -> dict[str, Any]:
     )
     (work / "adaptation.json").write_text(json.dumps(record, indent=1))
     summary["adaptation"] = record
-    log(
-        f"adapted bundle {out}: {sum(per_class.values())} cells ({', '.join(f'{c} {n}' for c, n in per_class.items())})"
-    )
+    log(f"adapted bundle {out}: {sum(counts.values())} cells ({', '.join(f'{c} {n}' for c, n in counts.items())})")
     return summary
