@@ -359,21 +359,22 @@ class Station:
         Args:
             bundle: A loaded bundle, a bundle folder, a shipped bundle's name, or None for the shipped default.
             segmenter: The white-cell segmenter's name (``hemaedge.edge.segment.SEGMENTERS``); None: the default
-                (``default_segmenter_name``: the learned detector when its bundle is installed, else stain).
+                (``default_segmenter_name``: the detector checked against the stain segmenter when the detector's
+                bundle is installed, else stain).
             backend: ``auto`` or a backend name (``hemaedge.edge.classify.select``); None: no model (crops only).
             precision: ``auto``, ``int8``, ``fp16`` or ``fp32``.
             threads: ONNX Runtime intra-op threads (default: all cores but one).
             scale: The session's pixels per micron, stated by the user; None: measured on the red cells.
-            detector: The detector bundle of ``segmenter="learned"`` (default: the shipped one).
+            detector: The detector bundle of ``segmenter="checked"`` or ``"learned"`` (default: the shipped one).
         """
-        from hemaedge.edge.segment import default_segmenter_name, make_segmenter
+        from hemaedge.edge.segment import DETECTOR_SEGMENTERS, default_segmenter_name, make_segmenter
 
         b = resolve_bundle(bundle)
-        segmenter = segmenter or ("learned" if detector is not None else default_segmenter_name())
-        if detector is not None and segmenter != "learned":
+        segmenter = segmenter or ("checked" if detector is not None else default_segmenter_name())
+        if detector is not None and segmenter not in DETECTOR_SEGMENTERS:
             from hemaedge.edge.errors import UsageError
 
-            raise UsageError("a detector bundle is for --segmenter learned")
+            raise UsageError("a detector bundle is for --segmenter checked or learned")
         seg = make_segmenter(segmenter, scale=scale, **({"bundle": detector} if detector is not None else {}))
         runner, why = make_backend(b, backend, precision, threads=threads) if backend is not None else (None, "")
         return cls(b, seg, runner, why, segmenter)

@@ -1,8 +1,9 @@
 """``hemaedge evaluate --detect DATA [DATA...]``: recall and precision of white-cell detection on labelled folders.
 
 Replaces ``tools/eval_detect.py``. The folders are Pascal VOC or YOLO (``hemaedge.evaluation.frames``);
-the table is per source (``sources.csv``) and per folder. ``--segmenter learned`` scores the detector bundle
-(each image's scale measured on its own red cells: still images may come from several microscopes);
+the table is per source (``sources.csv``) and per folder. ``--segmenter checked`` (the default) scores the detector
+bundle checked against the stain segmenter as a session does (each source one session), ``--segmenter learned`` the
+detector alone (each image's scale measured on its own red cells: still images may come from several microscopes);
 ``--phone N`` instead builds N synthetic phone-through-the-eyepiece frames from the folders' frames
 (``hemaedge.export.detector.phone``: a stress test, not real phone pictures) and scores those.
 """
@@ -23,7 +24,7 @@ def configure_detect(p: argparse.ArgumentParser) -> None:
     evaluate; ``--segmenter``, ``--split``, ``--bundle``... are shared)."""
     g = p.add_argument_group("white-cell detection (--detect)")
     g.add_argument(
-        "--detector", default=None, help="detector bundle for --segmenter learned (default: the shipped one)"
+        "--detector", default=None, help="detector bundle for --segmenter checked or learned (default: the shipped one)"
     )
     g.add_argument(
         "--scale",
@@ -51,12 +52,12 @@ def configure_detect(p: argparse.ArgumentParser) -> None:
 
 def make_detector(args: argparse.Namespace) -> Any:
     """The segmenter the options ask for."""
-    from hemaedge.edge.segment import default_segmenter_name, make_segmenter
+    from hemaedge.edge.segment import DETECTOR_SEGMENTERS, default_segmenter_name, make_segmenter
 
-    name = args.segmenter or ("learned" if args.detector else default_segmenter_name())
-    if name != "learned":
+    name = args.segmenter or ("checked" if args.detector else default_segmenter_name())
+    if name not in DETECTOR_SEGMENTERS:
         if args.detector or args.threshold is not None:
-            raise UsageError("--detector and --threshold are for --segmenter learned")
+            raise UsageError("--detector and --threshold are for --segmenter checked or learned")
         from hemaedge.evaluation.frames import config_overrides
 
         return make_segmenter(name, **config_overrides(args.set))
@@ -70,12 +71,13 @@ def make_detector(args: argparse.Namespace) -> Any:
             scale = float(scale)
         except ValueError:
             raise UsageError(f"--scale must be frame, session or pixels per micron, not {args.scale!r}") from None
-    return make_segmenter("learned", bundle=args.detector, scale=scale, threshold=args.threshold)
+    return make_segmenter(name, bundle=args.detector, scale=scale, threshold=args.threshold)
 
 
 def run_detect(args: argparse.Namespace) -> int:
     """Score detection and print a table (or JSON)."""
     import numpy as np
+    from hemaedge.edge.segment import DETECTOR_SEGMENTERS
     from hemaedge.evaluation.frames import folder_items, report_table, score_detections
 
     if not 0 < args.iou <= 1:
@@ -115,14 +117,17 @@ def run_detect(args: argparse.Namespace) -> int:
             items = _only(folder_items(root, split, args.half), args.source)
             if not items:
                 raise UsageError(f"no images of source {', '.join(args.source)} in {root}")
-            tallies = score_detections(seg.detect, items, args.iou, note)
+            if name == "checked":  # its check is per session: each source is one
+                tallies = _per_source(args, items, note)
+            else:
+                tallies = score_detections(seg.detect, items, args.iou, note)
             results[f"{Path(root).name} [{split}{'/' + args.half if args.half else ''}]"] = {
                 k: v.as_dict() for k, v in tallies.items()
             }
     if args.failures:
         args.failures.write_text("\n".join(failures) + ("\n" if failures else ""))
     out: dict[str, Any] = {"segmenter": name, "iou": args.iou, "split": split, "results": results}
-    if name == "learned":
+    if name in DETECTOR_SEGMENTERS:
         out["detector"] = str(seg.bundle.path)
         out["scale"] = args.scale
         out["threshold"] = seg.spec.threshold
@@ -135,6 +140,22 @@ def run_detect(args: argparse.Namespace) -> int:
     title = f"White-cell detection, IoU >= {args.iou}, segmenter {name}"
     Console(width=max(100, Console().width)).print(report_table(title, results))
     return 0
+
+
+def _per_source(args: argparse.Namespace, items: list, note: Any) -> dict[str, Any]:
+    """``score_detections`` with a fresh segmenter (one session) per source, and the sources' sum as ``"all"``."""
+    from dataclasses import fields
+
+    from hemaedge.evaluation.frames import score_detections
+    from hemaedge.evaluation.groundtruth import Tally
+
+    out: dict[str, Any] = {"all": Tally()}
+    for src in dict.fromkeys(it.source for it in items):
+        tally = score_detections(make_detector(args).detect, [it for it in items if it.source == src], args.iou, note)
+        out[src] = tally[src]
+        for f in fields(Tally):
+            setattr(out["all"], f.name, getattr(out["all"], f.name) + getattr(tally[src], f.name))
+    return out
 
 
 def _only(items: list, sources: list[str]) -> list:

@@ -15,7 +15,7 @@ import pytest
 from helpers import tiny_detector_bundle
 from hemaedge.edge.bundle import load_bundle
 from hemaedge.edge.errors import AccuracyGateError, BundleError, InputError, UsageError
-from hemaedge.edge.segment import LearnedSegmenter, make_segmenter
+from hemaedge.edge.segment import CheckedSegmenter, LearnedSegmenter, make_segmenter
 from hemaedge.edge.segment.learned import DetectorSpec, decode, nms, prepare, to_frame
 from hemaedge.edge.segment.scale import estimate_scale
 from hemaedge.edge.sources import SyntheticSource
@@ -172,12 +172,13 @@ def test_a_picture_through_an_eyepiece_is_searched_for_its_scale(detector_dir):
     assert session.session.fixed and session._eyepiece_done
 
 
-def test_the_learned_detector_is_the_default_and_stain_the_fallback(monkeypatch):
+def test_the_checked_detector_is_the_default_and_stain_the_fallback(monkeypatch):
     from hemaedge.edge import models
     from hemaedge.edge.segment import StainSegmenter, default_segmenter_name
 
-    if default_segmenter_name() == "learned":
-        assert isinstance(make_segmenter(), LearnedSegmenter)
+    if default_segmenter_name() == "checked":  # the detector, checked against the stain segmenter
+        seg = make_segmenter()
+        assert isinstance(seg, CheckedSegmenter) and isinstance(seg.learned, LearnedSegmenter)
 
     def missing():
         raise BundleError("no detector bundle here")
@@ -185,8 +186,9 @@ def test_the_learned_detector_is_the_default_and_stain_the_fallback(monkeypatch)
     monkeypatch.setattr(models, "default_detector_path", missing)
     assert default_segmenter_name() == "stain"
     assert isinstance(make_segmenter(None, threshold=0.3), StainSegmenter)  # detector options are dropped
-    with pytest.raises(BundleError):
-        make_segmenter("learned")  # asked for by name: no silent fallback
+    for name in ("learned", "checked"):
+        with pytest.raises(BundleError):
+            make_segmenter(name)  # asked for by name: no silent fallback
 
 
 def test_platelets_with_the_learned_detector_come_from_the_stain_segmenter():
@@ -275,14 +277,25 @@ def test_evaluate_detect_reads_voc_and_yolo_folders_with_sources(tmp_path, capsy
     assert yolo_res["all"]["recall"] > 0.9  # the stain segmenter on the synthetic smear
 
 
+def args_of(tmp_path: Path, detector_dir: Path) -> list[str]:
+    return ["evaluate", "--detect", str(tmp_path / "voc"), "--detector", str(detector_dir)]
+
+
 def test_evaluate_detect_runs_the_learned_detector(tmp_path, detector_dir, capsys):
     from hemaedge.cli import main
 
     _write_voc(tmp_path / "voc", list(SyntheticSource(seed=2, frames=3)))
-    code = main(["evaluate", "--detect", str(tmp_path / "voc"), "--detector", str(detector_dir), "--json"])
+    code = main([*args_of(tmp_path, detector_dir), "--json"])
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["segmenter"] == "learned" and doc["scale"] == "frame"
+    # a detector given without --segmenter is checked against the stain segmenter, as the station runs it (each
+    # source one session); --segmenter learned scores the detector alone
+    assert doc["segmenter"] == "checked" and doc["scale"] == "frame"
+    checked = next(iter(doc["results"].values()))["all"]
+    assert checked["images"] == 3 and checked["truth"] > 0
+    assert main([*args_of(tmp_path, detector_dir), "--segmenter", "learned", "--json"]) == 0
+    alone = next(iter(json.loads(capsys.readouterr().out)["results"].values()))["all"]
+    assert alone["truth"] == checked["truth"] and alone["tp"] <= checked["tp"]
     args = ["evaluate", "--detect", str(tmp_path / "voc"), "--segmenter", "stain", "--threshold", "0.3"]
     assert main(args) == 2  # the stain segmenter has no threshold
 

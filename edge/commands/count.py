@@ -415,6 +415,9 @@ def _endings(err: Any, result: Any, summary: dict[str, Any], p: Plan) -> int:
     d = summary["differential"]
     if inputs.message():
         err.print(f"[yellow]warning:[/] {escape(inputs.message())}")
+    check = summary.get("detector_check") or {}
+    if check.get("decision") == "both":  # the detector missed this microscope's white cells
+        err.print(f"[yellow]warning:[/] {escape(check['describe'])}")
     if not inputs.used and not p.resume:
         if inputs.total:
             what = f"none of the {inputs.total} images could be used"

@@ -14,14 +14,15 @@ def add_segmenter_options(parser: argparse.ArgumentParser) -> None:
         "--segmenter",
         default=None,
         choices=sorted(SEGMENTERS),
-        help="white-cell segmenter: learned (the detector bundle; the default when it is installed) or stain "
+        help="white-cell segmenter: checked (the detector bundle, checked against the stain segmenter on the "
+        "session's first white cells; the default when it is installed), learned (the detector alone) or stain "
         "(classical stain thresholding, needs no model: the fallback)",
     )
     parser.add_argument(
         "--detector",
         default=None,
         metavar="BUNDLE",
-        help="detector bundle for --segmenter learned (default: the shipped one)",
+        help="detector bundle for --segmenter checked or learned (default: the shipped one)",
     )
     parser.add_argument(
         "--px-per-um",
@@ -44,8 +45,12 @@ def _positive(text: str) -> float:
 
 
 def scale_info(segmenter: Any) -> dict[str, Any]:
-    """``{"scale": {...}}`` for a session's summary: the segmenter's scale (measured or stated), or ``{}``."""
+    """For a session's summary: ``{"scale": {...}}``, the segmenter's scale (measured or stated), and for the
+    checked detector ``{"detector_check": {...}}``, what its check against the stain segmenter saw and decided."""
+    out: dict[str, Any] = {}
     scale = getattr(segmenter, "scale", None)
-    if scale is None:
-        return {}
-    return {"scale": {**scale.as_dict(), "describe": scale.describe()}}
+    if scale is not None:
+        out["scale"] = {**scale.as_dict(), "describe": scale.describe()}
+    if getattr(segmenter, "name", None) == "checked":
+        out["detector_check"] = segmenter.check
+    return out

@@ -257,6 +257,9 @@ def render_html(summary: Mapping[str, Any], cells: Sequence[StoredCell], root: P
     ]
     if (summary.get("scale") or {}).get("describe"):
         meta.insert(3, f"scale {e(str(summary['scale']['describe']))}")
+    check = summary.get("detector_check") or {}
+    if check.get("decision") == "both":
+        meta.insert(3, f"white cells: {e(str(check['describe']))}")
     stain = summary.get("stain") or {}
     if stain.get("strength") is not None:
         meta.insert(

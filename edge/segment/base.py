@@ -46,3 +46,15 @@ def boxes_of(detections: list[Detection]) -> np.ndarray:
 def scores_of(detections: list[Detection]) -> np.ndarray:
     """The scores of ``detections`` as an N float32 array."""
     return np.asarray([d.score for d in detections], np.float32)
+
+
+def touching(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each box of ``a`` (N x 4): does it touch or overlap some box of ``b`` (M x 4)?"""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(len(a), bool)
+    return (
+        (b[None, :, 0] <= a[:, None, 2])
+        & (b[None, :, 2] >= a[:, None, 0])
+        & (b[None, :, 1] <= a[:, None, 3])
+        & (b[None, :, 3] >= a[:, None, 1])
+    ).any(axis=1)

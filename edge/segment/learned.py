@@ -26,7 +26,7 @@ import numpy as np
 from hemaedge.edge.bundle.manifest import Manifest
 from hemaedge.edge.errors import BundleError, UsageError
 from hemaedge.edge.records import Detection, Frame
-from hemaedge.edge.segment.base import as_frame
+from hemaedge.edge.segment.base import as_frame, boxes_of, touching
 from hemaedge.edge.segment.scale import Scale, SessionScale, estimate_scale, frame_guess
 
 EYEPIECE_TRIES = (0.7, 0.5)  # scales tried, as shares of the red-cell scale, on a picture through an eyepiece
@@ -416,16 +416,8 @@ class WithStainPlatelets:
         """The detector's white cells, then the stain segmenter's platelets outside them."""
         fr = as_frame(frame)
         cells = self.learned.detect(fr)
-        boxes = np.asarray([d.box for d in cells], np.float32).reshape(-1, 4)
-        out = list(cells)
-        for d in self.stain.detect_verbose(fr)[0]:
-            if d.kind != "platelet":
-                continue
-            x0, y0, x1, y1 = d.box
-            near = (boxes[:, 0] <= x1) & (boxes[:, 2] >= x0) & (boxes[:, 1] <= y1) & (boxes[:, 3] >= y0)
-            if not near.any():
-                out.append(d)
-        return out
+        platelets = [d for d in self.stain.detect_verbose(fr)[0] if d.kind == "platelet"]
+        return cells + [d for d, near in zip(platelets, touching(boxes_of(platelets), boxes_of(cells))) if not near]
 
 
 def verify_detector(bundle: Any, precision: str = "auto") -> dict[str, Any]:
