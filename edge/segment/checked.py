@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from hemaedge.edge.records import Detection, Frame
 from hemaedge.edge.segment.base import as_frame, boxes_of, touching
+from hemaedge.edge.segment.matching import centre_matrix, iou_matrix
 
 CHECK_CELLS = 20  # white cells found by the stain segmenter before the session decides
 CHECK_FRAMES = 100  # frames after which a session without enough of them keeps the detector alone
@@ -40,53 +41,28 @@ def covered(a: np.ndarray, b: np.ndarray, iou: float = MATCH_IOU) -> np.ndarray:
     holds the other's centre."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros(len(a), bool)
-    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    overlap = inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9) >= iou
-
-    def holds(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:  # outer x inner: outer box holds inner's centre
-        cx, cy = (inner[:, 0] + inner[:, 2]) / 2, (inner[:, 1] + inner[:, 3]) / 2
-        return (
-            (outer[:, None, 0] <= cx[None])
-            & (cx[None] <= outer[:, None, 2])
-            & (outer[:, None, 1] <= cy[None])
-            & (cy[None] <= outer[:, None, 3])
-        )
-
-    return (overlap | holds(a, b) | holds(b, a).T).any(axis=1)
+    one = (iou_matrix(a, b) >= iou) | (centre_matrix(a, b) > 0) | (centre_matrix(b, a) > 0).T
+    return one.any(axis=1)
 
 
 class CheckedSegmenter:
     """The learned detector with the session check of the module docstring.
 
     Args:
-        bundle, scale, precision, threads, threshold: As for ``LearnedSegmenter``.
         platelets: Also return the stain segmenter's platelets (outside every white-cell box).
         learned, stain: Ready segmenters to use instead of building them (tests).
+        detector: ``LearnedSegmenter``'s options (``bundle``, ``scale``, ``precision``, ``threads``,
+            ``threshold``); a stated scale is the stain segmenter's too.
     """
 
     name = "checked"
 
-    def __init__(
-        self,
-        bundle: Any = None,
-        scale: float | str | None = None,
-        precision: str = "auto",
-        threads: int = 1,
-        threshold: float | None = None,
-        platelets: bool = False,
-        learned: Any = None,
-        stain: Any = None,
-    ):
+    def __init__(self, platelets: bool = False, learned: Any = None, stain: Any = None, **detector: Any):
         from hemaedge.edge.segment.learned import LearnedSegmenter
         from hemaedge.edge.segment.stain import StainSegmenter
 
-        self.learned = learned or LearnedSegmenter(bundle, scale, precision, threads, threshold)
+        scale = detector.get("scale")
+        self.learned = learned or LearnedSegmenter(**detector)
         self.stain = stain or StainSegmenter(scale=None if isinstance(scale, str) else scale, platelets=platelets)
         self.platelets = platelets
         self.frames = 0
