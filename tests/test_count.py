@@ -107,21 +107,26 @@ def test_blasts_left_shift_and_review_flags():
     assert any(f.startswith("BLASTS present: 2 cells") for f in flags)
     assert any("left shift" in f for f in flags)
     review = [f for f in flags if f.startswith("Review: 2 cells (20 %)")]
-    assert review and "check the gallery" in review[0] and "may not know this microscope" not in review[0]
+    assert review and "check the gallery" in review[0] and "may be unlike" not in review[0]
     assert c.snapshot().group_counts["blasts"] == 2
 
 
-def test_a_count_mostly_in_review_is_flagged_first_as_a_microscope_the_model_may_not_know():
+def test_a_count_mostly_in_review_is_flagged_first_as_doubtful():
     c = DifferentialCounter(("neutrophil", "lymphocyte", "basophil"), target=20, review_threshold=0.6)
     for i in (0, 0, 1, 2, 2, 2, 2):
         c.add(i, False)
     for _ in range(3):
         c.add(0, True)  # 3 of 10: over the 25 % of UNFAMILIAR_REVIEW_SHARE
     flags = c.snapshot().flags
-    assert flags[0].startswith("Review: 3 cells (30 %)") and "may not know this microscope" in flags[0]
+    assert flags[0].startswith("Review: 3 cells (30 %)") and "may be unlike those the model was trained" in flags[0]
     assert "hemaedge evaluate --station" in flags[0]
     assert any(f.startswith("Basophils high") for f in flags[1:])  # the flags it qualifies follow it
     assert sum(f.startswith("Review:") for f in flags) == 1
+    blasts = DifferentialCounter(("blast", "lymphocyte"), target=20, review_threshold=0.6)
+    for i, review in ((0, False), (1, False), (1, True), (1, True)):
+        blasts.add(i, review)
+    flags = blasts.snapshot().flags
+    assert flags[0].startswith("BLASTS present") and flags[1].startswith("Review: 2 cells (50 %)")
 
 
 def test_manifest_class_groups_win_over_the_name_rules():

@@ -46,8 +46,9 @@ REFERENCE_RANGES: dict[str, tuple[float, float]] = {
 }
 
 REVIEW_FLAG_SHARE = 10.0  # percent of counted cells in "review" above which the count is flagged
-# ... and above which the model is taken not to know this microscope or stain: the default is unsure of 4 % of PBC
-# val's cells and 11 % of BCCD val's (microscopes it was trained on), of 5-50 % of another lab's (median 27 %)
+# ... and above which the differential is said to be doubtful (a microscope or stain the model does not know, or an
+# unusual slide): the default is unsure of 4 % of PBC val's cells and 11 % of BCCD val's (microscopes it was trained
+# on), of 5-50 % of another lab's patients' (median 27 %)
 UNFAMILIAR_REVIEW_SHARE = 25.0
 
 
@@ -156,11 +157,12 @@ def compute_flags(groups: ClassGroups, counts: Mapping[str, int], total: int, re
             )
     share = 100 * review / total
     unsure = f"Review: {review} cell{'s' * (review != 1)} ({share:.0f} %) below the confidence threshold"
-    if share > UNFAMILIAR_REVIEW_SHARE:  # first: it qualifies every other flag
+    if share > UNFAMILIAR_REVIEW_SHARE:  # it qualifies every flag but the blasts': right after them, else first
         flags.insert(
-            0,
-            f"{unsure} - the model may not know this microscope or stain, and the differential may be wrong: check "
-            "the gallery, and validate the model on this microscope's cells (hemaedge evaluate --station) or adapt it",
+            int(bool(gcount.get("blasts", 0))),
+            f"{unsure} - the differential may be wrong: this microscope or stain may be unlike those the model was "
+            "trained on (or the slide unusual): check the gallery, and validate the model on this microscope's cells "
+            "(hemaedge evaluate --station) or adapt it",
         )
     elif share > REVIEW_FLAG_SHARE:
         flags.append(f"{unsure} (> {REVIEW_FLAG_SHARE:g} %) - check the gallery")
