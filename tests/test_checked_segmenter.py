@@ -145,3 +145,24 @@ def test_on_a_microscope_the_shipped_detector_knows_the_check_changes_nothing():
         bgr = cv2.imread(str(it.path))
         assert [d.box for d in checked.detect(bgr)] == [d.box for d in learned.detect(bgr)]
     assert checked.decision == "detector" and checked.check["detector_found"] >= 0.9
+
+
+def test_a_detector_that_finds_nothing_here_is_caught_and_the_session_counts_the_stain_segmenters_cells(
+    tmp_path, tiny_bundle_dir, monkeypatch, capsys
+):
+    from hemaedge.edge import models
+
+    from hemaedge.cli import main
+
+    blind = tiny_detector_bundle(tmp_path / "detector", threshold=0.999999)  # never sure of anything
+    monkeypatch.setattr(models, "default_detector_path", lambda: blind)
+    out = tmp_path / "s"
+    args = ["count", "synthetic://?seed=4&frames=40", "--bundle", str(tiny_bundle_dir), "--out", str(out)]
+    assert main([*args, "--no-tui", "--target", "30"]) == 0
+    (session,) = out.iterdir()
+    summary = json.loads((session / "summary.json").read_text())
+    check = summary["detector_check"]
+    assert check["decision"] == "both" and check["detector_found"] == 0.0 and check["stain_cells"] >= CHECK_CELLS
+    assert summary["differential"]["total_wbc"] >= 30  # counted from the stain segmenter's cells
+    assert "takes the white cells of both" in " ".join(capsys.readouterr().err.split())  # however it was wrapped
+    assert "white cells: the detector found 0%" in (session / "report.html").read_text()
