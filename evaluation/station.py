@@ -112,6 +112,7 @@ class StationEvaluation:
     typical_side: float | None = None
     stain_strength: float | None = None
     stain_angles: list[float] | None = None  # degrees between the set's two stains and the bundle's reference ones
+    detector_check: dict[str, Any] | None = None  # the checked segmenter's session check (``edge/segment/checked.py``)
 
     def outcome(self, i: int) -> str:
         """The label the prediction of cell ``i`` counts as (its own label when right), MISSED or OTHER."""
@@ -167,6 +168,7 @@ class StationEvaluation:
             "typical_cell_side_px": None if self.typical_side is None else round(self.typical_side, 1),
             "stain_strength": None if self.stain_strength is None else round(self.stain_strength, 3),
             **({} if self.stain_angles is None else {"stain_angles_deg": [round(a, 1) for a in self.stain_angles]}),
+            **({} if self.detector_check is None else {"detector_check": self.detector_check}),
             "per_class": per,
             "confusion": {"rows": labels, "columns": cols, "matrix": [[cm[t][c] for c in cols] for t in labels]},
             "predicted_classes": predicted_counts,
@@ -248,6 +250,7 @@ def evaluate_station(
         progress: Called with the number of images done, now and then.
     """
     crops, typical = station_crops(station, cells, progress)
+    check = getattr(station.segmenter, "check", None) if getattr(station.segmenter, "name", "") == "checked" else None
     result = StationEvaluation(
         bundle=str(station.bundle.path),
         data=data,
@@ -258,6 +261,7 @@ def evaluate_station(
         predicted=[MISSED] * len(cells),
         confidence=[0.0] * len(cells),
         typical_side=typical,
+        detector_check=check,
     )
     from hemaedge.edge.count import DifferentialCounter
 
@@ -281,6 +285,8 @@ def print_station_report(res: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = Console()
+    if (res.get("detector_check") or {}).get("decision") == "both":
+        con.print(f"[yellow]white cells:[/] {res['detector_check']['describe']}", highlight=False)
     con.print(
         f"[bold]{res['bundle']}[/] on {res['data']} ({res['layout']}), station path ({res['backend']}): accuracy "
         f"[bold]{res['accuracy']:.4f}[/] on {res['cells']} cells ({res['missed']} not detected; "

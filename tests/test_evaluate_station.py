@@ -174,3 +174,25 @@ def test_collect_labelled_cuts_training_crops_the_stations_way(station, tmp_path
     assert len(list((out / "neutrophil").glob("*.png"))) == 4
     side = doc["typical_cell_side_px"] / station.geometry.cell_fraction  # one field of view for the whole set
     assert {cv2.imread(str(p)).shape[0] for p in out.rglob("*.png")} == {round(side)}
+
+
+def test_the_detector_check_is_reported_and_finds_the_cells_a_blind_detector_misses(tmp_path):
+    from helpers import tiny_bundle
+    from hemaedge.edge.segment.checked import CHECK_CELLS, CheckedSegmenter
+
+    class Blind:
+        def detect(self, frame):
+            return []
+
+    for i in range(CHECK_CELLS + 4):
+        _image(tmp_path / "cells" / "neutrophil" / f"n{i:02d}.png", "red")
+    bundle = load_bundle(tiny_bundle(tmp_path / "b", classes=CLASSES, int8=False))
+    station = Station(bundle, CheckedSegmenter(learned=Blind(), stain=DiscFinder()), ColourCaller(), "colour caller")
+    cells, _ = read_labelled(tmp_path / "cells")
+    groups = {"neutrophils": ["neutrophil_segmented", "neutrophil_band"]}
+    with station:
+        res = evaluate_station(station, cells, match_labels([c.label for c in cells], CLASSES, groups)).to_dict()
+    check = res["detector_check"]
+    assert check["decision"] == "both" and check["detector_found"] == 0.0 and check["stain_cells"] == CHECK_CELLS
+    # the detector alone while checking: the first CHECK_CELLS - 1 cells are missed, the rest are found
+    assert res["missed"] == CHECK_CELLS - 1 and res["detected"] == 5
