@@ -401,6 +401,8 @@ class CountingSession:
             warnings = tuple(w for w, t in self._warnings.items() if now - t < WARNING_HOLD_S)
             if getattr(self.source, "status", "") == "reconnecting":
                 warnings += ("camera reconnecting...",)
+            if getattr(self.station.segmenter, "decision", None) == "both":  # the detector check failed: say so live
+                warnings += ("white cells: the detector missed this microscope's cells; both segmenters are used",)
             return RunStatus(
                 snapshot=self._snapshot,
                 classes=self.counter.classes,

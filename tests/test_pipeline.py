@@ -44,7 +44,9 @@ def truth_id(src, cell) -> int:
     return src.truth_ids(cell.frame_index)[int(d.argmin())]
 
 
-def session(bundle, tmp_path, uri=URI, target=40, delay=0.0, store=None, counter=None, tracker=None, **kw):
+def session(
+    bundle, tmp_path, uri=URI, target=40, delay=0.0, store=None, counter=None, tracker=None, segmenter=None, **kw
+):
     backend, _ = make_backend(bundle, "ort-cpu", "int8")
     backend.__enter__()
     rec = Recording(backend, delay)
@@ -53,7 +55,10 @@ def session(bundle, tmp_path, uri=URI, target=40, delay=0.0, store=None, counter
     )
     counter = counter or DifferentialCounter(bundle.manifest.classes, target)
     finder = CellFinder(
-        fake_segment.TruthSegmenter(), bundle.manifest.crop, tracker or SlideTracker(), fake_segment.always_ok
+        segmenter or fake_segment.TruthSegmenter(),
+        bundle.manifest.crop,
+        tracker or SlideTracker(),
+        fake_segment.always_ok,
     )
     src = open_source(uri)
     station = Station(bundle, finder.segmenter, rec, "test")
@@ -455,3 +460,20 @@ def test_session_scale_crops_share_one_side_across_a_frames_cells():
         finder = CellFinder(Two(), CropGeometry(cell_fraction=0.5, scale=scale), quality=fake_segment.always_ok)
         found = finder.find(frame)
         assert {c.pixels.shape[0] for c in found.crops} == sides, scale  # typical side = median(20, 60) = 40
+
+
+def test_the_live_view_says_when_the_detector_check_took_both_segmenters(tiny_bundle_dir, tmp_path):
+    from hemaedge.edge.segment.checked import CheckedSegmenter
+
+    class Blind:
+        def detect(self, frame):
+            return []
+
+    bundle = load_bundle(tiny_bundle_dir)
+    checked = CheckedSegmenter(learned=Blind(), stain=fake_segment.TruthSegmenter())
+    s, _, _, src = session(bundle, tmp_path, segmenter=checked)
+    assert not any("both segmenters" in w for w in s.status().warnings)  # still checking
+    with src:
+        res = s.run()
+    assert res.state == "done" and checked.decision == "both"  # counted from the stain segmenter's cells
+    assert any("both segmenters are used" in w for w in s.status().warnings)
