@@ -250,7 +250,7 @@ def evaluate_station(
         progress: Called with the number of images done, now and then.
     """
     crops, typical = station_crops(station, cells, progress)
-    check = getattr(station.segmenter, "check", None) if getattr(station.segmenter, "name", "") == "checked" else None
+    check = getattr(station.segmenter, "check", None)  # the checked detector's, None for the others
     result = StationEvaluation(
         bundle=str(station.bundle.path),
         data=data,

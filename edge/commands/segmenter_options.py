@@ -51,6 +51,7 @@ def scale_info(segmenter: Any) -> dict[str, Any]:
     scale = getattr(segmenter, "scale", None)
     if scale is not None:
         out["scale"] = {**scale.as_dict(), "describe": scale.describe()}
-    if getattr(segmenter, "name", None) == "checked":
-        out["detector_check"] = segmenter.check
+    check = getattr(segmenter, "check", None)  # the checked detector's (edge/segment/checked.py)
+    if check is not None:
+        out["detector_check"] = check
     return out
