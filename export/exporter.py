@@ -159,10 +159,10 @@ def _git_version() -> str:
 
 
 def _ort_probs(path: Path, images: ImageSet, spec: InputSpec, idx: np.ndarray, output_kind: str) -> np.ndarray:
-    import onnxruntime as ort
     from hemaedge.edge.classify.base import softmax
+    from hemaedge.edge.classify.onnxruntime import reference_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = reference_session(path)
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x})[0] for x, _ in batches(images, spec, idx, 256)]
     out = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
@@ -170,9 +170,9 @@ def _ort_probs(path: Path, images: ImageSet, spec: InputSpec, idx: np.ndarray, o
 
 
 def _raw(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from hemaedge.edge.classify.onnxruntime import reference_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = reference_session(path)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from hemaedge.edge.bundle import load_bundle, preprocess
 from hemaedge.edge.bundle.golden import load_golden, write_golden
+from hemaedge.edge.classify import measure as measure_mod
 from hemaedge.edge.classify.onnxruntime import OrtBackend
-from hemaedge.edge.classify.select import select_backend
+from hemaedge.edge.classify.select import cpu_candidates, select_backend
 from hemaedge.edge.errors import BackendError, MissingDependencyError
 
 from hemaedge.cli import main
@@ -100,7 +101,8 @@ def test_openvino_refuses_misuse_in_one_line(golden_bundle):
 
 
 @needs_openvino
-def test_verify_covers_openvino(golden_bundle, capsys):
+def test_verify_covers_openvino(golden_bundle, capsys, monkeypatch):
+    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: False)  # a CPU with VNNI (see the test below)
     assert main(["verify", str(golden_bundle.path), "--backend", "openvino", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["backend"] == "openvino/CPU" and r["precision"] == "int8" and r["reference"] == "int8" and r["passed"]
@@ -128,17 +130,33 @@ def test_auto_measures_openvino_against_onnxruntime(golden_bundle, monkeypatch):
 
 
 @needs_openvino
-def test_forced_openvino_skips_int8_that_missed_its_gate_at_export(golden_bundle):
+def test_forced_openvino_skips_int8_that_missed_its_gate_at_export(golden_bundle, monkeypatch):
     import dataclasses
 
     from hemaedge.edge.bundle.io import write_manifest
 
+    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: False)
     m = golden_bundle.manifest
     gate = {"accuracy": 0.9, "drop_points": 2.5, "max_drop": 1.0, "passed": False}
     write_manifest(golden_bundle.path, dataclasses.replace(m, metrics={**m.metrics, "int8_openvino": gate}))
     backend, reason = select_backend(golden_bundle.path, "openvino")
     assert backend.precision == "fp32" and "lost 2.50 points at export" in reason
     assert select_backend(golden_bundle.path, "openvino", "int8")[0].precision == "int8"  # asked for: honoured
+
+
+@needs_openvino
+def test_on_a_cpu_without_vnni_openvino_int8_is_never_chosen_unless_asked_for(golden_bundle, monkeypatch):
+    """AVX2 without VNNI: OpenVINO's INT8 kernels saturate (docs/openvino.md), so neither ``--backend openvino`` nor
+    the measured choice runs its INT8; ``--precision int8`` still forces it."""
+    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: True)
+    backend, reason = select_backend(golden_bundle.path, "openvino")
+    assert backend.precision == "fp32" and "no VNNI" in reason
+    assert select_backend(golden_bundle.path, "openvino", "int8")[0].precision == "int8"
+    candidates, _, _ = cpu_candidates(golden_bundle, "auto", 1)
+    excluded = {c.key: c.excluded for c in candidates}
+    assert "no VNNI" in excluded["openvino/int8"] and not excluded.get("openvino/fp32")
+    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: False)
+    assert not {c.key: c.excluded for c in cpu_candidates(golden_bundle, "auto", 1)[0]}["openvino/int8"]
 
 
 @needs_openvino

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from hemaedge.edge.classify.onnxruntime import reference_session  # noqa: E402
 from hemaedge.export.quant_search import SearchResult, rank_nodes, search_int8, throughput  # noqa: E402
 from hemaedge.export.quantize import quantize_int8  # noqa: E402
 from torch import nn  # noqa: E402
@@ -78,7 +79,7 @@ def _factory(xcal):
 
 def _eval(xval, labels):
     def ev(path: Path) -> float:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = reference_session(path)  # as the exporter's gate measures, alike on every CPU
         return float((sess.run(None, {"input": xval})[0].argmax(1) == labels).mean())
 
     return ev

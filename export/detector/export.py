@@ -71,12 +71,9 @@ def is_detector_checkpoint(path: str | Path) -> bool:
 
 
 def _ort(path: Path, threads: int = 1) -> Any:
-    import onnxruntime as ort
+    from hemaedge.edge.classify.onnxruntime import reference_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return reference_session(path, threads)
 
 
 class _Frames:
