@@ -183,6 +183,7 @@ def bench_crops(
     from hemaedge.edge.bundle import cut_crop, preprocess
     from hemaedge.edge.bundle.golden import load_golden
     from hemaedge.edge.classify.measure import golden_check, warm_up
+    from hemaedge.edge.classify.select import _openvino_gate
     from hemaedge.edge.errors import BundleError, HemaedgeError
     from hemaedge.edge.segment import make_segmenter
 
@@ -221,6 +222,8 @@ def bench_crops(
             }
             if golden is not None:
                 row["golden"] = golden_check(be, golden, bundle.manifest.output_kind)
+            if key == "openvino/int8" and _openvino_gate(bundle):  # measured, but --backend auto never picks it
+                row["excluded"] = _openvino_gate(bundle)
             warm_up(be, x)
             out[name] = row
             live.append((name, be, []))
@@ -241,7 +244,9 @@ def bench_crops(
     if base:
         out["vs_onnxruntime_fp32"] = {k: round(v["median"] / base, 2) for k, v in rows.items()}
     passing = [
-        (k, v) for k, v in rows.items() if v["station_candidate"] and (v.get("golden") is None or v["golden"]["passed"])
+        (k, v)
+        for k, v in rows.items()
+        if v["station_candidate"] and not v.get("excluded") and (v.get("golden") is None or v["golden"]["passed"])
     ]
     if passing:
         k, v = max(passing, key=lambda kv: kv[1]["median"])
@@ -250,8 +255,8 @@ def bench_crops(
             "backend": v["backend"],
             "precision": v["precision"],
             "crops_per_s": v["median"],
-            "why": "the fastest row here that passes the golden check (what --backend auto picks at this batch "
-            "and thread count)",
+            "why": "the fastest row here that passes the golden check and is not excluded (what --backend auto "
+            "picks at this batch and thread count)",
             "vs_onnxruntime_fp32": out.get("vs_onnxruntime_fp32", {}).get(k),
             "golden_top1_vs_fp32": (v.get("golden") or {}).get("top1_vs_fp32"),
         }
@@ -432,6 +437,8 @@ def print_report(res: dict[str, Any]) -> None:
         name = f"[bold]{v['backend']}[/] ◀" if k == chosen else v["backend"]
         if not v["station_candidate"]:
             name = f"[dim]{v['backend']} (portable model)[/]"
+        elif v.get("excluded"):
+            name = f"[dim]{v['backend']} (excluded)[/]"
         t.add_row(
             name,
             v["precision"],
@@ -449,6 +456,9 @@ def print_report(res: dict[str, Any]) -> None:
     con.print(t)
     if chosen:
         con.print(f"◀ {c['chosen']['why']}", style="dim", highlight=False)
+    for v in c.values():
+        if isinstance(v, dict) and v.get("excluded"):
+            con.print(f"{v['backend']} {v['precision']} excluded: {v['excluded']}", style="dim", highlight=False)
     if eager and "skipped" in eager:
         con.print(f"PyTorch eager baseline skipped: {eager['skipped']}", style="dim", highlight=False)
     if "pipeline" in res:
