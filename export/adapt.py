@@ -7,7 +7,9 @@ knew, then re-exports through the same ``export-model`` path (ONNX, INT8 and its
 adaptation in the manifest: the parent bundle, the cells per class, their digest and the sessions they came from.
 
 Two guards: too few verified cells of a class are refused before any work (``--min-per-class``), and the adapted
-model may not lose more than ``--max-parent-drop`` points on the parent's own validation split.
+model may not lose more than ``--max-parent-drop`` points on the parent's own validation split. A model that loses
+more is moved back toward the parent's weights, step by step, until it keeps the limit (``interpolate_back``; off
+with ``--no-interpolate``), and refused only if even a tenth of the adaptation loses too much.
 
 What is adapted, and how much, is a measured choice (``docs/models.md``, "Adapting a bundle"): ``--strategy all``
 fine-tunes every layer at a low learning rate with the new cells up-weighted; ``head`` only the classifier; ``norm`` the batch-norm
@@ -52,6 +54,7 @@ class AdaptOptions:
     max_drop: float = 1.0
     batch: int = 64
     ema: float = 0.99
+    interpolate: bool = True
     holdout: float = 0.0
     seed: int = 0
     threads: int = 0
@@ -255,14 +258,54 @@ def fine_tune(parent: Parent, cells: ImageSet, opts: AdaptOptions, log=print) ->
     after = _accuracy(model, val, parent.spec)
     drop = (before - after) * 100
     log(f"adapted model on the parent's val: {after:.4f} (change {-drop:+.2f} points, limit -{opts.max_parent_drop})")
+    numbers = {"parent_val_accuracy": before, "fine_tuned_val_accuracy": after, "interpolation": 1.0}
+    if drop > opts.max_parent_drop and opts.interpolate:
+        model, alpha, after = interpolate_back(parent, model, val, before, opts.max_parent_drop, log)
+        numbers["interpolation"] = alpha
+        drop = (before - after) * 100
     if drop > opts.max_parent_drop:
         raise AccuracyGateError(
             f"adapting lost {drop:.2f} points on the parent's own validation data ({before:.4f} -> {after:.4f}), more "
-            f"than --max-parent-drop {opts.max_parent_drop}: try "
+            f"than --max-parent-drop {opts.max_parent_drop}"
+            + (", even moved 0.9 of the way back to the parent's weights" if opts.interpolate else "")
+            + ": try "
             + ("--strategy head, " if opts.strategy == "all" else "")
             + "a smaller --new-share (0.35 kept within 1 point in docs/models.md), fewer --epochs or a lower --lr"
         )
-    return model, {"parent_val_accuracy": before, "adapted_val_accuracy": after, "seconds": round(time.time() - t0, 1)}
+    return model, {**numbers, "adapted_val_accuracy": after, "seconds": round(time.time() - t0, 1)}
+
+
+INTERPOLATION_STEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+def interpolate_back(parent: Parent, model: Any, val: ImageSet, before: float, limit: float, log=print):
+    """The adapted weights moved back toward the parent's, ``(1 - a) * parent + a * adapted`` for a = 0.9, 0.8, ...
+    0.1, stopping at the first (largest) ``a`` that keeps the parent's val within ``limit`` points. Chosen on the
+    parent's val only, never on the lab's cells. Fine-tuning from the parent keeps both weight sets in one basin, so
+    the models between them are models too (Wortsman et al. 2022, "WiSE-FT"). Returns the model, ``a`` and its
+    val accuracy; when no ``a`` keeps the limit, the last one tried (the caller refuses it)."""
+    import copy
+
+    import torch
+    from hemaedge.export.checkpoint import build_model
+
+    start = build_model(parent.ck).state_dict()
+    end = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    mixed = copy.deepcopy(model)
+    after = 0.0
+    for a in INTERPOLATION_STEPS:
+        mixed.load_state_dict(
+            {k: torch.lerp(start[k].to(v.dtype), v, a) if v.is_floating_point() else v for k, v in end.items()}
+        )
+        mixed.eval()
+        after = _accuracy(mixed, val, parent.spec)
+        drop = (before - after) * 100
+        log(
+            f"  {a:.1f} of the way from the parent's weights to the adapted ones: parent's val {after:.4f} ({-drop:+.2f})"
+        )
+        if drop <= limit:
+            break
+    return mixed, a, after
 
 
 def score_holdout(parent: Parent, model: Any, held: ImageSet, log=print) -> dict[str, Any]:

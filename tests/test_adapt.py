@@ -162,3 +162,31 @@ def test_holdout_scores_parent_and_adapted_model_on_verified_cells_neither_was_f
     assert lo <= held["adapted_accuracy"] <= hi
     with pytest.raises(UsageError, match="--holdout 0.6 leaves 5 .* cells to adapt on .at least 6"):
         adapt(AdaptOptions(out=str(tmp_path / "b"), holdout=0.6, min_per_class=6, **base), log=lambda m: None)
+
+
+def test_a_model_that_forgets_its_parent_is_moved_back_toward_it_until_it_keeps_the_limit(parent, tmp_path):
+    """Fine-tuned hard on the new cells alone (lr 0.003, nine tenths of each batch), the model forgets the parent's
+    val. With interpolation (the default) the weights are moved back toward the parent's, a tenth at a time, until
+    the parent's val is within ``--max-parent-drop``; with ``--no-interpolate`` the same run is refused."""
+    from hemaedge.edge.errors import AccuracyGateError
+    from hemaedge.export.adapt import find_parent, fine_tune, read_cells
+
+    root, data, ckpt = parent
+    _new_microscope(tmp_path / "cells", data, 8)
+    base = dict(bundle=str(root / "parent"), cells=str(tmp_path / "cells"), out=str(tmp_path / "x"))
+    base.update(checkpoint=str(ckpt), data=str(data), epochs=3, replay=200, lr=0.003, new_share=0.9, ema=0.0)
+    base.update(max_parent_drop=1.0, threads=1)
+    opts = AdaptOptions(**base)
+    p = find_parent(opts)
+    cells = read_cells(opts, p.classes)[0]
+    lines = []
+    model, numbers = fine_tune(p, cells, opts, log=lines.append)
+    assert numbers["parent_val_accuracy"] - numbers["fine_tuned_val_accuracy"] > 0.01, numbers  # it did forget
+    assert 0.1 <= numbers["interpolation"] < 1.0
+    assert numbers["parent_val_accuracy"] - numbers["adapted_val_accuracy"] <= 0.01
+    assert any("of the way from the parent's weights" in line for line in lines)
+    start = {k: v for k, v in p.ck["state_dict"].items() if v.dtype.is_floating_point}
+    sd = model.state_dict()
+    assert any(float((sd[k] - v).abs().max()) > 0 for k, v in start.items())  # not simply the parent back
+    with pytest.raises(AccuracyGateError, match="more than --max-parent-drop 1.0: try"):
+        fine_tune(p, cells, AdaptOptions(**{**base, "interpolate": False}), log=lambda m: None)

@@ -38,6 +38,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--ema", type=float, default=d.ema, help=f"EMA decay of the adapted weights, 0 off (default {d.ema})"
     )
     p.add_argument(
+        "--no-interpolate",
+        dest="interpolate",
+        action="store_false",
+        help="refuse a model over --max-parent-drop instead of moving its weights back toward the parent's",
+    )
+    p.add_argument(
         "--holdout",
         type=float,
         default=d.holdout,
