@@ -12,7 +12,8 @@ from hemaedge.edge.bundle.io import Bundle
 from hemaedge.edge.classify.base import softmax
 from hemaedge.edge.errors import BackendError, HemaedgeError, require
 
-_LEVEL_OF: dict[tuple[str, int, int, str], str] = {}  # the level chosen per model file in this process
+_LEVEL_OF: dict[tuple[str, int, int, str], str] = {}  # the graph level chosen per model file in this process
+LEVEL_MARGIN = 0.05  # raw output units: the full level is kept unless the basic one is closer to golden by more
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _SHORT = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -36,7 +37,14 @@ def onnxruntime_version() -> str:
     return str(ort.__version__)
 
 
-LEVEL_MARGIN = 0.05  # raw output units: the full level is kept unless the basic one is closer to golden by more
+def _load(path: Path, options: Any, providers: list[str]) -> Any:
+    """An ONNX Runtime session, or a one-line BackendError saying why the model cannot load."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own hierarchy; report it in one line
+        raise BackendError(f"ONNX Runtime cannot load {Path(path).name}: {str(exc).splitlines()[0]}") from exc
 
 
 def cpu_session(
@@ -58,12 +66,7 @@ def cpu_session(
     import onnxruntime as ort
 
     def session(level: str) -> Any:
-        try:
-            return ort.InferenceSession(
-                os.fspath(path), sess_options=options(level), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own hierarchy; report it in one line
-            raise BackendError(f"ONNX Runtime cannot load {Path(path).name}: {str(exc).splitlines()[0]}") from exc
+        return _load(path, options(level), ["CPUExecutionProvider"])
 
     st = os.stat(path)
     key = (os.fspath(path), st.st_size, st.st_mtime_ns, str(ort.__version__))
@@ -92,7 +95,7 @@ def reference_session(path: Path, threads: int = 0) -> Any:
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    return ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+    return _load(path, so, ["CPUExecutionProvider"])
 
 
 def graph_level(ort: Any, level: str) -> Any:
@@ -184,14 +187,7 @@ class OrtBackend:
         if providers == ["CPUExecutionProvider"]:
             self.session, self.note = cpu_session(self.model_path, options, self._golden_distance())
         else:
-            try:
-                self.session = ort.InferenceSession(
-                    os.fspath(self.model_path), sess_options=options("all"), providers=providers
-                )
-            except Exception as exc:  # onnxruntime raises its own hierarchy; report it in one line
-                raise BackendError(
-                    f"ONNX Runtime cannot load {self.model_path.name}: {str(exc).splitlines()[0]}"
-                ) from exc
+            self.session = _load(self.model_path, options("all"), providers)
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
         return self

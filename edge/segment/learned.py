@@ -437,7 +437,6 @@ def verify_detector(bundle: Any, precision: str = "auto") -> dict[str, Any]:
     the precision run here. Passes at heatmap difference <= 0.01 and box agreement >= 0.99 in FP32, 0.15 and 0.9
     in INT8.
     """
-
     seg = LearnedSegmenter(bundle, precision=precision)
     report = golden_comparison(seg, seg._ort())
     return {
@@ -487,3 +486,16 @@ def golden_comparison(seg: LearnedSegmenter, session: Any) -> dict[str, Any]:
         "min_agreement": min_agree,
         "passed": diff <= max_diff and agreement >= min_agree,
     }
+
+
+__all__ = [
+    "DetectorSpec",
+    "LearnedSegmenter",
+    "WithStainPlatelets",
+    "decode",
+    "golden_comparison",
+    "nms",
+    "prepare",
+    "to_frame",
+    "verify_detector",
+]
