@@ -14,15 +14,13 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 
 from hemaedge.edge.classify import onnxruntime as ort_mod  # noqa: E402
-from hemaedge.edge.classify.onnxruntime import LEVEL_MARGIN, OrtBackend, cpu_session, graph_level  # noqa: E402
+from hemaedge.edge.classify.onnxruntime import LEVEL_MARGIN, OrtBackend, cpu_session, session_options  # noqa: E402
 
 
 def _options(seen):
     def options(level):
         seen.append(level)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = graph_level(ort, level)
-        return so
+        return session_options(level)
 
     return options
 

@@ -88,21 +88,28 @@ def reference_session(path: Path, threads: int = 0) -> Any:
     """An ONNX Runtime CPU session that computes a model alike on every CPU, for the workstation's measurements
     (INT8 accuracy gates, golden outputs, the quantization search): the basic graph optimisations, whose INT8 kernels
     do not saturate on CPUs without VNNI (``cpu_session``); FP32 models compute the same at every level."""
+    return _load(path, session_options("basic", threads), ["CPUExecutionProvider"])
+
+
+def session_options(level: str = "all", threads: int = 0, spin: bool | None = None, inter_threads: int = 0) -> Any:
+    """ONNX Runtime ``SessionOptions``: graph optimisation ``level`` (``"all"`` or ``"basic"``), intra-op ``threads``
+    and ``inter_threads`` (0: ONNX Runtime's default), idle threads spinning or not (None: ONNX Runtime's default),
+    warnings off."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = graph_level(ort, "basic")
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    }[level]
     if threads:
         so.intra_op_num_threads = threads
+    if inter_threads:
+        so.inter_op_num_threads = inter_threads
     so.log_severity_level = 3
-    return _load(path, so, ["CPUExecutionProvider"])
-
-
-def graph_level(ort: Any, level: str) -> Any:
-    """ONNX Runtime's enum for ``"all"`` (every graph optimisation) or ``"basic"``."""
-    return {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[
-        level
-    ]
+    if spin is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return so
 
 
 class OrtBackend:
@@ -176,13 +183,7 @@ class OrtBackend:
             self.variant = art.details.get("target") or ""
 
         def options(level: str) -> Any:
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = graph_level(ort, level)
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-            opts.log_severity_level = 3
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-            return opts
+            return session_options(level, self.threads, spin=self.spin)
 
         if providers == ["CPUExecutionProvider"]:
             self.session, self.note = cpu_session(self.model_path, options, self._golden_distance())

@@ -257,17 +257,10 @@ class LearnedSegmenter:
 
     def _ort(self) -> Any:
         if self._session is None:
-            import onnxruntime as ort
-            from hemaedge.edge.classify.onnxruntime import cpu_session, graph_level
+            from hemaedge.edge.classify.onnxruntime import cpu_session, session_options
 
             def options(level: str) -> Any:
-                so = ort.SessionOptions()
-                so.graph_optimization_level = graph_level(ort, level)
-                if self.threads:
-                    so.intra_op_num_threads = self.threads
-                    so.inter_op_num_threads = 1
-                so.log_severity_level = 3
-                return so
+                return session_options(level, self.threads, inter_threads=1 if self.threads else 0)
 
             distance = None
             if self.bundle is not None and self.precision == "int8":  # FP32 computes alike at every level
