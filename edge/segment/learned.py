@@ -214,7 +214,6 @@ class LearnedSegmenter:
             self.spec = DetectorSpec(**{**self.spec.__dict__, "threshold": float(threshold)})
         precs = m.precisions()
         self.precision = ("int8" if "int8" in precs else "fp32") if precision == "auto" else precision
-        self._fp32_fallback = precision == "auto" and "fp32" in precs  # see _ort
         if self.precision not in precs:
             raise UsageError(f"detector bundle '{m.name}' has no {self.precision} model (it has {', '.join(precs)})")
         self._setup(m.input.mean, m.input.std, scale, threads, None)
@@ -242,7 +241,6 @@ class LearnedSegmenter:
         """A segmenter running an ONNX file that is not in a bundle yet (export scores its models with it)."""
         self = cls.__new__(cls)
         self.bundle, self.spec, self.precision = None, spec, "onnx"
-        self._fp32_fallback = False
         self._setup(mean, std, scale, 1, Path(model))
         return self
 
@@ -268,12 +266,6 @@ class LearnedSegmenter:
             if self.bundle is not None and self.precision == "int8":  # FP32 computes alike at every level
                 distance = lambda sess: golden_comparison(self, sess)["raw_max_abs_diff"]  # noqa: E731
             self._session, self.runtime_note = cpu_session(self.model_path, options, distance)
-            if self.runtime_note and self._fp32_fallback:
-                # exact INT8 needs the basic graph level here (a CPU without VNNI), where it ran slower than FP32
-                # at the full level for every shipped model (docs/openvino.md): the detector runs FP32 instead
-                self.precision = "fp32"
-                self._session, _ = cpu_session(self.model_path, options)
-                self.runtime_note = "FP32: exact INT8 would need the basic graph optimisations on this CPU, slower"
             self._input = self._session.get_inputs()[0].name
         return self._session
 
