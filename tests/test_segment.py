@@ -7,7 +7,6 @@ tests measure the bar on BCCD / TXL-PBC and skip when the data is absent.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -149,26 +148,6 @@ def test_round_nucleus_touching_a_lobed_one_is_two_cells():
     dets = StainSegmenter().detect(cv2.GaussianBlur(img, (0, 0), 1.0))
     centres = sorted((d.box[0] + d.box[2]) / 2 for d in dets)
     assert len(dets) == 2 and abs(centres[0] - 262) < 15 and abs(centres[1] - 345) < 15, centres
-
-
-def test_segmenter_is_fast_at_640x480():
-    import cv2
-
-    seg = StainSegmenter()
-    frames = [f.pixels for f in SyntheticSource(seed=41, frames=20, wbc=3)]
-    seg.detect(frames[0])
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        best = np.inf
-        for _ in range(3):  # best of three: the CPU time of one pass, robust to a busy machine
-            t = time.process_time()
-            for img in frames:
-                seg.detect(img)
-            best = min(best, (time.process_time() - t) / len(frames))
-    finally:
-        cv2.setNumThreads(threads)
-    assert best < 0.008, f"{best * 1000:.1f} ms per 640x480 frame"
 
 
 # -- helpers --------------------------------------------------------------------------
