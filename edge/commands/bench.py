@@ -222,8 +222,9 @@ def bench_crops(
             }
             if golden is not None:
                 row["golden"] = golden_check(be, golden, bundle.manifest.output_kind)
-            if key == "openvino/int8" and _openvino_gate(bundle):  # measured, but --backend auto never picks it
-                row["excluded"] = _openvino_gate(bundle)
+            excluded = _openvino_gate(bundle) if key == "openvino/int8" else ""
+            if excluded:  # measured, but --backend auto never picks it
+                row["excluded"] = excluded
             warm_up(be, x)
             out[name] = row
             live.append((name, be, []))
