@@ -176,6 +176,24 @@ def test_measured_once_then_cached_and_measured_again_when_anything_changes(bund
     assert doc["schema"] == 1 and len(doc["entries"]) == 4  # remeasure replaced its entry
 
 
+def test_a_choice_cached_by_an_older_measuring_method_is_measured_again(bundle, tmp_path, monkeypatch):
+    # an upgrade that changes how candidates are loaded or checked (hemaedge's own code, not the runtime) must not
+    # keep the old code's verdict: ONNX Runtime's INT8 once failed the golden check on CPUs without VNNI, and that
+    # failure stayed cached after the fix
+    cache = MeasurementCache(tmp_path / "m.json")
+    cands, _ = _cands(bundle)
+    fake = fake_measure({"fakert/int8": 500})
+    quiet = {"cache": cache, "notify": lambda t: None, "measure_fn": fake}
+    monkeypatch.setattr(measure_mod, "METHOD", measure_mod.METHOD - 1)
+    choose(cands, bundle, RUNTIMES, 1, **quiet)
+    assert choose(cands, bundle, RUNTIMES, 1, **quiet).cached
+    monkeypatch.undo()
+    assert not choose(cands, bundle, RUNTIMES, 1, **quiet).cached
+    assert len(fake.calls) == 2
+    monkeypatch.setattr(measure_mod, "__version__", "99.0")  # a new hemaedge release
+    assert not choose(cands, bundle, RUNTIMES, 1, **quiet).cached
+
+
 def test_only_missing_candidates_are_measured_and_merged(bundle, tmp_path):
     cache = MeasurementCache(tmp_path / "m.json")
     cands, _ = _cands(bundle)

@@ -10,9 +10,9 @@ check is never chosen, however fast.
 The result is cached per bundle and station, in a per-user cache directory (never inside the
 bundle, which may be read-only): ``$HEMAEDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/hemaedge``, else
 ``~/.cache/hemaedge``, file ``backend-measurements.json``. The key is the bundle manifest's
-sha256 (which lists every model file's sha256), the runtimes' names and versions, the CPU model,
-its core count, the threads and the measuring batch: a changed bundle, runtime, machine or
-thread count is measured again. Stored per candidate: crops/s (median, min, max of a few
+sha256 (which lists every model file's sha256), the runtimes' names and versions, hemaedge's version and
+the version of the measuring method (``METHOD``), the CPU model, its core count, the threads and the measuring
+batch: a changed bundle, runtime, hemaedge, machine or thread count is measured again. Stored per candidate: crops/s (median, min, max of a few
 rounds), the golden check (reference, top-1 agreement, max |Δp|, passed) or why it could not
 load, and the load average while measuring (a measurement taken on a busy machine says so). A corrupt, unreadable or unwritable cache file is never an error: the station measures
 again (and says the result was not cached).
@@ -41,12 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hemaedge.edge import __version__
 from hemaedge.edge.bundle.io import Bundle, sha256_file
 from hemaedge.edge.errors import BackendError, BundleError, HemaedgeError
 
 CACHE_ENV = "HEMAEDGE_CACHE_DIR"
 CACHE_NAME = "backend-measurements.json"
-SCHEMA = 1
+SCHEMA = 1  # the cache file's layout
+# How a candidate is loaded, checked and timed. Part of every station key: bump it whenever that changes, so a station
+# that upgrades hemaedge measures again instead of keeping a choice the old code made. 2: ONNX Runtime's INT8 sessions
+# choose their graph level against the golden outputs (``cpu_session``); under 1 they failed the golden check on CPUs
+# without VNNI, and that failure stayed cached.
+METHOD = 2
 MAX_ENTRIES = 64  # bundles x stations x thread counts remembered; the oldest go first
 MEASURE_BATCH = 8  # the station classifies one frame's new cells per call: a few crops, not hundreds
 ROUNDS = 5
@@ -155,6 +161,8 @@ def station_key(bundle: Bundle, runtimes: dict[str, str], threads: int, batch: i
         raise BundleError(f"cannot read {bundle.path / 'manifest.json'}: {exc}") from exc
     return {
         "schema": SCHEMA,
+        "method": METHOD,
+        "hemaedge": __version__,
         "bundle": bundle.manifest.name,
         "manifest_sha256": manifest_sha,
         "runtimes": dict(sorted(runtimes.items())),
