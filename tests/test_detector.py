@@ -68,6 +68,39 @@ def test_prepare_resizes_white_balances_and_pads():
     np.testing.assert_allclose(to_frame(np.asarray([[0, 0, 65, 50]], np.float32), size, (100, 130)), [[0, 0, 130, 100]])
 
 
+@pytest.mark.parametrize("factor", [0.5, 0.61, 1.0, 1.3])
+@pytest.mark.parametrize("scene", ["smear", "black"])
+def test_prepare_computes_exactly_what_balancing_then_normalising_each_pixel_gives(factor, scene):
+    # prepare folds the white balance and the normalisation into one look-up table for speed: the detector must
+    # still see the very values the step-by-step computation gives (its golden outputs and gates were made so)
+    import cv2
+    from hemaedge.edge.segment.learned import BACKGROUND
+    from hemaedge.edge.segment.stain import white_balance
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (97, 131, 3), np.uint8) if scene == "smear" else np.zeros((97, 131, 3), np.uint8)
+    if scene == "smear":
+        img[rng.random((97, 131)) < 0.5] = (210, 190, 230)  # a tinted background for the balance to remove
+    spec = DetectorSpec(px_per_um=2.0, pad_multiple=16)
+    mean, std = (0.6, 0.5, 0.4), (0.2, 0.25, 0.3)
+    x, size = prepare(img, factor, spec, mean, std)
+    h, w = img.shape[:2]
+    nw, nh = max(1, round(w * factor)), max(1, round(h * factor))
+    small = (
+        img
+        if (nw, nh) == (w, h)
+        else cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    )
+    small = white_balance(small)
+    small = cv2.copyMakeBorder(small, 0, -nh % 16, 0, -nw % 16, cv2.BORDER_CONSTANT, value=(BACKGROUND,) * 3)
+    want = small[:, :, ::-1].astype(np.float32)
+    want *= np.float32(1.0 / 255.0)
+    want -= np.asarray(mean, np.float32)
+    want /= np.asarray(std, np.float32)
+    assert size == (nh, nw) and x.flags.c_contiguous
+    np.testing.assert_array_equal(x, want.transpose(2, 0, 1)[None])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the bundle contract and the segmenter
 # ---------------------------------------------------------------------------------------------------------------------

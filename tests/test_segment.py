@@ -228,6 +228,34 @@ def test_quality_passes_sharp_frames_and_flags_blur_and_exposure():
     assert assess_quality(np.full_like(f.pixels, 128)).reason == "no contrast"
 
 
+@pytest.mark.parametrize("shape", [(480, 640), (300, 400), (1200, 1600), (37, 50)])
+def test_quality_reads_the_working_grey_image_of_every_kth_pixel(shape):
+    # _grey converts the whole frame first where that is cheaper: it must equal converting the pixels kept
+    import cv2
+    from hemaedge.edge.segment.quality import QualityConfig, _grey, _small
+
+    px = np.random.default_rng(5).integers(0, 256, (*shape, 3), np.uint8)
+    work = QualityConfig().work_px
+    for order, code in (("BGR", cv2.COLOR_BGR2GRAY), ("RGB", cv2.COLOR_RGB2GRAY)):
+        want = cv2.cvtColor(np.ascontiguousarray(_small(px, work)), code)
+        np.testing.assert_array_equal(_grey(Frame(px, order, 0.0, "test", 0), work), want)
+
+
+def test_a_greyscale_picture_is_told_by_every_pixel_not_a_sample():
+    from hemaedge.edge.segment.quality import _is_greyscale
+
+    grey = np.repeat(np.random.default_rng(6).integers(0, 256, (240, 320, 1), np.uint8), 3, axis=2)
+    assert _is_greyscale(grey, 2)
+    near = grey.astype(np.int16)
+    near[..., 2] += np.random.default_rng(7).integers(-2, 3, near.shape[:2])
+    assert _is_greyscale(np.clip(near, 0, 255).astype(np.uint8), 2)  # within the tolerance
+    one = grey.copy()
+    one[13, 27, 1] ^= 0x40  # one coloured pixel, off the coarse look's grid
+    assert not _is_greyscale(one, 2)
+    colour = SyntheticSource(seed=61, frames=1).frame(0).pixels
+    assert not _is_greyscale(colour, 2)
+
+
 def test_a_bright_clipped_background_is_not_over_exposure_when_the_cells_keep_their_stain():
     """Some microscopes' in-focus frames have a background that clips to white: the cells are what matter."""
     f = SyntheticSource(seed=61, frames=1).frame(0)

@@ -96,7 +96,7 @@ def prepare(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """The net's input for a BGR frame resized by ``factor``: ``1 x 3 x H x W`` float32 and the unpadded size."""
     import cv2
-    from hemaedge.edge.segment.stain import white_balance
+    from hemaedge.edge.segment.stain import white_balance_lut
 
     h, w = bgr.shape[:2]
     nw, nh = max(1, int(round(w * factor))), max(1, int(round(h * factor)))
@@ -105,16 +105,23 @@ def prepare(
         if (nw, nh) == (w, h)
         else cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
     )
-    small = white_balance(small)
+    # white balance, then (v / 255 - mean) / std per channel: both map each channel's 256 levels, so one float look-up
+    # table does the two (the same float32 steps on each level as on each pixel, so the same values), in BGR order
+    lut = white_balance_lut(small)
+    levels = (lut if lut is not None else np.arange(256, dtype=np.uint8).reshape(256, 1, 1)).astype(np.float32)
+    bgr_mean, bgr_std = np.asarray(mean, np.float32)[::-1], np.asarray(std, np.float32)[::-1]
+    levels = np.broadcast_to(levels, (256, 1, 3)).copy()
+    levels *= np.float32(1.0 / 255.0)
+    levels -= bgr_mean
+    levels /= bgr_std
+    x = cv2.LUT(small, levels)
     m = spec.pad_multiple
     ph, pw = -nh % m, -nw % m
-    if ph or pw:
-        small = cv2.copyMakeBorder(small, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(BACKGROUND,) * 3)
-    x = small[:, :, ::-1].astype(np.float32)
-    x *= np.float32(1.0 / 255.0)
-    x -= np.asarray(mean, np.float32)
-    x /= np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), (nh, nw)
+    if ph or pw:  # the padding is background grey, not balanced: its normalised value, computed the same way
+        pad = np.full(3, BACKGROUND, np.float32) * np.float32(1.0 / 255.0)
+        pad = (pad - bgr_mean) / bgr_std
+        x = cv2.copyMakeBorder(x, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=tuple(float(v) for v in pad))
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[::-1][None]), (nh, nw)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:

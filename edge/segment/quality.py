@@ -60,9 +60,13 @@ class QualityConfig:
 def _grey(frame: Frame, work_px: int) -> np.ndarray:
     import cv2
 
-    px = _small(frame.pixels, work_px)
     code = cv2.COLOR_BGR2GRAY if frame.colour_order == "BGR" else cv2.COLOR_RGB2GRAY
-    return cv2.cvtColor(np.ascontiguousarray(px), code)
+    k = _step(frame.pixels.shape, work_px)
+    if k > 2:  # far larger than the working size: convert only the pixels kept
+        return cv2.cvtColor(np.ascontiguousarray(frame.pixels[::k, ::k]), code)
+    # a pixel's grey value depends on that pixel alone, so converting first and keeping every k-th pixel gives the
+    # same image; copying every second colour pixel out of a frame costs more than converting the whole frame
+    return np.ascontiguousarray(cv2.cvtColor(np.ascontiguousarray(frame.pixels), code)[::k, ::k])
 
 
 def sharpness(grey: np.ndarray) -> float:
@@ -137,16 +141,24 @@ GREYSCALE = (
 )
 
 
+def _step(shape: tuple[int, ...], work_px: int) -> int:
+    """Keep every k-th pixel, so the short side is about ``work_px``."""
+    short = min(shape[:2])
+    return max(1, int(round(short / work_px))) if short > work_px else 1
+
+
 def _small(pixels: np.ndarray, work_px: int) -> np.ndarray:
-    short = min(pixels.shape[:2])
-    k = max(1, int(round(short / work_px))) if short > work_px else 1
+    k = _step(pixels.shape, work_px)
     return pixels[::k, ::k]
 
 
 def _is_greyscale(small: np.ndarray, tolerance: int) -> bool:
     """All three channels (nearly) equal everywhere: a greyscale picture stored as colour."""
-    a = small.astype(np.int16)
-    return bool(np.abs(a[..., 0] - a[..., 1]).max() <= tolerance and np.abs(a[..., 1] - a[..., 2]).max() <= tolerance)
+    for step in (8, 1):  # a colour picture shows it in a coarse look already; only a grey-looking one is read whole
+        a = small[::step, ::step].astype(np.int16)
+        if np.abs(a[..., 0] - a[..., 1]).max() > tolerance or np.abs(a[..., 1] - a[..., 2]).max() > tolerance:
+            return False
+    return True
 
 
 def _stained(small: np.ndarray) -> float:

@@ -235,16 +235,27 @@ def white_balance(img: np.ndarray, quantile: float = 0.8, target: float = 235.0)
     """
     import cv2
 
+    lut = white_balance_lut(img, quantile, target)
+    return img if lut is None else cv2.LUT(img, lut)
+
+
+def white_balance_lut(img: np.ndarray, quantile: float = 0.8, target: float = 235.0) -> np.ndarray | None:
+    """``white_balance``'s per-channel look-up table (``256 x 1 x 3`` uint8), or None when it leaves ``img`` as it is.
+
+    For a caller that maps the balanced pixels further (the detector's input): compose the tables, then look up once.
+    """
+    import cv2
+
     grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     hist = np.bincount(grey.ravel(), minlength=256)
     thr = hist_quantile(hist, quantile)
     sel = (grey >= thr).astype(np.uint8)
     bg = np.asarray(cv2.mean(img, mask=sel)[:3])
     if not sel.any() or bg.min() <= 0:
-        return img
+        return None
     gains = target / np.maximum(bg, 1.0)
     lut = np.clip(np.arange(256, dtype=np.float32)[:, None] * gains[None, :], 0, 255).astype(np.uint8)
-    return cv2.LUT(img, lut.reshape(256, 1, 3))
+    return lut.reshape(256, 1, 3)
 
 
 class _Union:
