@@ -49,13 +49,13 @@ def test_bench_reports_every_precision_and_the_pipeline(tiny_bundle_dir, capsys)
 def test_bench_never_names_an_excluded_backend_the_stations_choice(tiny_bundle_dir, capsys, monkeypatch):
     """On a CPU without VNNI OpenVINO's INT8 is measured but --backend auto never picks it; bench says the same."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'hemaedge[openvino]')")
-    from hemaedge.edge.classify import measure as measure_mod
+    from hemaedge.edge.classify import openvino as openvino_mod
 
-    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: True)
+    monkeypatch.setattr(openvino_mod, "int8_saturation", lambda: "OpenVINO's INT8 kernels saturate here (test)")
     args = ["bench", "--bundle", str(tiny_bundle_dir), "--skip-torch", "--skip-pipeline", "--batch", "8"]
     assert main(args + ["--repeats", "1", "--json"]) == 0
     crops = json.loads(capsys.readouterr().out)["crops"]
-    assert "no VNNI" in crops["openvino_int8"]["excluded"] and crops["chosen"]["row"] != "openvino_int8"
+    assert "saturate here (test)" in crops["openvino_int8"]["excluded"] and crops["chosen"]["row"] != "openvino_int8"
 
 
 def test_eager_baseline_runs_in_a_child_process_and_checks_the_checkpoint(capsys):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hemaedge.edge.bundle import load_bundle, preprocess
 from hemaedge.edge.bundle.golden import load_golden, write_golden
-from hemaedge.edge.classify import measure as measure_mod
+from hemaedge.edge.classify import openvino as openvino_mod
 from hemaedge.edge.classify.onnxruntime import OrtBackend
 from hemaedge.edge.classify.select import cpu_candidates, select_backend
 from hemaedge.edge.errors import BackendError, MissingDependencyError
@@ -102,7 +103,7 @@ def test_openvino_refuses_misuse_in_one_line(golden_bundle):
 
 @needs_openvino
 def test_verify_covers_openvino(golden_bundle, capsys, monkeypatch):
-    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: False)  # a CPU with VNNI (see the test below)
+    monkeypatch.setattr(openvino_mod, "int8_saturation", lambda: "")  # exact 8-bit kernels (see the test below)
     assert main(["verify", str(golden_bundle.path), "--backend", "openvino", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["backend"] == "openvino/CPU" and r["precision"] == "int8" and r["reference"] == "int8" and r["passed"]
@@ -135,7 +136,7 @@ def test_forced_openvino_skips_int8_that_missed_its_gate_at_export(golden_bundle
 
     from hemaedge.edge.bundle.io import write_manifest
 
-    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: False)
+    monkeypatch.setattr(openvino_mod, "int8_saturation", lambda: "")
     m = golden_bundle.manifest
     gate = {"accuracy": 0.9, "drop_points": 2.5, "max_drop": 1.0, "passed": False}
     write_manifest(golden_bundle.path, dataclasses.replace(m, metrics={**m.metrics, "int8_openvino": gate}))
@@ -144,18 +145,21 @@ def test_forced_openvino_skips_int8_that_missed_its_gate_at_export(golden_bundle
     assert select_backend(golden_bundle.path, "openvino", "int8")[0].precision == "int8"  # asked for: honoured
 
 
+SATURATES = "OpenVINO's INT8 kernels saturate on this CPU (as the test says)"
+
+
 @needs_openvino
 def test_on_a_cpu_without_vnni_openvino_int8_is_never_chosen_unless_asked_for(golden_bundle, monkeypatch):
     """AVX2 without VNNI: OpenVINO's INT8 kernels saturate (docs/openvino.md), so neither ``--backend openvino`` nor
     the measured choice runs its INT8; ``--precision int8`` still forces it."""
-    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: True)
+    monkeypatch.setattr(openvino_mod, "int8_saturation", lambda: SATURATES)
     backend, reason = select_backend(golden_bundle.path, "openvino")
-    assert backend.precision == "fp32" and "no VNNI" in reason
+    assert backend.precision == "fp32" and reason.count(SATURATES) == 1
     assert select_backend(golden_bundle.path, "openvino", "int8")[0].precision == "int8"
     candidates, _, _ = cpu_candidates(golden_bundle, "auto", 1)
     excluded = {c.key: c.excluded for c in candidates}
-    assert "no VNNI" in excluded["openvino/int8"] and not excluded.get("openvino/fp32")
-    monkeypatch.setattr(measure_mod, "int8_saturates_here", lambda: False)
+    assert excluded["openvino/int8"] == SATURATES and not excluded.get("openvino/fp32")
+    monkeypatch.setattr(openvino_mod, "int8_saturation", lambda: "")
     assert not {c.key: c.excluded for c in cpu_candidates(golden_bundle, "auto", 1)[0]}["openvino/int8"]
 
 
@@ -186,3 +190,65 @@ def test_without_openvino_asking_for_it_names_the_extra(golden_bundle, monkeypat
     assert main(["verify", str(golden_bundle.path), "--backend", "openvino"]) == 2
     err = capsys.readouterr().err.replace("\n", "")  # rich wraps the one line at the terminal's width
     assert err.startswith("error: --backend openvino: OpenVINO is not installed: pip install 'hemaedge[openvino]'")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the 8-bit arithmetic check (int8_probe.onnx)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_probe():
+    openvino_mod.int8_saturation.cache_clear()
+    yield openvino_mod.int8_saturation
+    openvino_mod.int8_saturation.cache_clear()
+
+
+def test_the_shipped_probe_is_what_its_script_builds(tmp_path):
+    pytest.importorskip("onnx", reason="building the probe needs onnx (the export extra)")
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "make_int8_probe.py"))
+    assert script["main"]([str(tmp_path / "p.onnx")]) == 0
+    assert (tmp_path / "p.onnx").read_bytes() == openvino_mod.PROBE.read_bytes()
+
+
+def test_the_probe_reads_exactly_its_expected_value_where_8_bit_sums_are_exact():
+    # ONNX Runtime's basic level computes each quantized step in float (the workstation's reference): on any CPU the
+    # probe's exact answer, so PROBE_EXACT is what the model computes, not what some CPU happens to give
+    from hemaedge.edge.classify.onnxruntime import reference_session
+
+    y = reference_session(openvino_mod.PROBE).run(None, {"x": np.ones((1, 64, 4, 4), np.float32)})[0]
+    np.testing.assert_allclose(np.abs(y), openvino_mod.PROBE_EXACT, atol=1e-4)
+    assert (y[0, :4] > 0).all() and (y[0, 4:] < 0).all()
+
+
+@needs_openvino
+def test_the_probe_says_what_the_cpu_flags_say_where_linux_shows_them(fresh_probe):
+    """On x86 Linux the flags tell which CPUs sum 8-bit pairs in 16 bits; the probe must agree with them there (it is
+    what decides on every other OS and CPU). This machine's CPU decides which branch runs."""
+    import platform
+
+    flags_file = Path("/proc/cpuinfo")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not flags_file.is_file():
+        pytest.skip("CPU flags are read from /proc/cpuinfo on x86 Linux only")
+    text = flags_file.read_text(errors="replace")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    saturating_cpu = "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
+    why = fresh_probe()
+    assert bool(why) == saturating_cpu, (why, sorted(flags & {"avx2", "avx512_vnni", "avx_vnni", "amx_int8"}))
+    if why:
+        assert why.startswith("OpenVINO's INT8 kernels saturate on this CPU") and "\n" not in why
+
+
+def test_without_openvino_nothing_is_excluded_and_a_broken_probe_is_not_trusted(fresh_probe, monkeypatch, tmp_path):
+    def missing():
+        raise MissingDependencyError("no openvino")
+
+    monkeypatch.setattr(openvino_mod, "_import_openvino", missing)
+    assert fresh_probe() == ""
+    if HAVE_OPENVINO:
+        monkeypatch.undo()
+        fresh_probe.cache_clear()
+        (tmp_path / "p.onnx").write_bytes(b"not a model")
+        monkeypatch.setattr(openvino_mod, "PROBE", tmp_path / "p.onnx")
+        why = fresh_probe()
+        assert why.startswith("OpenVINO's 8-bit arithmetic could not be checked on this CPU") and "\n" not in why

@@ -79,22 +79,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def int8_saturates_here() -> bool:
-    """An x86-64 CPU with AVX2 but no VNNI (read from ``/proc/cpuinfo``; False where that cannot tell).
-
-    There the fast 8-bit kernels sum pairs of products in 16 bits and saturate: OpenVINO's INT8, and ONNX Runtime's
-    fully optimised INT8, then miss what the model computes (``docs/openvino.md``, "INT8 on CPUs without VNNI").
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
-
-
 @dataclass(frozen=True)
 class Candidate:
     """A backend this station could run a bundle on.

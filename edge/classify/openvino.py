@@ -17,6 +17,7 @@ its ONNX Runtime paths run without it.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -91,6 +92,41 @@ def compile_onnx(
     except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace; report one line
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise BackendError(f"OpenVINO {openvino_version()} cannot load {Path(path).name}: {first}") from exc
+
+
+PROBE = Path(__file__).with_name("int8_probe.onnx")  # written by tools/make_int8_probe.py
+PROBE_EXACT = 64.2  # what exact 32-bit sums give (64 on the output's 0.6 grid); 16-bit pair sums give about half
+
+
+@functools.lru_cache(maxsize=1)
+def int8_saturation() -> str:
+    """Why OpenVINO's INT8 must not run on this CPU, or ``""`` when its 8-bit arithmetic is exact (or OpenVINO is
+    not installed).
+
+    The fast 8-bit kernels of x86 CPUs with AVX2 but no VNNI add pairs of 8-bit products in 16 bits and saturate
+    (``docs/openvino.md``): the bundle's golden check can still pass (``bloodcnn5``'s large logits hide it), yet
+    its accuracy goes. Flags in ``/proc/cpuinfo`` say that only on Linux x86; this runs the kernels themselves on a
+    probe (``int8_probe.onnx``: one quantized convolution whose every pair of products exceeds 16 bits), so it holds
+    on any OS and any CPU, ARM included. About 0.1 s, once per process.
+    """
+    try:
+        ov = _import_openvino()
+    except MissingDependencyError:
+        return ""
+    try:
+        compiled = ov.Core().compile_model(os.fspath(PROBE), "CPU", compile_config(1))
+        y = np.asarray(compiled([np.ones((1, 64, 4, 4), np.float32)])[compiled.output(0)])
+    except Exception as exc:  # a broken install: do not trust what could not be checked
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        return f"OpenVINO's 8-bit arithmetic could not be checked on this CPU ({first})"
+    got = float(np.abs(y).min())
+    if abs(got - PROBE_EXACT) <= 0.3:  # within half a step of the output grid
+        return ""
+    return (
+        f"OpenVINO's INT8 kernels saturate on this CPU (its 8-bit check read {got:.1f} where {PROBE_EXACT} is exact, "
+        "as x86 CPUs with AVX2 but no VNNI do): bloodcnn5 on BCCD val read 0.80 with them, against 0.88 with ONNX "
+        "Runtime's INT8"
+    )
 
 
 STATIC_AFTER = 2  # a batch size seen this often gets a static-shape model of its own (see OpenVinoBackend)

@@ -135,15 +135,13 @@ def _wanted_precisions(bundle: Bundle, precision: str) -> tuple[list[str], str]:
 
 
 def _openvino_gate(bundle: Bundle) -> str:
-    """Why OpenVINO may not run the bundle's INT8 model (it missed the accuracy gate at export, or this CPU has no
-    VNNI), else ``""``."""
-    from hemaedge.edge.classify.measure import int8_saturates_here
+    """Why OpenVINO may not run the bundle's INT8 model (it missed the accuracy gate at export, or its 8-bit kernels
+    saturate on this CPU), else ``""``."""
+    from hemaedge.edge.classify.openvino import int8_saturation
 
-    if int8_saturates_here():
-        return (
-            "this CPU has AVX2 but no VNNI: OpenVINO's INT8 kernels saturate there (bloodcnn5 on BCCD val read 0.80, "
-            "against 0.88 with ONNX Runtime's INT8)"
-        )
+    saturates = int8_saturation()
+    if saturates:
+        return saturates
     gate = (bundle.manifest.metrics or {}).get("int8_openvino") or {}
     if gate.get("passed") is False:
         return (
