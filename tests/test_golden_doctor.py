@@ -93,6 +93,36 @@ def test_verify_fails_when_the_station_disagrees(tiny_bundle_dir, capsys):
     assert {(r["precision"], r["passed"]) for r in rows} == {("int8", False), ("fp32", True)}
 
 
+def test_verify_all_shows_what_the_station_would_not_run_and_does_not_fail_on_it(tiny_bundle_dir, capsys, monkeypatch):
+    # a backend the station never runs here (e.g. OpenVINO's INT8 where its 8-bit kernels saturate) is still checked
+    # and shown, marked, with the reason; its failure is not the bundle's
+    import dataclasses
+
+    from hemaedge.edge.classify import select
+
+    x = _inputs(tiny_bundle_dir)
+    outs = _raw_outputs(tiny_bundle_dir, x)
+    outs["int8"] = outs["int8"][:, ::-1].copy()
+    write_golden(tiny_bundle_dir, x, outs)
+    real = select.cpu_candidates
+
+    def int8_excluded(*a, **k):
+        cands, runtimes, note = real(*a, **k)
+        why = "its 8-bit kernels saturate on this CPU (test)"
+        return [dataclasses.replace(c, excluded=why) if c.precision == "int8" else c for c in cands], runtimes, note
+
+    monkeypatch.setattr(select, "cpu_candidates", int8_excluded)
+    assert main(["verify", str(tiny_bundle_dir), "--all", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["backends"]
+    assert {(r["precision"], r["passed"], r.get("excluded", "")[:3]) for r in rows} == {
+        ("int8", False, "its"),
+        ("fp32", True, ""),
+    }
+    assert main(["verify", str(tiny_bundle_dir), "--all"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the terminal may wrap the table and the notes
+    assert "int8 is not used by the station here: its 8-bit kernels saturate on this CPU (test)" in out
+
+
 def test_auto_never_picks_a_backend_that_fails_the_golden_check(tiny_bundle_dir, capsys):
     """The INT8 outputs disagree with the workstation's: however fast INT8 runs here, ``auto`` runs FP32, and says why."""
     x = _inputs(tiny_bundle_dir)
