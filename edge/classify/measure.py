@@ -12,10 +12,11 @@ bundle, which may be read-only): ``$HEMAEDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME
 ``~/.cache/hemaedge``, file ``backend-measurements.json``. The key is the bundle manifest's
 sha256 (which lists every model file's sha256), the runtimes' names and versions, hemaedge's version and
 the version of the measuring method (``METHOD``), the CPU model, its core count, the threads and the measuring
-batch: a changed bundle, runtime, hemaedge, machine or thread count is measured again. Stored per candidate: crops/s (median, min, max of a few
-rounds), the golden check (reference, top-1 agreement, max |Δp|, passed) or why it could not
-load, and the load average while measuring (a measurement taken on a busy machine says so). A corrupt, unreadable or unwritable cache file is never an error: the station measures
-again (and says the result was not cached).
+batch: a changed bundle, runtime, hemaedge, machine or thread count is measured again. Stored per candidate:
+crops/s (median, min, max of a few rounds), the golden check (reference, top-1 agreement, max |Δp|, passed) or
+why it could not load, and the load average while measuring (a measurement taken on a busy machine says so). A
+corrupt, unreadable or unwritable cache file is never an error: the station measures again (and says the result
+was not cached).
 
 Timing runs in interleaved rounds (each candidate in turn, a few times), so a neighbour's load
 spreads over all candidates instead of falling on one; the whole measurement takes a few seconds
