@@ -211,14 +211,20 @@ def test_the_shipped_probe_is_what_its_script_builds(tmp_path):
     assert (tmp_path / "p.onnx").read_bytes() == openvino_mod.PROBE.read_bytes()
 
 
-def test_the_probe_reads_exactly_its_expected_value_where_8_bit_sums_are_exact():
-    # ONNX Runtime's basic level computes each quantized step in float (the workstation's reference): on any CPU the
-    # probe's exact answer, so PROBE_EXACT is what the model computes, not what some CPU happens to give
+def test_the_reference_computes_the_probe_exactly():
+    # ONNX Runtime's basic level computes each quantized step in float (the workstation's reference, which the
+    # station compares OpenVINO with): on any CPU the probe's exact sums, 64 x 1 (on a 0.6 grid), 64 x 9 (on a grid
+    # of 5) and 9, with the sign of each half of the weights
     from hemaedge.edge.classify.onnxruntime import reference_session
 
-    y = reference_session(openvino_mod.PROBE).run(None, {"x": np.ones((1, 64, 4, 4), np.float32)})[0]
-    np.testing.assert_allclose(np.abs(y), openvino_mod.PROBE_EXACT, atol=1e-4)
-    assert (y[0, :4] > 0).all() and (y[0, 4:] < 0).all()
+    sess = reference_session(openvino_mod.PROBE)
+    outs = sess.run(None, {"x": np.ones(openvino_mod.PROBE_INPUT, np.float32)})
+    want = {"pointwise": 64.2, "conv3x3": 575.0, "depthwise": 9.0}
+    assert [o.name for o in sess.get_outputs()] == list(want)
+    for y, exact in zip(outs, want.values()):
+        half = y.shape[1] // 2
+        np.testing.assert_allclose(y[0, :half], exact, rtol=1e-5)
+        np.testing.assert_allclose(y[0, half:], -exact, rtol=1e-5)
 
 
 @needs_openvino
