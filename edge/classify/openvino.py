@@ -109,14 +109,15 @@ def int8_saturation() -> str:
     its accuracy goes. Flags in ``/proc/cpuinfo`` say that only on Linux x86; this runs the kernels themselves on a
     probe (``int8_probe.onnx``: a pointwise, a 3x3 and a depthwise quantized convolution whose every pair of products
     exceeds 16 bits) and compares them with the workstation's reference computation (ONNX Runtime's basic graph
-    level, ``reference_session``), so it holds on any OS and any CPU, ARM included. About 0.1 s, once per process.
+    level, ``reference_session``), so it holds on any OS and any CPU, ARM included. About 0.2 s, once per process.
     """
     from hemaedge.edge.classify.onnxruntime import reference_session
 
     x = np.ones(PROBE_INPUT, np.float32)
     try:
         compiled = compile_onnx(PROBE, threads=1)
-        got = [np.asarray(compiled([x])[out]) for out in compiled.outputs]
+        result = compiled([x])
+        got = [np.asarray(result[out]) for out in compiled.outputs]
         ref = reference_session(PROBE, threads=1).run([o.any_name for o in compiled.outputs], {"x": x})
     except MissingDependencyError:
         return ""
